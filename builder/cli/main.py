@@ -1,0 +1,28 @@
+"""Entry point of ``builder``. Command modules import heavy libraries (torch, onnx) lazily inside
+their commands so ``builder --help`` stays fast."""
+from __future__ import annotations
+
+import typer
+
+from builder.cli import analyze, artifacts, build, compress, fleet, keys, optimize, profiles, push, serve
+from builder.cli.errors import run_app
+from builder.errors import BuilderError
+
+typer_app = typer.Typer(
+    name="builder",
+    help="EdgeFleet builder: analyse, compress, cross-compile and deploy models to edge devices.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+for module in (profiles, analyze, compress, build, artifacts, keys, optimize, serve, push, fleet):
+    module.register(typer_app)
+
+
+def app() -> None:
+    run_app(typer_app, (BuilderError,), "builder")
+
+
+if __name__ == "__main__":
+    app()
