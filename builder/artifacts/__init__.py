@@ -1,0 +1,1 @@
+"""Artifacts: signing keys, packaging (payloads + signed manifest), and the local registry."""
