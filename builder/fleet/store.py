@@ -1,0 +1,459 @@
+"""The fleet store: device registry, telemetry, benchmarks, deployment events and push history.
+
+SQLite in WAL mode with a busy timeout, so `builder serve` (writing from its MQTT thread) and
+`builder push` / `builder fleet status` (other processes) share one file safely. Every row that
+crosses the module boundary is a frozen dataclass; SQL stays in this file.
+
+A PostgreSQL adapter would implement the same public methods of ``FleetStore`` (they are the whole
+interface the rest of the fleet code uses) over psycopg; ``open_store`` is where it would plug in
+(``postgresql://`` URLs). It is not written yet: the store is SQLite today.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from builder.errors import FleetError, UsageError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    profile TEXT,
+    group_name TEXT,
+    machine TEXT NOT NULL DEFAULT '',
+    runtimes TEXT NOT NULL DEFAULT '[]',
+    execution_providers TEXT NOT NULL DEFAULT '[]',
+    agent_version TEXT,
+    online INTEGER NOT NULL DEFAULT 0,
+    last_seen REAL,
+    active_artifact_id TEXT,
+    active_model TEXT,
+    previous_artifact_id TEXT,
+    registered_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS telemetry (
+    device_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    received_at REAL NOT NULL,
+    event TEXT NOT NULL,
+    model_id TEXT,
+    window_s REAL NOT NULL DEFAULT 0,
+    requests INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    p50_ms REAL,
+    p95_ms REAL,
+    latency_json TEXT NOT NULL DEFAULT '{}',
+    cpu_percent REAL,
+    memory_rss_bytes INTEGER,
+    temperature_c REAL,
+    power_w REAL,
+    power_source TEXT NOT NULL DEFAULT 'not measured',
+    PRIMARY KEY (device_id, seq)
+);
+CREATE INDEX IF NOT EXISTS telemetry_by_time ON telemetry (device_id, ts);
+CREATE TABLE IF NOT EXISTS benchmarks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    ts REAL NOT NULL,
+    artifact_id TEXT,
+    p50_ms REAL,
+    p95_ms REAL,
+    mean_ms REAL,
+    power_w REAL,
+    power_source TEXT NOT NULL DEFAULT 'not measured',
+    energy_mj REAL,
+    result_json TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS benchmarks_by_artifact ON benchmarks (device_id, artifact_id, ts);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    deployment_id TEXT,
+    artifact_id TEXT,
+    detail_json TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS events_by_time ON events (device_id, ts);
+CREATE TABLE IF NOT EXISTS pushes (
+    push_id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    target TEXT NOT NULL,
+    plan_json TEXT NOT NULL DEFAULT '{}',
+    state TEXT NOT NULL,
+    reason TEXT,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """One device as the host knows it (registration plus what it last announced)."""
+
+    device_id: str
+    profile: str | None = None
+    group: str | None = None
+    machine: str = ""
+    runtimes: tuple[str, ...] = ()
+    execution_providers: tuple[str, ...] = ()
+    agent_version: str | None = None
+    online: bool = False
+    last_seen: float | None = None
+    active_artifact_id: str | None = None
+    active_model: str | None = None
+    previous_artifact_id: str | None = None
+    registered_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class TelemetryRow:
+    """One telemetry report; latencies are the device's field (real request) percentiles."""
+
+    device_id: str
+    seq: int
+    ts: float
+    event: str
+    model_id: str | None = None
+    window_s: float = 0.0
+    requests: int = 0
+    errors: int = 0
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    latency_ms: Mapping[str, float] = field(default_factory=dict)
+    cpu_percent: float | None = None
+    memory_rss_bytes: int | None = None
+    temperature_c: float | None = None
+    power_w: float | None = None
+    power_source: str = "not measured"
+    received_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class BenchmarkRow:
+    """An on-device benchmark of one artifact (warm-up, then N runs)."""
+
+    device_id: str
+    ts: float
+    artifact_id: str | None
+    p50_ms: float | None
+    p95_ms: float | None
+    mean_ms: float | None = None
+    power_w: float | None = None
+    power_source: str = "not measured"
+    energy_mj: float | None = None
+    result: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeploymentEvent:
+    """Something that happened to a deployment: desired published, progress, active, failed, rollback."""
+
+    device_id: str
+    ts: float
+    kind: str
+    deployment_id: str | None = None
+    artifact_id: str | None = None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PushRecord:
+    push_id: str
+    created_at: float
+    target: str
+    plan: Mapping[str, Any]
+    state: str  # "running" | "succeeded" | "failed" | "rolled_back"
+    reason: str | None = None
+    finished_at: float | None = None
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+
+
+def _opt_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class FleetStore:
+    """SQLite-backed fleet store. Thread-safe within a process (one connection, one lock);
+    several processes may open the same file (WAL, busy timeout)."""
+
+    def __init__(self, path: Path, busy_timeout_ms: int = 10_000) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        try:
+            self._db = sqlite3.connect(str(self.path), timeout=busy_timeout_ms / 1000, check_same_thread=False,
+                                       isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None:
+                self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row["value"]) != SCHEMA_VERSION:
+                raise FleetError(f"fleet store {self.path} has schema {row['value']}, this builder reads {SCHEMA_VERSION}; "
+                                 "upgrade the builder or use another --data-dir")
+        except sqlite3.DatabaseError as exc:
+            raise FleetError(f"cannot open the fleet store {self.path} ({exc}); check the file or use another --data-dir") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> "FleetStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing ---------------------------------------------------------------------------
+    class _Tx:
+        def __init__(self, store: "FleetStore") -> None:
+            self.store = store
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.store._lock.acquire()
+            self.store._db.execute("BEGIN IMMEDIATE")
+            return self.store._db
+
+        def __exit__(self, exc_type: Any, *rest: Any) -> None:
+            try:
+                self.store._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            finally:
+                self.store._lock.release()
+
+    def _tx(self) -> "FleetStore._Tx":
+        return FleetStore._Tx(self)
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # -- devices ----------------------------------------------------------------------------
+    def register_device(self, device_id: str, profile: str, group: str | None = None) -> DeviceRecord:
+        """Create or update a device's registration (profile and group); keeps what it announced."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO devices (device_id, profile, group_name, registered_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(device_id) DO UPDATE SET profile = excluded.profile, group_name = excluded.group_name",
+                (device_id, profile, group, now))
+        return self.device(device_id)
+
+    def remove_device(self, device_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
+
+    def record_hello(self, device_id: str, *, agent_version: str | None, profile: str | None, machine: str,
+                     runtimes: tuple[str, ...], execution_providers: tuple[str, ...],
+                     active_artifact_id: str | None, ts: float | None = None) -> None:
+        """A device announced itself: it is online; unknown devices are added (profile as announced)."""
+        now = ts or time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO devices (device_id, profile, machine, runtimes, execution_providers, agent_version, "
+                "online, last_seen, active_artifact_id, registered_at) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?) "
+                "ON CONFLICT(device_id) DO UPDATE SET profile = COALESCE(devices.profile, excluded.profile), "
+                "machine = excluded.machine, runtimes = excluded.runtimes, "
+                "execution_providers = excluded.execution_providers, agent_version = excluded.agent_version, "
+                "online = 1, last_seen = excluded.last_seen, "
+                "active_artifact_id = COALESCE(excluded.active_artifact_id, devices.active_artifact_id)",
+                (device_id, profile, machine, _json(list(runtimes)), _json(list(execution_providers)), agent_version,
+                 now, active_artifact_id, now))
+
+    def record_status(self, device_id: str, *, online: bool, active_artifact_id: str | None = None,
+                      active_model: str | None = None, previous_artifact_id: str | None = None,
+                      profile: str | None = None, agent_version: str | None = None, ts: float | None = None) -> None:
+        """The device's retained status (or its last will): online state and what it runs."""
+        now = ts or time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO devices (device_id, profile, agent_version, online, last_seen, active_artifact_id, "
+                "active_model, previous_artifact_id, registered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(device_id) DO UPDATE SET online = excluded.online, last_seen = excluded.last_seen, "
+                "profile = COALESCE(devices.profile, excluded.profile), "
+                "agent_version = COALESCE(excluded.agent_version, devices.agent_version), "
+                "active_artifact_id = CASE WHEN excluded.online = 1 THEN excluded.active_artifact_id "
+                "ELSE COALESCE(excluded.active_artifact_id, devices.active_artifact_id) END, "
+                "active_model = CASE WHEN excluded.online = 1 THEN excluded.active_model "
+                "ELSE COALESCE(excluded.active_model, devices.active_model) END, "
+                "previous_artifact_id = CASE WHEN excluded.online = 1 THEN excluded.previous_artifact_id "
+                "ELSE COALESCE(excluded.previous_artifact_id, devices.previous_artifact_id) END",
+                (device_id, profile, agent_version, int(online), now, active_artifact_id, active_model,
+                 previous_artifact_id, now))
+
+    def touch(self, device_id: str, ts: float | None = None) -> None:
+        """Any message from a device proves it is alive."""
+        with self._tx() as db:
+            db.execute("UPDATE devices SET last_seen = ? WHERE device_id = ?", (ts or time.time(), device_id))
+
+    def device(self, device_id: str) -> DeviceRecord:
+        rows = self._query("SELECT * FROM devices WHERE device_id = ?", (device_id,))
+        if not rows:
+            raise UsageError(f"unknown device '{device_id}'; add it with `builder fleet add-device {device_id} --profile P` "
+                             "or start its agent while `builder serve` runs")
+        return _device(rows[0])
+
+    def find_device(self, device_id: str) -> DeviceRecord | None:
+        rows = self._query("SELECT * FROM devices WHERE device_id = ?", (device_id,))
+        return _device(rows[0]) if rows else None
+
+    def devices(self, group: str | None = None) -> list[DeviceRecord]:
+        if group is None:
+            rows = self._query("SELECT * FROM devices ORDER BY device_id")
+        else:
+            rows = self._query("SELECT * FROM devices WHERE group_name = ? ORDER BY device_id", (group,))
+        return [_device(r) for r in rows]
+
+    # -- telemetry --------------------------------------------------------------------------
+    def add_telemetry(self, row: TelemetryRow) -> bool:
+        """Store one report; a re-sent (device_id, seq) is ignored. Returns True when it was new."""
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO telemetry (device_id, seq, ts, received_at, event, model_id, window_s, requests, "
+                "errors, p50_ms, p95_ms, latency_json, cpu_percent, memory_rss_bytes, temperature_c, power_w, "
+                "power_source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (row.device_id, row.seq, row.ts, row.received_at or time.time(), row.event, row.model_id, row.window_s,
+                 row.requests, row.errors, row.p50_ms, row.p95_ms, _json(dict(row.latency_ms)), row.cpu_percent,
+                 row.memory_rss_bytes, row.temperature_c, row.power_w, row.power_source))
+            db.execute("UPDATE devices SET last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE device_id = ?",
+                       (row.received_at or time.time(), row.device_id))
+            return cur.rowcount > 0
+
+    def telemetry(self, device_id: str, since: float | None = None, until: float | None = None,
+                  limit: int | None = None) -> list[TelemetryRow]:
+        """Reports of one device in time order (``limit`` keeps the latest ones)."""
+        sql = "SELECT * FROM telemetry WHERE device_id = ? AND ts >= ? AND ts <= ? ORDER BY ts DESC, seq DESC"
+        params: tuple[Any, ...] = (device_id, since if since is not None else float("-inf"),
+                                   until if until is not None else float("inf"))
+        if limit is not None:
+            sql += " LIMIT ?"
+            params += (int(limit),)
+        return [_telemetry(r) for r in reversed(self._query(sql, params))]
+
+    def latest_field_telemetry(self, device_id: str) -> TelemetryRow | None:
+        """The newest report that measured real requests (a window with at least one request)."""
+        rows = self._query("SELECT * FROM telemetry WHERE device_id = ? AND requests > 0 ORDER BY ts DESC, seq DESC LIMIT 1",
+                           (device_id,))
+        return _telemetry(rows[0]) if rows else None
+
+    def latest_telemetry(self, device_id: str) -> TelemetryRow | None:
+        rows = self._query("SELECT * FROM telemetry WHERE device_id = ? ORDER BY ts DESC, seq DESC LIMIT 1", (device_id,))
+        return _telemetry(rows[0]) if rows else None
+
+    def requests_served(self, device_id: str, model_id: str | None) -> int:
+        """Real requests a device reported while running one model."""
+        rows = self._query("SELECT COALESCE(SUM(requests), 0) AS n FROM telemetry WHERE device_id = ? AND model_id IS ?",
+                           (device_id, model_id))
+        return int(rows[0]["n"])
+
+    def latest_field_telemetry_for(self, device_id: str, model_id: str | None) -> TelemetryRow | None:
+        """The newest report with real requests on one model (so a new model never shows the old one's latency)."""
+        rows = self._query("SELECT * FROM telemetry WHERE device_id = ? AND model_id IS ? AND requests > 0 "
+                           "ORDER BY ts DESC, seq DESC LIMIT 1", (device_id, model_id))
+        return _telemetry(rows[0]) if rows else None
+
+    # -- benchmarks -------------------------------------------------------------------------
+    def add_benchmark(self, row: BenchmarkRow) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO benchmarks (device_id, ts, artifact_id, p50_ms, p95_ms, mean_ms, power_w, power_source, "
+                "energy_mj, result_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (row.device_id, row.ts, row.artifact_id, row.p50_ms, row.p95_ms, row.mean_ms, row.power_w,
+                 row.power_source, row.energy_mj, _json(dict(row.result))))
+
+    def latest_benchmark(self, device_id: str, artifact_id: str | None) -> BenchmarkRow | None:
+        rows = self._query("SELECT * FROM benchmarks WHERE device_id = ? AND artifact_id IS ? ORDER BY ts DESC, id DESC LIMIT 1",
+                           (device_id, artifact_id))
+        return _benchmark(rows[0]) if rows else None
+
+    # -- deployment events ------------------------------------------------------------------
+    def add_event(self, event: DeploymentEvent) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO events (device_id, ts, kind, deployment_id, artifact_id, detail_json) "
+                       "VALUES (?, ?, ?, ?, ?, ?)",
+                       (event.device_id, event.ts, event.kind, event.deployment_id, event.artifact_id,
+                        _json(dict(event.detail))))
+
+    def events(self, device_id: str, since: float | None = None, kinds: tuple[str, ...] | None = None) -> list[DeploymentEvent]:
+        rows = self._query("SELECT * FROM events WHERE device_id = ? AND ts >= ? ORDER BY ts, id",
+                           (device_id, since if since is not None else float("-inf")))
+        out = [_event(r) for r in rows]
+        return [e for e in out if kinds is None or e.kind in kinds]
+
+    # -- pushes -----------------------------------------------------------------------------
+    def start_push(self, push_id: str, target: str, plan: Mapping[str, Any]) -> PushRecord:
+        now = time.time()
+        with self._tx() as db:
+            db.execute("INSERT INTO pushes (push_id, created_at, target, plan_json, state) VALUES (?, ?, ?, ?, 'running')",
+                       (push_id, now, target, _json(dict(plan))))
+        return PushRecord(push_id, now, target, dict(plan), "running")
+
+    def finish_push(self, push_id: str, state: str, reason: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE pushes SET state = ?, reason = ?, finished_at = ? WHERE push_id = ?",
+                       (state, reason, time.time(), push_id))
+
+    def pushes(self, limit: int = 50) -> list[PushRecord]:
+        rows = self._query("SELECT * FROM pushes ORDER BY created_at DESC LIMIT ?", (int(limit),))
+        return [PushRecord(r["push_id"], r["created_at"], r["target"], json.loads(r["plan_json"]), r["state"],
+                           r["reason"], r["finished_at"]) for r in rows]
+
+
+def _device(r: sqlite3.Row) -> DeviceRecord:
+    return DeviceRecord(
+        device_id=r["device_id"], profile=r["profile"], group=r["group_name"], machine=r["machine"] or "",
+        runtimes=tuple(json.loads(r["runtimes"] or "[]")), execution_providers=tuple(json.loads(r["execution_providers"] or "[]")),
+        agent_version=r["agent_version"], online=bool(r["online"]), last_seen=r["last_seen"],
+        active_artifact_id=r["active_artifact_id"], active_model=r["active_model"],
+        previous_artifact_id=r["previous_artifact_id"], registered_at=r["registered_at"])
+
+
+def _telemetry(r: sqlite3.Row) -> TelemetryRow:
+    return TelemetryRow(
+        device_id=r["device_id"], seq=r["seq"], ts=r["ts"], event=r["event"], model_id=r["model_id"],
+        window_s=r["window_s"], requests=r["requests"], errors=r["errors"], p50_ms=r["p50_ms"], p95_ms=r["p95_ms"],
+        latency_ms=json.loads(r["latency_json"] or "{}"), cpu_percent=r["cpu_percent"],
+        memory_rss_bytes=r["memory_rss_bytes"], temperature_c=r["temperature_c"], power_w=r["power_w"],
+        power_source=r["power_source"], received_at=r["received_at"])
+
+
+def _benchmark(r: sqlite3.Row) -> BenchmarkRow:
+    return BenchmarkRow(device_id=r["device_id"], ts=r["ts"], artifact_id=r["artifact_id"], p50_ms=r["p50_ms"],
+                        p95_ms=r["p95_ms"], mean_ms=r["mean_ms"], power_w=r["power_w"], power_source=r["power_source"],
+                        energy_mj=r["energy_mj"], result=json.loads(r["result_json"] or "{}"))
+
+
+def _event(r: sqlite3.Row) -> DeploymentEvent:
+    return DeploymentEvent(device_id=r["device_id"], ts=r["ts"], kind=r["kind"], deployment_id=r["deployment_id"],
+                           artifact_id=r["artifact_id"], detail=json.loads(r["detail_json"] or "{}"))
+
+
+def latency_percentiles(latency_ms: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    """(p50, p95) from a telemetry/benchmark latency mapping; None where the device did not report it."""
+    return _opt_float(latency_ms.get("p50")), _opt_float(latency_ms.get("p95"))
+
+
+def open_store(data_dir: Path) -> FleetStore:
+    """The fleet store of a data directory (``<data_dir>/fleet.sqlite``)."""
+    return FleetStore(Path(data_dir) / "fleet.sqlite")
+
