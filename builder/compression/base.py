@@ -52,6 +52,7 @@ class StepContext:
     labels_available: bool = False
     teacher: Optional[Any] = None  # torch module of the original model, for distillation
     seed: int = 0
+    task: str = "classify"  # "classify" | "embed": what the model's output is, detected by the engine
 
 
 class CompressionStep(Protocol):

@@ -1,0 +1,295 @@
+"""Measure a model after every step: task metric, fidelity to the original, size, MACs, latency.
+
+- Accuracy when the data has labels ``y``.
+- Fidelity against the reference (the input model's outputs on the same data): for classifiers
+  top-1 agreement and mean logit cosine; for embedding models mean cosine and top-1
+  nearest-neighbour agreement (is each sample's nearest other sample still the same one).
+  The task is detected (labels present -> classifier; L2-normalised 2-D rows or >2-D outputs ->
+  embedding) unless ``EvalConfig.task`` says so.
+- Parameters and non-zeros (numeric initializers and Constant tensors, shape tensors excluded),
+  MACs at batch 1 (Conv / Gemm / MatMul and their quantized forms, via ONNX shape inference),
+  file size and zstd download size (``payload``), ONNX Runtime latency at batch 1: median and p95
+  after warm-up with ``intra_op_num_threads`` pinned.
+- Flags: ``fidelity_collapse`` (agreement or cosine under the thresholds), ``slower_than_input``
+  (median latency above the reference's by more than ``slower_tolerance``), ``accuracy_drop``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from builder.compression.data import DataSource
+from builder.compression.payload import download_size
+from builder.errors import CompressionError
+from builder.loading.types import InputSpec
+
+TASKS = ("auto", "classify", "embed")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    threads: int = 1
+    batch_size: int = 32
+    warmup_runs: int = 10
+    timed_runs: int = 50
+    latency_batch: int = 1
+    task: str = "auto"
+    min_agreement: float = 0.9  # top-1 (classifier) or nearest-neighbour (embedding) agreement
+    min_cosine: float = 0.9  # mean logit / embedding cosine
+    slower_tolerance: float = 1.20  # latency noise margin (shared CPUs) before "slower_than_input"
+    max_accuracy_drop: Optional[float] = None  # absolute, e.g. 0.01; None = do not flag
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    agreement: float  # top-1 agreement (classify) or nearest-neighbour agreement (embed)
+    cosine_mean: float
+    cosine_min: float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    task: str
+    samples: int
+    accuracy: Optional[float]
+    fidelity: Fidelity
+    params: int
+    nonzero_params: int
+    macs: Optional[int]
+    file_bytes: int
+    download_bytes: int
+    latency_p50_ms: float
+    latency_p95_ms: float
+    flags: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["flags"] = list(self.flags)
+        return out
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What later evaluations compare against: the reference model's outputs and speed."""
+
+    outputs: np.ndarray
+    task: str
+    accuracy: Optional[float]
+    latency_p50_ms: float
+
+
+# ---- running ---------------------------------------------------------------------------------
+def make_session(onnx_path: Path, threads: int = 1) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+        raise CompressionError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from exc
+
+
+def run_onnx(onnx_path: Path, batches: Iterable[dict[str, np.ndarray]], threads: int = 1,
+             session: Any = None) -> np.ndarray:
+    """The model's first output over all batches, concatenated along the batch axis."""
+    session = session or make_session(onnx_path, threads)
+    wanted = {i.name for i in session.get_inputs()}
+    outs = [session.run(None, {k: v for k, v in batch.items() if k in wanted})[0] for batch in batches]
+    return np.concatenate(outs, axis=0)
+
+
+def detect_task(outputs: np.ndarray, has_labels: bool) -> str:
+    if has_labels:
+        return "classify"
+    if outputs.ndim > 2:
+        return "embed"
+    norms = np.linalg.norm(outputs.astype(np.float64), axis=1)
+    return "embed" if outputs.shape[1] > 1 and np.allclose(norms, 1.0, atol=1e-3) else "classify"
+
+
+def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(a.shape[0], -1).astype(np.float64)
+    b = b.reshape(b.shape[0], -1).astype(np.float64)
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(axis=1) / np.maximum(denom, 1e-12)
+
+
+def _nearest_neighbours(x: np.ndarray) -> np.ndarray:
+    x = x.reshape(x.shape[0], -1).astype(np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    return sim.argmax(axis=1)
+
+
+def compare_outputs(reference: np.ndarray, candidate: np.ndarray, task: str) -> Fidelity:
+    """Fidelity of ``candidate`` to ``reference`` (same samples, same order)."""
+    if reference.shape != candidate.shape:
+        raise CompressionError(f"output shape changed from {reference.shape} to {candidate.shape}; "
+                               "a step must keep the model's outputs")
+    cos = _row_cosine(reference, candidate)
+    if task == "embed":
+        agreement = float((_nearest_neighbours(reference) == _nearest_neighbours(candidate)).mean()) \
+            if reference.shape[0] > 2 else float("nan")
+    else:
+        agreement = float((reference.argmax(axis=1) == candidate.argmax(axis=1)).mean())
+    return Fidelity(agreement=agreement, cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
+
+
+def measure_latency(session: Any, feed: dict[str, np.ndarray], warmup_runs: int, timed_runs: int) -> tuple[float, float]:
+    """(median, p95) milliseconds of ``session.run`` on ``feed`` after ``warmup_runs`` untimed runs."""
+    for _ in range(warmup_runs):
+        session.run(None, feed)
+    times = []
+    for _ in range(max(timed_runs, 1)):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return float(np.median(times)), float(np.percentile(times, 95))
+
+
+# ---- static facts ------------------------------------------------------------------------------
+_SHAPE_DTYPES = {7, 6}  # int64, int32 tensors are shapes/indices, not weights (TensorProto enums)
+
+
+def count_params(model: Any) -> tuple[int, int]:
+    """(parameters, non-zero parameters) over numeric initializers and Constant tensors."""
+    from onnx import numpy_helper
+
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            tensors.extend(attr.t for attr in node.attribute if attr.name == "value")
+    total = nonzero = 0
+    for tensor in tensors:
+        if tensor.data_type in _SHAPE_DTYPES:
+            continue
+        array = numpy_helper.to_array(tensor)
+        if array.size <= 1:
+            continue
+        total += int(array.size)
+        nonzero += int(np.count_nonzero(array))
+    return total, nonzero
+
+
+def count_macs(model: Any, inputs: Sequence[InputSpec]) -> Optional[int]:
+    """Multiply-accumulates at batch 1 for Conv/Gemm/MatMul and their quantized forms; None when
+    shape inference cannot give the shapes of any such node."""
+    import onnx
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    concrete = {spec.name: (1,) + tuple(spec.shape[1:]) for spec in inputs}
+    for graph_input in model.graph.input:
+        if graph_input.name in concrete:
+            dims = graph_input.type.tensor_type.shape.dim
+            for dim, value in zip(dims, concrete[graph_input.name]):
+                dim.ClearField("dim_param")
+                dim.dim_value = value
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - shape inference is best effort; report unknown MACs
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = tuple(d.dim_value for d in dims)
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    total = 0
+    counted = 0
+    for node in model.graph.node:
+        op = node.op_type
+        ins = list(node.input)
+        out = shapes.get(node.output[0]) if node.output else None
+        weight_index = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "FusedConv": 1}.get(op)
+        if weight_index is not None:
+            w = shapes.get(ins[weight_index]) if len(ins) > weight_index else None
+            if out and w:
+                total += int(np.prod(out)) * int(np.prod(w[1:]))
+                counted += 1
+            continue
+        a_index = {"Gemm": 0, "MatMul": 0, "MatMulInteger": 0, "QLinearMatMul": 0, "FusedMatMul": 0}.get(op)
+        if a_index is not None:
+            a = shapes.get(ins[a_index])
+            if out and a:
+                trans_a = any(at.name == "transA" and at.i for at in node.attribute)
+                k = a[0] if (op == "Gemm" and trans_a) else a[-1]
+                total += int(np.prod(out)) * int(k)
+                counted += 1
+    return total if counted else None
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+def synthetic_data(inputs: Sequence[InputSpec], samples: int = 64, seed: int = 0) -> DataSource:
+    """Stand-in inputs when no --data is given: fidelity on noise, no accuracy."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for spec in inputs:
+        shape = (samples,) + tuple(spec.shape[1:])
+        if np.dtype(spec.dtype).kind in "iu":
+            arrays[spec.name] = rng.integers(1, 100, size=shape).astype(spec.dtype)
+        else:
+            arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    return DataSource(arrays, None, "synthetic")
+
+
+def _measure(onnx_path: Path, data: DataSource, inputs: Sequence[InputSpec], config: EvalConfig
+             ) -> tuple[np.ndarray, dict[str, Any]]:
+    import onnx
+
+    session = make_session(onnx_path, config.threads)
+    outputs = run_onnx(onnx_path, data.batches(config.batch_size), session=session)
+    p50, p95 = measure_latency(session, data.sample(config.latency_batch), config.warmup_runs, config.timed_runs)
+    model = onnx.load(str(onnx_path))
+    params, nonzero = count_params(model)
+    facts = {
+        "params": params, "nonzero_params": nonzero, "macs": count_macs(model, inputs),
+        "file_bytes": Path(onnx_path).stat().st_size, "download_bytes": download_size(Path(onnx_path)),
+        "latency_p50_ms": p50, "latency_p95_ms": p95,
+    }
+    return outputs, facts
+
+
+def _accuracy(outputs: np.ndarray, data: DataSource, task: str) -> Optional[float]:
+    if data.labels is None or task != "classify":
+        return None
+    return float((outputs.argmax(axis=1) == data.labels).mean())
+
+
+def baseline_evaluation(onnx_path: Path, data: DataSource, inputs: Sequence[InputSpec],
+                        config: EvalConfig) -> tuple[Evaluation, Reference]:
+    """Evaluate the reference model and keep its outputs for later comparisons."""
+    outputs, facts = _measure(onnx_path, data, inputs, config)
+    task = config.task if config.task != "auto" else detect_task(outputs, data.has_labels)
+    accuracy = _accuracy(outputs, data, task)
+    evaluation = Evaluation(task=task, samples=len(data), accuracy=accuracy,
+                            fidelity=compare_outputs(outputs, outputs, task), **facts)
+    return evaluation, Reference(outputs=outputs, task=task, accuracy=accuracy, latency_p50_ms=facts["latency_p50_ms"])
+
+
+def evaluate_model(onnx_path: Path, data: DataSource, inputs: Sequence[InputSpec], reference: Reference,
+                   config: EvalConfig) -> Evaluation:
+    """Evaluate a compressed model against ``reference`` and flag broken results."""
+    outputs, facts = _measure(onnx_path, data, inputs, config)
+    fidelity = compare_outputs(reference.outputs, outputs, reference.task)
+    accuracy = _accuracy(outputs, data, reference.task)
+    flags = []
+    if fidelity.cosine_mean < config.min_cosine or (fidelity.agreement == fidelity.agreement
+                                                    and fidelity.agreement < config.min_agreement):
+        flags.append("fidelity_collapse")
+    if facts["latency_p50_ms"] > reference.latency_p50_ms * config.slower_tolerance:
+        flags.append("slower_than_input")
+    if (config.max_accuracy_drop is not None and accuracy is not None and reference.accuracy is not None
+            and reference.accuracy - accuracy > config.max_accuracy_drop):
+        flags.append("accuracy_drop")
+    return Evaluation(task=reference.task, samples=len(data), accuracy=accuracy, fidelity=fidelity,
+                      flags=tuple(flags), **facts)

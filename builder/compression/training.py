@@ -1,0 +1,114 @@
+"""The fine-tuning loop shared by the PyTorch steps (pruning, channel pruning, clustering, low-rank,
+distillation).
+
+Loss: with labels, cross-entropy; with a teacher too, Hinton's mix
+``alpha * CE + (1 - alpha) * T^2 * KL(softmax(t/T) || softmax(s/T))``; without labels, the teacher's
+outputs are the target (KL for classifiers, ``1 - cosine`` or MSE for embedding models).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import numpy as np
+
+from builder.compression.base import StepContext
+from builder.errors import CompressionError
+from builder.loading.types import InputSpec
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    steps: int
+    epochs: int
+    first_loss: float
+    last_loss: float
+
+
+def to_tensors(batch: dict[str, np.ndarray], inputs: Sequence[InputSpec]) -> list[Any]:
+    import torch
+
+    return [torch.from_numpy(np.ascontiguousarray(batch[spec.name])) for spec in inputs]
+
+
+def forward(module: Any, batch: dict[str, np.ndarray], inputs: Sequence[InputSpec]) -> Any:
+    """Call the module with its inputs in InputSpec order; the first output when it returns several."""
+    out = module(*to_tensors(batch, inputs))
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+def steps_per_epoch(ctx: StepContext) -> int:
+    if ctx.train_batches is None:
+        return 0
+    return sum(1 for _ in ctx.train_batches())
+
+
+def distillation_loss(student_out: Any, teacher_out: Any, labels: Any, *, task: str, alpha: float,
+                      temperature: float, embed_loss: str = "cosine") -> Any:
+    """The loss for one batch; ``labels`` may be None (then only the teacher term)."""
+    import torch.nn.functional as F
+
+    if task == "embed":
+        if teacher_out is None:
+            raise CompressionError("fine-tuning an embedding model needs a teacher (the original model)")
+        s = student_out.reshape(student_out.shape[0], -1)
+        t = teacher_out.reshape(teacher_out.shape[0], -1)
+        if embed_loss == "mse":
+            return F.mse_loss(s, t)
+        return (1.0 - F.cosine_similarity(s, t, dim=1)).mean()
+    if labels is None and teacher_out is None:
+        raise CompressionError("fine-tuning needs labels (y in --train-data) or a teacher model")
+    terms = []
+    if labels is not None and alpha > 0:
+        terms.append(alpha * F.cross_entropy(student_out, labels))
+    if teacher_out is not None and (labels is None or alpha < 1):
+        weight = 1.0 if labels is None else 1.0 - alpha
+        t = temperature
+        kl = F.kl_div(F.log_softmax(student_out / t, dim=1), F.log_softmax(teacher_out / t, dim=1),
+                      reduction="batchmean", log_target=True)
+        terms.append(weight * t * t * kl)
+    return sum(terms)
+
+
+def fine_tune(module: Any, ctx: StepContext, inputs: Sequence[InputSpec], *, epochs: int, lr: float,
+              task: str = "classify", teacher: Optional[Any] = None, alpha: float = 1.0,
+              temperature: float = 4.0, parameters: Optional[Iterable[Any]] = None,
+              on_step: Optional[Callable[[int], None]] = None, embed_loss: str = "cosine") -> TrainStats:
+    """Adam over ``parameters`` (default: all trainable ones). ``on_step(i)`` runs before each
+    optimiser step ``i`` (0-based, global): the pruning schedule hooks in there. Labels are used
+    when the batches carry them and ``alpha > 0``; the teacher when given and needed."""
+    import torch
+
+    if ctx.train_batches is None:
+        raise CompressionError("fine-tuning needs training batches; pass --train-data")
+    params = [p for p in (parameters if parameters is not None else module.parameters()) if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    if teacher is not None:
+        teacher.eval()
+    step = 0
+    first = last = float("nan")
+    for _ in range(epochs):
+        module.train()
+        for batch, labels in ctx.train_batches():
+            if on_step is not None:
+                on_step(step)
+            teacher_out = None
+            label_tensor = torch.from_numpy(labels) if (labels is not None and task == "classify") else None
+            needs_teacher = task == "embed" or label_tensor is None or alpha < 1
+            if teacher is not None and needs_teacher:
+                with torch.no_grad():
+                    teacher_out = forward(teacher, batch, inputs)
+            out = forward(module, batch, inputs)
+            loss = distillation_loss(out, teacher_out, label_tensor, task=task, alpha=alpha,
+                                     temperature=temperature, embed_loss=embed_loss)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            value = float(loss.detach())
+            first = value if step == 0 else first
+            last = value
+            step += 1
+    module.eval()
+    return TrainStats(steps=step, epochs=epochs, first_loss=first, last_loss=last)
