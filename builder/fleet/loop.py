@@ -1,0 +1,478 @@
+"""The re-compression loop inside `builder serve`: telemetry in, pushes and rollbacks out.
+
+:class:`ReCompressionLoop` is the stateful wrapper around the pure
+:func:`builder.fleet.controller.decide`. For each telemetry window a device reports it
+
+1. updates the device's latency factor (field p95 / the running rung's estimate),
+2. asks the decision function what to do with the device's policy, windows and ladder,
+3. carries the decision out through a :class:`DeviceActions` (push a rung, roll back) and a
+   :class:`SearchLauncher` (start `builder optimize`), or only proposes it in dry-run mode,
+4. records it as a fleet event (``kind = "loop.<action>"``, detail = reason + numbers) and keeps
+   its own state (latency factor, pending change, bad rungs) in ``loop_state`` of the fleet file.
+
+Telemetry arrives on the MQTT thread; decisions and pushes run on the loop's own worker thread so
+a slow push never blocks telemetry intake. Tests drive :meth:`ReCompressionLoop.step` directly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
+
+from builder.errors import UsageError
+from builder.fleet.controller import (
+    Action, ChangeKind, Decision, DeviceLoopState, FieldWindow, PendingChange, Rung, SearchRequest,
+    apply_decision, decide, update_latency_factor,
+)
+from builder.fleet.policy import Policy, PolicyStore
+
+log = logging.getLogger(__name__)
+
+EVENT_PREFIX = "loop."
+MAX_WINDOWS = 200  # enough for headroom_windows x backoff on any sane policy
+
+
+@dataclass(frozen=True)
+class PushOutcome:
+    """What happened when the loop asked a device to run an artifact."""
+
+    ok: bool
+    reason: str = ""
+
+
+class DeviceActions(Protocol):
+    """How the loop changes what a device runs (the fleet push API behind it)."""
+
+    def push(self, device_id: str, artifact_id: str) -> PushOutcome:
+        """Make the device run ``artifact_id``; return when it is active or has failed."""
+        ...
+
+
+class SearchLauncher(Protocol):
+    """Starts a search for a faster rung (``builder optimize``) without waiting for it."""
+
+    def start(self, device_id: str, profile: Optional[str], ladder: Sequence[Rung], request: SearchRequest) -> str:
+        """Returns a short description of what was started (a command line, a job id)."""
+        ...
+
+
+class LadderSource(Protocol):
+    """Where the loop finds the ladder a device's current model belongs to."""
+
+    def ladder_for(self, device_id: str, profile: Optional[str], active_artifact_id: Optional[str]) -> Sequence[Rung]:
+        ...
+
+
+@dataclass(frozen=True)
+class StaticLadders:
+    """Ladders given up front (tests, the demo, a ladder.json): a device's ladder is the one that
+    contains its active artifact, restricted to ``profile`` when the ladder names one."""
+
+    ladders: tuple[tuple[Optional[str], tuple[Rung, ...]], ...]
+
+    @classmethod
+    def of(cls, *ladders: Sequence[Rung], profile: Optional[str] = None) -> "StaticLadders":
+        return cls(tuple((profile, tuple(l)) for l in ladders))
+
+    def ladder_for(self, device_id: str, profile: Optional[str], active_artifact_id: Optional[str]) -> Sequence[Rung]:
+        for ladder_profile, rungs in self.ladders:
+            if ladder_profile not in (None, profile):
+                continue
+            if any(r.artifact_id == active_artifact_id for r in rungs):
+                return rungs
+        return ()
+
+
+def load_ladder_json(path: Path) -> tuple[Optional[str], tuple[Rung, ...]]:
+    """Reads a ladder file: ``{"profile": ..., "rungs": [{"artifact_id", "estimated_latency_ms",
+    "accuracy", "fidelity", "energy_mj", "memory_mb", "label"}, ...]}``, most accurate first."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        rungs = tuple(Rung(artifact_id=str(r["artifact_id"]), estimated_latency_ms=float(r["estimated_latency_ms"]),
+                           accuracy=r.get("accuracy"), fidelity=r.get("fidelity"), energy_mj=r.get("energy_mj"),
+                           memory_mb=r.get("memory_mb"), label=str(r.get("label", "")))
+                      for r in data["rungs"])
+    except FileNotFoundError:
+        raise UsageError(f"ladder file {path} not found; pass the ladder.json written by `builder optimize`") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"ladder file {path} is malformed ({exc}); it needs rungs with artifact_id and "
+                         "estimated_latency_ms") from None
+    if not rungs:
+        raise UsageError(f"ladder file {path} has no rungs")
+    return data.get("profile"), rungs
+
+
+# ---------------------------------------------------------------------------------------------
+# Persistent per-device loop state (own table in the fleet SQLite file)
+
+_STATE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS loop_state (
+    device_id TEXT PRIMARY KEY,
+    state_json TEXT NOT NULL,
+    updated_at REAL NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True)
+class LoopRecord:
+    """The decision state plus bookkeeping: the last window folded into the latency factor and the
+    last KEEP/WAIT reason recorded (so a steady state is one event, not one per window)."""
+
+    state: DeviceLoopState = field(default_factory=DeviceLoopState)
+    last_window_ts: float = float("-inf")
+    last_quiet_key: str = ""
+    changes: int = 0
+
+    def to_json(self) -> str:
+        s = self.state
+        pending = None
+        if s.pending is not None:
+            pending = {**asdict(s.pending), "kind": s.pending.kind.value}
+        return json.dumps({
+            "latency_factor": s.latency_factor, "factor_samples": s.factor_samples,
+            "last_change_ts": s.last_change_ts, "pending": pending, "bad_rungs": sorted(s.bad_rungs),
+            "step_up_failures": dict(s.step_up_failures), "search_pending": s.search_pending,
+            "last_window_ts": None if self.last_window_ts == float("-inf") else self.last_window_ts,
+            "last_quiet_key": self.last_quiet_key, "changes": self.changes,
+        }, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LoopRecord":
+        d = json.loads(text)
+        pending = d.get("pending")
+        state = DeviceLoopState(
+            latency_factor=float(d.get("latency_factor", 1.0)), factor_samples=int(d.get("factor_samples", 0)),
+            last_change_ts=d.get("last_change_ts"),
+            pending=None if pending is None else PendingChange(**{**pending, "kind": ChangeKind(pending["kind"])}),
+            bad_rungs=frozenset(d.get("bad_rungs", ())), step_up_failures=dict(d.get("step_up_failures", {})),
+            search_pending=bool(d.get("search_pending", False)))
+        last = d.get("last_window_ts")
+        return cls(state=state, last_window_ts=float("-inf") if last is None else float(last),
+                   last_quiet_key=d.get("last_quiet_key", ""), changes=int(d.get("changes", 0)))
+
+
+class LoopStateStore:
+    """``loop_state`` rows in the fleet database; one connection per call (shared with other processes)."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = Path(db_path)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db_path, timeout=10)
+        conn.execute(_STATE_SCHEMA)
+        return conn
+
+    def load(self, device_id: str) -> LoopRecord:
+        conn = self._connect()
+        try:
+            row = conn.execute("SELECT state_json FROM loop_state WHERE device_id = ?", (device_id,)).fetchone()
+        finally:
+            conn.close()
+        return LoopRecord.from_json(row[0]) if row else LoopRecord()
+
+    def save(self, device_id: str, record: LoopRecord, now: float) -> None:
+        conn = self._connect()
+        try:
+            with conn:
+                conn.execute("INSERT OR REPLACE INTO loop_state (device_id, state_json, updated_at) VALUES (?, ?, ?)",
+                             (device_id, record.to_json(), now))
+        finally:
+            conn.close()
+
+    def all(self) -> dict[str, LoopRecord]:
+        conn = self._connect()
+        try:
+            rows = conn.execute("SELECT device_id, state_json FROM loop_state ORDER BY device_id").fetchall()
+        finally:
+            conn.close()
+        return {device_id: LoopRecord.from_json(text) for device_id, text in rows}
+
+
+def latency_factors(db_path: Path) -> dict[str, float]:
+    """Each device's calibrated latency factor (field latency / estimate), for `fleet status --verbose`.
+    Devices the loop never measured are absent."""
+    if not Path(db_path).exists():
+        return {}
+    return {device_id: rec.state.latency_factor for device_id, rec in LoopStateStore(db_path).all().items()
+            if rec.state.factor_samples > 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass(frozen=True)
+class LoopEvent:
+    """A decision as recorded: what the loop did (or proposed) for a device and why."""
+
+    device_id: str
+    ts: float
+    kind: str  # "loop.<action>" or "loop.proposal" in dry-run
+    artifact_id: Optional[str]
+    detail: Mapping[str, Any]
+
+
+class ReCompressionLoop:
+    """Runs the decision function for every device with a policy, from its telemetry.
+
+    ``store`` is a :class:`builder.fleet.store.FleetStore` (devices, telemetry, benchmarks, events);
+    the loop's own state lives in the same SQLite file.
+    """
+
+    def __init__(self, store: Any, actions: Optional[DeviceActions], ladders: LadderSource,
+                 search: Optional[SearchLauncher] = None, dry_run: bool = False,
+                 clock: Callable[[], float] = time.time) -> None:
+        if actions is None and not dry_run:
+            raise UsageError("the re-compression loop needs a way to push (or run it with --dry-run)")
+        self.store = store
+        self.actions = actions
+        self.ladders = ladders
+        self.search = search
+        self.dry_run = dry_run
+        self.clock = clock
+        self.policies = PolicyStore(store.path)
+        self.states = LoopStateStore(store.path)
+        self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+
+    # -- hooks called by `builder serve` (MQTT thread): cheap, never block --------------------
+    def on_telemetry(self, row: Any) -> None:
+        """A telemetry row was stored for a device: schedule a decision for it."""
+        self._queue.put(row.device_id)
+
+    def on_benchmark(self, row: Any) -> None:
+        """An on-device benchmark was stored: it calibrates the factor too."""
+        self._queue.put(row.device_id)
+
+    # -- worker ------------------------------------------------------------------------------
+    def start(self) -> "ReCompressionLoop":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="recompression-loop", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            device_id = self._queue.get()
+            if device_id is None:
+                return
+            pending = {device_id}
+            while True:  # coalesce a burst of reports into one decision per device
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                pending.add(more)
+            for dev in sorted(pending):
+                try:
+                    self.step(dev)
+                except Exception:  # a bad device must not stop the loop for the others
+                    log.exception("re-compression loop failed for device %s", dev)
+
+    # -- one decision -------------------------------------------------------------------------
+    def step(self, device_id: str) -> Optional[Decision]:
+        """Decide and act for one device now. Returns the decision (None: no policy or ladder)."""
+        with self._lock:
+            return self._step(device_id)
+
+    def _step(self, device_id: str) -> Optional[Decision]:
+        device = self.store.find_device(device_id)
+        if device is None:
+            return None
+        groups = (device.group,) if device.group else ()
+        _, policy = self.policies.resolve(device_id, groups)
+        if policy is None:
+            return None
+        record = self.states.load(device_id)
+        current = device.active_artifact_id
+        if record.state.pending is not None:
+            # The ladder is the one the change was made on, even if the device briefly runs neither rung.
+            ladder = self.ladders.ladder_for(device_id, device.profile, record.state.pending.from_artifact)
+        else:
+            ladder = self.ladders.ladder_for(device_id, device.profile, current)
+        if not ladder:
+            return None
+        now = self.clock()
+        windows = self._windows(device_id)
+        record = self._calibrate(record, windows, ladder, device_id)
+        record = self._benchmark_fidelity(record, device_id)
+        decision = decide(policy, record.state, current, windows, ladder, now)
+        record = self._carry_out(device, policy, ladder, record, decision, now)
+        self.states.save(device_id, record, now)
+        return decision
+
+    def _windows(self, device_id: str) -> list[FieldWindow]:
+        rows = self.store.telemetry(device_id, limit=MAX_WINDOWS)
+        out = []
+        for row in rows:
+            if row.requests <= 0:
+                continue
+            p95 = row.p95_ms if row.p95_ms is not None else (row.latency_ms or {}).get("p95")
+            out.append(FieldWindow(end_ts=row.ts, artifact_id=row.model_id, p95_ms=p95, requests=row.requests))
+        return out
+
+    def _calibrate(self, record: LoopRecord, windows: Sequence[FieldWindow], ladder: Sequence[Rung],
+                   device_id: str) -> LoopRecord:
+        estimates = {r.artifact_id: r.estimated_latency_ms for r in ladder}
+        state, last = record.state, record.last_window_ts
+        for w in windows:
+            if w.end_ts <= record.last_window_ts or w.p95_ms is None or w.artifact_id not in estimates:
+                continue
+            factor, samples = update_latency_factor(state.latency_factor, state.factor_samples, w.p95_ms,
+                                                    estimates[w.artifact_id])
+            state = replace(state, latency_factor=factor, factor_samples=samples)
+            last = max(last, w.end_ts)
+        return replace(record, state=state, last_window_ts=last)
+
+    def _benchmark_fidelity(self, record: LoopRecord, device_id: str) -> LoopRecord:
+        """A pending change is judged on the device's benchmark too: a fidelity it reports under the
+        floor, or a failed health check, condemns the rung without waiting for field windows."""
+        pending = record.state.pending
+        if pending is None or pending.measured_fidelity is not None:
+            return record
+        bench = self.store.latest_benchmark(device_id, pending.to_artifact)
+        if bench is None or bench.ts < pending.at_ts:
+            return record
+        result = dict(bench.result or {})
+        fidelity = result.get("fidelity", result.get("agreement"))
+        if result.get("ok") is False or result.get("error"):
+            pending = replace(pending, device_failed=True,
+                              failure_reason=f"benchmark failed: {result.get('error') or 'not ok'}")
+        elif isinstance(fidelity, (int, float)):
+            pending = replace(pending, measured_fidelity=float(fidelity))
+        else:
+            return record
+        return replace(record, state=replace(record.state, pending=pending))
+
+    def _carry_out(self, device: Any, policy: Policy, ladder: Sequence[Rung], record: LoopRecord,
+                   decision: Decision, now: float) -> LoopRecord:
+        device_id = device.device_id
+        current = device.active_artifact_id
+        state = record.state
+        if decision.action in (Action.KEEP, Action.WAIT):
+            key = f"{decision.action.value}:{decision.reason.split(':')[0].split(';')[0]}"
+            if key != record.last_quiet_key and decision.action == Action.WAIT:
+                self._record(device_id, decision, current, now)
+            return replace(record, last_quiet_key=key if decision.action == Action.WAIT else record.last_quiet_key)
+
+        record = replace(record, last_quiet_key="")
+        if self.dry_run:
+            self._record(device_id, decision, current, now, kind=f"{EVENT_PREFIX}proposal")
+            if decision.changes_model or decision.action == Action.SEARCH:
+                # Propose once per cooldown, not once per window.
+                state = replace(state, last_change_ts=now, pending=None)
+            elif decision.action == Action.ACCEPT:
+                state = replace(state, pending=None)
+            return replace(record, state=state)
+
+        if decision.action == Action.SEARCH or decision.search is not None:
+            self._start_search(device, ladder, decision, now)
+        if decision.action == Action.SEARCH:
+            return replace(record, state=replace(state, search_pending=True))
+
+        self._record(device_id, decision, current, now)
+        if decision.action in (Action.STEP_DOWN, Action.STEP_UP):
+            target = decision.target_artifact
+            assert target is not None
+            state = apply_decision(state, decision, current, None, now)
+            outcome = self._push(device_id, target)
+            if not outcome.ok:
+                state = replace(state, pending=replace(state.pending, device_failed=True, failure_reason=outcome.reason))
+                self._record_plain(device_id, now, "push_failed", target,
+                                   {"reason": outcome.reason, "action": decision.action.value})
+            return replace(record, state=state, changes=record.changes + 1)
+        if decision.action == Action.ROLLBACK:
+            target = decision.target_artifact
+            refreshed = self.store.find_device(device_id)
+            running = refreshed.active_artifact_id if refreshed is not None else current
+            if target and running != target:
+                outcome = self._push(device_id, target)
+                if not outcome.ok:
+                    self._record_plain(device_id, now, "rollback_failed", target, {"reason": outcome.reason})
+            state = apply_decision(state, decision, current, None, now)
+            return replace(record, state=state, changes=record.changes + 1)
+        if decision.action == Action.ACCEPT:
+            return replace(record, state=apply_decision(state, decision, current, None, now))
+        return record
+
+    def _push(self, device_id: str, artifact_id: str) -> PushOutcome:
+        assert self.actions is not None
+        try:
+            return self.actions.push(device_id, artifact_id)
+        except Exception as exc:  # mapped to a failed change, which the decision function rolls back
+            log.warning("push of %s to %s failed: %s", artifact_id, device_id, exc)
+            return PushOutcome(False, str(exc) or type(exc).__name__)
+
+    def _start_search(self, device: Any, ladder: Sequence[Rung], decision: Decision, now: float) -> None:
+        request = decision.search
+        if request is None:
+            return
+        if self.search is None:
+            self._record_plain(device.device_id, now, "search_unavailable", None,
+                               {"reason": "no search launcher configured (start serve with --loop-search)",
+                                "target_latency_ms": request.target_latency_ms})
+            return
+        try:
+            started = self.search.start(device.device_id, device.profile, ladder, request)
+        except Exception as exc:
+            self._record_plain(device.device_id, now, "search_failed", None, {"reason": str(exc)})
+            return
+        self._record(device.device_id, Decision(Action.SEARCH, decision.reason, search=request,
+                                                numbers={**decision.numbers, "started": started}),
+                     device.active_artifact_id, now)
+
+    def _record(self, device_id: str, decision: Decision, artifact_id: Optional[str], now: float,
+                kind: Optional[str] = None) -> None:
+        detail = decision.event_detail()
+        detail["dry_run"] = self.dry_run
+        detail["from_artifact"] = artifact_id
+        self._add_event(LoopEvent(device_id, now, kind or f"{EVENT_PREFIX}{decision.action.value}",
+                                  decision.target_artifact or artifact_id, detail))
+        log.info("loop %s %s: %s", device_id, decision.action.value, decision.reason)
+
+    def _record_plain(self, device_id: str, now: float, what: str, artifact_id: Optional[str],
+                      detail: Mapping[str, Any]) -> None:
+        self._add_event(LoopEvent(device_id, now, f"{EVENT_PREFIX}{what}", artifact_id,
+                                  {**detail, "dry_run": self.dry_run}))
+
+    def _add_event(self, event: LoopEvent) -> None:
+        from builder.fleet.store import DeploymentEvent
+
+        self.store.add_event(DeploymentEvent(device_id=event.device_id, ts=event.ts, kind=event.kind,
+                                             artifact_id=event.artifact_id, detail=dict(event.detail)))
+
+
+def loop_events(store: Any, device_id: Optional[str] = None, since: Optional[float] = None) -> list[Any]:
+    """The loop's events (fleet events whose kind starts with ``loop.``), oldest first."""
+    devices = [device_id] if device_id else [d.device_id for d in store.devices()]
+    out = []
+    for dev in devices:
+        out.extend(e for e in store.events(dev, since=since) if e.kind.startswith(EVENT_PREFIX))
+    return sorted(out, key=lambda e: e.ts)
+
+
+def count_changes(events: Iterable[Any]) -> dict[str, int]:
+    """How many model changes the loop made, by kind (for tests, the demo and `fleet events`)."""
+    counts: dict[str, int] = {}
+    for e in events:
+        action = e.kind[len(EVENT_PREFIX):]
+        if action in ("step_down", "step_up", "rollback"):
+            counts[action] = counts.get(action, 0) + 1
+    return counts
