@@ -1,12 +1,24 @@
-"""Entry point of ``agent`` (the device side). Filled in by the agent issue."""
+"""``agent``: run the on-device agent, benchmark a model, show status, detect the hardware.
+
+The only place AgentErrors become a one-line message and an exit code.
+"""
 from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 
-from agent.errors import AgentError
+from agent.errors import AgentError, ConfigError
 
 typer_app = typer.Typer(name="agent", help="EdgeFleet on-device agent.", no_args_is_help=True,
                         pretty_exceptions_enable=False, add_completion=False)
+
+CONFIG_OPTION = typer.Option(Path("/etc/edgefleet/agent.toml"), "--config", "-c", help="agent.toml path")
 
 
 @typer_app.callback()
@@ -22,9 +34,159 @@ def version() -> None:
     print(__version__)
 
 
-def app() -> None:
-    import sys
+@typer_app.command("run")
+def run(config: Path = CONFIG_OPTION, log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING")) -> None:
+    """Connect to the broker, serve the active model on 127.0.0.1, pull new ones, report telemetry."""
+    from agent.config import load_config
+    from agent.daemon import Agent
 
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    cfg = load_config(config)
+    agent = Agent(cfg).start()
+    stopping = {"flag": False}
+
+    def _stop(signum, frame) -> None:  # noqa: ARG001
+        stopping["flag"] = True
+        agent._stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        agent.wait()
+    finally:
+        agent.stop()
+
+
+@typer_app.command("bench")
+def bench(model: str = typer.Option("active", "--model", "-m", help="a .onnx/.ort/.tflite file, an artifact dir, or 'active'"),
+          runs: int = typer.Option(50, "--runs", "-n", min=1), warmup: int = typer.Option(5, "--warmup", min=0),
+          config: Optional[Path] = typer.Option(None, "--config", "-c", help="agent.toml (for 'active' and the profile)"),
+          threads: int = typer.Option(0, help="runtime threads (0 = runtime default)"),
+          as_json: bool = typer.Option(False, "--json", help="print the result as JSON")) -> None:
+    """Warm up, then time N runs: latency p50/p90/p95/p99, throughput, peak RSS, CPU %, temperature, power."""
+    from agent.bench import run_benchmark
+    from agent.detect import detect_device
+    from agent.install import load_sample
+    from agent.runtime import open_model_file, open_runtime
+    from agent.runtime.base import synthetic_feeds
+    from agent.sensors import power_sensors_for
+
+    profile = None
+    feeds = None
+    artifact_id = None
+    if model == "active" or Path(model).is_dir():
+        from agent.manifest import Manifest
+
+        if model == "active":
+            if config is None:
+                raise ConfigError("--model active needs --config (to find the data dir)")
+            from agent.config import load_config
+            from agent.install import SlotStore
+
+            cfg = load_config(config)
+            profile = cfg.profile
+            store = SlotStore(cfg.data_dir)
+            slot = store.read_pointer().active
+            if slot is None:
+                raise AgentError(f"no active model in {cfg.data_dir}; wait for a deployment or pass --model FILE")
+            directory = store.slot_dir(slot)
+        else:
+            directory = Path(model)
+        try:
+            manifest = Manifest.from_bytes((directory / "manifest.json").read_bytes())
+        except OSError as exc:
+            raise AgentError(f"{directory} has no manifest.json; pass an artifact directory or a model file") from exc
+        runtime = open_runtime(manifest, directory / manifest.model_payload.name, directory.parent / "cache", threads)
+        artifact_id = manifest.artifact_id
+        if manifest.sample_payload is not None:
+            feeds, _ = load_sample(directory / manifest.sample_payload.name)
+    else:
+        path = Path(model)
+        if not path.is_file():
+            raise AgentError(f"model {model} does not exist; pass a model file, an artifact dir or 'active'")
+        runtime = open_model_file(path, threads)
+    profile = profile or detect_device().profile
+    feeds = feeds or synthetic_feeds(runtime.inputs)
+    result = run_benchmark(runtime.run, feeds, runs=runs, warmup=warmup, backend=runtime.backend,
+                           artifact_id=artifact_id, power_sensors=power_sensors_for(profile), profile=profile)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"agent bench: {model} ({runtime.backend}, {runs} runs)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    lat = result.latency
+    for name, value in (("p50 ms", lat.p50_ms), ("p90 ms", lat.p90_ms), ("p95 ms", lat.p95_ms), ("p99 ms", lat.p99_ms),
+                        ("mean ms", lat.mean_ms), ("throughput /s", result.throughput_per_s),
+                        ("peak RSS MB", round(result.peak_rss_bytes / 1e6, 1)), ("CPU %", result.cpu_percent),
+                        ("temperature °C", result.temperature_c if result.temperature_c is not None else "not measured")):
+        table.add_row(name, str(value))
+    if result.power_w is not None:
+        table.add_row(f"power W ({result.power_source})", f"{result.power_w:.3f}")
+        table.add_row("energy / inference J", f"{result.energy_per_inference_j:.6f}")
+    else:
+        table.add_row("power", "not measured")
+        if result.estimated_power_w is not None:
+            table.add_row(f"power W (ESTIMATE from profile {profile})", f"{result.estimated_power_w:.2f}")
+            table.add_row("energy / inference J (ESTIMATE)", f"{result.estimated_energy_per_inference_j:.6f}")
+    Console().print(table)
+
+
+@typer_app.command("status")
+def status(config: Path = CONFIG_OPTION) -> None:
+    """Show the active and previous models, and whether the agent is running (asks its local endpoint)."""
+    import urllib.error
+    import urllib.request
+
+    from agent.config import load_config
+    from agent.daemon import RUNTIME_FILE, _artifact_id_of
+    from agent.install import SlotStore
+
+    cfg = load_config(config)
+    store = SlotStore(cfg.data_dir)
+    pointer = store.read_pointer()
+    info = {"device_id": cfg.device_id, "data_dir": str(cfg.data_dir), "active_slot": pointer.active,
+            "active_artifact_id": _artifact_id_of(store.slot_dir(pointer.active)) if pointer.active else None,
+            "previous_slot": pointer.previous,
+            "previous_artifact_id": _artifact_id_of(store.slot_dir(pointer.previous)) if pointer.previous else None,
+            "running": False}
+    try:
+        runtime_info = json.loads((cfg.data_dir / RUNTIME_FILE).read_text(encoding="utf-8"))
+        url = runtime_info.get("http_url")
+        if url:
+            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                info["running"] = True
+                info["health"] = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        info["running"] = True
+        info["health"] = json.loads(exc.read() or b"{}")
+    except (OSError, ValueError):
+        pass
+    for key, value in info.items():
+        print(f"{key}: {value}")
+
+
+@typer_app.command("detect")
+def detect(root: Path = typer.Option(Path("/"), help="filesystem root to inspect (fixtures in tests)")) -> None:
+    """Print the detected device profile, power sensors and temperature."""
+    from agent.detect import detect_device
+    from agent.sensors import power_sensors_for, read_power, read_temperature
+
+    device = detect_device(root)
+    power = read_power(power_sensors_for(device.profile, root))
+    temp = read_temperature(root)
+    print(f"profile: {device.profile}")
+    print(f"description: {device.description}")
+    print(f"detected from: {device.source}")
+    print(f"power: {f'{power.watts:.3f} W ({power.source})' if power.available else f'not measured ({power.note})'}")
+    print(f"temperature: {f'{temp.celsius:.1f} °C ({temp.source})' if temp.available else 'not measured'}")
+
+
+def app() -> None:
     try:
         typer_app(prog_name="agent")
     except AgentError as exc:

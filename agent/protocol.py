@@ -1,0 +1,391 @@
+"""The wire protocol between the builder and its agents: every MQTT topic and message, version 1.
+
+This module is the only door between ``builder/`` and ``agent/``; ``docs/protocol.md`` describes
+the same contract for a native (non-Python) agent.
+
+Topic layout (``{id}`` is the device id, which is also its MQTT username and client id)::
+
+    edgefleet/v1/devices/{id}/up/status     device -> host  retained; last will = state "offline"
+    edgefleet/v1/devices/{id}/up/hello      device -> host  on every (re)connect
+    edgefleet/v1/devices/{id}/up/chunkreq   device -> host  a window of chunks wanted
+    edgefleet/v1/devices/{id}/up/progress   device -> host  transfer/install progress and outcome
+    edgefleet/v1/devices/{id}/up/telemetry  device -> host  periodic and event telemetry (QoS 1)
+    edgefleet/v1/devices/{id}/up/reply      device -> host  reply to a command (same request_id)
+    edgefleet/v1/devices/{id}/down/desired  host -> device  retained: the deployment it must run
+    edgefleet/v1/devices/{id}/down/chunks   host -> device  binary chunk frames (see ChunkFrame)
+    edgefleet/v1/devices/{id}/down/cmd      host -> device  commands
+
+A device publishes only under ``up/`` and reads only under ``down/`` of its own id, so two pattern
+ACL lines confine it (``pattern write edgefleet/v1/devices/%u/up/#`` and ``pattern read
+edgefleet/v1/devices/%u/down/#``): it can neither read another device's topics nor publish a
+desired deployment. Every JSON message carries ``"schema": 1``; a receiver refuses other versions
+with ``ProtocolError``. Chunks are binary frames, not base64-in-JSON (33% smaller, no decode cost).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
+
+from agent.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+SCHEMA = PROTOCOL_VERSION
+TOPIC_ROOT = f"edgefleet/v{PROTOCOL_VERSION}"
+DEVICES_ROOT = f"{TOPIC_ROOT}/devices"
+
+# Brokers such as AWS IoT Core cap messages at 128 KiB; a frame's header is well under 1 KiB.
+MAX_CHUNK_BYTES = 128 * 1024 - 1024
+DEFAULT_WINDOW_CHUNKS = 16
+CHUNK_MAGIC = b"EFC1"
+_DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class Up:
+    """Topic suffixes a device publishes."""
+
+    STATUS = "up/status"
+    HELLO = "up/hello"
+    CHUNK_REQUEST = "up/chunkreq"
+    PROGRESS = "up/progress"
+    TELEMETRY = "up/telemetry"
+    REPLY = "up/reply"
+
+
+class Down:
+    """Topic suffixes a device subscribes to."""
+
+    DESIRED = "down/desired"
+    CHUNKS = "down/chunks"
+    COMMAND = "down/cmd"
+
+
+def validate_device_id(device_id: str) -> str:
+    """Device ids become topic levels and MQTT usernames: no '/', '+', '#', spaces; 1-64 chars."""
+    if not isinstance(device_id, str) or not _DEVICE_ID_RE.match(device_id):
+        raise ProtocolError(f"device id {device_id!r} is invalid; use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return device_id
+
+
+def device_topic(device_id: str, suffix: str) -> str:
+    return f"{DEVICES_ROOT}/{validate_device_id(device_id)}/{suffix}"
+
+
+def all_devices_topic(suffix: str) -> str:
+    """Subscription filter for one kind of message from every device (host side)."""
+    return f"{DEVICES_ROOT}/+/{suffix}"
+
+
+def parse_device_topic(topic: str) -> tuple[str, str]:
+    """``edgefleet/v1/devices/{id}/up/x`` -> (id, "up/x"); ProtocolError for anything else."""
+    prefix = DEVICES_ROOT + "/"
+    if not topic.startswith(prefix):
+        raise ProtocolError(f"topic {topic!r} is not an EdgeFleet v{PROTOCOL_VERSION} device topic")
+    parts = topic[len(prefix):].split("/", 1)
+    if len(parts) != 2 or not parts[1]:
+        raise ProtocolError(f"topic {topic!r} has no message kind")
+    return validate_device_id(parts[0]), parts[1]
+
+
+def now_s() -> float:
+    return round(time.time(), 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON messages
+
+
+def _load_json(raw: bytes | str | Mapping[str, Any], kind: str) -> dict[str, Any]:
+    if isinstance(raw, Mapping):
+        data = dict(raw)
+    else:
+        try:
+            data = json.loads(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProtocolError(f"{kind} message is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{kind} message must be a JSON object")
+    schema = data.get("schema")
+    if schema != SCHEMA:
+        raise ProtocolError(f"{kind} message has schema {schema!r}; this side speaks schema {SCHEMA}: upgrade the older side")
+    return data
+
+
+class _Message:
+    """Mixin: JSON encoding with the schema version, strict decoding of known fields."""
+
+    KIND = "message"
+    REQUIRED: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)  # type: ignore[call-overload]
+        data["schema"] = SCHEMA
+        return data
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | Mapping[str, Any]):
+        data = _load_json(raw, cls.KIND)
+        missing = [name for name in cls.REQUIRED if name not in data]
+        if missing:
+            raise ProtocolError(f"{cls.KIND} message lacks field(s) {', '.join(missing)}")
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        kwargs = {k: v for k, v in data.items() if k in known}  # unknown fields: ignored (forward compatible)
+        try:
+            obj = cls(**kwargs)  # type: ignore[call-arg]
+            obj._validate()
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"{cls.KIND} message is malformed: {exc}") from exc
+        return obj
+
+    def _validate(self) -> None:  # overridden where there is something to check
+        return None
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+DEVICE_STATES = ("online", "offline")
+
+
+@dataclass(frozen=True)
+class DeviceStatus(_Message):
+    """Retained on ``up/status``; the last will publishes the same with state "offline"."""
+
+    KIND = "status"
+    REQUIRED = ("device_id", "state")
+    device_id: str
+    state: str  # "online" | "offline"
+    active_artifact_id: str | None = None
+    active_model: str | None = None  # "name@version"
+    previous_artifact_id: str | None = None
+    profile: str | None = None
+    agent_version: str | None = None
+    load: Mapping[str, Any] = field(default_factory=dict)  # current slowdown/cpu-burn settings
+    ts: float = 0.0
+
+    def _validate(self) -> None:
+        _require(self.state in DEVICE_STATES, f"state must be one of {DEVICE_STATES}")
+        validate_device_id(self.device_id)
+
+
+@dataclass(frozen=True)
+class Hello(_Message):
+    """Sent on every (re)connect: what the device is and can run."""
+
+    KIND = "hello"
+    REQUIRED = ("device_id", "agent_version")
+    device_id: str
+    agent_version: str
+    profile: str | None = None
+    machine: str = ""
+    runtimes: tuple[str, ...] = ()
+    execution_providers: tuple[str, ...] = ()
+    active_artifact_id: str | None = None
+    free_disk_bytes: int | None = None
+    ts: float = 0.0
+
+    def _validate(self) -> None:
+        validate_device_id(self.device_id)
+        object.__setattr__(self, "runtimes", tuple(self.runtimes))
+        object.__setattr__(self, "execution_providers", tuple(self.execution_providers))
+
+
+@dataclass(frozen=True)
+class DesiredDeployment(_Message):
+    """Retained on ``down/desired``: the artifact a device must run. The manifest and its signature
+    travel inline, so the device verifies the signature before it asks for a single byte.
+
+    An empty retained payload clears the desired deployment (the device keeps what it runs).
+    """
+
+    KIND = "desired"
+    REQUIRED = ("deployment_id", "artifact_id", "manifest", "signature")
+    deployment_id: str
+    artifact_id: str
+    manifest: Mapping[str, Any]  # the manifest.json object
+    signature: Mapping[str, Any]  # the manifest.sig object
+    ts: float = 0.0
+
+    def _validate(self) -> None:
+        _require(isinstance(self.manifest, Mapping), "manifest must be an object")
+        _require(isinstance(self.signature, Mapping), "signature must be an object")
+        _require(self.manifest.get("artifact_id") == self.artifact_id, "artifact_id differs from the manifest's")
+
+    def manifest_bytes(self) -> bytes:
+        return json.dumps(self.manifest, sort_keys=True).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class ChunkRequest(_Message):
+    """``up/chunkreq``: send chunks [start_index, start_index + count) of one payload's zstd stream."""
+
+    KIND = "chunkreq"
+    REQUIRED = ("request_id", "artifact_id", "payload", "start_index", "count")
+    request_id: str
+    artifact_id: str
+    payload: str  # a payload name from the manifest
+    start_index: int
+    count: int
+
+    def _validate(self) -> None:
+        _require(isinstance(self.start_index, int) and self.start_index >= 0, "start_index must be an integer >= 0")
+        _require(isinstance(self.count, int) and 1 <= self.count <= 256, "count must be an integer in 1..256")
+
+
+TRANSFER_STATES = ("verifying", "downloading", "installing", "active", "failed", "rolled_back", "rejected")
+
+
+@dataclass(frozen=True)
+class TransferProgress(_Message):
+    """``up/progress``: where a deployment stands; "active", "failed", "rejected" are final."""
+
+    KIND = "progress"
+    REQUIRED = ("deployment_id", "artifact_id", "state")
+    deployment_id: str
+    artifact_id: str
+    state: str
+    bytes_done: int = 0
+    bytes_total: int = 0
+    percent: float = 0.0
+    error: str | None = None
+    ts: float = 0.0
+
+    def _validate(self) -> None:
+        _require(self.state in TRANSFER_STATES, f"state must be one of {TRANSFER_STATES}")
+
+
+@dataclass(frozen=True)
+class TelemetryReport(_Message):
+    """``up/telemetry``. ``seq`` increases by one per report on a device (also across restarts), so the
+    host can order, deduplicate and detect gaps. Power is ``None`` when not measured, never 0.
+    """
+
+    KIND = "telemetry"
+    REQUIRED = ("device_id", "seq", "ts", "event")
+    device_id: str
+    seq: int
+    ts: float
+    event: str  # "periodic" | "benchmark" | "install" | "rollback" | "error"
+    artifact_id: str | None = None  # the active model's artifact
+    model: str | None = None  # "name@version" of the active model
+    window_s: float = 0.0  # the field window ends at ``ts``
+    requests: int = 0  # real (local endpoint) requests in the window, errors included
+    errors: int = 0
+    latency_ms: Mapping[str, float] = field(default_factory=dict)  # p50, p90, p95, p99, mean of the window's requests
+    cpu_percent: float | None = None
+    memory_rss_bytes: int | None = None
+    memory_available_bytes: int | None = None
+    temperature_c: float | None = None
+    power_w: float | None = None
+    power_source: str = "not measured"
+    benchmark: Mapping[str, Any] | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def _validate(self) -> None:
+        _require(isinstance(self.seq, int) and self.seq >= 0, "seq must be an integer >= 0")
+
+
+COMMANDS = ("benchmark", "rollback", "status", "set_telemetry_interval", "set_load")
+
+
+@dataclass(frozen=True)
+class Command(_Message):
+    """``down/cmd``. Arguments: benchmark {runs, warmup}; set_telemetry_interval {seconds};
+    set_load {slowdown_factor, cpu_burn_threads, cpu_burn_duty}; rollback and status take none."""
+
+    KIND = "cmd"
+    REQUIRED = ("request_id", "command")
+    request_id: str
+    command: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+    ts: float = 0.0
+
+    def _validate(self) -> None:
+        _require(self.command in COMMANDS, f"command must be one of {COMMANDS}")
+        _require(isinstance(self.args, Mapping), "args must be an object")
+
+
+@dataclass(frozen=True)
+class CommandReply(_Message):
+    """``up/reply``: carries the command's request_id."""
+
+    KIND = "reply"
+    REQUIRED = ("request_id", "command", "ok")
+    request_id: str
+    command: str
+    ok: bool
+    result: Mapping[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    ts: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Binary chunk frames (``down/chunks``)
+#
+#   b"EFC1" | uint32 big-endian header length N | N bytes of UTF-8 JSON header | chunk bytes
+#
+# The header is a ChunkHeader. Chunks are slices of the payload's zstd stream; ``sha256`` covers the
+# chunk bytes. A frame with ``error`` set carries no bytes (unknown artifact or payload).
+
+
+@dataclass(frozen=True)
+class ChunkHeader(_Message):
+    KIND = "chunk"
+    REQUIRED = ("request_id", "artifact_id", "payload", "index", "chunk_count", "offset", "compressed_size", "sha256")
+    request_id: str
+    artifact_id: str
+    payload: str
+    index: int
+    chunk_count: int
+    offset: int  # byte offset of this chunk in the compressed stream
+    compressed_size: int  # size of the whole compressed stream
+    sha256: str  # of this chunk's bytes
+    chunk_bytes: int = MAX_CHUNK_BYTES  # nominal chunk size: every chunk but the last has this size
+    stream_sha256: str = ""  # of the whole compressed stream: a resumed download checks it is the same stream
+    compression: str = "zstd"
+    error: str | None = None
+
+    def _validate(self) -> None:
+        _require(self.compression == "zstd", "only zstd compression is defined")
+        if self.error is None:
+            _require(0 <= self.index < self.chunk_count, "index out of range")
+            _require(0 < self.chunk_bytes <= 128 * 1024, "chunk_bytes must be in 1..131072")
+
+
+@dataclass(frozen=True)
+class ChunkFrame:
+    header: ChunkHeader
+    data: bytes
+
+    def verify(self) -> None:
+        """Raise ProtocolError unless the bytes match the header's length and sha256."""
+        h = self.header
+        expected_len = min(h.chunk_bytes, h.compressed_size - h.offset)
+        if len(self.data) != expected_len:
+            raise ProtocolError(f"chunk {h.index} of {h.payload} has {len(self.data)} bytes, expected {expected_len}")
+        if hashlib.sha256(self.data).hexdigest() != h.sha256:
+            raise ProtocolError(f"chunk {h.index} of {h.payload} fails its sha256 check")
+
+
+def encode_chunk_frame(header: ChunkHeader, data: bytes) -> bytes:
+    head = header.to_json()
+    return CHUNK_MAGIC + struct.pack(">I", len(head)) + head + data
+
+
+def decode_chunk_frame(frame: bytes) -> ChunkFrame:
+    if len(frame) < 8 or frame[:4] != CHUNK_MAGIC:
+        raise ProtocolError("chunk frame lacks the EFC1 magic")
+    (head_len,) = struct.unpack(">I", frame[4:8])
+    if head_len > 8192 or 8 + head_len > len(frame):
+        raise ProtocolError("chunk frame header length is invalid")
+    header = ChunkHeader.from_json(bytes(frame[8:8 + head_len]))
+    return ChunkFrame(header=header, data=bytes(frame[8 + head_len:]))

@@ -1,0 +1,116 @@
+"""Local inference endpoint for applications on the device, bound to 127.0.0.1 only.
+
+    POST /infer   {"inputs": {"<name>": nested lists}}  -> {"outputs": {...}, "latency_ms": ..., "artifact_id": ...}
+    GET  /health  -> 200 {"ok": true, ...} with a model, 503 without
+    GET  /model   -> the active manifest's summary
+
+Every /infer is a real request: its latency is the field latency reported in telemetry.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+
+from agent.active import ActiveModel, NoModelError
+from agent.errors import AgentError
+
+log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 64 << 20
+
+
+def _handler_class(active: ActiveModel) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "edgefleet-agent"
+
+        def log_message(self, fmt: str, *args: Any) -> None:  # route to logging, not stderr
+            log.debug("http: " + fmt, *args)
+
+        def _send(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server API
+            model = active.model
+            if self.path == "/health":
+                if model is None:
+                    self._send(503, {"ok": False, "reason": "no model active"})
+                else:
+                    self._send(200, {"ok": True, "artifact_id": model.manifest.artifact_id, "model": model.label,
+                                     "backend": model.runtime.backend})
+            elif self.path == "/model":
+                if model is None:
+                    self._send(404, {"error": "no model active"})
+                    return
+                m = model.manifest
+                self._send(200, {"artifact_id": m.artifact_id, "model_name": m.model_name, "model_version": m.model_version,
+                                 "runtime": m.target.runtime, "backend": model.runtime.backend, "slot": model.slot,
+                                 "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in m.inputs],
+                                 "outputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in m.outputs]})
+            else:
+                self._send(404, {"error": f"unknown path {self.path}; use /infer, /health or /model"})
+
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path != "/infer":
+                self._send(404, {"error": f"unknown path {self.path}"})
+                return
+            length = int(self.headers.get("Content-Length") or 0)
+            if length <= 0 or length > MAX_BODY_BYTES:
+                self._send(400, {"error": "send a JSON body {\"inputs\": {...}} (at most 64 MiB)"})
+                return
+            model = active.model
+            if model is None:
+                self._send(503, {"error": "no model active"})
+                return
+            try:
+                body = json.loads(self.rfile.read(length))
+                dtypes = {t.name: t.dtype for t in model.manifest.inputs}
+                feeds = {name: np.asarray(value, dtype=dtypes.get(name, "float32")) for name, value in body["inputs"].items()}
+            except (ValueError, KeyError, TypeError) as exc:
+                self._send(400, {"error": f"bad request: {exc}"})
+                return
+            try:
+                outputs, latency_ms = active.infer(feeds)
+            except NoModelError:
+                self._send(503, {"error": "no model active"})
+                return
+            except AgentError as exc:
+                self._send(500, {"error": str(exc)})
+                return
+            self._send(200, {"outputs": {k: np.asarray(v).tolist() for k, v in outputs.items()},
+                             "latency_ms": round(latency_ms, 4), "artifact_id": model.manifest.artifact_id})
+
+    return Handler
+
+
+class LocalEndpoint:
+    def __init__(self, active: ActiveModel, port: int = 8765, host: str = "127.0.0.1") -> None:
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            raise AgentError("the local endpoint binds to loopback only")
+        self._server = ThreadingHTTPServer((host, port), _handler_class(active))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "LocalEndpoint":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,200 @@
+"""Host side of model delivery: answer devices' chunk requests, publish desired deployments.
+
+Devices pull (``agent.protocol``): each ``up/chunkreq`` names an artifact, a payload and a window
+of chunk indices; the server answers on that device's ``down/chunks`` topic with binary frames.
+The device id comes from the topic (which the broker's ACL confines), never from the message.
+Payloads are zstd-compressed once and the compressed form is cached (in memory, bounded, and on
+disk when ``cache_dir`` is given), so a fleet pulling one artifact costs one compression.
+
+Embed it in any paho-mqtt 2.x client: ``ChunkServer(client, lookup).attach()``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from agent import protocol as proto
+from agent.errors import ProtocolError
+from agent.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
+from builder.errors import FleetError
+
+log = logging.getLogger(__name__)
+
+ArtifactLookup = Callable[[str], "Path | None"]
+
+
+@dataclass(frozen=True)
+class CompressedPayload:
+    artifact_id: str
+    name: str
+    data: bytes  # the whole zstd stream
+    chunk_bytes: int
+    stream_sha256: str
+
+    @property
+    def chunk_count(self) -> int:
+        return max(1, -(-len(self.data) // self.chunk_bytes))
+
+    def chunk(self, index: int) -> bytes:
+        return self.data[index * self.chunk_bytes:(index + 1) * self.chunk_bytes]
+
+
+def compress_payload(path: Path, level: int = 3) -> bytes:
+    import zstandard
+
+    cctx = zstandard.ZstdCompressor(level=level, threads=-1, write_content_size=True)
+    with open(path, "rb") as src:
+        return cctx.compress(src.read())
+
+
+class ChunkServer:
+    """Serves windows of compressed payload chunks to devices that ask for them."""
+
+    def __init__(self, client: Any, lookup: ArtifactLookup, *, chunk_bytes: int = proto.MAX_CHUNK_BYTES,
+                 zstd_level: int = 3, cache_dir: Path | None = None, memory_cache_bytes: int = 512 << 20,
+                 qos: int = 1, delay_per_chunk_s: float = 0.0) -> None:
+        if not 0 < chunk_bytes <= proto.MAX_CHUNK_BYTES:
+            raise FleetError(f"chunk size {chunk_bytes} is outside 1..{proto.MAX_CHUNK_BYTES} bytes; pick a smaller one")
+        self.client = client
+        self.lookup = lookup
+        self.chunk_bytes = chunk_bytes
+        self.zstd_level = zstd_level
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.memory_cache_bytes = memory_cache_bytes
+        self.qos = qos
+        # Rate limit for tests and demos (simulates a slow link); 0 in production.
+        self.delay_per_chunk_s = delay_per_chunk_s
+        self._cache: OrderedDict[tuple[str, str], CompressedPayload] = OrderedDict()
+        self._lock = threading.Lock()
+        self.chunks_sent = 0
+        self.requests_served = 0
+
+    # -- wiring -----------------------------------------------------------------------------
+    def attach(self) -> None:
+        """Register the request callback and subscribe (call again after a reconnect with a clean session)."""
+        topic = proto.all_devices_topic(proto.Up.CHUNK_REQUEST)
+        self.client.message_callback_add(topic, self._on_request_message)
+        self.client.subscribe(topic, qos=1)
+
+    def _on_request_message(self, client: Any, userdata: Any, message: Any) -> None:
+        try:
+            device_id, _ = proto.parse_device_topic(message.topic)
+            request = proto.ChunkRequest.from_json(message.payload)
+        except ProtocolError as exc:
+            log.warning("ignoring bad chunk request on %s: %s", message.topic, exc)
+            return
+        # Serve in a worker so a slow window never blocks the network loop (and other devices).
+        threading.Thread(target=self.serve_request, args=(device_id, request), daemon=True,
+                         name=f"chunks-{device_id}").start()
+
+    # -- serving ----------------------------------------------------------------------------
+    def serve_request(self, device_id: str, request: proto.ChunkRequest) -> int:
+        """Publish the requested window to the device; returns the number of chunks sent."""
+        topic = proto.device_topic(device_id, proto.Down.CHUNKS)
+        try:
+            payload = self.compressed(request.artifact_id, request.payload)
+        except FleetError as exc:
+            header = proto.ChunkHeader(request_id=request.request_id, artifact_id=request.artifact_id,
+                                       payload=request.payload, index=0, chunk_count=0, offset=0,
+                                       compressed_size=0, sha256="", error=str(exc))
+            self.client.publish(topic, proto.encode_chunk_frame(header, b""), qos=self.qos)
+            return 0
+        sent = 0
+        end = min(request.start_index + request.count, payload.chunk_count)
+        for index in range(request.start_index, end):
+            data = payload.chunk(index)
+            header = proto.ChunkHeader(
+                request_id=request.request_id, artifact_id=payload.artifact_id, payload=payload.name,
+                index=index, chunk_count=payload.chunk_count, offset=index * payload.chunk_bytes,
+                compressed_size=len(payload.data), sha256=hashlib.sha256(data).hexdigest(),
+                chunk_bytes=payload.chunk_bytes, stream_sha256=payload.stream_sha256)
+            self.client.publish(topic, proto.encode_chunk_frame(header, data), qos=self.qos)
+            sent += 1
+            if self.delay_per_chunk_s:
+                time.sleep(self.delay_per_chunk_s)
+        with self._lock:
+            self.chunks_sent += sent
+            self.requests_served += 1
+        return sent
+
+    def compressed(self, artifact_id: str, payload_name: str) -> CompressedPayload:
+        """The cached compressed payload; only names listed in the artifact's manifest are served."""
+        key = (artifact_id, payload_name)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        directory = self.lookup(artifact_id)
+        if directory is None:
+            raise FleetError(f"unknown artifact {artifact_id[:12]}")
+        manifest = read_manifest(Path(directory))
+        if payload_name not in {p.name for p in manifest.payloads}:
+            raise FleetError(f"artifact {artifact_id[:12]} has no payload {payload_name!r}")
+        data = self._load_or_compress(Path(directory) / payload_name, artifact_id, payload_name)
+        entry = CompressedPayload(artifact_id, payload_name, data, self.chunk_bytes, hashlib.sha256(data).hexdigest())
+        with self._lock:
+            self._cache[key] = entry
+            while sum(len(e.data) for e in self._cache.values()) > self.memory_cache_bytes and len(self._cache) > 1:
+                self._cache.popitem(last=False)
+        return entry
+
+    def _load_or_compress(self, path: Path, artifact_id: str, name: str) -> bytes:
+        cached = self.cache_dir / artifact_id / f"{name}.zst" if self.cache_dir else None
+        if cached is not None and cached.is_file():
+            return cached.read_bytes()
+        data = compress_payload(path, self.zstd_level)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(cached.name + f".{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, cached)
+        return data
+
+
+def read_manifest(directory: Path) -> Manifest:
+    try:
+        return Manifest.from_bytes((Path(directory) / MANIFEST_FILE).read_bytes())
+    except OSError as exc:
+        raise FleetError(f"{directory} is not an artifact directory (no {MANIFEST_FILE}); build or import it first") from exc
+
+
+def desired_message(artifact_dir: Path, deployment_id: str | None = None) -> proto.DesiredDeployment:
+    """The retained desired-deployment message for an artifact directory (manifest + signature inline)."""
+    artifact_dir = Path(artifact_dir)
+    try:
+        manifest_obj = json.loads((artifact_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+        signature_obj = json.loads((artifact_dir / SIGNATURE_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FleetError(f"{artifact_dir} lacks a readable {MANIFEST_FILE}/{SIGNATURE_FILE}; package the artifact first") from exc
+    artifact_id = str(manifest_obj.get("artifact_id", ""))
+    return proto.DesiredDeployment(
+        deployment_id=deployment_id or f"{artifact_id[:12]}-{int(time.time() * 1000)}",
+        artifact_id=artifact_id, manifest=manifest_obj, signature=signature_obj, ts=proto.now_s())
+
+
+def publish_desired(client: Any, device_id: str, artifact_dir: Path, deployment_id: str | None = None,
+                    timeout_s: float = 10.0) -> proto.DesiredDeployment:
+    """Publish (retained, QoS 1) the deployment a device must run; waits for the broker's PUBACK."""
+    message = desired_message(artifact_dir, deployment_id)
+    info = client.publish(proto.device_topic(device_id, proto.Down.DESIRED), message.to_json(), qos=1, retain=True)
+    try:
+        info.wait_for_publish(timeout=timeout_s)
+    except (RuntimeError, ValueError) as exc:
+        raise FleetError(f"could not publish the desired deployment for {device_id}: {exc}; is the broker reachable?") from exc
+    if not info.is_published():
+        raise FleetError(f"broker did not acknowledge the desired deployment for {device_id} within {timeout_s:.0f} s")
+    return message
+
+
+def clear_desired(client: Any, device_id: str) -> None:
+    """Remove the retained desired deployment (the device keeps running what it has)."""
+    client.publish(proto.device_topic(device_id, proto.Down.DESIRED), b"", qos=1, retain=True).wait_for_publish(10)

@@ -1,0 +1,1 @@
+"""Helpers shared by test areas (real Mosquitto broker, test certificates)."""
