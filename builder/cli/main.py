@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from builder.cli import analyze, artifacts, build, compress, fleet, keys, optimize, profiles, push, serve
+from builder.cli import policy as fleet_policy  # after fleet: adds `fleet policy` and `fleet events`
 from builder.cli.errors import run_app
 from builder.errors import BuilderError
 
@@ -16,7 +17,7 @@ typer_app = typer.Typer(
     add_completion=False,
 )
 
-for module in (profiles, analyze, compress, build, artifacts, keys, optimize, serve, push, fleet):
+for module in (profiles, analyze, compress, build, artifacts, keys, optimize, serve, push, fleet, fleet_policy):
     module.register(typer_app)
 
 
