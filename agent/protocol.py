@@ -226,7 +226,10 @@ class DesiredDeployment(_Message):
 
 @dataclass(frozen=True)
 class ChunkRequest(_Message):
-    """``up/chunkreq``: send chunks [start_index, start_index + count) of one payload's zstd stream."""
+    """``up/chunkreq``: send chunks [start_index, start_index + count) of one payload's zstd stream.
+
+    ``request_id`` is unique per request message: a server answers each id once (a broker may deliver
+    a message twice to a client whose subscriptions overlap)."""
 
     KIND = "chunkreq"
     REQUIRED = ("request_id", "artifact_id", "payload", "start_index", "count")

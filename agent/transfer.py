@@ -150,7 +150,6 @@ class ChunkPuller:
         requested_upto = next_index
         last_activity = time.monotonic()
         seen_connects = self.connect_count()
-        request_id = uuid.uuid4().hex[:12]
         with open(part, "ab") as out:
             while chunk_count is None or next_index < chunk_count:
                 if self.cancel.is_set():
@@ -167,7 +166,7 @@ class ChunkPuller:
                     end = next_index + self.window_chunks
                     if chunk_count is not None:
                         end = min(end, chunk_count)
-                    request = proto.ChunkRequest(request_id=request_id, artifact_id=artifact_id, payload=name,
+                    request = proto.ChunkRequest(request_id=uuid.uuid4().hex[:16], artifact_id=artifact_id, payload=name,
                                                  start_index=requested_upto, count=max(1, end - requested_upto))
                     self.publish(self.request_topic, request.to_json())
                     requested_upto = requested_upto + request.count

@@ -73,6 +73,7 @@ class ChunkServer:
         # Rate limit for tests and demos (simulates a slow link); 0 in production.
         self.delay_per_chunk_s = delay_per_chunk_s
         self._cache: OrderedDict[tuple[str, str], CompressedPayload] = OrderedDict()
+        self._recent_requests: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._lock = threading.Lock()
         self.chunks_sent = 0
         self.requests_served = 0
@@ -91,6 +92,13 @@ class ChunkServer:
         except ProtocolError as exc:
             log.warning("ignoring bad chunk request on %s: %s", message.topic, exc)
             return
+        with self._lock:  # overlapping subscriptions deliver a message twice: answer each request once
+            key = (device_id, request.request_id)
+            if key in self._recent_requests:
+                return
+            self._recent_requests[key] = None
+            while len(self._recent_requests) > 4096:
+                self._recent_requests.popitem(last=False)
         # Serve in a worker so a slow window never blocks the network loop (and other devices).
         threading.Thread(target=self.serve_request, args=(device_id, request), daemon=True,
                          name=f"chunks-{device_id}").start()

@@ -137,7 +137,13 @@ class Host:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self.server.attach()
+        # paho hands a message matching a message_callback_add filter only to that callback: record too.
+        client.message_callback_add(self.proto.all_devices_topic(self.proto.Up.CHUNK_REQUEST), self._record_and_serve)
         client.subscribe(self.proto.all_devices_topic("up/#"), qos=1)
+
+    def _record_and_serve(self, client, userdata, message) -> None:
+        self._on_message(client, userdata, message)
+        self.server._on_request_message(client, userdata, message)
 
     def _on_message(self, client, userdata, message) -> None:
         with self._cond:
