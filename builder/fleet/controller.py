@@ -230,7 +230,7 @@ def decide(policy: Policy, state: DeviceLoopState, current_artifact: Optional[st
     base = {"objective_p95_ms": objective, "latency_factor": round(state.latency_factor, 4)}
 
     if state.pending is not None:
-        return _judge(policy, state.pending, usable, base)
+        return _judge(policy, state.pending, current_artifact, usable, base)
 
     idx = _find(ladder, current_artifact)
     if idx is None:
@@ -271,9 +271,16 @@ def decide(policy: Policy, state: DeviceLoopState, current_artifact: Optional[st
                     f"{len(violating)} of {pacing.violate_windows} violating windows", numbers=numbers)
 
 
-def _judge(policy: Policy, pending: PendingChange, usable: Sequence[FieldWindow], base: dict[str, Any]) -> Decision:
+def _judge(policy: Policy, pending: PendingChange, current_artifact: Optional[str], usable: Sequence[FieldWindow],
+           base: dict[str, Any]) -> Decision:
     pacing = policy.pacing
     numbers = {**base, "baseline_p95_ms": pending.baseline_p95_ms}
+    if current_artifact != pending.to_artifact and not pending.device_failed:
+        back = [w for w in usable if w.artifact_id == current_artifact and w.end_ts > pending.at_ts]
+        if current_artifact == pending.from_artifact and len(back) >= pacing.judge_windows:
+            # The agent rolled back by itself (health or latency watchdog): the change failed.
+            pending = replace(pending, device_failed=True,
+                              failure_reason=f"device went back to {current_artifact} by itself")
     bad_on_failure = pending.kind != ChangeKind.STEP_UP or pending.device_failed
     if pending.device_failed:
         return Decision(Action.ROLLBACK, f"device failed on {pending.to_artifact}: {pending.failure_reason or 'no reason given'}",

@@ -393,9 +393,15 @@ class ReCompressionLoop:
             assert target is not None
             state = apply_decision(state, decision, current, None, now)
             outcome = self._push(device_id, target)
-            if not outcome.ok:
+            done = self.clock()
+            assert state.pending is not None
+            if outcome.ok:
+                # Judge (and cool down) from when the new rung is active: windows reported during the
+                # transfer still measure the old one.
+                state = replace(state, pending=replace(state.pending, at_ts=done), last_change_ts=done)
+            else:
                 state = replace(state, pending=replace(state.pending, device_failed=True, failure_reason=outcome.reason))
-                self._record_plain(device_id, now, "push_failed", target,
+                self._record_plain(device_id, done, "push_failed", target,
                                    {"reason": outcome.reason, "action": decision.action.value})
             return replace(record, state=state, changes=record.changes + 1)
         if decision.action == Action.ROLLBACK:
@@ -476,3 +482,168 @@ def count_changes(events: Iterable[Any]) -> dict[str, int]:
         if action in ("step_down", "step_up", "rollback"):
             counts[action] = counts.get(action, 0) + 1
     return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Wiring into `builder serve`: the registry's ladders, the fleet's Pusher, `builder optimize`.
+
+
+def _metric(metrics: Mapping[str, Any], *names: str) -> Optional[float]:
+    for name in names:
+        value = metrics.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def rung_from_metrics(artifact_id: str, metrics: Mapping[str, Any], label: str = "") -> Optional[Rung]:
+    """A ladder entry's metrics as a :class:`Rung`; None when it has no latency estimate."""
+    estimate = _metric(metrics, "device_latency_ms", "estimated_latency_ms", "latency_estimate_ms")
+    if estimate is None or estimate <= 0:
+        return None
+    memory_bytes = _metric(metrics, "peak_memory_bytes")
+    memory_mb = _metric(metrics, "memory_mb")
+    if memory_mb is None and memory_bytes is not None:
+        memory_mb = memory_bytes / 1e6
+    return Rung(artifact_id=artifact_id, estimated_latency_ms=estimate, accuracy=_metric(metrics, "accuracy"),
+                fidelity=_metric(metrics, "fidelity", "agreement"), energy_mj=_metric(metrics, "energy_mj"),
+                memory_mb=memory_mb, label=str(metrics.get("label", "")))
+
+
+@dataclass(frozen=True)
+class RegistryLadders:
+    """Ladders written by `builder optimize` into the artifact registry (rung 0 = most accurate)."""
+
+    registry: Any
+
+    def ladder_for(self, device_id: str, profile: Optional[str], active_artifact_id: Optional[str]) -> Sequence[Rung]:
+        from builder.errors import BuilderError
+
+        if not active_artifact_id:
+            return ()
+        try:
+            record = self.registry.get(active_artifact_id)
+            entries = self.registry.list_ladder(record.model_name, record.profile)
+        except BuilderError:
+            return ()
+        rungs = [rung_from_metrics(e.artifact_id, e.metrics, e.metrics.get("label", f"rung {e.rung}"))
+                 for e in entries]
+        ladder = tuple(r for r in rungs if r is not None)
+        return ladder if any(r.artifact_id == active_artifact_id for r in ladder) else ()
+
+
+class PusherActions:
+    """:class:`DeviceActions` over the fleet's :class:`builder.fleet.push.Pusher`, connected lazily
+    (in the loop's worker thread) to the broker the running serve announced."""
+
+    def __init__(self, data_dir: Path, benchmark_runs: int = 20) -> None:
+        self.data_dir = Path(data_dir)
+        self.benchmark_runs = benchmark_runs
+        self._pusher: Any = None
+        self._link: Any = None
+        self._store: Any = None
+
+    def _get(self) -> Any:
+        if self._pusher is None:
+            from builder.artifacts.registry import Registry
+            from builder.fleet.link import FleetLink, resolve_endpoint
+            from builder.fleet.push import PushOptions, Pusher
+            from builder.fleet.store import open_store
+
+            self._link = FleetLink(resolve_endpoint(self.data_dir), client_id=f"edgefleet-loop-{id(self):x}").connect()
+            self._store = open_store(self.data_dir)
+            self._pusher = Pusher(self._link, self._store, Registry(self.data_dir), self.data_dir,
+                                  PushOptions(timeout_s=300, stall_timeout_s=60, benchmark_runs=self.benchmark_runs))
+        return self._pusher
+
+    def push(self, device_id: str, artifact_id: str) -> PushOutcome:
+        outcome = self._get().push(device_id, artifact_id)
+        if outcome.after is not None:
+            self._store.add_benchmark(outcome.after)
+        if outcome.ok:
+            return PushOutcome(True)
+        return PushOutcome(False, f"{outcome.state}: {outcome.error or 'no reason given'}")
+
+    def close(self) -> None:
+        if self._link is not None:
+            self._link.close()
+        if self._store is not None:
+            self._store.close()
+        self._pusher = self._link = self._store = None
+
+
+@dataclass(frozen=True)
+class OptimizeLauncher:
+    """Starts ``builder optimize`` in the background with the device's calibrated latency target.
+    ``model_for(device_id, ladder)`` names the model source to search (None: cannot search)."""
+
+    data_dir: Path
+    model_for: Callable[[str, Sequence[Rung]], Optional[str]]
+    extra_args: tuple[str, ...] = ()
+
+    def command(self, device_id: str, profile: Optional[str], ladder: Sequence[Rung], request: SearchRequest) -> list[str]:
+        import sys
+
+        model = self.model_for(device_id, ladder)
+        if model is None or profile is None:
+            raise UsageError(f"cannot search for {device_id}: unknown model source or profile")
+        cmd = [sys.executable, "-m", "builder.cli.main", "optimize", model, "--profile", profile,
+               "--max-latency", f"{request.objective_ms:g}ms", "--latency-factor", f"{request.latency_factor:.4g}",
+               "--data-dir", str(self.data_dir)]
+        if request.accuracy_floor is not None:
+            cmd += ["--min-accuracy", f"{request.accuracy_floor:g}"]
+        return cmd + list(self.extra_args)
+
+    def start(self, device_id: str, profile: Optional[str], ladder: Sequence[Rung], request: SearchRequest) -> str:
+        import subprocess
+
+        cmd = self.command(device_id, profile, ladder, request)
+        logs = self.data_dir / "loop-searches"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"{device_id}-{int(time.time())}.log", "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return f"pid {proc.pid}: {' '.join(cmd[2:])}"
+
+
+class ServeLoopHook:
+    """The telemetry hook `builder serve` calls, ``(device_id, TelemetryReport) -> None``.
+
+    Starts the loop on the first report (so a serve with no policies pays nothing but a check) and
+    hands every report to the loop's worker thread."""
+
+    def __init__(self, data_dir: Path, dry_run: bool = False, search: Optional[SearchLauncher] = None,
+                 ladders: Optional[LadderSource] = None, actions: Optional[DeviceActions] = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.dry_run = dry_run
+        self.search = search
+        self.ladders = ladders
+        self.actions = actions
+        self.loop: Optional[ReCompressionLoop] = None
+        self._lock = threading.Lock()
+
+    def __call__(self, device_id: str, report: Any) -> None:
+        with self._lock:
+            if self.loop is None:
+                from builder.artifacts.registry import Registry
+                from builder.fleet.store import open_store
+
+                store = open_store(self.data_dir)
+                ladders = self.ladders or RegistryLadders(Registry(self.data_dir))
+                actions = None if self.dry_run else (self.actions or PusherActions(self.data_dir))
+                self.loop = ReCompressionLoop(store, actions, ladders, search=self.search, dry_run=self.dry_run).start()
+        self.loop._queue.put(device_id)
+
+    def close(self) -> None:
+        with self._lock:
+            if self.loop is not None:
+                self.loop.stop()
+                if isinstance(self.loop.actions, PusherActions):
+                    self.loop.actions.close()
+                self.loop.store.close()
+                self.loop = None
+
+
+def serve_hooks(data_dir: Path, dry_run: bool = False) -> list[Any]:
+    """What `builder serve` registers: the loop acts only for devices that have a policy
+    (`builder fleet policy set`), on the ladders in the registry."""
+    return [ServeLoopHook(data_dir, dry_run=dry_run)]

@@ -249,3 +249,13 @@ def test_latency_factor_follows_sustained_change_and_resists_a_spike() -> None:
     for _ in range(10):
         f, n = update_latency_factor(f, n, 30.0, 10.0)
     assert 2.7 < f < 3.1
+
+
+def test_device_that_rolls_back_by_itself_fails_the_change() -> None:
+    pending = PendingChange(ChangeKind.STEP_DOWN, 10.0, "fp32", "int8", 20.0)
+    state = DeviceLoopState(pending=pending)
+    back = [FieldWindow(11.0, "fp32", 20.0, 50)]
+    assert decide(policy(), state, "fp32", back, LADDER, 11.0).action == Action.WAIT
+    back.append(FieldWindow(12.0, "fp32", 20.0, 50))
+    d = decide(policy(), state, "fp32", back, LADDER, 12.0)
+    assert d.action == Action.ROLLBACK and d.mark_bad == "int8" and "by itself" in d.reason
