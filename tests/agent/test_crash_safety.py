@@ -1,0 +1,130 @@
+"""The agent killed (SIGKILL, a real subprocess) mid-install or mid-download restarts serving a
+working model; A/B slot recovery when the active slot is damaged."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.agent.conftest import DEVICES, agent_toml, make_artifact
+
+pytestmark = pytest.mark.mosquitto
+
+
+def _start_agent(config: Path, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", "from agent.cli import app; app()", "run", "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=open(log, "ab"), env=env, cwd=Path(__file__).parents[2])
+
+
+def _http(data_dir: Path, path: str, body: dict | None = None, timeout_s: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            url = json.loads((data_dir / "agent.json").read_text())["http_url"]
+            data = json.dumps(body).encode() if body is not None else None
+            with urllib.request.urlopen(urllib.request.Request(url + path, data=data), timeout=5) as resp:
+                return json.loads(resp.read())
+        except (OSError, ValueError, KeyError) as exc:
+            last = exc
+            time.sleep(0.1)
+    raise AssertionError(f"agent endpoint {path} not answering: {last}")
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+
+def test_agent_killed_during_install_restarts_with_working_model(tmp_path, broker, signing_key, host_factory):
+    key, pub = signing_key
+    v1 = make_artifact(tmp_path / "v1", key, seed=1, version="1")
+    v2 = make_artifact(tmp_path / "v2", key, seed=2, version="2")
+    data = tmp_path / "data"
+    log = tmp_path / "agent.log"
+    # install_pause_s: the agent pauses after v2's health check, before the pointer switch: kill it there.
+    config = agent_toml(tmp_path / "agent.toml", broker.url, "dev1", DEVICES["dev1"], pub, data, install_pause_s=5.0)
+    host = host_factory(broker.url)
+    proc = _start_agent(config, log)
+    try:
+        d1 = host.deploy("dev1", v1)
+        host.wait_progress("dev1", d1.artifact_id, ("active",), 60)
+        d2 = host.deploy("dev1", v2)
+        host.wait_progress("dev1", d2.artifact_id, ("installing",), 60)
+        time.sleep(1.0)  # now inside install: v2 written to the inactive slot, pointer not switched
+        _kill(proc)
+        from builder.fleet.chunk_server import clear_desired
+
+        clear_desired(host.client, "dev1")  # so the restart shows what it serves before any new pull
+        proc = _start_agent(config, log)
+        health = _http(data, "/health")
+        assert health["ok"] and health["artifact_id"] == d1.artifact_id
+        with np.load(v1 / "sample.npz") as sample:
+            answer = _http(data, "/infer", {"inputs": {"x": sample["in:x"].tolist()}})
+            np.testing.assert_allclose(np.asarray(answer["outputs"]["y"], np.float32), sample["out:y"], rtol=1e-5, atol=1e-5)
+        # Deploying v2 again completes normally on the restarted agent.
+        _kill(proc)
+        agent_toml(config, broker.url, "dev1", DEVICES["dev1"], pub, data)
+        proc = _start_agent(config, log)
+        d3 = host.deploy("dev1", v2, deployment_id="v2-retry")
+        host.wait(lambda: [p for p in host.progress("dev1") if p.deployment_id == "v2-retry" and p.state == "active"],
+                  60, "v2 active after restart")
+        assert _http(data, "/health")["artifact_id"] == d2.artifact_id
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+
+
+def test_agent_killed_mid_download_resumes_from_partial_file(tmp_path, broker, signing_key, host_factory):
+    key, pub = signing_key
+    big = make_artifact(tmp_path / "big", key, seed=3, cols=32768)
+    data = tmp_path / "data"
+    config = agent_toml(tmp_path / "agent.toml", broker.url, "dev1", DEVICES["dev1"], pub, data, window_chunks=8)
+    host = host_factory(broker.url, chunk_bytes=16 * 1024, delay_per_chunk_s=0.03)
+    proc = _start_agent(config, tmp_path / "agent.log")
+    try:
+        desired = host.deploy("dev1", big)
+        host.wait(lambda: any(p.state == "downloading" and p.percent >= 30 for p in host.progress("dev1")), 60,
+                  "a third downloaded")
+        _kill(proc)
+        proc = _start_agent(config, tmp_path / "agent.log")
+        host.wait_progress("dev1", desired.artifact_id, ("active",), 90)
+        requests = {r["request_id"]: r for r in map(json.loads, host.of_kind("dev1", "up/chunkreq"))}.values()
+        starts = [r["start_index"] for r in requests if r["payload"] == "model.onnx"]
+        assert starts.count(0) == 1  # the restarted agent went on from its partial file
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+
+
+def test_damaged_active_slot_falls_back_to_previous(tmp_path, signing_key):
+    from agent.install import Installer
+
+    key, pub = signing_key
+    from agent.manifest import load_public_key
+
+    installer = Installer(tmp_path / "data", load_public_key(pub), threads=1)
+    for seed in (1, 2):
+        art = make_artifact(tmp_path / f"a{seed}", key, seed=seed)
+        incoming = tmp_path / f"in{seed}"
+        shutil.copytree(art, incoming)
+        installer.install(incoming)
+    pointer = installer.store.read_pointer()
+    assert pointer.active and pointer.previous
+    (installer.store.slot_dir(pointer.active) / "model.onnx").write_bytes(b"torn write")  # power cut damage
+    loaded, problems = installer.load_active()
+    assert loaded is not None and loaded.slot == pointer.previous
+    assert "payload model.onnx" in " ".join(problems)
+    assert installer.store.read_pointer().active == pointer.previous
