@@ -1,0 +1,270 @@
+"""Graph fusion and folding: steps ``fold`` and ``optimize_graph``.
+
+- ``fold``: BatchNormalization folded into the preceding Conv (numpy, exact up to float rounding),
+  then constant folding and simplification with onnxslim. Output is plain ONNX, portable anywhere.
+- ``optimize_graph``: ONNX Runtime's offline optimisation (``SessionOptions.optimized_model_filepath``)
+  at a PORTABLE level — "basic" or "extended", never "all": ORT_ENABLE_ALL writes CPU-specific NCHWc
+  layout ops that failed to load on arm64 (FACTS.md). Optionally first the transformer fusions of
+  ``onnxruntime.transformers.optimizer`` (``bert_fusions=True``: Attention, SkipLayerNormalization,
+  BiasGelu, EmbedLayerNormalization; com.microsoft contrib ops that every ORT CPU build ships).
+  Every output is checked: it must load, contain no ``com.microsoft.nchwc`` op and match its input.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from builder.compression.base import ModelForm, ModelState, StepContext, StepRecord
+from builder.errors import CompressionError, UsageError
+
+log = logging.getLogger(__name__)
+
+NON_PORTABLE_DOMAINS = ("com.microsoft.nchwc",)
+PORTABLE_LEVELS = ("basic", "extended")
+
+
+# ---- BatchNorm folding -------------------------------------------------------------------------
+def fold_batchnorm(model: Any) -> int:
+    """Fold every Conv -> BatchNormalization pair (Conv output used only by the BN) in place.
+
+    W' = W * g / sqrt(v + eps) per output channel, b' = (b - m) * g / sqrt(v + eps) + beta.
+    Returns the number of BatchNormalization nodes removed.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    graph_outputs = {out.name for out in graph.output}
+    producers = {out: node for node in graph.node for out in node.output}
+    removed = []
+    for bn in graph.node:
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
+            continue
+        conv = producers.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or consumers.get(bn.input[0], 0) != 1 \
+                or bn.input[0] in graph_outputs or conv.input[1] not in inits \
+                or not all(name in inits for name in bn.input[1:5]) \
+                or (len(conv.input) > 2 and conv.input[2] not in inits):
+            continue
+        eps = next((attr.f for attr in bn.attribute if attr.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[name]).astype(np.float64) for name in bn.input[1:5])
+        weight = numpy_helper.to_array(inits[conv.input[1]])
+        bias = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 \
+            else np.zeros(weight.shape[0])
+        scale = gamma / np.sqrt(var + eps)
+        new_weight = (weight.astype(np.float64) * scale.reshape(-1, *([1] * (weight.ndim - 1)))).astype(weight.dtype)
+        new_bias = ((bias - mean) * scale + beta).astype(weight.dtype)
+        weight_name, bias_name = conv.output[0] + "_folded_W", conv.output[0] + "_folded_B"
+        graph.initializer.extend([numpy_helper.from_array(new_weight, weight_name),
+                                  numpy_helper.from_array(new_bias, bias_name)])
+        conv.input[1] = weight_name
+        if len(conv.input) > 2:
+            conv.input[2] = bias_name
+        else:
+            conv.input.append(bias_name)
+        conv.output[0] = bn.output[0]
+        removed.append(bn)
+    for bn in removed:
+        graph.node.remove(bn)
+    _drop_unused_initializers(model)
+    return len(removed)
+
+
+def _drop_unused_initializers(model: Any) -> None:
+    used = {name for node in model.graph.node for name in node.input} | {out.name for out in model.graph.output}
+    keep = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+# ---- checks shared by the graph steps -----------------------------------------------------------
+def non_portable_ops(model: Any) -> list[str]:
+    """Names (or op types) of nodes in a domain that only some CPUs can run (NCHWc layouts)."""
+    return [node.name or node.op_type for node in model.graph.node if node.domain in NON_PORTABLE_DOMAINS]
+
+
+def sample_feed(session: Any, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs for a session; symbolic dims become ``batch`` (first) or 1, ints are small."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for graph_input in session.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 1)
+                 for i, d in enumerate(graph_input.shape)]
+        if "int" in graph_input.type:
+            feed[graph_input.name] = rng.integers(0, 2, size=shape).astype(np.int64 if "64" in graph_input.type else np.int32)
+        else:
+            feed[graph_input.name] = rng.random(shape, dtype=np.float32)
+    return feed
+
+
+def check_same_outputs(reference: Path, candidate: Path, batches: list[dict[str, np.ndarray]] | None,
+                       rtol: float = 1e-3, atol: float = 1e-4) -> float:
+    """Run both models on the same inputs; raise CompressionError when outputs differ beyond tolerance.
+
+    Returns the largest absolute difference seen."""
+    from builder.compression.evaluate import make_session
+
+    ref_session, cand_session = make_session(reference, 1), make_session(candidate, 1)
+    feeds = batches or [sample_feed(ref_session)]
+    worst = 0.0
+    for feed in feeds:
+        ref_out = ref_session.run(None, feed)
+        cand_out = cand_session.run(None, {k: v for k, v in feed.items()
+                                           if k in {i.name for i in cand_session.get_inputs()}})
+        for a, b in zip(ref_out, cand_out):
+            if a.shape != b.shape:
+                raise CompressionError(f"graph optimisation changed an output shape {a.shape} -> {b.shape}; "
+                                       "report this model, and drop the step from the recipe")
+            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+            worst = max(worst, float(diff.max(initial=0.0)))
+            if not np.all(diff <= atol + rtol * np.abs(a)):
+                raise CompressionError(f"graph optimisation changed the outputs (max abs diff {worst:.3g}); "
+                                       "drop the step from the recipe")
+    return worst
+
+
+def _first_batches(ctx: StepContext, limit: int = 2) -> list[dict[str, np.ndarray]] | None:
+    if ctx.calibration_batches is None:
+        return None
+    out = []
+    for batch in ctx.calibration_batches():
+        out.append(batch)
+        if len(out) >= limit:
+            break
+    return out or None
+
+
+def _ops(model: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+# ---- steps --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FoldStep:
+    """BatchNorm folding + constant folding + onnxslim simplification; outputs unchanged (checked)."""
+
+    name: ClassVar[str] = "fold"
+    form: ClassVar[ModelForm] = ModelForm.ONNX
+    needs_data: ClassVar[bool] = False
+    simplify: bool = True  # run onnxslim after BN folding
+
+    def apply(self, state: ModelState, ctx: StepContext) -> tuple[ModelState, StepRecord]:
+        import onnx
+
+        if state.onnx_path is None:
+            raise CompressionError("fold needs an ONNX model; the engine should export before graph steps")
+        model = onnx.load(str(state.onnx_path))
+        before = _ops(model)
+        folded = fold_batchnorm(model)
+        warnings: list[str] = []
+        if self.simplify:
+            try:
+                import onnxslim
+
+                model = onnxslim.slim(model)
+            except Exception as exc:  # noqa: BLE001 - onnxslim is optional polish; keep the BN-folded graph
+                warnings.append(f"onnxslim failed, kept the BN-folded graph: {exc}")
+                log.warning("onnxslim failed: %s", exc)
+        out = ctx.workdir / "model.onnx"
+        _save(model, out)
+        max_diff = check_same_outputs(state.onnx_path, out, _first_batches(ctx), rtol=1e-4, atol=1e-5)
+        after = _ops(model)
+        facts = {"batchnorm_folded": folded, "nodes_before": sum(before.values()), "nodes_after": sum(after.values()),
+                 "batchnorm_left": after.get("BatchNormalization", 0), "max_abs_diff": max_diff}
+        return dataclasses.replace(state, onnx_path=out), StepRecord(
+            step=self.name, params=dataclasses.asdict(self), facts=facts, warnings=tuple(warnings))
+
+
+@dataclass(frozen=True)
+class OptimizeGraphStep:
+    """ONNX Runtime offline graph optimisation at a portable level (+ optional BERT fusions)."""
+
+    name: ClassVar[str] = "optimize_graph"
+    form: ClassVar[ModelForm] = ModelForm.ONNX
+    needs_data: ClassVar[bool] = False
+    level: str = "extended"  # "basic" | "extended"; "all" is refused (NCHWc ops do not load on arm64)
+    bert_fusions: bool = False  # onnxruntime.transformers.optimizer, model_type bert
+    num_heads: int = 0  # 0 = let the optimizer detect it
+    hidden_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.level not in PORTABLE_LEVELS:
+            raise UsageError(f"optimize_graph level {self.level!r} is not portable; use one of "
+                             f"{', '.join(PORTABLE_LEVELS)} ('all' writes x86-only NCHWc ops)")
+
+    def apply(self, state: ModelState, ctx: StepContext) -> tuple[ModelState, StepRecord]:
+        import onnx
+
+        if state.onnx_path is None:
+            raise CompressionError("optimize_graph needs an ONNX model")
+        source = Path(state.onnx_path)
+        facts: dict[str, Any] = {"level": self.level}
+        if self.bert_fusions:
+            fused = ctx.workdir / "fused.onnx"
+            facts["fused_ops"] = bert_fuse(source, fused, self.num_heads, self.hidden_size)
+            source = fused
+        out = ctx.workdir / "model.onnx"
+        ort_optimize(source, out, self.level)
+        model = onnx.load(str(out), load_external_data=False)
+        bad = non_portable_ops(model)
+        if bad:
+            raise CompressionError(f"optimised graph contains device-specific NCHWc ops ({bad[:3]}); "
+                                   "use level = 'basic'")
+        max_diff = check_same_outputs(state.onnx_path, out, _first_batches(ctx))
+        facts.update(nodes_after=len(model.graph.node), max_abs_diff=max_diff,
+                     domains=sorted({node.domain or "ai.onnx" for node in model.graph.node}))
+        return dataclasses.replace(state, onnx_path=out), StepRecord(
+            step=self.name, params=dataclasses.asdict(self), facts=facts)
+
+
+def ort_optimize(source: Path, out: Path, level: str = "extended") -> None:
+    """Write ORT's optimised graph of ``source`` to ``out`` at a portable level."""
+    import onnxruntime as ort
+
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}
+    if level not in levels:
+        raise UsageError(f"optimisation level {level!r} is not portable; use basic or extended")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[level]
+    options.optimized_model_filepath = str(out)
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own types
+        raise CompressionError(f"ONNX Runtime could not optimise {source}: {exc}") from exc
+
+
+def bert_fuse(source: Path, out: Path, num_heads: int = 0, hidden_size: int = 0) -> dict[str, int]:
+    """Transformer fusions (python-only, opt_level 0 so nothing CPU-specific); returns fused-op counts."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    try:
+        optimized = optimize_model(str(source), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+                                   opt_level=0)
+    except Exception as exc:  # the optimizer raises many types on unexpected graphs
+        raise CompressionError(f"BERT fusions failed on {source}: {exc}; set bert_fusions = false") from exc
+    optimized.save_model_to_file(str(out))
+    return {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
+
+
+def _save(model: Any, path: Path) -> None:
+    import onnx
+
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(path)
