@@ -441,8 +441,12 @@ class Agent:
 
     def _telemetry_loop(self) -> None:
         topic = self._topic(proto.Up.TELEMETRY)
-        next_periodic = time.monotonic() + self.telemetry_interval_s
+        interval = self.telemetry_interval_s
+        next_periodic = time.monotonic() + interval
         while not self._stop.is_set():
+            if self.telemetry_interval_s != interval:  # set_telemetry_interval: applies now, not after the old period
+                interval = self.telemetry_interval_s
+                next_periodic = min(next_periodic, time.monotonic() + interval)
             timeout = max(0.0, next_periodic - time.monotonic())
             self._telemetry_wakeup.wait(timeout)
             self._telemetry_wakeup.clear()
@@ -453,7 +457,7 @@ class Agent:
                     self.outbox.put(self.build_report("periodic"))
                 except Exception:  # noqa: BLE001
                     log.exception("building telemetry failed")
-                next_periodic = time.monotonic() + self.telemetry_interval_s
+                next_periodic = time.monotonic() + interval
             try:
                 drain_outbox(self.outbox, lambda body: self.conn.publish(topic, body, qos=1),
                              lambda: self.conn.connected)

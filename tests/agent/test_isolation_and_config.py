@@ -1,0 +1,79 @@
+"""agent/ stays light (never torch, never builder); agent.toml validation; reconnect backoff."""
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import config_from_dict, load_config
+from agent.connection import backoff_delay_s
+from agent.errors import ConfigError
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_agent_modules_import_neither_torch_nor_builder():
+    modules = sorted("agent." + ".".join(p.relative_to(ROOT / "agent").with_suffix("").parts)
+                     for p in (ROOT / "agent").rglob("*.py") if p.name != "__init__.py")
+    code = ("import sys, importlib\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'builder')]\n"
+            "print(','.join(bad))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
+    for path in (ROOT / "agent").rglob("*.py"):
+        text = path.read_text()
+        assert "import torch" not in text and "from builder" not in text and "import builder" not in text, path
+
+
+def test_config_valid_and_errors_are_one_clear_line(tmp_path):
+    key = tmp_path / "k.pem"
+    key.write_text("x")
+    base = {"device_id": "pi-1", "broker_url": "mqtts://broker.example:8883", "trusted_key": "k.pem", "data_dir": "data"}
+    cfg = config_from_dict(base, base_dir=tmp_path)
+    assert cfg.broker.tls and cfg.broker.port == 8883 and cfg.broker.username == "pi-1"
+    assert cfg.data_dir == tmp_path / "data" and cfg.profile is None
+    with pytest.raises(ConfigError, match="lacks 'device_id'"):
+        config_from_dict({k: v for k, v in base.items() if k != "device_id"}, tmp_path)
+    with pytest.raises(ConfigError, match="mqtt://"):
+        config_from_dict(dict(base, broker_url="http://x"), tmp_path)
+    with pytest.raises(ConfigError, match="device id"):
+        config_from_dict(dict(base, device_id="a/b"), tmp_path)
+    with pytest.raises(ConfigError, match="ca_file"):
+        config_from_dict(dict(base, ca_file="missing.pem"), tmp_path)
+    with pytest.raises(ConfigError, match="slowdown_factor"):
+        config_from_dict(dict(base, load={"slowdown_factor": 0.5}), tmp_path)
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        bad = tmp_path / "bad.toml"
+        bad.write_text("device_id = ")
+        load_config(bad)
+
+
+def test_example_agent_toml_parses(tmp_path):
+    import tomllib
+
+    data = tomllib.loads((ROOT / "deploy" / "agent.toml").read_text())
+    password_file = tmp_path / "password"
+    password_file.write_text("secret\n")
+    cfg = config_from_dict(dict(data, password_file=str(password_file)), tmp_path)
+    assert cfg.device_id == "pi-kitchen-01" and cfg.broker.tls and cfg.broker.password == "secret"
+    assert cfg.load.slowdown_factor == 1.0 and cfg.http_port == 8765
+
+
+def test_backoff_is_capped_exponential_with_jitter():
+    rng = random.Random(0)
+    delays = [[backoff_delay_s(a, 0.5, 30.0, rng) for _ in range(200)] for a in range(10)]
+    assert all(0.25 <= d <= 30.0 for row in delays for d in row)
+    assert max(delays[0]) <= 0.5 and max(delays[9]) > 10  # grows, then capped
+    assert len({round(d, 6) for d in delays[9]}) > 100  # jittered: no thundering herd
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-c", "from agent.cli import app; app()", "run", "--config",
+                          str(tmp_path / "missing.toml")], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("agent: error: cannot read") and len(out.stderr.strip().splitlines()) == 1
