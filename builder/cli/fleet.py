@@ -1,8 +1,187 @@
-"""`builder fleet` (not built yet: see the open issue that owns it)."""
+"""`builder fleet add-device|status|telemetry|plot|rollback`: the fleet day to day."""
 from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+from builder.cli.serve import BrokerOption, DataDirOption, data_dir_or_default, read_password_file
+
+
+def parse_since(text: Optional[str], now: float | None = None) -> Optional[float]:
+    """'10m', '2h', '1d', '30s' ago, or an ISO 8601 time, as a unix timestamp."""
+    from builder.errors import UsageError
+
+    if not text:
+        return None
+    now = time.time() if now is None else now
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units:
+        try:
+            return now - float(text[:-1]) * units[text[-1]]
+        except ValueError:
+            pass
+    try:
+        moment = _dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise UsageError(f"--since {text!r} is neither a duration (30s, 10m, 2h, 1d) nor an ISO time") from exc
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=_dt.timezone.utc)
+    return moment.timestamp()
+
 
 def register(app: typer.Typer) -> None:
-    """Adds this module's commands to the builder app."""
+    group = typer.Typer(help="The fleet: devices, their status, telemetry and rollbacks.", no_args_is_help=True)
+    app.add_typer(group, name="fleet")
+
+    @group.command("add-device")
+    def add_device(
+        device_id: str = typer.Argument(..., help="Device id (also its MQTT username)."),
+        profile: str = typer.Option(..., "--profile", help="Device profile (see `builder profiles list`)."),
+        group_name: Optional[str] = typer.Option(None, "--group", help="Group for group pushes."),
+        broker_config_dir: Optional[Path] = typer.Option(None, help="Mosquitto config dir: creates/extends passwd + ACL there."),
+        broker_port: int = typer.Option(1883, help="Listener port written into a NEW Mosquitto config."),
+        broker_url: Optional[str] = typer.Option(None, help="URL the device connects to (default: the running serve's, or the config's)."),
+        tls_port: Optional[int] = typer.Option(None, help="NEW Mosquitto config: TLS listener port (needs --tls-cert/--tls-key/--ca-file)."),
+        tls_cert: Optional[Path] = typer.Option(None, help="Broker TLS certificate (NEW config)."),
+        tls_key: Optional[Path] = typer.Option(None, help="Broker TLS key (NEW config)."),
+        ca_file: Optional[Path] = typer.Option(None, help="CA the device trusts for mqtts://."),
+        trusted_key: Optional[Path] = typer.Option(None, help="Public signing key the agent trusts (default DATA_DIR/keys/signing_key.pub.pem)."),
+        agent_data_dir: str = typer.Option("/var/lib/edgefleet", help="data_dir written into agent.toml (on the device)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Where to write agent.toml (default DATA_DIR/devices/ID/agent.toml)."),
+        telemetry_interval_s: Optional[float] = typer.Option(None, help="Telemetry interval written into agent.toml."),
+        data_dir: Optional[Path] = DataDirOption,
+    ) -> None:
+        """Register a device, create its broker credentials (Mosquitto: password + pattern ACL) and write its agent.toml."""
+        from rich.console import Console
+
+        from builder.errors import UsageError
+        from builder.fleet.devices import BrokerTls
+        from builder.fleet.devices import add_device as do_add
+
+        tls = None
+        if tls_port is not None:
+            if not (tls_cert and tls_key and ca_file):
+                raise UsageError("--tls-port needs --tls-cert, --tls-key and --ca-file")
+            tls = BrokerTls(tls_port, ca_file, tls_cert, tls_key)
+        added = do_add(data_dir_or_default(data_dir), device_id, profile, group=group_name, broker_url=broker_url,
+                       broker_config_dir=broker_config_dir, broker_port=broker_port, tls=tls, agent_ca_file=ca_file,
+                       trusted_key=trusted_key, agent_data_dir=agent_data_dir, agent_toml=out,
+                       telemetry_interval_s=telemetry_interval_s)
+        console = Console()
+        console.print(f"registered [bold]{added.device_id}[/] ({added.profile}"
+                      + (f", group {added.group}" if added.group else "") + ")")
+        console.print(f"  agent.toml: {added.agent_toml} (mode 0600; copy it to the device: agent run --config agent.toml)")
+        console.print(f"  broker:     {added.broker_url}; credentials: {added.credentials}")
+        if added.broker_config_file is not None:
+            console.print(f"  mosquitto:  {added.broker_config_file} (running broker: send it SIGHUP to reload users)")
+
+    @group.command("status")
+    def status(
+        group_name: Optional[str] = typer.Option(None, "--group", help="Only this group."),
+        as_json: bool = typer.Option(False, "--json"),
+        data_dir: Optional[Path] = DataDirOption,
+    ) -> None:
+        """One row per device: online, profile, model, field p50/p95, requests, power, temperature, last seen."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from builder.fleet.status import STATUS_COLUMNS, collect_status, status_cells
+        from builder.fleet.store import open_store
+
+        with open_store(data_dir_or_default(data_dir)) as store:
+            rows = collect_status(store, time.time(), group=group_name)
+        if as_json:
+            print(json.dumps([r.to_dict() for r in rows], indent=2))
+            return
+        table = Table(title="Fleet status")
+        for column in STATUS_COLUMNS:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*status_cells(row), style=None if row.online else "dim")
+        Console().print(table)
+        if not rows:
+            Console().print("no devices yet: `builder fleet add-device ID --profile P`, then start its agent")
+
+    @group.command("telemetry")
+    def telemetry(
+        device: str = typer.Option(..., "--device"),
+        since: Optional[str] = typer.Option(None, "--since", help="30s, 10m, 2h, 1d or an ISO time."),
+        limit: int = typer.Option(50, help="At most this many (the latest)."),
+        as_json: bool = typer.Option(False, "--json"),
+        data_dir: Optional[Path] = DataDirOption,
+    ) -> None:
+        """A device's telemetry reports: field latency per window, requests, power, temperature."""
+        from dataclasses import asdict
+
+        from rich.console import Console
+        from rich.table import Table
+
+        from builder.fleet.status import DASH, format_power
+        from builder.fleet.store import open_store
+
+        with open_store(data_dir_or_default(data_dir)) as store:
+            store.device(device)
+            rows = store.telemetry(device, since=parse_since(since), limit=limit)
+        if as_json:
+            print(json.dumps([asdict(r) for r in rows], indent=2, default=str))
+            return
+        table = Table(title=f"Telemetry of {device}")
+        for column in ("time (UTC)", "event", "artifact", "requests", "errors", "p50 ms", "p95 ms", "power", "temp", "CPU %"):
+            table.add_column(column)
+        for r in rows:
+            table.add_row(_dt.datetime.fromtimestamp(r.ts, _dt.timezone.utc).strftime("%H:%M:%S"), r.event,
+                          (r.model_id or DASH)[:12], str(r.requests), str(r.errors),
+                          DASH if r.p50_ms is None else f"{r.p50_ms:.2f}", DASH if r.p95_ms is None else f"{r.p95_ms:.2f}",
+                          format_power(r.power_w, r.power_source),
+                          DASH if r.temperature_c is None else f"{r.temperature_c:.0f} °C",
+                          DASH if r.cpu_percent is None else f"{r.cpu_percent:.0f}")
+        Console().print(table)
+
+    @group.command("plot")
+    def plot(
+        device: str = typer.Option(..., "--device"),
+        out: Path = typer.Option(Path("fleet-plot.png"), "--out", help="PNG file to write."),
+        since: Optional[str] = typer.Option(None, "--since", help="30s, 10m, 2h, 1d or an ISO time."),
+        data_dir: Optional[Path] = DataDirOption,
+    ) -> None:
+        """Field latency and power over time, deployments marked, as a PNG."""
+        from builder.fleet.plot import plot_series, render_plot
+        from builder.fleet.store import open_store
+
+        start = parse_since(since)
+        with open_store(data_dir_or_default(data_dir)) as store:
+            store.device(device)
+            series = plot_series(device, store.telemetry(device, since=start), store.events(device, since=start))
+        print(render_plot(series, out))
+
+    @group.command("rollback")
+    def rollback(
+        device: str = typer.Option(..., "--device"),
+        broker: Optional[str] = BrokerOption,
+        username: Optional[str] = typer.Option(None),
+        password_file: Optional[Path] = typer.Option(None),
+        ca_file: Optional[Path] = typer.Option(None),
+        data_dir: Optional[Path] = DataDirOption,
+    ) -> None:
+        """Switch a device back to the model in its other slot (and make the retained desired state match)."""
+        from rich.console import Console
+
+        from builder.artifacts.registry import Registry
+        from builder.errors import FleetError
+        from builder.fleet.link import FleetLink, resolve_endpoint
+        from builder.fleet.push import Pusher
+        from builder.fleet.store import open_store
+
+        home = data_dir_or_default(data_dir)
+        endpoint = resolve_endpoint(home, broker, username, read_password_file(password_file), ca_file)
+        with open_store(home) as store, FleetLink(endpoint).connect() as link:
+            outcome = Pusher(link, store, Registry(home), home).rollback(device)
+        if outcome.state != "rolled_back":
+            raise FleetError(f"{device} did not roll back: {outcome.error}")
+        Console().print(f"{device}: rolled back from {(outcome.previous_model or outcome.previous_artifact_id or '?')} "
+                        f"to {outcome.model or outcome.artifact_id[:12]}")

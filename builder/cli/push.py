@@ -1,8 +1,144 @@
-"""`builder push` (not built yet: see the open issue that owns it)."""
+"""`builder push`: deploy a model to a device (or a group, canary first) and follow it live."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
 
+from builder.cli.serve import BrokerOption, DataDirOption, data_dir_or_default, read_password_file
+
+
+def parse_percent(text: str) -> float:
+    from builder.errors import UsageError
+
+    value = text.strip().rstrip("%").strip()
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise UsageError(f"--canary {text!r} is not a percentage; pass e.g. --canary 10%") from exc
+
+
+class RichObserver:
+    """Live progress: one bar per device (download bytes), its description the current stage."""
+
+    def __init__(self, bars: Any) -> None:
+        self.bars = bars
+        self.tasks: dict[str, Any] = {}
+
+    def _task(self, device_id: str) -> Any:
+        if device_id not in self.tasks:
+            self.tasks[device_id] = self.bars.add_task(f"{device_id}: starting", total=None)
+        return self.tasks[device_id]
+
+    def stage(self, device_id: str, text: str) -> None:
+        self.bars.update(self._task(device_id), description=f"{device_id}: {text}")
+
+    def progress(self, device_id: str, update: Any) -> None:
+        task = self._task(device_id)
+        label = {"verifying": "verifying signature", "downloading": "downloading", "installing": "installing + health check",
+                 "active": "active", "failed": "FAILED", "rejected": "REJECTED", "rolled_back": "ROLLED BACK"}.get(update.state, update.state)
+        kwargs: dict[str, Any] = {"description": f"{device_id}: {label}"}
+        if update.bytes_total:
+            kwargs.update(total=update.bytes_total, completed=update.bytes_done)
+        if update.state == "active" and update.bytes_total:
+            kwargs["completed"] = update.bytes_total
+        self.bars.update(task, **kwargs)
+
+
+def outcome_table(outcomes: list[Any], title: str) -> Any:
+    from rich.table import Table
+
+    from builder.fleet.push_report import OUTCOME_COLUMNS, outcome_cells
+
+    table = Table(title=title)
+    for column in OUTCOME_COLUMNS:
+        table.add_column(column)
+    for outcome in outcomes:
+        table.add_row(*outcome_cells(outcome))
+    return table
+
 
 def register(app: typer.Typer) -> None:
-    """Adds this module's commands to the builder app."""
+    @app.command("push")
+    def push(
+        device: Optional[str] = typer.Option(None, "--device", help="Device id to deploy to."),
+        group: Optional[str] = typer.Option(None, "--group", help="Deploy to every device of this group."),
+        artifact: Optional[str] = typer.Option(None, "--artifact", help="Registered artifact id (or unique prefix)."),
+        model: Optional[str] = typer.Option(None, "--model", help="Model to build for the device's profile (file or package.module:factory)."),
+        input_shape: Optional[list[str]] = typer.Option(None, "--input-shape", help="name=1x3x224x224 (for models without static shapes)."),
+        recipe: Optional[Path] = typer.Option(None, "--recipe", help="Compression recipe TOML applied before building."),
+        canary: str = typer.Option("0", "--canary", help="With --group: percentage of devices that go first, e.g. 10%."),
+        max_latency_ratio: float = typer.Option(1.25, help="Canary fails if its p95 exceeds the previous model's by this factor."),
+        soak_s: float = typer.Option(0.0, help="Canaries serve real traffic this long before they are judged."),
+        benchmark_runs: int = typer.Option(30, help="On-device benchmark runs after install (0: skip)."),
+        timeout_s: float = typer.Option(900.0, help="Give up on a device after this long."),
+        broker: Optional[str] = BrokerOption,
+        username: Optional[str] = typer.Option(None, help="Broker username (default: saved builder credentials)."),
+        password_file: Optional[Path] = typer.Option(None, help="File holding the broker password."),
+        ca_file: Optional[Path] = typer.Option(None, help="CA certificate for mqtts:// brokers."),
+        data_dir: Optional[Path] = DataDirOption,
+        as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON instead of a table."),
+    ) -> None:
+        """Build (or reuse) the model for the device's profile, deploy it, follow it live and compare it
+        with the previous model. Exits non-zero when a device refused, failed or rolled back."""
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn
+
+        from builder.artifacts.registry import Registry
+        from builder.errors import FleetError, UsageError
+        from builder.fleet.canary import CanaryThresholds
+        from builder.fleet.link import FleetLink, resolve_endpoint
+        from builder.fleet.push import Pusher, PushOptions, outcome_summary
+        from builder.fleet.push_artifacts import ArtifactChooser
+        from builder.fleet.store import open_store
+
+        if (device is None) == (group is None):
+            raise UsageError("pass exactly one of --device ID or --group G")
+        if (artifact is None) == (model is None):
+            raise UsageError("pass exactly one of --artifact ID or --model M")
+        percent = parse_percent(canary)
+        if device is not None and percent:
+            raise UsageError("--canary applies to --group pushes only")
+        home = data_dir_or_default(data_dir)
+        registry = Registry(home)
+        chooser = ArtifactChooser(registry, home, artifact=artifact, model=model, input_shapes=list(input_shape or []),
+                                  recipe=recipe)
+        endpoint = resolve_endpoint(home, broker, username, read_password_file(password_file), ca_file)
+        console = Console(stderr=as_json)
+        options = PushOptions(timeout_s=timeout_s, benchmark_runs=benchmark_runs, soak_s=soak_s)
+        with open_store(home) as store, FleetLink(endpoint).connect() as link:
+            with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(),
+                          console=console, transient=False) as progress:
+                pusher = Pusher(link, store, registry, home, options, RichObserver(progress))
+                if device is not None:
+                    artifact_id = chooser.for_device(store.device(device))
+                    outcomes = [pusher.push(device, artifact_id)]
+                    verdict, rolled = None, []
+                else:
+                    result = pusher.push_group(group, chooser.for_profile, percent,  # type: ignore[arg-type]
+                                               CanaryThresholds(max_latency_ratio=max_latency_ratio))
+                    outcomes = list(result.canaries) + list(result.rest)
+                    verdict, rolled = result.verdict, list(result.rolled_back)
+        if as_json:
+            print(json.dumps({"outcomes": [outcome_summary(o) for o in outcomes],
+                              "canary": None if verdict is None else {"proceed": verdict.proceed, "reasons": list(verdict.reasons)},
+                              "rolled_back": [outcome_summary(o) for o in rolled]}, indent=2))
+        else:
+            console.print(outcome_table(outcomes, "Push result"))
+            if verdict is not None:
+                console.print(("[green]canary held[/]" if verdict.proceed else "[red]canary did not hold[/]")
+                              + "".join(f"\n  - {r}" for r in verdict.reasons))
+            if rolled:
+                console.print(outcome_table(rolled, "Canaries rolled back"))
+            for outcome in outcomes:
+                for note in outcome.notes:
+                    console.print(f"[dim]{outcome.device_id}: {note}[/]")
+        failures = [o for o in outcomes if not o.ok]
+        if verdict is not None and not verdict.proceed:
+            raise FleetError("canary did not hold; stopped and rolled back: " + "; ".join(verdict.reasons))
+        if failures:
+            raise FleetError("; ".join(f"{o.device_id} {o.state}: {o.error or 'no reason given'}" +
+                                       (" (still on its previous model)" if o.state in ("failed", "rejected") else "")
+                                       for o in failures))

@@ -1,8 +1,81 @@
-"""`builder serve` (not built yet: see the open issue that owns it)."""
+"""`builder serve`: the fleet's host daemon (device registry, chunk server, telemetry store).
+
+With no --broker it starts the embedded broker on 127.0.0.1 (no ACLs: a laptop or demo only).
+"""
 from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
 
+DataDirOption = typer.Option(None, "--data-dir", help="Registry + fleet store directory (default $EDGEFLEET_HOME or the user data dir).")
+BrokerOption = typer.Option(None, "--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT of the fleet's broker; omit for the embedded one.")
+
+
+def data_dir_or_default(data_dir: Optional[Path]) -> Path:
+    from builder.artifacts.registry import default_home
+
+    return Path(data_dir) if data_dir is not None else default_home()
+
+
+def read_password_file(path: Optional[Path]) -> Optional[str]:
+    from builder.errors import UsageError
+
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read --password-file {path}: {exc.strerror}") from exc
+
+
+def _telemetry_hooks(data_dir: Path) -> list[Any]:
+    """Callables ``(device_id, TelemetryReport) -> None`` run after each stored report (the
+    re-compression controller registers here)."""
+    return []
+
 
 def register(app: typer.Typer) -> None:
-    """Adds this module's commands to the builder app."""
+    @app.command("serve")
+    def serve(
+        broker: Optional[str] = BrokerOption,
+        username: Optional[str] = typer.Option(None, help="Broker username (default: saved builder credentials)."),
+        password_file: Optional[Path] = typer.Option(None, help="File holding the broker password."),
+        ca_file: Optional[Path] = typer.Option(None, help="CA certificate for mqtts:// brokers."),
+        data_dir: Optional[Path] = DataDirOption,
+        port: int = typer.Option(1883, help="Port of the embedded broker (0: any free port)."),
+        chunk_delay_s: float = typer.Option(0.0, help="Pause between chunks (simulates a slow link; demos)."),
+        log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING"),
+    ) -> None:
+        """Run the fleet's host side until Ctrl-C: registry, telemetry store, chunk server."""
+        from rich.console import Console
+
+        from builder.fleet.embedded_broker import EmbeddedBrokerSettings
+        from builder.fleet.link import resolve_endpoint
+        from builder.fleet.serve import FleetServer, ServeSettings
+
+        logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        home = data_dir_or_default(data_dir)
+        endpoint = None
+        if broker:
+            endpoint = resolve_endpoint(home, broker, username, read_password_file(password_file), ca_file)
+        settings = ServeSettings(data_dir=home, broker=endpoint, embedded=EmbeddedBrokerSettings(port=port),
+                                 chunk_delay_s=chunk_delay_s)
+        server = FleetServer(settings, telemetry_hooks=_telemetry_hooks(home))
+        signal.signal(signal.SIGTERM, lambda signum, frame: server.request_stop())
+        server.start()
+        console = Console(stderr=True)
+        assert server.endpoint is not None
+        kind = ("embedded broker (rumqttd): loopback only, no ACLs — laptop/demo use" if server.embedded
+                else "external broker")
+        console.print(f"builder serve: fleet on [bold]{server.endpoint.public_url()}[/] ({kind}); data dir {home}")
+        console.print("Ctrl-C to stop.")
+        try:
+            server.run_forever()
+        except KeyboardInterrupt:
+            server.stop()

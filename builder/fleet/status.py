@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
-from builder.fleet.store import DeviceRecord, TelemetryRow
+from builder.fleet.store import DeviceRecord, FleetStore, TelemetryRow
 
 DASH = "—"
 
@@ -106,3 +106,12 @@ def status_cells(row: DeviceStatusRow) -> tuple[str, ...]:
         DASH if row.temperature_c is None else f"{row.temperature_c:.0f} °C",
         format_age(row.last_seen_age_s),
     )
+
+
+def collect_status(store: FleetStore, now: float, group: str | None = None) -> list[DeviceStatusRow]:
+    """Read what ``status_rows`` needs from the store (the only I/O of this module)."""
+    devices = store.devices(group=group)
+    field = {d.device_id: store.latest_field_telemetry_for(d.device_id, d.active_artifact_id) for d in devices}
+    latest = {d.device_id: store.latest_telemetry(d.device_id) for d in devices}
+    requests = {d.device_id: store.requests_served(d.device_id, d.active_artifact_id) for d in devices}
+    return status_rows(devices, field, latest, requests, now)

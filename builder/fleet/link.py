@@ -1,0 +1,322 @@
+"""The host's MQTT connection (builder credentials), shared by `builder serve`, `builder push` and
+`builder fleet rollback`.
+
+MQTT 3.1.1 on purpose: every broker speaks it (rumqttd, the embedded broker, serves MQTT 5 only on
+a separate listener), and the host needs nothing from v5. Where the broker is comes from
+``--broker`` or from the ``serve.json`` a running `builder serve` leaves in the data directory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import unquote, urlparse
+
+from agent import protocol as proto
+from agent.errors import ProtocolError
+from builder.errors import FleetError, UsageError
+
+log = logging.getLogger(__name__)
+
+SERVE_STATE_FILE = "serve.json"
+CREDENTIALS_FILE = "broker-credentials.json"
+# Host-only topic (devices' ACL gives them no access): `builder serve` announces itself here,
+# retained, with a last will, so `builder push` can tell whether anyone serves chunks.
+SERVE_TOPIC = f"{proto.TOPIC_ROOT}/host/serve"
+
+MessageCallback = Callable[[str, bytes], None]
+
+
+@dataclass(frozen=True)
+class BrokerEndpoint:
+    """How the host reaches the broker. The URL may carry ``user:password@``."""
+
+    url: str
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    @property
+    def host(self) -> str:
+        return self._parsed()[0]
+
+    @property
+    def port(self) -> int:
+        return self._parsed()[1]
+
+    @property
+    def tls(self) -> bool:
+        return self._parsed()[2]
+
+    def _parsed(self) -> tuple[str, int, bool]:
+        parsed = urlparse(self.url)
+        if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+            raise UsageError(f"broker URL {self.url!r} must look like mqtt://host:1883 or mqtts://host:8883")
+        tls = parsed.scheme == "mqtts"
+        return parsed.hostname, parsed.port or (8883 if tls else 1883), tls
+
+    def public_url(self) -> str:
+        """The URL without credentials (safe to print and to write into agent.toml)."""
+        host, port, tls = self._parsed()
+        return f"{'mqtts' if tls else 'mqtt'}://{host}:{port}"
+
+    def with_url_credentials(self) -> "BrokerEndpoint":
+        parsed = urlparse(self.url)
+        return BrokerEndpoint(self.public_url(), self.username or (unquote(parsed.username) if parsed.username else None),
+                              self.password or (unquote(parsed.password) if parsed.password else None),
+                              self.ca_file, self.client_cert, self.client_key)
+
+
+def _write_private_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def save_builder_credentials(data_dir: Path, username: str, password: str, broker_url: str | None = None,
+                             ca_file: Path | None = None) -> Path:
+    """The builder's own broker credentials (mode 0600; Mosquitto keeps only their hash)."""
+    path = Path(data_dir) / CREDENTIALS_FILE
+    _write_private_json(path, {"username": username, "password": password, "broker_url": broker_url,
+                               "ca_file": str(ca_file) if ca_file else None})
+    return path
+
+
+def load_builder_credentials(data_dir: Path) -> dict[str, Any] | None:
+    path = Path(data_dir) / CREDENTIALS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FleetError(f"{path} is unreadable ({exc}); re-run `builder fleet add-device` or pass --broker") from exc
+
+
+def write_serve_state(data_dir: Path, endpoint: BrokerEndpoint, embedded: bool) -> Path:
+    """Tell other builder commands where the running serve's broker is (credentials included: 0600)."""
+    path = Path(data_dir) / SERVE_STATE_FILE
+    data = asdict(endpoint)
+    data.update(pid=os.getpid(), embedded=embedded, started_at=time.time())
+    _write_private_json(path, data)
+    return path
+
+
+def read_serve_state(data_dir: Path) -> dict[str, Any] | None:
+    path = Path(data_dir) / SERVE_STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError):
+        return None
+    pid = int(data.get("pid", 0))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # a serve that died without cleaning up
+    except PermissionError:
+        pass
+    return data
+
+
+def resolve_endpoint(data_dir: Path, broker_url: str | None = None, username: str | None = None,
+                     password: str | None = None, ca_file: Path | None = None) -> BrokerEndpoint:
+    """``--broker`` (with saved builder credentials filled in), else the running serve's broker."""
+    creds = load_builder_credentials(data_dir) or {}
+    if broker_url:
+        endpoint = BrokerEndpoint(broker_url, username, password, ca_file).with_url_credentials()
+        return BrokerEndpoint(endpoint.url, endpoint.username or creds.get("username"),
+                              endpoint.password or creds.get("password"),
+                              endpoint.ca_file or (Path(creds["ca_file"]) if creds.get("ca_file") else None))
+    state = read_serve_state(data_dir)
+    if state is None:
+        raise FleetError(f"no `builder serve` is running for data dir {data_dir} and no --broker was given; "
+                         "start `builder serve` (same --data-dir) or pass --broker mqtt://HOST:PORT")
+    return BrokerEndpoint(state["url"], state.get("username"), state.get("password"),
+                          Path(state["ca_file"]) if state.get("ca_file") else None,
+                          Path(state["client_cert"]) if state.get("client_cert") else None,
+                          Path(state["client_key"]) if state.get("client_key") else None)
+
+
+class FleetLink:
+    """A connected paho client with per-filter callbacks, request/reply for commands, and
+    re-subscription after reconnects."""
+
+    def __init__(self, endpoint: BrokerEndpoint, client_id: str | None = None, *,
+                 will: tuple[str, bytes] | None = None) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.endpoint = endpoint
+        self.client_id = client_id or f"edgefleet-builder-{uuid.uuid4().hex[:8]}"
+        self._mqtt = mqtt
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                                  protocol=mqtt.MQTTv311, clean_session=True)
+        if endpoint.username:
+            self.client.username_pw_set(endpoint.username, endpoint.password)
+        if endpoint.tls:
+            self.client.tls_set(ca_certs=str(endpoint.ca_file) if endpoint.ca_file else None,
+                                certfile=str(endpoint.client_cert) if endpoint.client_cert else None,
+                                keyfile=str(endpoint.client_key) if endpoint.client_key else None,
+                                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if will is not None:
+            self.client.will_set(will[0], will[1], qos=1, retain=True)
+        self.client.max_inflight_messages_set(64)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self._subscriptions: list[tuple[str, int]] = []
+        self._callbacks: list[tuple[str, MessageCallback]] = []
+        self._connected = threading.Event()
+        self._refused: str | None = None
+        self._replies: dict[str, tuple[threading.Event, list[proto.CommandReply]]] = {}
+        self._lock = threading.Lock()
+        self._suback_waiters: dict[int, threading.Event] = {}
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self.reconnects = 0
+
+    # -- connection -------------------------------------------------------------------------
+    def connect(self, timeout_s: float = 10.0) -> "FleetLink":
+        ep = self.endpoint
+        try:
+            self.client.connect(ep.host, ep.port, keepalive=30)
+        except (OSError, ssl.SSLError) as exc:
+            raise FleetError(f"cannot reach the broker at {ep.public_url()} ({exc}); is it running? "
+                             "(start `builder serve` or pass the right --broker)") from exc
+        self.client.reconnect_delay_set(0.5, 10)
+        self.client.loop_start()
+        if not self._connected.wait(timeout_s):
+            reason = self._refused
+            self.close()
+            if reason:
+                raise FleetError(f"the broker at {ep.public_url()} refused the builder: {reason}; "
+                                 "check the builder username/password (broker-credentials.json) or certificates")
+            raise FleetError(f"no answer from the broker at {ep.public_url()} within {timeout_s:.0f} s")
+        return self
+
+    def close(self) -> None:
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+
+    def __enter__(self) -> "FleetLink":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            self._refused = str(reason_code)
+            client.disconnect()  # stop paho retrying with wrong credentials
+            return
+        for topic, qos in list(self._subscriptions):
+            client.subscribe(topic, qos=qos)
+        self._connected.set()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if self._connected.is_set():
+            self.reconnects += 1
+            log.info("broker connection lost (%s); paho reconnects", reason_code)
+        self._connected.clear()
+
+    # -- subscribe / publish ----------------------------------------------------------------
+    def subscribe(self, topic_filter: str, callback: MessageCallback, qos: int = 1, wait_s: float = 5.0) -> None:
+        """Call ``callback(topic, payload)`` for every message matching the filter (in the network thread)."""
+        with self._lock:
+            self._callbacks.append((topic_filter, callback))
+            self._subscriptions.append((topic_filter, qos))
+        done = threading.Event()
+        with self._lock:
+            rc, mid = self.client.subscribe(topic_filter, qos=qos)
+            if rc == self._mqtt.MQTT_ERR_SUCCESS:
+                self._suback_waiters[mid] = done
+        if rc == self._mqtt.MQTT_ERR_SUCCESS and wait_s:
+            done.wait(wait_s)
+
+    def remember_subscription(self, topic_filter: str, qos: int = 1) -> None:
+        """Re-subscribe this filter after a reconnect (for subscriptions made directly on ``client``)."""
+        with self._lock:
+            self._subscriptions.append((topic_filter, qos))
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        with self._lock:
+            waiter = self._suback_waiters.pop(mid, None)
+        if waiter is not None:
+            waiter.set()
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        with self._lock:
+            callbacks = [cb for flt, cb in self._callbacks if self._mqtt.topic_matches_sub(flt, message.topic)]
+        for callback in callbacks:
+            try:
+                callback(message.topic, bytes(message.payload))
+            except Exception:  # noqa: BLE001 - one bad handler must not stop the network thread
+                log.exception("handler for %s failed", message.topic)
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout_s: float = 10.0) -> None:
+        """Publish and wait for the broker's acknowledgement (QoS ≥ 1)."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if qos == 0:
+            return
+        try:
+            info.wait_for_publish(timeout=timeout_s)
+        except (RuntimeError, ValueError) as exc:
+            raise FleetError(f"could not publish to {topic}: {exc}; is the broker reachable?") from exc
+        if not info.is_published():
+            raise FleetError(f"the broker did not acknowledge {topic} within {timeout_s:.0f} s")
+
+    # -- commands ---------------------------------------------------------------------------
+    def watch_replies(self) -> None:
+        """Subscribe once to every device's replies (needed before ``command``)."""
+        if any(flt == proto.all_devices_topic(proto.Up.REPLY) for flt, _ in self._callbacks):
+            return
+        self.subscribe(proto.all_devices_topic(proto.Up.REPLY), self._on_reply)
+
+    def _on_reply(self, topic: str, payload: bytes) -> None:
+        try:
+            reply = proto.CommandReply.from_json(payload)
+        except ProtocolError as exc:
+            log.warning("ignoring bad reply on %s: %s", topic, exc)
+            return
+        with self._lock:
+            waiter = self._replies.get(reply.request_id)
+        if waiter is not None:
+            waiter[1].append(reply)
+            waiter[0].set()
+
+    def command(self, device_id: str, command: str, args: dict[str, Any] | None = None,
+                timeout_s: float = 60.0) -> proto.CommandReply:
+        """Send a command and wait for the reply carrying its request id."""
+        self.watch_replies()
+        request_id = uuid.uuid4().hex
+        event: threading.Event = threading.Event()
+        box: list[proto.CommandReply] = []
+        with self._lock:
+            self._replies[request_id] = (event, box)
+        try:
+            message = proto.Command(request_id=request_id, command=command, args=dict(args or {}), ts=proto.now_s())
+            self.publish(proto.device_topic(device_id, proto.Down.COMMAND), message.to_json(), qos=1)
+            if not event.wait(timeout_s):
+                raise FleetError(f"{device_id} did not answer '{command}' within {timeout_s:.0f} s; is it online? "
+                                 "(see `builder fleet status`)")
+            return box[0]
+        finally:
+            with self._lock:
+                self._replies.pop(request_id, None)

@@ -1,0 +1,45 @@
+"""Which artifact `builder push` deploys to a device: a registered one (checked against the
+device's profile) or one built now for that profile (reused from the registry's cache when the
+same model, recipe and profile were built before)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from builder.errors import UsageError
+from builder.fleet.store import DeviceRecord
+
+
+class ArtifactChooser:
+    def __init__(self, registry: Any, data_dir: Path, *, artifact: str | None = None, model: str | None = None,
+                 input_shapes: list[str] | None = None, recipe: Path | None = None) -> None:
+        self.registry = registry
+        self.data_dir = Path(data_dir)
+        self.artifact = registry.resolve(artifact) if artifact else None
+        self.model = model
+        self.input_shapes = list(input_shapes or [])
+        self.recipe = recipe
+        self._built: dict[str, str] = {}
+
+    def for_device(self, device: DeviceRecord) -> str:
+        if not device.profile:
+            raise UsageError(f"{device.device_id} has no profile yet; register it with `builder fleet add-device "
+                             f"{device.device_id} --profile P` or let its agent say hello first")
+        return self.for_profile(device.profile)
+
+    def for_profile(self, profile: str) -> str:
+        if self.artifact is not None:
+            return self.artifact  # the push checks that the device can run it
+        if profile not in self._built:
+            self._built[profile] = self._build(profile)
+        return self._built[profile]
+
+    def _build(self, profile: str) -> str:
+        try:
+            from builder.targets.pipeline import build_for_profile  # type: ignore[attr-defined]
+        except ImportError as exc:
+            raise UsageError("building during a push needs `builder build` support that is not installed in this "
+                             "checkout; build first with `builder build` and push with --artifact ID") from exc
+        result = build_for_profile(self.model, profile, recipe=self.recipe, input_shapes=self.input_shapes,
+                                   registry_dir=self.data_dir)
+        return str(result.artifact_id)

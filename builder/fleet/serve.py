@@ -1,0 +1,293 @@
+"""`builder serve`: the host-side daemon of a fleet.
+
+It connects to the broker with the builder's credentials (or starts the embedded one), keeps the
+device registry from what devices announce (hello, retained status, last will), ingests telemetry,
+benchmarks and deployment progress into the fleet store, and answers devices' chunk requests from
+the artifact registry. Telemetry hooks (the re-compression controller of issue 8) are called after
+each report is stored.
+
+Artifacts are served from a directory of symlinks per artifact (``serve-cache/<id>/``: manifest,
+signature, payloads pointing at the registry's content-addressed blobs), so nothing is copied.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from agent import protocol as proto
+from agent.errors import ProtocolError
+from agent.manifest import MANIFEST_FILE, SIGNATURE_FILE
+from builder.errors import BuilderError, FleetError
+from builder.fleet.embedded_broker import EmbeddedBroker, EmbeddedBrokerSettings
+from builder.fleet.link import (SERVE_STATE_FILE, SERVE_TOPIC, BrokerEndpoint, FleetLink, write_serve_state)
+from builder.fleet.store import BenchmarkRow, DeploymentEvent, FleetStore, TelemetryRow, open_store
+
+log = logging.getLogger(__name__)
+
+TelemetryHook = Callable[[str, proto.TelemetryReport], None]
+FINAL_STATES = ("active", "failed", "rejected", "rolled_back")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    data_dir: Path
+    broker: BrokerEndpoint | None = None  # None: start the embedded broker
+    embedded: EmbeddedBrokerSettings = field(default_factory=EmbeddedBrokerSettings)
+    chunk_delay_s: float = 0.0  # simulate a slow link (tests, demo)
+
+
+def report_artifact_id(report: proto.TelemetryReport) -> str | None:
+    """The artifact a report was measured on (``artifact_id``; older agents sent ``model_id``)."""
+    return getattr(report, "artifact_id", None) or getattr(report, "model_id", None)
+
+
+def telemetry_row(device_id: str, report: proto.TelemetryReport, received_at: float) -> TelemetryRow:
+    latency = dict(report.latency_ms or {})
+
+    def num(key: str) -> float | None:
+        value = latency.get(key)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    return TelemetryRow(device_id=device_id, seq=report.seq, ts=report.ts, event=report.event,
+                        model_id=report_artifact_id(report), window_s=report.window_s, requests=report.requests,
+                        errors=report.errors, p50_ms=num("p50"), p95_ms=num("p95"), latency_ms=latency,
+                        cpu_percent=report.cpu_percent, memory_rss_bytes=report.memory_rss_bytes,
+                        temperature_c=report.temperature_c, power_w=report.power_w, power_source=report.power_source,
+                        received_at=received_at)
+
+
+def benchmark_row(device_id: str, result: dict[str, Any], ts: float, artifact_id: str | None = None) -> BenchmarkRow:
+    """A benchmark result (``agent.bench.BenchmarkResult.to_dict()``) as a store row."""
+    latency = dict(result.get("latency") or {})
+    energy_j = result.get("energy_per_inference_j")
+    return BenchmarkRow(device_id=device_id, ts=ts, artifact_id=result.get("artifact_id") or artifact_id,
+                        p50_ms=latency.get("p50"), p95_ms=latency.get("p95"), mean_ms=latency.get("mean"),
+                        power_w=result.get("power_w"), power_source=str(result.get("power_source", "not measured")),
+                        energy_mj=(float(energy_j) * 1000 if energy_j is not None else None), result=result)
+
+
+class ArtifactDirectories:
+    """artifact id -> a directory the chunk server can read (symlinks into the registry)."""
+
+    def __init__(self, registry: Any, cache_root: Path) -> None:
+        self.registry = registry
+        self.cache_root = Path(cache_root)
+
+    def __call__(self, artifact_id: str) -> Path | None:
+        target = self.cache_root / artifact_id
+        if (target / MANIFEST_FILE).is_file():
+            return target
+        try:
+            manifest = self.registry.manifest(artifact_id)
+        except BuilderError:
+            return None
+        if manifest.artifact_id != artifact_id:
+            return None  # a prefix matched: chunk requests must name the full id
+        self.cache_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{artifact_id[:12]}.", dir=self.cache_root))
+        try:
+            mdir = self.registry.manifest_dir(artifact_id)
+            for name in (MANIFEST_FILE, SIGNATURE_FILE):
+                os.symlink(mdir / name, staging / name)
+            for entry in manifest.payloads:
+                os.symlink(self.registry.blob_path(entry.sha256), staging / entry.name)
+            try:
+                os.replace(staging, target)
+            except OSError:  # another thread won the race
+                shutil.rmtree(staging, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+
+class FleetServer:
+    """Start with ``start()``, stop with ``stop()``; ``run_forever()`` blocks until Ctrl-C."""
+
+    def __init__(self, settings: ServeSettings, telemetry_hooks: Sequence[TelemetryHook] = ()) -> None:
+        self.settings = settings
+        self.data_dir = Path(settings.data_dir)
+        self.telemetry_hooks = list(telemetry_hooks)
+        self.embedded: EmbeddedBroker | None = None
+        self.endpoint: BrokerEndpoint | None = None
+        self.link: FleetLink | None = None
+        self.store: FleetStore | None = None
+        self.chunk_server: Any = None
+        self._last_state: dict[tuple[str, str], str] = {}
+        self._stopped = threading.Event()
+        self._stop_requested = threading.Event()
+        self.reports_ingested = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> "FleetServer":
+        from builder.artifacts.registry import Registry
+        from builder.fleet.chunk_server import ChunkServer
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = open_store(self.data_dir)
+        registry = Registry(self.data_dir)
+        try:
+            if self.settings.broker is None:
+                self.embedded = EmbeddedBroker(self.settings.embedded, config_dir=self.data_dir / "embedded-broker").start()
+                self.endpoint = BrokerEndpoint(self.embedded.url)
+            else:
+                self.endpoint = self.settings.broker
+            offline = json.dumps({"state": "offline", "pid": os.getpid()}).encode()
+            self.link = FleetLink(self.endpoint, client_id=f"edgefleet-serve-{os.getpid()}", will=(SERVE_TOPIC, offline))
+            self.link.connect()
+            self.chunk_server = ChunkServer(self.link.client, ArtifactDirectories(registry, self.data_dir / "serve-cache"),
+                                            cache_dir=self.data_dir / "chunk-cache",
+                                            delay_per_chunk_s=self.settings.chunk_delay_s)
+            self.chunk_server.attach()
+            self.link.remember_subscription(proto.all_devices_topic(proto.Up.CHUNK_REQUEST), 1)
+            for suffix, handler in ((proto.Up.HELLO, self._on_hello), (proto.Up.STATUS, self._on_status),
+                                    (proto.Up.TELEMETRY, self._on_telemetry), (proto.Up.PROGRESS, self._on_progress)):
+                self.link.subscribe(proto.all_devices_topic(suffix), handler)
+            online = json.dumps({"state": "online", "pid": os.getpid(), "since": time.time()}).encode()
+            self.link.publish(SERVE_TOPIC, online, retain=True)
+            write_serve_state(self.data_dir, self.endpoint, embedded=self.embedded is not None)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("serving the fleet on %s (data dir %s)", self.endpoint.public_url(), self.data_dir)
+        return self
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        for hook in self.telemetry_hooks:
+            close = getattr(hook, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception:  # noqa: BLE001 - shutting down: log and go on
+                    log.exception("closing telemetry hook %r failed", hook)
+        state = read_own_serve_state(self.data_dir)
+        if state is not None and state.get("pid") == os.getpid():
+            (self.data_dir / SERVE_STATE_FILE).unlink(missing_ok=True)
+        if self.link is not None:
+            try:
+                if self.link.connected:
+                    self.link.publish(SERVE_TOPIC, json.dumps({"state": "offline", "pid": os.getpid()}).encode(),
+                                      retain=True, timeout_s=2)
+            except FleetError:
+                pass
+            self.link.close()
+            self.link = None
+        if self.embedded is not None:
+            self.embedded.stop()
+            self.embedded = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def run_forever(self) -> None:
+        try:
+            while not self._stop_requested.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    def request_stop(self) -> None:
+        """Ask ``run_forever`` to return (signal handlers call this)."""
+        self._stop_requested.set()
+
+    def __enter__(self) -> "FleetServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- ingest (network thread) ------------------------------------------------------------
+    def _device(self, topic: str) -> str | None:
+        try:
+            return proto.parse_device_topic(topic)[0]
+        except ProtocolError as exc:
+            log.warning("ignoring message on %s: %s", topic, exc)
+            return None
+
+    def _on_hello(self, topic: str, payload: bytes) -> None:
+        device_id = self._device(topic)
+        if device_id is None or self.store is None:
+            return
+        try:
+            hello = proto.Hello.from_json(payload)
+        except ProtocolError as exc:
+            log.warning("bad hello from %s: %s", device_id, exc)
+            return
+        self.store.record_hello(device_id, agent_version=hello.agent_version, profile=hello.profile,
+                                machine=hello.machine, runtimes=tuple(hello.runtimes),
+                                execution_providers=tuple(hello.execution_providers),
+                                active_artifact_id=hello.active_artifact_id)
+
+    def _on_status(self, topic: str, payload: bytes) -> None:
+        device_id = self._device(topic)
+        if device_id is None or self.store is None or not payload:
+            return
+        try:
+            status = proto.DeviceStatus.from_json(payload)
+        except ProtocolError as exc:
+            log.warning("bad status from %s: %s", device_id, exc)
+            return
+        online = status.state == "online"
+        self.store.record_status(device_id, online=online, active_artifact_id=status.active_artifact_id,
+                                 active_model=status.active_model, previous_artifact_id=status.previous_artifact_id,
+                                 profile=status.profile, agent_version=status.agent_version,
+                                 ts=time.time())
+
+    def _on_telemetry(self, topic: str, payload: bytes) -> None:
+        device_id = self._device(topic)
+        if device_id is None or self.store is None:
+            return
+        try:
+            report = proto.TelemetryReport.from_json(payload)
+        except ProtocolError as exc:
+            log.warning("bad telemetry from %s: %s", device_id, exc)
+            return
+        new = self.store.add_telemetry(telemetry_row(device_id, report, time.time()))
+        if not new:
+            return  # a re-sent report (the agent's outbox after a reconnect)
+        self.reports_ingested += 1
+        if report.event == "benchmark" and report.benchmark:
+            self.store.add_benchmark(benchmark_row(device_id, dict(report.benchmark), report.ts, report_artifact_id(report)))
+        for hook in self.telemetry_hooks:
+            try:
+                hook(device_id, report)
+            except Exception:  # noqa: BLE001 - a controller bug must not stop ingest
+                log.exception("telemetry hook %r failed", hook)
+
+    def _on_progress(self, topic: str, payload: bytes) -> None:
+        device_id = self._device(topic)
+        if device_id is None or self.store is None:
+            return
+        try:
+            progress = proto.TransferProgress.from_json(payload)
+        except ProtocolError as exc:
+            log.warning("bad progress from %s: %s", device_id, exc)
+            return
+        key = (device_id, progress.deployment_id)
+        if self._last_state.get(key) == progress.state:
+            return  # download percentages: one event per state is enough
+        self._last_state[key] = progress.state
+        detail: dict[str, Any] = {"bytes_total": progress.bytes_total}
+        if progress.error:
+            detail["error"] = progress.error
+        self.store.add_event(DeploymentEvent(device_id=device_id, ts=progress.ts or time.time(), kind=progress.state,
+                                             deployment_id=progress.deployment_id, artifact_id=progress.artifact_id,
+                                             detail=detail))
+
+
+def read_own_serve_state(data_dir: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads((Path(data_dir) / SERVE_STATE_FILE).read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError):
+        return None

@@ -1,0 +1,65 @@
+"""`builder serve` with the embedded broker + three `agent run` processes: push to each, status, plot."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.fleet.conftest import (PY, agent_http_url, builder_cli, fleet_status, infer, start_agent, store_status, wait_for)
+
+pytest.importorskip("iotcore")
+
+PROFILES = {"pi-01": "raspberry-pi-4", "jetson-01": "jetson-orin-nano", "phone-01": "android-arm64"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_embedded_serve_three_agents_push_each_status_and_plot(tmp_path: Path, fleet_home, processes) -> None:
+    home = fleet_home.root
+    artifacts = {device: fleet_home.artifact(profile) for device, profile in PROFILES.items()}
+    processes.start("serve", [PY, "-m", "builder.cli.main", "serve", "--port", "0", "--data-dir", str(home)])
+    wait_for(lambda: (home / "serve.json").is_file(), 30, "builder serve to start: " + processes.log("serve"))
+    data_dirs = {}
+    for device, profile in PROFILES.items():
+        data_dirs[device] = tmp_path / "agents" / device
+        out = builder_cli("fleet", "add-device", device, "--profile", profile, "--group", "demo",
+                          "--agent-data-dir", str(data_dirs[device]), "--telemetry-interval-s", "1", home=home)
+        assert "no authentication" in out.stdout
+        toml = home / "devices" / device / "agent.toml"
+        assert f'profile = "{profile}"' in toml.read_text() and oct(toml.stat().st_mode)[-3:] == "600"
+        start_agent(processes, device, toml, data_dirs[device])
+    wait_for(lambda: len(rows := store_status(home)) == 3 and all(r["online"] for r in rows.values()),
+             60, "three agents online")
+
+    for device in PROFILES:
+        result = builder_cli("push", "--device", device, "--artifact", artifacts[device][:16], "--json",
+                             "--benchmark-runs", "20", home=home)
+        outcome = json.loads(result.stdout)["outcomes"][0]
+        assert outcome["state"] == "active", outcome
+        assert outcome["artifact_id"] == artifacts[device]
+        assert outcome["after"]["p50_ms"] > 0 and outcome["after"]["p95_ms"] >= outcome["after"]["p50_ms"]
+        assert outcome["previous_artifact_id"] is None  # first model on this device
+
+    for device in PROFILES:
+        answer = infer(agent_http_url(data_dirs[device]), count=30)
+        assert answer["artifact_id"] == artifacts[device]
+
+    def field_latency_everywhere() -> dict | None:
+        rows = store_status(home)
+        ok = all(r["field_p50_ms"] is not None and r["model"] == "digits-cnn@1" and r["requests"] >= 30
+                 for r in rows.values())
+        return rows if ok else None
+
+    wait_for(field_latency_everywhere, 30, "field latency of each device in the store")
+    rows = fleet_status(home)  # the CLI shows the same
+    assert {d: r["profile"] for d, r in rows.items()} == PROFILES
+    assert all(r["field_p95_ms"] >= r["field_p50_ms"] for r in rows.values())
+    table = builder_cli("fleet", "status", home=home).stdout
+    assert "digits-cnn@1" in table and "online" in table
+
+    plot = tmp_path / "pi.png"
+    builder_cli("fleet", "plot", "--device", "pi-01", "--out", str(plot), home=home)
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    telemetry = json.loads(builder_cli("fleet", "telemetry", "--device", "pi-01", "--json", home=home).stdout)
+    assert any(r["requests"] > 0 and r["model_id"] == artifacts["pi-01"] for r in telemetry)
