@@ -2,17 +2,19 @@
 and watched for failures and latency regressions that call for an automatic rollback."""
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from collections import deque
-from typing import Callable, Mapping
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from agent.errors import AgentError, RuntimeBackendError
 from agent.install import LoadedModel
 from agent.load import LoadController
 from agent.telemetry import FieldStats
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class NoModelError(AgentError):
@@ -78,7 +80,7 @@ class ActiveModel:
             return  # an artificial slowdown is not a regression of the model
         self._recent_ms.append(latency_ms)
         if len(self._recent_ms) >= self.latency_min_requests:
-            p50 = float(np.median(self._recent_ms))
+            p50 = float(statistics.median(self._recent_ms))
             bound = self.latency_regression_factor * max(model.health.baseline_p50_ms, 0.05)
             if p50 > bound:
                 self._unhealthy(model, f"field p50 {p50:.2f} ms exceeds {self.latency_regression_factor}x the "

@@ -49,7 +49,8 @@ class Agent:
         self.device_id = cfg.device_id
         self.data_dir = Path(cfg.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.public_key = load_public_key(cfg.trusted_key)
+        _check_trusted_key_file(cfg.trusted_key)
+        self._public_key: Any = None  # loaded on first use: cryptography's OpenSSL costs ~9 MB of RSS
         self.profile = cfg.profile or detect_device().profile
         self.power_sensors = power_sensors_for(self.profile)
         self.stats = FieldStats()
@@ -58,7 +59,7 @@ class Agent:
                                   latency_regression_factor=cfg.latency_regression_factor,
                                   latency_min_requests=cfg.latency_min_requests,
                                   on_unhealthy=lambda reason: self._events.put(("unhealthy", reason)))
-        self.installer = Installer(self.data_dir, self.public_key, threads=cfg.threads,
+        self.installer = Installer(self.data_dir, self._trusted_key, threads=cfg.threads,
                                    pause_before_switch_s=cfg.install_pause_s,
                                    on_stage=lambda stage: log.info("install stage: %s", stage))
         self.outbox = TelemetryOutbox(self.data_dir / "telemetry.db", cfg.telemetry_buffer_max_bytes,
@@ -124,6 +125,11 @@ class Agent:
             pass
 
     # -- helpers --------------------------------------------------------------------------------
+    def _trusted_key(self) -> Any:
+        if self._public_key is None:
+            self._public_key = load_public_key(self.cfg.trusted_key)
+        return self._public_key
+
     def _topic(self, suffix: str) -> str:
         return proto.device_topic(self.device_id, suffix)
 
@@ -211,22 +217,17 @@ class Agent:
                 log.exception("event %s failed", kind)
 
     def _hello(self) -> proto.Hello:
-        providers: tuple[str, ...] = ()
-        runtimes = []
-        try:
-            import onnxruntime
-
-            providers = tuple(onnxruntime.get_available_providers())
-            runtimes.append("onnxruntime")
-        except ImportError:
-            pass
         import importlib.util
+        import sys
 
-        if importlib.util.find_spec("ai_edge_litert") or importlib.util.find_spec("tflite_runtime"):
-            runtimes.append("litert")
+        runtimes = [name for name, module in (("onnxruntime", "onnxruntime"), ("litert", "ai_edge_litert"),
+                                               ("litert", "tflite_runtime")) if importlib.util.find_spec(module)]
+        providers: tuple[str, ...] = ()
+        if "onnxruntime" in sys.modules:  # not imported just for this: an idle agent stays small
+            providers = tuple(sys.modules["onnxruntime"].get_available_providers())
         model = self.active.model
         return proto.Hello(device_id=self.device_id, agent_version=__version__, profile=self.profile,
-                           machine=platform.machine(), runtimes=tuple(runtimes), execution_providers=providers,
+                           machine=platform.machine(), runtimes=tuple(dict.fromkeys(runtimes)), execution_providers=providers,
                            active_artifact_id=model.manifest.artifact_id if model else None,
                            free_disk_bytes=shutil.disk_usage(self.data_dir).free, ts=proto.now_s())
 
@@ -260,7 +261,7 @@ class Agent:
             return
         self._progress(desired, "verifying")
         try:
-            manifest = verify_desired(desired, self.public_key)
+            manifest = verify_desired(desired, self._trusted_key())
         except (SignatureError, ProtocolError) as exc:
             self._fail(desired, "rejected", str(exc))
             return
@@ -463,6 +464,17 @@ class Agent:
                              lambda: self.conn.connected)
             except Exception:  # noqa: BLE001
                 log.exception("sending telemetry failed")
+
+
+def _check_trusted_key_file(path: Path) -> None:
+    """Fail at start-up, not at the first deployment, when the trusted key is missing."""
+    try:
+        head = Path(path).read_bytes()[:64]
+    except OSError as exc:
+        raise SignatureError(f"cannot read trusted public key {path}: {exc.strerror}; copy the builder's "
+                             "signing_key.pub.pem there") from exc
+    if b"-----BEGIN PUBLIC KEY-----" not in head:
+        raise SignatureError(f"{path} is not a PEM public key; use the signing_key.pub.pem `builder keys init` wrote")
 
 
 def _benchmark_feeds(model: LoadedModel) -> dict:

@@ -21,13 +21,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Callable
 
 from agent.errors import AgentError, InstallError
 from agent.manifest import SAMPLE_FILE, Manifest, verify_artifact_dir
 from agent.runtime import ModelRuntime, open_runtime
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,8 @@ class SlotStore:
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    import numpy as np
+
     a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     na, nb = np.linalg.norm(a64), np.linalg.norm(b64)
     if na == 0.0 and nb == 0.0:
@@ -145,6 +148,8 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def load_sample(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(inputs, expected outputs) from a sample.npz with keys "in:<name>" / "out:<name>"."""
+    import numpy as np
+
     with np.load(path, allow_pickle=False) as data:
         inputs = {k[3:]: data[k] for k in data.files if k.startswith("in:")}
         outputs = {k[4:]: data[k] for k in data.files if k.startswith("out:")}
@@ -154,6 +159,8 @@ def load_sample(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray
 def health_check(runtime: ModelRuntime, manifest: Manifest, directory: Path, timing_runs: int = 5) -> HealthReport:
     """Run the shipped sample; raise InstallError naming what is wrong. Also times a few runs
     (the baseline for the latency-regression rollback)."""
+    import numpy as np
+
     sample_entry = manifest.sample_payload
     if sample_entry is None:
         raise InstallError(f"artifact {manifest.artifact_id[:12]} ships no sample payload; rebuild it with a sample")
@@ -198,7 +205,7 @@ class Installer:
     def __init__(self, data_dir: Path, public_key: Any, *, threads: int = 0, pause_before_switch_s: float = 0.0,
                  on_stage: Callable[[str], None] | None = None) -> None:
         self.store = SlotStore(data_dir)
-        self.public_key = public_key
+        self._public_key = public_key  # the key, or a zero-argument function returning it (loaded lazily)
         self.cache_dir = Path(data_dir) / "cache"
         self.threads = threads
         self.pause_before_switch_s = pause_before_switch_s
@@ -207,7 +214,8 @@ class Installer:
     def _open(self, slot: str) -> LoadedModel:
         directory = self.store.slot_dir(slot)
         try:
-            manifest = verify_artifact_dir(directory, self.public_key)
+            key = self._public_key() if callable(self._public_key) else self._public_key
+            manifest = verify_artifact_dir(directory, key)
             runtime = open_runtime(manifest, directory / manifest.model_payload.name, self.cache_dir, self.threads)
             health = health_check(runtime, manifest, directory)
         except InstallError:

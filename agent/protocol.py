@@ -188,7 +188,7 @@ class Hello(_Message):
     profile: str | None = None
     machine: str = ""
     runtimes: tuple[str, ...] = ()
-    execution_providers: tuple[str, ...] = ()
+    execution_providers: tuple[str, ...] = ()  # known once a runtime is loaded (empty before the first model)
     active_artifact_id: str | None = None
     free_disk_bytes: int | None = None
     ts: float = 0.0

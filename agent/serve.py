@@ -14,8 +14,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import numpy as np
-
 from agent.active import ActiveModel, NoModelError
 from agent.errors import AgentError
 
@@ -70,6 +68,8 @@ def _handler_class(active: ActiveModel) -> type[BaseHTTPRequestHandler]:
             if model is None:
                 self._send(503, {"error": "no model active"})
                 return
+            import numpy as np
+
             try:
                 body = json.loads(self.rfile.read(length))
                 dtypes = {t.name: t.dtype for t in model.manifest.inputs}

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Protocol
+from typing import TYPE_CHECKING, Mapping, Protocol
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ def concrete_shape(shape: tuple[int | str | None, ...], default_dim: int = 1) ->
 
 def synthetic_feeds(inputs: tuple[TensorInfo, ...], seed: int = 0) -> dict[str, np.ndarray]:
     """Deterministic inputs of the right shape and dtype (integers small: token ids, masks)."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     feeds = {}
     for info in inputs:
