@@ -9,9 +9,12 @@ from __future__ import annotations
 from builder.compression.channel_pruning import ChannelPruneStep
 from builder.compression.clustering import ClusterStep
 from builder.compression.distillation import DistillStep
+from builder.compression.fusion import FoldStep, OptimizeGraphStep
 from builder.compression.lowrank import LowRankStep
 from builder.compression.onnx_pruning import OnnxPruneStep
 from builder.compression.pruning import PruneStep
+from builder.compression.quantization import QuantizeStep
+from builder.compression.smoothing import SmoothStep
 
 STEPS: dict[str, type] = {
     "prune": PruneStep,
@@ -20,4 +23,8 @@ STEPS: dict[str, type] = {
     "distill": DistillStep,
     "lowrank": LowRankStep,
     "prune_onnx": OnnxPruneStep,
+    "fold": FoldStep,
+    "optimize_graph": OptimizeGraphStep,
+    "smooth": SmoothStep,
+    "quantize": QuantizeStep,
 }

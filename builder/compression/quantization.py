@@ -1,0 +1,408 @@
+"""Quantization through ``onnxruntime.quantization``: step ``quantize``.
+
+Modes: ``dynamic`` (int8 weights, activations quantized at run time), ``static`` (QDQ int8 with
+calibration: MinMax, Entropy or Percentile), ``fp16`` (float16 weights and compute, float32 inputs and
+outputs kept), ``auto`` (static QDQ first for Conv-heavy models, dynamic first for MatMul-heavy ones).
+
+Every result is measured against the step's input before it is accepted, because two traps were
+measured on this machine (FACTS.md): static QDQ on a MiniLM-class transformer collapses embedding
+cosine to ~0.4, and ``quantize_dynamic`` on an EfficientNet-class CNN (Conv -> ConvInteger) runs ~8x
+SLOWER than float. A result under the fidelity floor (``min_cosine`` / ``min_agreement``) or slower
+than the input (``max_latency_ratio``) is refused with CompressionError in an explicit mode; ``auto``
+falls back to the next mode and records why.
+
+Accuracy-aware mixed precision: with ``target_cosine`` / ``target_agreement`` set, per-node
+sensitivity is measured (quantize everything but one weighted node, see how much fidelity comes back)
+and the most sensitive nodes are kept in float, one at a time, until the target holds or
+``max_kept`` nodes are kept. The kept nodes and the ranking are in the StepRecord facts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Optional, Sequence
+
+import numpy as np
+
+from builder.compression.base import ModelForm, ModelState, StepContext, StepRecord
+from builder.errors import CompressionError, DataError, UsageError
+from builder.loading.types import InputSpec
+
+log = logging.getLogger(__name__)
+
+MODES = ("dynamic", "static", "fp16", "auto")
+CALIBRATIONS = ("minmax", "entropy", "percentile")
+INT8_TYPES = ("uint8", "int8")
+WEIGHTED_OPS = ("Conv", "MatMul", "Gemm", "Attention")
+SMOOTH_MUL_SUFFIX = "_smooth_mul"  # builder.compression.smoothing names its Mul nodes so
+
+
+# ---- data helpers --------------------------------------------------------------------------------
+def limit_samples(batches: Iterable[dict[str, np.ndarray]], max_samples: int) -> list[dict[str, np.ndarray]]:
+    """The first ``max_samples`` samples of ``batches`` (last batch cut to fit)."""
+    out, count = [], 0
+    for batch in batches:
+        size = len(next(iter(batch.values())))
+        take = min(size, max_samples - count)
+        if take <= 0:
+            break
+        out.append({k: np.ascontiguousarray(v[:take]) for k, v in batch.items()})
+        count += take
+    return out
+
+
+def synthetic_batches(inputs: Sequence[InputSpec], samples: int = 16, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Stand-in inputs when no data was given: uniform [0, 1) floats, ones for integer inputs."""
+    rng = np.random.default_rng(seed)
+    batch: dict[str, np.ndarray] = {}
+    for spec in inputs:
+        shape = (samples,) + tuple(spec.shape[1:])
+        if np.issubdtype(np.dtype(spec.dtype), np.integer):
+            batch[spec.name] = np.ones(shape, dtype=spec.dtype)
+        else:
+            batch[spec.name] = rng.random(shape).astype(spec.dtype)
+    return [batch]
+
+
+class BatchReader:
+    """``onnxruntime.quantization.CalibrationDataReader`` over in-memory batches."""
+
+    def __init__(self, batches: list[dict[str, np.ndarray]], input_names: set[str]) -> None:
+        from onnxruntime.quantization import CalibrationDataReader
+
+        class _Reader(CalibrationDataReader):  # the base class is abstract; subclass it lazily
+            def __init__(inner) -> None:
+                inner._iter = iter([{k: v for k, v in b.items() if k in input_names} for b in batches])
+
+            def get_next(inner) -> Optional[dict[str, np.ndarray]]:
+                return next(inner._iter, None)
+
+        self.reader = _Reader()
+
+
+# ---- measuring -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Measurement:
+    cosine_mean: float
+    cosine_min: float
+    agreement: float
+    latency_ratio: float  # candidate median / input median, interleaved, batch 1
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 5) for k, v in dataclasses.asdict(self).items()}
+
+
+def run_model(path: Path, batches: list[dict[str, np.ndarray]], threads: int = 1) -> np.ndarray:
+    from builder.compression.evaluate import run_onnx
+
+    return run_onnx(path, batches, threads=threads)
+
+
+def fidelity(reference: np.ndarray, path: Path, batches: list[dict[str, np.ndarray]], task: str) -> tuple[float, float, float]:
+    """(cosine mean, cosine min, agreement) of the model at ``path`` against ``reference``."""
+    from builder.compression.evaluate import compare_outputs
+
+    candidate = run_model(path, batches)
+    fid = compare_outputs(reference, candidate.astype(np.float32), "embed" if task == "embed" else "classify")
+    agreement = fid.agreement if fid.agreement == fid.agreement else 1.0  # NaN (too few samples) -> no signal
+    return fid.cosine_mean, fid.cosine_min, agreement
+
+
+def latency_ratio(baseline: Path, candidate: Path, feed: dict[str, np.ndarray], threads: int = 1,
+                  rounds: int = 5, min_round_s: float = 0.15) -> tuple[float, float]:
+    """(baseline median ms, candidate median ms), measured interleaved so machine noise hits both."""
+    from builder.compression.evaluate import make_session
+
+    sessions = [make_session(baseline, threads), make_session(candidate, threads)]
+    feeds = [{k: v for k, v in feed.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
+    times: list[list[float]] = [[], []]
+    for session, f in zip(sessions, feeds):
+        for _ in range(3):
+            session.run(None, f)
+    for _ in range(rounds):
+        for session, f, out in zip(sessions, feeds, times):
+            start_round = time.perf_counter()
+            while True:
+                start = time.perf_counter()
+                session.run(None, f)
+                out.append((time.perf_counter() - start) * 1000.0)
+                if time.perf_counter() - start_round >= min_round_s:
+                    break
+    return float(np.median(times[0])), float(np.median(times[1]))
+
+
+# ---- quantizers ------------------------------------------------------------------------------------
+def preprocess(source: Path, out: Path) -> tuple[Path, Optional[str]]:
+    """ORT's quantization pre-processing (symbolic shape inference + basic optimisation); falls back
+    to the input (with the reason) when it cannot handle the graph."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(source), str(out), skip_symbolic_shape=False)
+        return out, None
+    except Exception as exc:  # noqa: BLE001 - pre-processing is an optimisation, not a requirement
+        log.info("quant_pre_process failed (%s); quantizing the model as it is", exc)
+        return source, f"pre-processing skipped: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}"
+
+
+def _quant_type(name: str) -> Any:
+    from onnxruntime.quantization import QuantType
+
+    return {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[name]
+
+
+def quantize_to(mode: str, source: Path, out: Path, *, per_channel: bool, exclude: Sequence[str],
+                calibration: str = "minmax", activation_type: str = "uint8", weight_type: str = "int8",
+                calibration_batches: Optional[list[dict[str, np.ndarray]]] = None,
+                op_types: Sequence[str] = ()) -> Path:
+    """Write ``source`` quantized in ``mode`` to ``out``; library errors become CompressionError."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static
+
+    # DefaultTensorType: contrib ops (Attention, SkipLayerNormalization) defeat ONNX type inference.
+    extra: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    try:
+        if mode == "dynamic":
+            quantize_dynamic(str(source), str(out), per_channel=per_channel, weight_type=_quant_type(weight_type),
+                             nodes_to_exclude=list(exclude), op_types_to_quantize=list(op_types) or None,
+                             extra_options=extra)
+        elif mode == "static":
+            if not calibration_batches:
+                raise DataError("static quantization needs calibration data; pass --data or use mode = 'dynamic'")
+            import onnxruntime as ort
+
+            names = {i.name for i in ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).get_inputs()}
+            # A smoothing Mul's input is the unsmoothed activation: quantizing it would undo smoothing.
+            exclude = [*exclude, *(node.name for node in onnx.load(str(source), load_external_data=False).graph.node
+                                   if node.name.endswith(SMOOTH_MUL_SUFFIX))]
+            method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                      "percentile": CalibrationMethod.Percentile}[calibration]
+            if calibration == "percentile":
+                extra["CalibPercentile"] = 99.99
+            quantize_static(str(source), str(out), BatchReader(calibration_batches, names).reader,
+                            quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            activation_type=_quant_type(activation_type), weight_type=_quant_type(weight_type),
+                            nodes_to_exclude=list(exclude), op_types_to_quantize=list(op_types) or None,
+                            calibrate_method=method, extra_options=extra)
+        elif mode == "fp16":
+            from onnxruntime.transformers import float16
+
+            model = onnx.load(str(source))
+            converted = float16.convert_float_to_float16(model, keep_io_types=True,
+                                                         node_block_list=list(exclude) or None)
+            onnx.save(converted, str(out))
+        else:  # pragma: no cover - validated in __post_init__
+            raise UsageError(f"unknown quantize mode {mode!r}")
+    except (DataError, UsageError):
+        raise
+    except Exception as exc:  # onnxruntime.quantization raises many library types
+        raise CompressionError(f"{mode} quantization failed: {exc}") from exc
+    return out
+
+
+def weighted_nodes(path: Path) -> list[str]:
+    """Names of nodes with a constant weight (the candidates for keeping in float)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {init.name for init in model.graph.initializer}
+    return [node.name for node in model.graph.node
+            if node.op_type in WEIGHTED_OPS and node.name and any(name in inits for name in node.input[1:2])]
+
+
+def conv_weight_share(path: Path) -> float:
+    """Fraction of weight parameters in Conv nodes (decides static-first vs dynamic-first in auto)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    sizes = {init.name: int(np.prod(init.dims)) for init in model.graph.initializer}
+    conv = other = 0
+    for node in model.graph.node:
+        if node.op_type in WEIGHTED_OPS and len(node.input) > 1 and node.input[1] in sizes:
+            if node.op_type == "Conv":
+                conv += sizes[node.input[1]]
+            else:
+                other += sizes[node.input[1]]
+    return conv / max(conv + other, 1)
+
+
+# ---- the step ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QuantizeStep:
+    """int8 (dynamic / static QDQ) or fp16, measured against its input, optionally mixed precision."""
+
+    name: ClassVar[str] = "quantize"
+    form: ClassVar[ModelForm] = ModelForm.ONNX
+    needs_data: ClassVar[bool] = False  # param-dependent: see requires_data()
+    mode: str = "dynamic"
+    per_channel: bool = True
+    calibration: str = "minmax"
+    activation_type: str = "uint8"  # static only; uint8 measured better on CNNs (FACTS.md)
+    weight_type: str = "int8"
+    keep_float: tuple[str, ...] = ()  # node names always kept in float
+    target_cosine: Optional[float] = None  # mixed-precision budget; None = no sensitivity search
+    target_agreement: Optional[float] = None
+    max_kept: int = 8
+    min_cosine: float = 0.9  # below this the result is a fidelity collapse and is refused
+    min_agreement: float = 0.8
+    max_latency_ratio: float = 1.15  # int8 slower than input x this is refused (noise margin)
+    check_latency: bool = True
+    preprocess: bool = True
+    calibration_samples: int = 256
+    eval_samples: int = 128
+    op_types: tuple[str, ...] = ()  # restrict the op types quantized; empty = ORT's defaults
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keep_float", tuple(self.keep_float))
+        object.__setattr__(self, "op_types", tuple(self.op_types))
+        if self.mode not in MODES:
+            raise UsageError(f"quantize mode {self.mode!r} is unknown; use one of {', '.join(MODES)}")
+        if self.calibration not in CALIBRATIONS:
+            raise UsageError(f"calibration {self.calibration!r} is unknown; use one of {', '.join(CALIBRATIONS)}")
+        if self.activation_type not in INT8_TYPES or self.weight_type not in INT8_TYPES:
+            raise UsageError("activation_type and weight_type must be 'uint8' or 'int8'")
+        if self.max_kept < 0 or self.eval_samples < 2 or self.calibration_samples < 1:
+            raise UsageError("max_kept must be >= 0, eval_samples >= 2, calibration_samples >= 1")
+
+    def requires_data(self) -> bool:
+        return self.mode == "static" or self.target_cosine is not None or self.target_agreement is not None
+
+    # -- main ---------------------------------------------------------------------------------------
+    def apply(self, state: ModelState, ctx: StepContext) -> tuple[ModelState, StepRecord]:
+        if state.onnx_path is None:
+            raise CompressionError("quantize needs an ONNX model; the engine exports before graph steps")
+        if state.precision not in ("fp32", "mixed") and self.mode != "fp16":
+            raise UsageError(f"the model is already {state.precision}; quantize once, as the last graph step")
+        workdir = Path(ctx.workdir)
+        source = Path(state.onnx_path)
+        warnings: list[str] = []
+        facts: dict[str, Any] = {}
+
+        if ctx.calibration_batches is not None:
+            calib = limit_samples(ctx.calibration_batches(), self.calibration_samples)
+            evals = limit_samples(ctx.calibration_batches(), self.eval_samples)
+        else:
+            if self.requires_data():
+                raise DataError(f"quantize mode {self.mode!r} with a fidelity target needs calibration data; "
+                                "pass --data")
+            calib, evals = [], synthetic_batches(state.inputs)
+            warnings.append("no data: fidelity checked on synthetic inputs only")
+
+        prepared = source
+        if self.preprocess and self.mode != "fp16":
+            prepared, why = preprocess(source, workdir / "preprocessed.onnx")
+            if why:
+                warnings.append(why)
+        reference = run_model(source, evals)
+        task = ctx.task
+        feed = {k: v[:1] for k, v in evals[0].items()}
+
+        if self.mode == "auto":
+            share = conv_weight_share(prepared)
+            order = ["static", "dynamic"] if share > 0.5 else ["dynamic", "static"]
+            if not calib:
+                order = [m for m in order if m != "static"]
+            facts["conv_weight_share"] = round(share, 3)
+        else:
+            order = [self.mode]
+
+        rejected: list[dict[str, Any]] = []
+        for mode in order:
+            out = workdir / f"{mode}.onnx"
+            quantize_to(mode, prepared, out, per_channel=self.per_channel, exclude=self.keep_float,
+                        calibration=self.calibration, activation_type=self.activation_type,
+                        weight_type=self.weight_type, calibration_batches=calib, op_types=self.op_types)
+            measured = self._measure(source, out, reference, evals, feed, task, mode)
+            problem = self._trap(measured, mode)
+            if problem:
+                rejected.append({"mode": mode, "reason": problem, **measured.as_dict()})
+                if self.mode != "auto":
+                    raise CompressionError(f"{mode} quantization refused: {problem}; "
+                                           f"{self._advice(mode)}")
+                log.warning("auto quantization: %s rejected (%s)", mode, problem)
+                continue
+            kept = list(self.keep_float)
+            if self._short_of_target(measured):
+                out, measured, kept, ranking = self._mixed_precision(
+                    mode, prepared, source, reference, evals, calib, feed, task, measured)
+                facts["sensitivity"] = ranking
+                if self._short_of_target(measured):
+                    warnings.append(f"fidelity target not reached with {len(kept)} nodes kept in float "
+                                    f"(cosine {measured.cosine_mean:.4f}, agreement {measured.agreement:.3f}); "
+                                    "raise max_kept or lower the target")
+            if mode == "fp16" and measured.latency_ratio > 1.0:
+                warnings.append(f"fp16 runs {measured.latency_ratio:.2f}x the input's latency on this CPU "
+                                "(expected: CPUs without fp16 units gain size, not speed)")
+            final = workdir / "model.onnx"
+            out.replace(final)
+            facts.update(mode=mode, kept_float=kept, rejected=rejected, **measured.as_dict())
+            precision = "fp16" if mode == "fp16" else ("mixed" if kept else "int8")
+            return dataclasses.replace(state, onnx_path=final, precision=precision), StepRecord(
+                step=self.name, params=dataclasses.asdict(self), facts=facts, warnings=tuple(warnings))
+        reasons = "; ".join(f"{r['mode']}: {r['reason']}" for r in rejected)
+        raise CompressionError(f"no quantization mode gave an acceptable model ({reasons}); "
+                               "keep the model in float or keep sensitive nodes with keep_float")
+
+    # -- pieces --------------------------------------------------------------------------------------
+    def _measure(self, source: Path, out: Path, reference: np.ndarray, evals: list[dict[str, np.ndarray]],
+                 feed: dict[str, np.ndarray], task: str, mode: str) -> Measurement:
+        cos_mean, cos_min, agreement = fidelity(reference, out, evals, task)
+        ratio = 1.0
+        if self.check_latency:
+            base_ms, cand_ms = latency_ratio(source, out, feed, threads=self.threads)
+            ratio = cand_ms / max(base_ms, 1e-9)
+        return Measurement(cos_mean, cos_min, agreement, ratio)
+
+    def _trap(self, measured: Measurement, mode: str) -> Optional[str]:
+        if measured.cosine_mean < self.min_cosine or measured.agreement < self.min_agreement:
+            return (f"fidelity collapse (cosine {measured.cosine_mean:.3f} < {self.min_cosine} or "
+                    f"agreement {measured.agreement:.3f} < {self.min_agreement})")
+        if mode != "fp16" and self.check_latency and measured.latency_ratio > self.max_latency_ratio:
+            return f"{measured.latency_ratio:.2f}x slower than the input model"
+        return None
+
+    @staticmethod
+    def _advice(mode: str) -> str:
+        if mode == "static":
+            return "try mode = 'dynamic' (transformers), smoothing first, or keep_float for the sensitive nodes"
+        if mode == "dynamic":
+            return "try mode = 'static' with --data (Conv nets run ConvInteger slowly) or keep_float"
+        return "keep the model in float32"
+
+    def _short_of_target(self, measured: Measurement) -> bool:
+        return ((self.target_cosine is not None and measured.cosine_mean < self.target_cosine)
+                or (self.target_agreement is not None and measured.agreement < self.target_agreement))
+
+    def _mixed_precision(self, mode: str, prepared: Path, source: Path, reference: np.ndarray,
+                         evals: list[dict[str, np.ndarray]], calib: list[dict[str, np.ndarray]],
+                         feed: dict[str, np.ndarray], task: str, measured: Measurement
+                         ) -> tuple[Path, Measurement, list[str], list[dict[str, Any]]]:
+        """Keep the most sensitive weighted nodes in float until the target holds (or max_kept)."""
+        workdir = Path(prepared).parent
+        candidates = [n for n in weighted_nodes(prepared) if n not in self.keep_float]
+        probe = workdir / "probe.onnx"
+        ranking = []
+        for node in candidates:  # sensitivity: how much fidelity comes back when only this node stays float
+            quantize_to(mode, prepared, probe, per_channel=self.per_channel, exclude=[*self.keep_float, node],
+                        calibration=self.calibration, activation_type=self.activation_type,
+                        weight_type=self.weight_type, calibration_batches=calib, op_types=self.op_types)
+            cos_mean, _, agreement = fidelity(reference, probe, evals, task)
+            ranking.append({"node": node, "cosine_gain": round(cos_mean - measured.cosine_mean, 6),
+                            "agreement_gain": round(agreement - measured.agreement, 4)})
+        ranking.sort(key=lambda r: (r["cosine_gain"], r["agreement_gain"]), reverse=True)
+        kept = list(self.keep_float)
+        best_out, best = workdir / f"{mode}.onnx", measured
+        for entry in ranking[: self.max_kept]:
+            kept.append(entry["node"])
+            out = workdir / f"{mode}_keep{len(kept)}.onnx"
+            quantize_to(mode, prepared, out, per_channel=self.per_channel, exclude=kept,
+                        calibration=self.calibration, activation_type=self.activation_type,
+                        weight_type=self.weight_type, calibration_batches=calib, op_types=self.op_types)
+            best_out, best = out, self._measure(source, out, reference, evals, feed, task, mode)
+            if not self._short_of_target(best):
+                break
+        return best_out, best, kept, ranking

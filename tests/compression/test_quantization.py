@@ -1,0 +1,190 @@
+"""quantize: dynamic/static/fp16 stay within their precision's tolerance on the digits CNN; mixed
+precision keeps named nodes in float and reports them; the trap detector refuses broken results."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from builder.compression.base import ModelState, StepContext
+from builder.compression.evaluate import run_onnx
+from builder.compression.quantization import QuantizeStep, latency_ratio
+from builder.compression.smoothing import SmoothStep
+from builder.errors import CompressionError, DataError, UsageError
+from builder.loading.types import InputSpec, LoadedModel
+from tests.compression.compression_helpers import context
+
+
+def digits_state(loaded: LoadedModel) -> ModelState:
+    return ModelState(inputs=loaded.inputs, output_names=loaded.output_names, onnx_path=loaded.onnx_path)
+
+
+def workdir(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    path.mkdir()
+    return path
+
+
+def accuracy(path: Path, data) -> float:
+    logits = run_onnx(path, data.batches(64))
+    return float((logits.argmax(axis=1) == data.labels).mean())
+
+
+def op_types(path: Path) -> list[str]:
+    return [node.op_type for node in onnx.load(str(path)).graph.node]
+
+
+def test_dynamic_int8_stays_close_to_float(digits_loaded, digits_test_data, tmp_path: Path) -> None:
+    step = QuantizeStep(mode="dynamic", check_latency=False)
+    state, record = step.apply(digits_state(digits_loaded), context(workdir(tmp_path, "q"), calibration=digits_test_data))
+    assert state.precision == "int8"
+    assert {"ConvInteger", "MatMulInteger"} & set(op_types(state.onnx_path))
+    assert record.facts["cosine_mean"] > 0.99 and record.facts["agreement"] >= 0.97
+    assert accuracy(state.onnx_path, digits_test_data) >= accuracy(digits_loaded.onnx_path, digits_test_data) - 0.02
+
+
+@pytest.mark.parametrize("calibration", ["minmax", "entropy", "percentile"])
+def test_static_qdq_per_channel_stays_close_to_float(calibration, digits_loaded, digits_test_data, tmp_path: Path) -> None:
+    step = QuantizeStep(mode="static", calibration=calibration, check_latency=False, calibration_samples=128)
+    state, record = step.apply(digits_state(digits_loaded), context(workdir(tmp_path, "q"), calibration=digits_test_data))
+    ops = op_types(state.onnx_path)
+    assert ops.count("QuantizeLinear") >= 3 and ops.count("DequantizeLinear") >= 3
+    assert record.facts["agreement"] >= 0.95
+    assert accuracy(state.onnx_path, digits_test_data) >= accuracy(digits_loaded.onnx_path, digits_test_data) - 0.03
+
+
+def test_fp16_halves_weights_and_keeps_float32_io(digits_loaded, digits_test_data, tmp_path: Path) -> None:
+    step = QuantizeStep(mode="fp16", check_latency=False)
+    state, record = step.apply(digits_state(digits_loaded), context(workdir(tmp_path, "q"), calibration=digits_test_data))
+    model = onnx.load(str(state.onnx_path))
+    assert state.precision == "fp16"
+    assert all(i.type.tensor_type.elem_type == TensorProto.FLOAT for i in model.graph.input)
+    assert all(o.type.tensor_type.elem_type == TensorProto.FLOAT for o in model.graph.output)
+    big = [init for init in model.graph.initializer if np.prod(init.dims) > 100]
+    assert big and all(init.data_type == TensorProto.FLOAT16 for init in big)
+    ref = run_onnx(digits_loaded.onnx_path, digits_test_data.batches(64))
+    out = run_onnx(state.onnx_path, digits_test_data.batches(64))
+    np.testing.assert_allclose(out, ref, atol=0.05 * np.abs(ref).max())
+    assert record.facts["agreement"] >= 0.99
+
+
+def test_mixed_precision_keeps_most_sensitive_nodes_in_float(digits_loaded, digits_test_data, tmp_path: Path) -> None:
+    # An unreachable target forces the search to keep max_kept nodes and report them.
+    step = QuantizeStep(mode="dynamic", target_cosine=0.999999, max_kept=2, check_latency=False, eval_samples=64)
+    state, record = step.apply(digits_state(digits_loaded), context(workdir(tmp_path, "q"), calibration=digits_test_data))
+    kept = record.facts["kept_float"]
+    assert len(kept) == 2 and state.precision == "mixed"
+    assert len(record.facts["sensitivity"]) >= 4  # every weighted node was measured
+    assert [r["node"] for r in record.facts["sensitivity"][:2]] == kept
+    nodes = {node.name: node for node in onnx.load(str(state.onnx_path)).graph.node}
+    assert all(nodes[name].op_type in ("Conv", "Gemm", "MatMul") for name in kept)
+    assert any("target not reached" in w for w in record.warnings)
+
+
+def test_explicit_keep_float_node_stays_float(digits_loaded, digits_test_data, tmp_path: Path) -> None:
+    first_conv = next(n.name for n in onnx.load(str(digits_loaded.onnx_path)).graph.node if n.op_type == "Conv")
+    step = QuantizeStep(mode="static", keep_float=[first_conv], check_latency=False)
+    state, record = step.apply(digits_state(digits_loaded), context(workdir(tmp_path, "q"), calibration=digits_test_data))
+    model = onnx.load(str(state.onnx_path))
+    producers = {out: node for node in model.graph.node for out in node.output}
+    conv = next(node for node in model.graph.node if node.name == first_conv)
+    weight_producer = producers.get(conv.input[1])
+    assert weight_producer is None or weight_producer.op_type != "DequantizeLinear"  # float weight, no QDQ
+    assert record.facts["kept_float"] == [first_conv]
+
+
+def test_static_without_data_is_refused_up_front(digits_loaded, tmp_path: Path) -> None:
+    step = QuantizeStep(mode="static")
+    assert step.requires_data()
+    with pytest.raises(DataError, match="--data"):
+        step.apply(digits_state(digits_loaded), StepContext(workdir=workdir(tmp_path, "q")))
+
+
+def test_bad_parameters_are_usage_errors() -> None:
+    with pytest.raises(UsageError, match="mode"):
+        QuantizeStep(mode="int4")
+    with pytest.raises(UsageError, match="calibration"):
+        QuantizeStep(calibration="kl")
+
+
+# ---- traps ----------------------------------------------------------------------------------------
+def outlier_model(path: Path, slow_padding: int = 0) -> Path:
+    """y = x @ W with one input channel 1000x larger than the others and (almost) no weight on it:
+    per-tensor int8 activations spend their whole range on the outlier and zero the real signal."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 8)).astype(np.float32)
+    w[0] = 1e-4
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y0"], name="mm")]
+    inits = [numpy_helper.from_array(w, "w")]
+    last = "y0"
+    for i in range(slow_padding):  # float-only busy work: makes a model reliably slower than another
+        inits.append(numpy_helper.from_array(np.eye(8, dtype=np.float32), f"eye{i}"))
+        nodes.append(helper.make_node("MatMul", [last, f"eye{i}"], [f"p{i}"], name=f"pad{i}"))
+        last = f"p{i}"
+    nodes.append(helper.make_node("Identity", [last], ["y"], name="out"))
+    graph = helper.make_graph(nodes, "outlier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def outlier_batches(count: int = 4) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    out = []
+    for _ in range(count):
+        x = rng.normal(size=(32, 16)).astype(np.float32)
+        x[:, 0] *= 1000.0
+        out.append({"x": x})
+    return out
+
+
+def outlier_state(tmp_path: Path) -> ModelState:
+    return ModelState(inputs=(InputSpec("x", (1, 16)),), output_names=("y",),
+                      onnx_path=outlier_model(tmp_path / "outlier.onnx"))
+
+
+def batches_ctx(path: Path, batches) -> StepContext:
+    return StepContext(workdir=path, calibration_batches=lambda: iter(batches), task="classify")
+
+
+def test_static_qdq_fidelity_collapse_is_refused(tmp_path: Path) -> None:
+    step = QuantizeStep(mode="static", per_channel=False, check_latency=False)
+    with pytest.raises(CompressionError, match="fidelity collapse"):
+        step.apply(outlier_state(tmp_path), batches_ctx(workdir(tmp_path, "q"), outlier_batches()))
+
+
+def test_auto_mode_records_each_rejected_mode(tmp_path: Path) -> None:
+    step = QuantizeStep(mode="auto", per_channel=False, check_latency=False)
+    with pytest.raises(CompressionError, match="no quantization mode") as err:
+        step.apply(outlier_state(tmp_path), batches_ctx(workdir(tmp_path, "q"), outlier_batches()))
+    assert "dynamic:" in str(err.value) and "static:" in str(err.value)
+
+
+def test_smoothing_rescues_the_outlier_model(tmp_path: Path) -> None:
+    batches = outlier_batches()
+    state, smooth_record = SmoothStep(alpha=0.9).apply(outlier_state(tmp_path), batches_ctx(workdir(tmp_path, "s"), batches))
+    assert smooth_record.facts["smoothed_tensors"] == 1
+    ref = run_onnx(tmp_path / "outlier.onnx", batches)
+    np.testing.assert_allclose(run_onnx(state.onnx_path, batches), ref, rtol=1e-4, atol=1e-3)  # exact in float
+    step = QuantizeStep(mode="static", per_channel=True, check_latency=False)
+    quantized, record = step.apply(state, batches_ctx(workdir(tmp_path, "q"), batches))
+    assert record.facts["cosine_mean"] > 0.99
+
+
+def test_latency_check_flags_a_slower_model(tmp_path: Path) -> None:
+    fast = outlier_model(tmp_path / "fast.onnx")
+    slow = outlier_model(tmp_path / "slow.onnx", slow_padding=300)
+    base_ms, cand_ms = latency_ratio(fast, slow, {"x": np.ones((1, 16), np.float32)}, rounds=3, min_round_s=0.05)
+    step = QuantizeStep()
+    problem = step._trap(dataclasses.replace(_measurement(), latency_ratio=cand_ms / base_ms), "dynamic")
+    assert problem is not None and "slower" in problem
+
+
+def _measurement():
+    from builder.compression.quantization import Measurement
+
+    return Measurement(cosine_mean=1.0, cosine_min=1.0, agreement=1.0, latency_ratio=1.0)
