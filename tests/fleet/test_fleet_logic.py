@@ -146,3 +146,35 @@ def test_canary_verdict_stops_on_failure_or_regression() -> None:
     verdict = judge_canaries([few])
     assert verdict.proceed and "no benchmark" in verdict.reasons[0]
     assert not judge_canaries([]).proceed
+
+
+def test_push_table_compares_with_the_previous_model() -> None:
+    from builder.fleet.push import DeviceOutcome
+    from builder.fleet.push_report import comparison, format_bytes, outcome_cells
+
+    before = BenchmarkRow("d", 1.0, "old", 4.0, 8.0, power_w=2.0, power_source="ina3221")
+    after = BenchmarkRow("d", 2.0, "new", 2.0, 4.0, power_w=1.5, power_source="ina3221")
+    outcome = DeviceOutcome("d", "new" * 10, "active", model="cnn@2", size_bytes=3 << 20, previous_artifact_id="old",
+                            previous_model="cnn@1", before=before, after=after)
+    cells = outcome_cells(outcome)
+    assert cells[:6] == ("d", "active", "cnn@2 newnewnewnew", "3.0 MB", "2.00", "4.00")
+    assert cells[7] == "p95 ×0.50 (8.00 → 4.00 ms), power ×0.75"
+    first = DeviceOutcome("d", "new", "active", previous_artifact_id=None, after=after)
+    assert comparison(first) == "first model on this device"
+    failed = DeviceOutcome("d", "new", "failed", error="health check failed, previous model kept")
+    assert outcome_cells(failed)[1] == "failed: health check failed, previous model kept" and not failed.ok
+    assert DeviceOutcome("d", "new", "pending").ok
+    assert format_bytes(0) == "—" and format_bytes(2048) == "2.0 KB"
+
+
+def test_cli_parses_durations_and_percentages() -> None:
+    from builder.cli.fleet import parse_since
+    from builder.cli.push import parse_percent
+
+    assert parse_since("10m", now=1000.0) == 400.0 and parse_since(None) is None
+    assert parse_since("1970-01-01T00:01:00") == 60.0
+    with pytest.raises(UsageError):
+        parse_since("yesterday")
+    assert parse_percent("10%") == 10.0 and parse_percent("25") == 25.0
+    with pytest.raises(UsageError):
+        parse_percent("ten")
