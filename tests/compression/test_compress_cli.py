@@ -1,0 +1,89 @@
+"""`builder compress` as a user runs it: a table and report.json, and one-line errors for bad input."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from builder.compression._export import export_module
+from conftest import DIGITS_INPUTS
+
+
+import builder.loading  # noqa: E402
+
+if not hasattr(builder.loading, "load_model"):  # lands with the model-loading issue
+    pytest.skip("builder.loading.load_model is not there yet", allow_module_level=True)
+
+
+class Proc:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture()
+def _builder(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """Run the real entry point (``builder.cli.main.app``) in-process: same error handling, no torch re-import."""
+    from builder.cli.main import app
+
+    def run(*args: str) -> Proc:
+        monkeypatch.setattr(sys, "argv", ["builder", "compress", *args])
+        code = 0
+        try:
+            app()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        captured = capsys.readouterr()
+        return Proc(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture()
+def onnx_model_and_data(digits_model, digits_split, tmp_path: Path) -> tuple[Path, Path]:
+    model = tmp_path / "digits.onnx"
+    export_module(digits_model, DIGITS_INPUTS, model)
+    data = tmp_path / "test.npz"
+    np.savez(data, x=digits_split.x_test[:200], y=digits_split.y_test[:200])
+    return model, data
+
+
+def test_onnx_model_with_prune_shortcut_prints_table_and_writes_report(_builder, onnx_model_and_data, tmp_path: Path) -> None:
+    model, data = onnx_model_and_data
+    out = tmp_path / "out"
+    proc = _builder(str(model), "--data", str(data), "--prune", "0.5", "--out", str(out), "--latency-runs", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert "prune_onnx" in proc.stdout and "download" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"][0]["step"] == "prune_onnx"
+    assert report["steps"][0]["evaluation"]["nonzero_params"] < report["baseline"]["evaluation"]["nonzero_params"]
+    assert (out / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--cluster", "8"], "ONNX-only"),
+    (["--quantize", "int3"], "unknown --quantize 'int3'"),
+    (["--prune", "0.5", "--recipe", "r.toml"], "either --recipe or shortcut flags"),
+    (["--prune", "1.5"], "final_sparsity must be in"),
+    ([], "nothing to do"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(_builder, onnx_model_and_data, tmp_path: Path, extra: list[str],
+                                                  fragment: str) -> None:
+    model, data = onnx_model_and_data
+    out = tmp_path / "out"
+    proc = _builder(str(model), "--data", str(data), "--out", str(out), *extra)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("builder: error:") and fragment in lines[0], proc.stderr
+    assert not (out / "model.onnx").exists()
+
+
+def test_data_that_does_not_fit_the_model_is_one_line(_builder, onnx_model_and_data, tmp_path: Path) -> None:
+    model, _ = onnx_model_and_data
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, pixels=np.zeros((4, 1, 8, 8), np.float32))
+    proc = _builder(str(model), "--data", str(bad), "--prune", "0.5", "--out", str(tmp_path / "out"))
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0 and "model inputs are ['input']" in proc.stderr
