@@ -111,7 +111,8 @@ class Host:
     """The builder side in tests: connects as the builder user, serves chunks, records device messages."""
 
     def __init__(self, broker_url: str, artifacts: dict[str, Path], *, username: str = "builder",
-                 password: str = BUILDER_PASSWORD, chunk_bytes: int | None = None, delay_per_chunk_s: float = 0.0) -> None:
+                 password: str = BUILDER_PASSWORD, chunk_bytes: int | None = None, delay_per_chunk_s: float = 0.0,
+                 persistent_session: bool = False) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
@@ -125,13 +126,20 @@ class Host:
         host, port = broker_url.replace("mqtt://", "").split(":")
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"host-{time.time_ns()}",
                                   protocol=mqtt.MQTTv5)
+        properties = None
+        if persistent_session:  # as `builder serve` should: reports sent while the host is away are queued
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = 3600
         self.client.username_pw_set(username, password)
         self.client.reconnect_delay_set(0.1, 0.5)
         kwargs = {"chunk_bytes": chunk_bytes} if chunk_bytes else {}
         self.server = ChunkServer(self.client, lambda aid: self.artifacts.get(aid), delay_per_chunk_s=delay_per_chunk_s, **kwargs)
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
-        self.client.connect(host, int(port))
+        self.client.connect(host, int(port), clean_start=False if persistent_session else 3, properties=properties)
         self.client.loop_start()
         self.wait(lambda: self.client.is_connected(), 10, "host connects")
 

@@ -171,3 +171,42 @@ def test_broker_config_writes_hashed_passwords_and_pattern_acl(tmp_path):
     users = [line.split(":")[0] for line in cfg.password_file.read_text().splitlines()]
     assert sorted(users) == ["builder", "pi-1", "pi-2"]
     assert oct(cfg.password_file.stat().st_mode & 0o777) == "0o644"  # readable by the mosquitto user
+
+
+def test_latency_regression_beyond_bound_triggers_rollback_but_artificial_slowdown_does_not():
+    from agent.active import ActiveModel
+    from agent.config import LoadSettings
+    from agent.install import HealthReport, LoadedModel
+    from agent.load import LoadController
+    from agent.telemetry import FieldStats
+
+    class SlowRuntime:
+        backend = "fake"
+        inputs = outputs = ()
+
+        def __init__(self, delay_s: float) -> None:
+            self.delay_s = delay_s
+
+        def run(self, feeds):
+            time.sleep(self.delay_s)
+            return {}
+
+    reasons: list[str] = []
+    load = LoadController()
+    active = ActiveModel(FieldStats(), load, latency_regression_factor=2.0, latency_min_requests=5,
+                         on_unhealthy=reasons.append)
+    model = LoadedModel(manifest=None, runtime=SlowRuntime(0.002), slot="a", directory=Path("."),  # type: ignore[arg-type]
+                        health=HealthReport(True, baseline_p50_ms=2.0, max_abs_error=0.0, min_cosine=1.0))
+    active.swap(model)
+    for _ in range(10):
+        active.infer({})
+    assert reasons == []  # within 2x of the install-time p50
+    load.apply(LoadSettings(slowdown_factor=3.0))
+    for _ in range(10):
+        active.infer({})
+    assert reasons == []  # artificial load is not a regression of the model
+    load.apply(LoadSettings())
+    model.runtime.delay_s = 0.006
+    for _ in range(10):
+        active.infer({})
+    assert len(reasons) == 1 and "exceeds 2.0x" in reasons[0]

@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from tests.agent.conftest import DEVICES, agent_config, make_artifact
+from tests.agent.conftest import BUILDER_PASSWORD, DEVICES, agent_config, make_artifact
+from tests.support.broker import MosquittoBroker
 
 pytestmark = pytest.mark.mosquitto
 
@@ -41,11 +42,14 @@ def test_pull_resumes_after_broker_restart(tmp_path, broker, signing_key, host_f
         np.testing.assert_allclose(out["y"], sample["out:y"], rtol=1e-5, atol=1e-5)
 
 
-def test_telemetry_buffered_while_broker_down_arrives_in_order(tmp_path, broker, signing_key, host_factory,
+def test_telemetry_buffered_while_broker_down_arrives_in_order(tmp_path, request, signing_key, host_factory,
                                                                 running_agents):
     key, pub = signing_key
     artifact = make_artifact(tmp_path / "art", key, seed=1)
-    host = host_factory(broker.url)
+    # A persistent broker and a persistent host session: whoever reconnects first, nothing is lost.
+    broker = MosquittoBroker(devices=DEVICES, builder_password=BUILDER_PASSWORD, persistence=True).start()
+    request.addfinalizer(broker.close)
+    host = host_factory(broker.url, persistent_session=True)
     agent = running_agents(agent_config(broker.url, "dev1", DEVICES["dev1"], pub, tmp_path / "data",
                                         telemetry_interval_s=0.25))
     desired = host.deploy("dev1", artifact)

@@ -103,7 +103,8 @@ class MosquittoBroker:
     """A mosquitto child process on 127.0.0.1; restartable on the same port(s)."""
 
     def __init__(self, *, devices: Mapping[str, str] | None = None, builder_password: str = "builder-pw",
-                 tls: bool = False, require_client_cert: bool = False, port: int | None = None) -> None:
+                 tls: bool = False, require_client_cert: bool = False, port: int | None = None,
+                 persistence: bool = False) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="edgefleet-mosquitto-"))
         os.chmod(self.workdir, 0o755)
         self.port = port or free_port()
@@ -112,6 +113,9 @@ class MosquittoBroker:
         self.builder_password = builder_password
         self.certs = make_test_certs(self.workdir / "certs") if tls else None
         self.log_file = self.workdir / "mosquitto.log"
+        # With persistence, retained messages, sessions and their queued QoS 1 messages survive a
+        # restart (saved on SIGTERM), as on a production broker.
+        self.persistence_dir = self.workdir / "db" if persistence else None
         self.config_file = self._write_config(require_client_cert)
         self.process: subprocess.Popen | None = None
 
@@ -134,7 +138,7 @@ class MosquittoBroker:
             if self.devices:
                 return write_broker_config(self.workdir / "conf", port=self.port, devices=self.devices,
                                            builder_password=self.builder_password, tls=tls, tls_port=self.tls_port,
-                                           log_file=self.log_file).config_file
+                                           log_file=self.log_file, persistence_dir=self.persistence_dir).config_file
             lines = ["allow_anonymous true", f"listener {self.port} 127.0.0.1", f"listener {self.tls_port} 127.0.0.1",
                      f"cafile {tls.ca_file}", f"certfile {tls.cert_file}", f"keyfile {tls.key_file}",
                      "allow_anonymous true"]
@@ -142,7 +146,13 @@ class MosquittoBroker:
                 lines.append("require_certificate true")
         else:
             lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]
-        lines += ["persistence false", f"log_dest file {self.log_file}", "max_inflight_messages 64"]
+        if self.persistence_dir is not None:
+            self.persistence_dir.mkdir(mode=0o777, exist_ok=True)
+            os.chmod(self.persistence_dir, 0o777)
+            lines += ["persistence true", f"persistence_location {self.persistence_dir}/"]
+        else:
+            lines.append("persistence false")
+        lines += [f"log_dest file {self.log_file}", "max_inflight_messages 64"]
         path = self.workdir / "mosquitto.conf"
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         os.chmod(path, 0o644)
