@@ -107,6 +107,7 @@ def register(app: typer.Typer) -> None:
                                   recipe=recipe)
         endpoint = resolve_endpoint(home, broker, username, read_password_file(password_file), ca_file)
         console = Console(stderr=as_json)
+        chooser.on_stage = lambda text: console.print(f"[dim]build: {text}[/]")
         options = PushOptions(timeout_s=timeout_s, benchmark_runs=benchmark_runs, soak_s=soak_s)
         with open_store(home) as store, FleetLink(endpoint).connect() as link:
             with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(),

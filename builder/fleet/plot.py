@@ -35,6 +35,7 @@ class PlotSeries:
     power_t_s: tuple[float, ...]  # one per report that measured power
     power_w: tuple[float, ...]
     marks: tuple[DeploymentMark, ...]
+    power_estimated: bool = False  # every power point is a profile estimate, not a measurement
 
     @property
     def empty(self) -> bool:
@@ -59,7 +60,8 @@ def plot_series(device_id: str, telemetry: Sequence[TelemetryRow], events: Seque
         t_s=tuple(r.ts - start for r in field), p50_ms=tuple(r.p50_ms for r in field),
         p95_ms=tuple(r.p95_ms for r in field),
         power_t_s=tuple(r.ts - start for r in powered), power_w=tuple(float(r.power_w) for r in powered if r.power_w is not None),
-        marks=tuple(marks))
+        marks=tuple(marks),
+        power_estimated=bool(powered) and all(r.power_source.lower().startswith("estimate") for r in powered))
 
 
 def render_plot(series: PlotSeries, out_path: Path) -> Path:
@@ -87,7 +89,9 @@ def render_plot(series: PlotSeries, out_path: Path) -> Path:
         ax_lat.set_ylabel("latency (ms)")
         ax_lat.set_title(f"{series.device_id}: field latency and power")
         if series.power_t_s:
-            ax_pow.plot(series.power_t_s, series.power_w, "-", color="tab:purple", label="power")
+            label = "power (ESTIMATE from the device profile: no sensor)" if series.power_estimated else "power (measured)"
+            ax_pow.plot(series.power_t_s, series.power_w, "-", color="tab:purple", label=label)
+            ax_pow.legend(loc="upper left", fontsize=8)
         else:
             ax_pow.text(0.5, 0.5, "power not measured on this device", ha="center", va="center",
                         transform=ax_pow.transAxes, color="gray")

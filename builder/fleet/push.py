@@ -395,8 +395,14 @@ class Pusher:
             previous_field_p95_ms=previous_field.p95_ms if previous_field else None,
             candidate_field_p95_ms=new_field.p95_ms if new_field else None,
             field_requests=sum(r.requests for r in windows), field_errors=sum(r.errors for r in windows),
-            previous_power_w=outcome.before.power_w if outcome.before else None,
-            candidate_power_w=outcome.after.power_w if outcome.after else None)
+            previous_power_w=_measured_power(outcome.before), candidate_power_w=_measured_power(outcome.after))
+
+
+def _measured_power(row: BenchmarkRow | None) -> float | None:
+    """Only measured power is compared (an estimate from the profile says nothing about the model)."""
+    if row is None or row.power_source.startswith("estimate"):
+        return None
+    return row.power_w
 
 
 def outcome_summary(outcome: DeviceOutcome) -> dict[str, Any]:

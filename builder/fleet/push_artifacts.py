@@ -20,6 +20,7 @@ class ArtifactChooser:
         self.input_shapes = list(input_shapes or [])
         self.recipe = recipe
         self._built: dict[str, str] = {}
+        self.on_stage = lambda text: None  # set by the CLI to show build stages
 
     def for_device(self, device: DeviceRecord) -> str:
         if not device.profile:
@@ -36,10 +37,11 @@ class ArtifactChooser:
 
     def _build(self, profile: str) -> str:
         try:
-            from builder.targets.pipeline import build_for_profile  # type: ignore[attr-defined]
+            from builder.targets.profile_build import build_for_profile
         except ImportError as exc:
-            raise UsageError("building during a push needs `builder build` support that is not installed in this "
-                             "checkout; build first with `builder build` and push with --artifact ID") from exc
-        result = build_for_profile(self.model, profile, recipe=self.recipe, input_shapes=self.input_shapes,
-                                   registry_dir=self.data_dir)
+            raise UsageError("building during a push needs `builder build` (builder.targets.profile_build), which this "
+                             "checkout lacks; build first and push with --artifact ID") from exc
+        shapes = ",".join(self.input_shapes) if self.input_shapes else None
+        result = build_for_profile(str(self.model), profile, recipe=self.recipe, input_shapes=shapes,
+                                   registry_dir=self.data_dir, on_stage=self.on_stage)
         return str(result.artifact_id)

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 TelemetryHook = Callable[[str, proto.TelemetryReport], None]
 FINAL_STATES = ("active", "failed", "rejected", "rolled_back")
+ESTIMATE_PREFIX = "estimate: "  # power_source of a profile-based estimate (no sensor on the device)
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,17 @@ def telemetry_row(device_id: str, report: proto.TelemetryReport, received_at: fl
         value = latency.get(key)
         return float(value) if isinstance(value, (int, float)) else None
 
+    power_w, power_source = report.power_w, report.power_source
+    details = dict(report.details or {})
+    if power_w is None and isinstance(details.get("estimated_power_w"), (int, float)):
+        # the agent's profile-based estimate, kept only with its label (never shown as a measurement)
+        power_w = float(details["estimated_power_w"])
+        power_source = f"{ESTIMATE_PREFIX}{details.get('power_estimate_basis', 'device profile')}"
     return TelemetryRow(device_id=device_id, seq=report.seq, ts=report.ts, event=report.event,
                         model_id=report_artifact_id(report), window_s=report.window_s, requests=report.requests,
                         errors=report.errors, p50_ms=num("p50"), p95_ms=num("p95"), latency_ms=latency,
                         cpu_percent=report.cpu_percent, memory_rss_bytes=report.memory_rss_bytes,
-                        temperature_c=report.temperature_c, power_w=report.power_w, power_source=report.power_source,
+                        temperature_c=report.temperature_c, power_w=power_w, power_source=power_source,
                         received_at=received_at)
 
 
@@ -68,9 +75,13 @@ def benchmark_row(device_id: str, result: dict[str, Any], ts: float, artifact_id
     """A benchmark result (``agent.bench.BenchmarkResult.to_dict()``) as a store row."""
     latency = dict(result.get("latency") or {})
     energy_j = result.get("energy_per_inference_j")
+    power_w, source = result.get("power_w"), str(result.get("power_source", "not measured"))
+    if power_w is None and isinstance(result.get("estimated_power_w"), (int, float)):
+        power_w, source = float(result["estimated_power_w"]), f"{ESTIMATE_PREFIX}device profile"
+        energy_j = result.get("estimated_energy_per_inference_j")
     return BenchmarkRow(device_id=device_id, ts=ts, artifact_id=result.get("artifact_id") or artifact_id,
                         p50_ms=latency.get("p50"), p95_ms=latency.get("p95"), mean_ms=latency.get("mean"),
-                        power_w=result.get("power_w"), power_source=str(result.get("power_source", "not measured")),
+                        power_w=power_w, power_source=source,
                         energy_mj=(float(energy_j) * 1000 if energy_j is not None else None), result=result)
 
 

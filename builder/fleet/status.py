@@ -84,8 +84,9 @@ def format_power(power_w: float | None, source: str) -> str:
     """Power with where it came from; never prints a made-up 0 W."""
     if power_w is None:
         return "not measured"
-    label = f"{power_w:.2f} W"
-    return label + (" (est.)" if "estimate" in source.lower() else "")
+    if source.lower().startswith("estimate"):
+        return f"≈{power_w:.2f} W (est.)"
+    return f"{power_w:.2f} W"
 
 
 STATUS_COLUMNS = ("device", "state", "profile", "model", "p50 ms", "p95 ms", "requests", "power", "temp", "last seen")

@@ -178,3 +178,21 @@ def test_cli_parses_durations_and_percentages() -> None:
     assert parse_percent("10%") == 10.0 and parse_percent("25") == 25.0
     with pytest.raises(UsageError):
         parse_percent("ten")
+
+
+def test_ingest_keeps_power_estimates_labelled_and_never_invents_measurements() -> None:
+    from agent import protocol as proto
+    from builder.fleet.serve import benchmark_row, telemetry_row
+    from builder.fleet.status import format_power
+
+    report = proto.TelemetryReport(device_id="d", seq=3, ts=10.0, event="periodic", requests=5,
+                                   latency_ms={"p50": 1.5, "p95": 2.5},
+                                   details={"estimated_power_w": 3.4, "power_estimate_basis": "profile typical_w"})
+    row = telemetry_row("d", report, received_at=11.0)
+    assert (row.p50_ms, row.p95_ms, row.power_w) == (1.5, 2.5, 3.4)
+    assert row.power_source.startswith("estimate") and format_power(row.power_w, row.power_source) == "≈3.40 W (est.)"
+    bare = telemetry_row("d", proto.TelemetryReport(device_id="d", seq=4, ts=11.0, event="periodic"), 12.0)
+    assert bare.power_w is None and bare.p50_ms is None
+    bench = benchmark_row("d", {"artifact_id": "a", "latency": {"p50": 1.0, "p95": 2.0}, "power_w": 5.0,
+                                "power_source": "ina3221", "energy_per_inference_j": 0.002}, ts=1.0)
+    assert (bench.p95_ms, bench.power_w, bench.energy_mj) == (2.0, 5.0, 2.0)
