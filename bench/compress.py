@@ -1,0 +1,363 @@
+"""Compression benchmark: every technique against baselines measured in the same run.
+
+    .venv/bin/python bench/compress.py                # both parts, writes bench/RESULTS.md
+    .venv/bin/python bench/compress.py --part digits  # or --part minilm; --no-write to only print
+
+1. The digits CNN (builder.zoo.digits_cnn, real scikit-learn labels): fp32 vs each technique run
+   through the engine (builder.compression.engine.run_recipe) and combined recipes.
+2. all-MiniLM-L6-v2 (seq 128, batch 1) at 1 and 2 threads: fp32 ONNX, plain quantize_dynamic,
+   and the best recipe (BERT fusions -> activation smoothing -> per-channel dynamic int8).
+   Calibration uses 100 sentences that are NOT among the 300 the fidelity is measured on.
+
+Latency: medians over interleaved rounds (baseline and candidates take turns), because the machine
+is shared and noisy (+-30%). Ratios are what to read; absolute times move with the load.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MB = 1e6
+
+
+# ---- timing ---------------------------------------------------------------------------------------
+def interleaved_latency_ms(paths: list[Path], feed: dict[str, np.ndarray], threads: int, rounds: int,
+                           min_round_s: float) -> list[float]:
+    """Median latency of each model; every round runs each model in turn for ``min_round_s``."""
+    from builder.compression.evaluate import make_session
+
+    sessions = [make_session(p, threads) for p in paths]
+    feeds = [{k: v for k, v in feed.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
+    for session, f in zip(sessions, feeds):
+        for _ in range(3):
+            session.run(None, f)
+    times: list[list[float]] = [[] for _ in paths]
+    for _ in range(rounds):
+        for session, f, out in zip(sessions, feeds, times):
+            start_round = time.perf_counter()
+            while True:
+                start = time.perf_counter()
+                session.run(None, f)
+                out.append((time.perf_counter() - start) * 1000.0)
+                if time.perf_counter() - start_round >= min_round_s:
+                    break
+    return [float(np.median(t)) for t in times]
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-markdown table (also readable in a terminal)."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def check(ok: bool) -> str:
+    return "MET" if ok else "MISSED"
+
+
+# ---- part 1: digits CNN ---------------------------------------------------------------------------
+@dataclass
+class DigitsRow:
+    name: str
+    path: Optional[Path]
+    accuracy: float = float("nan")
+    params: int = 0
+    nonzero: int = 0
+    macs: Optional[int] = None
+    file_bytes: int = 0
+    download_bytes: int = 0
+    latency_ms: float = float("nan")
+    note: str = ""
+    flags: tuple[str, ...] = ()
+
+
+DIGITS_RECIPES: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "prune 80% unstructured (global, poly schedule)": [("prune", {"final_sparsity": 0.8, "scope": "global", "epochs": 4})],
+    "prune channels 50% (Torch-Pruning)": [("prune_channels", {"ratio": 0.5, "epochs": 6})],
+    "cluster k=16": [("cluster", {"clusters": 16, "epochs": 3})],
+    "fold + int8 dynamic": [("fold", {}), ("quantize", {"mode": "dynamic"})],
+    "fold + int8 static QDQ": [("fold", {}), ("quantize", {"mode": "static", "calibration": "minmax"})],
+    "fp16": [("quantize", {"mode": "fp16"})],
+    "student width 0.45, no teacher": [("distill", {"width": 0.45, "epochs": 15, "alpha": 1.0})],
+    "student width 0.45, distilled": [("distill", {"width": 0.45, "epochs": 15, "alpha": 0.5, "temperature": 4.0})],
+    "combined: prune 80% + cluster 16 + int8": [
+        ("prune", {"final_sparsity": 0.8, "scope": "global", "epochs": 4}),
+        ("cluster", {"clusters": 16, "epochs": 3}),
+        ("quantize", {"mode": "static", "calibration": "minmax"})],
+    "combined: channels 50% + cluster 16 + int8": [
+        ("prune_channels", {"ratio": 0.5, "epochs": 6}),
+        ("cluster", {"clusters": 16, "epochs": 3}),
+        ("quantize", {"mode": "static", "calibration": "minmax"})],
+}
+
+
+def run_digits(work: Path, log: logging.Logger) -> str:
+    import torch
+
+    from builder.compression._export import export_module
+    from builder.compression.data import DataSource
+    from builder.compression.engine import run_recipe
+    from builder.compression.evaluate import EvalConfig, baseline_evaluation
+    from builder.compression.recipe import Recipe, StepSpec
+    from builder.errors import BuilderError
+    from builder.loading.types import InputSpec, LoadedModel
+    from builder.zoo import digits_cnn
+
+    torch.set_num_threads(1)
+    inputs = (InputSpec("input", (1, 1, 8, 8)),)
+    split = digits_cnn.load_digits_split()
+    test = DataSource.from_arrays({"input": split.x_test}, split.y_test, inputs, "digits-test")
+    train = DataSource.from_arrays({"input": split.x_train}, split.y_train, inputs, "digits-train")
+    started = time.perf_counter()
+    module = digits_cnn.trained()
+    fp32_path = work / "digits-fp32.onnx"
+    names = export_module(module, inputs, fp32_path)
+    loaded = LoadedModel("digits", "builder.zoo.digits_cnn:trained", "factory", fp32_path, inputs, names,
+                         torch_module=module)
+    config = EvalConfig(threads=1, timed_runs=30)
+    base_eval, _ = baseline_evaluation(fp32_path, test, inputs, config)
+    rows = [DigitsRow("fp32 (baseline)", fp32_path, base_eval.accuracy or float("nan"), base_eval.params,
+                      base_eval.nonzero_params, base_eval.macs, base_eval.file_bytes, base_eval.download_bytes)]
+    log.info("digits fp32: accuracy %.4f (trained in %.0f s)", base_eval.accuracy, time.perf_counter() - started)
+    for name, steps in DIGITS_RECIPES.items():
+        recipe = Recipe(tuple(StepSpec(step, params) for step, params in steps), name=name)
+        t0 = time.perf_counter()
+        try:
+            result = run_recipe(loaded, recipe, data=test, train_data=train, out_dir=work / f"r{len(rows)}",
+                                threads=1, eval_config=config)
+        except BuilderError as exc:
+            rows.append(DigitsRow(name, None, note=f"refused: {str(exc)[:150]}"))
+            log.info("digits %s: refused (%s)", name, exc)
+            continue
+        final = result.final
+        kept = [s.record.facts.get("kept_float") for s in result.steps if s.record.facts.get("kept_float")]
+        rows.append(DigitsRow(name, result.model_path, final.accuracy or float("nan"), final.params,
+                              final.nonzero_params, final.macs, final.file_bytes, final.download_bytes,
+                              flags=tuple(final.flags), note=f"kept float: {kept}" if kept else ""))
+        log.info("digits %s: accuracy %.4f, %.0f s", name, final.accuracy or float("nan"), time.perf_counter() - t0)
+
+    timed = [r for r in rows if r.path is not None]
+    feed = {"input": split.x_test[:1]}
+    for row, ms in zip(timed, interleaved_latency_ms([r.path for r in timed], feed, threads=1, rounds=7,
+                                                     min_round_s=0.25)):
+        row.latency_ms = ms
+
+    base = rows[0]
+    headers = ["technique", "accuracy", "Δ points", "params", "non-zero", "MACs", "MACs ÷", "file KB",
+               "download KB", "download ÷", "latency µs", "speed ×", "notes"]
+    body = []
+    for r in rows:
+        if r.path is None:
+            body.append([r.name] + ["—"] * 11 + [r.note])
+            continue
+        body.append([
+            r.name, f"{r.accuracy * 100:.2f}%", f"{(r.accuracy - base.accuracy) * 100:+.2f}", f"{r.params:,}",
+            f"{r.nonzero:,}", f"{r.macs:,}" if r.macs else "?",
+            f"{base.macs / r.macs:.2f}" if r.macs and base.macs else "?",
+            f"{r.file_bytes / 1e3:.1f}", f"{r.download_bytes / 1e3:.1f}", f"{base.download_bytes / r.download_bytes:.1f}",
+            f"{r.latency_ms * 1e3:.0f}", f"{base.latency_ms / r.latency_ms:.2f}",
+            "; ".join(x for x in (r.note, ",".join(r.flags)) if x)])
+    out = [table(headers, body), ""]
+    by_name = {r.name: r for r in rows}
+
+    def drop(row: DigitsRow) -> float:
+        return (base.accuracy - row.accuracy) * 100
+
+    combined = by_name["combined: prune 80% + cluster 16 + int8"]
+    if combined.path is not None:
+        ratio = base.download_bytes / combined.download_bytes
+        out.append(f"- combined prune + cluster + int8: download {ratio:.1f}× smaller (target ≥ 8×), accuracy drop "
+                   f"{drop(combined):.2f} points (target ≤ 1): {check(ratio >= 8 and drop(combined) <= 1)}")
+    channels = by_name["prune channels 50% (Torch-Pruning)"]
+    if channels.path is not None and channels.macs and base.macs:
+        mac_ratio, speed = base.macs / channels.macs, base.latency_ms / channels.latency_ms
+        out.append(f"- structured pruning: {mac_ratio:.2f}× fewer MACs (target ≥ 2×), {speed:.2f}× speed "
+                   f"(target > 1), drop {drop(channels):.2f} points (target ≤ 1): "
+                   f"{check(mac_ratio >= 2 and speed > 1.0 and drop(channels) <= 1)}")
+    student, alone = by_name["student width 0.45, distilled"], by_name["student width 0.45, no teacher"]
+    if student.path is not None and alone.path is not None:
+        shrink = base.params / student.params
+        out.append(f"- distillation: student {shrink:.1f}× fewer parameters (target ≥ 4×), accuracy "
+                   f"{student.accuracy * 100:.2f}% distilled vs {alone.accuracy * 100:.2f}% without the teacher: "
+                   f"{check(shrink >= 4 and student.accuracy > alone.accuracy)}")
+    out.append(f"\nDigits part: {time.perf_counter() - started:.0f} s.")
+    return "\n".join(out)
+
+
+# ---- part 2: MiniLM -----------------------------------------------------------------------------
+BEST_RECIPE: list[tuple[str, dict[str, Any]]] = [
+    ("optimize_graph", {"level": "basic", "bert_fusions": True, "num_heads": 12, "hidden_size": 384}),
+    ("smooth", {"alpha": 0.85}),
+    ("quantize", {"mode": "dynamic", "per_channel": True, "target_cosine": 0.997, "target_agreement": 0.95,
+                  "max_kept": 2, "eval_samples": 100, "calibration_samples": 100}),
+]
+
+
+def embed_all(path: Path, feeds: dict[str, np.ndarray], threads: int = 2, batch: int = 25) -> np.ndarray:
+    from builder.compression.evaluate import make_session
+
+    session = make_session(path, threads)
+    names = {i.name for i in session.get_inputs()}
+    count = len(next(iter(feeds.values())))
+    return np.concatenate([session.run(None, {k: v[s:s + batch] for k, v in feeds.items() if k in names})[0]
+                           for s in range(0, count, batch)])
+
+
+def run_minilm(work: Path, log: logging.Logger) -> str:
+    import onnx
+    import torch
+    from onnxruntime.quantization import quantize_dynamic
+
+    from builder.compression._export import export_module
+    from builder.compression.data import DataSource
+    from builder.compression.engine import run_recipe
+    from builder.compression.evaluate import EvalConfig, compare_outputs
+    from builder.compression.payload import download_size
+    from builder.compression.recipe import Recipe, StepSpec
+    from builder.errors import BuilderError
+    from builder.loading.types import InputSpec, LoadedModel
+    from builder.zoo import minilm as zoo
+
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    sentences = zoo.machine_sentences(400)
+    eval_feeds = zoo.tokenize(sentences[:300])
+    calib_feeds = zoo.tokenize(sentences[300:])
+    inputs = (InputSpec("input_ids", (1, zoo.SEQ_LEN), "int64"), InputSpec("attention_mask", (1, zoo.SEQ_LEN), "int64"))
+    fp32 = work / "minilm-fp32.onnx"
+    names = export_module(zoo.minilm(), inputs, fp32, ("embedding",))
+    log.info("MiniLM exported in %.0f s", time.perf_counter() - started)
+
+    dyn = work / "minilm-dynamic.onnx"
+    quantize_dynamic(str(fp32), str(dyn))  # the plain baseline: all defaults
+
+    loaded = LoadedModel("minilm", "builder.zoo.minilm:minilm", "factory", fp32, inputs, names)
+    calib = DataSource.from_arrays(calib_feeds, None, inputs, "minilm-calibration")
+    recipe = Recipe(tuple(StepSpec(s, p) for s, p in BEST_RECIPE), name="minilm-best")
+    best: Optional[Path] = None
+    recipe_note = ""
+    t0 = time.perf_counter()
+    try:
+        result = run_recipe(loaded, recipe, data=calib, train_data=None, out_dir=work / "minilm-best", threads=1,
+                            eval_config=EvalConfig(threads=1, timed_runs=10, warmup_runs=3, task="embed"))
+        best = result.model_path
+        quant = result.steps[-1].record.facts
+        recipe_note = (f"kept in float: {quant.get('kept_float')}; smoothed tensors: "
+                       f"{result.steps[1].record.facts.get('smoothed_tensors')}; warnings: "
+                       f"{[w for s in result.steps for w in s.record.warnings]}")
+    except BuilderError as exc:
+        recipe_note = f"best recipe refused: {exc}"
+    log.info("MiniLM best recipe: %.0f s; %s", time.perf_counter() - t0, recipe_note)
+
+    models = [("fp32 ONNX (baseline)", fp32), ("plain quantize_dynamic", dyn)]
+    if best is not None:
+        models.append(("best: BERT fusions + smooth 0.85 + dynamic int8 per-channel", best))
+    reference = embed_all(fp32, eval_feeds)
+    fid = {name: compare_outputs(reference, embed_all(path, eval_feeds), "embed") for name, path in models}
+    feed = {k: v[:1] for k, v in eval_feeds.items()}
+    lat = {threads: interleaved_latency_ms([p for _, p in models], feed, threads, rounds=7, min_round_s=0.6)
+           for threads in (1, 2)}
+
+    headers = ["model", "file MB", "download MB", "cosine mean", "cosine min", "NN agreement",
+               "1 thread ms", "× fp32", "2 threads ms", "× fp32"]
+    body = []
+    for i, (name, path) in enumerate(models):
+        f = fid[name]
+        body.append([name, f"{path.stat().st_size / MB:.2f}", f"{download_size(path) / MB:.2f}",
+                     f"{f.cosine_mean:.4f}", f"{f.cosine_min:.4f}", f"{f.agreement * 100:.1f}%",
+                     f"{lat[1][i]:.1f}", f"{lat[1][0] / lat[1][i]:.2f}", f"{lat[2][i]:.1f}", f"{lat[2][0] / lat[2][i]:.2f}"])
+    out = [table(headers, body), "", recipe_note]
+    if best is not None:
+        f, speed, size = fid[models[2][0]], lat[1][0] / lat[1][2], best.stat().st_size / MB
+        domains = sorted({n.domain or "ai.onnx" for n in onnx.load(str(best), load_external_data=False).graph.node})
+        out += ["", "Targets for the best recipe (1 thread):",
+                f"- speed {speed:.2f}× fp32 (target ≥ 2.2×): {check(speed >= 2.2)}",
+                f"- size {size:.2f} MB (target ≤ 23 MB): {check(size <= 23)}",
+                f"- mean cosine {f.cosine_mean:.4f} (target ≥ 0.995): {check(f.cosine_mean >= 0.995)}",
+                f"- nearest-neighbour agreement {f.agreement * 100:.1f}% (target ≥ 95%): {check(f.agreement >= 0.95)}",
+                f"- op domains in the shipped graph: {domains} (com.microsoft contrib ops ship in every ORT CPU "
+                "build; no NCHWc)"]
+    out.append(f"\nMiniLM part: {time.perf_counter() - started:.0f} s.")
+    return "\n".join(out)
+
+
+def machine_line() -> str:
+    import onnxruntime
+
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC · {platform.machine()} · {cpu} · "
+            f"{os.cpu_count()} cores · load avg {load:.1f} at the start · onnxruntime {onnxruntime.__version__} · "
+            f"Python {platform.python_version()}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["all", "digits", "minilm"], default="all")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/RESULTS.md")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("root", "onnxruntime", "builder.compression.quantization"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)  # ORT's "consider pre-processing" chatter
+    logging.getLogger("bench").setLevel(logging.INFO)
+    warnings.filterwarnings("ignore")
+    log = logging.getLogger("bench")
+    header = machine_line()
+    print(header, flush=True)
+    sections = [f"Machine: {header}"]
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-compress-") as tmp:
+        work = Path(tmp)
+        if args.part in ("all", "digits"):
+            text = run_digits(work, log)
+            print("\n## Digits CNN\n\n" + text, flush=True)
+            sections.append("## Digits CNN (scikit-learn digits, 450 test images, batch 1, 1 thread)\n\n" + text)
+        if args.part in ("all", "minilm"):
+            text = run_minilm(work, log)
+            print("\n## MiniLM\n\n" + text, flush=True)
+            sections.append("## all-MiniLM-L6-v2 (seq 128, batch 1, 300 sentences)\n\n" + text)
+    total = f"Total run time: {time.perf_counter() - started:.0f} s."
+    print(total)
+    if not args.no_write and args.part == "all":  # a partial run must not replace the full table
+        write_results(args.results, "\n\n".join(sections + [total]))
+    return 0
+
+
+def write_results(path: Path, measured: str) -> None:
+    """Replace the measured block of RESULTS.md, keeping the hand-written notes after it."""
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    text = path.read_text() if path.exists() else f"# Compression benchmark results\n\n{start}\n{end}\n"
+    if start not in text:
+        text = f"{start}\n{end}\n\n" + text
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{head}{start}\n{measured}\n{end}{tail}")
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
