@@ -147,8 +147,12 @@ def render_analysis(console: "Console", loaded: "LoadedModel", stats: "GraphStat
         runs = [estimate_latency(stats, profile)]
         if profile.preferred_precision != "fp32" or stats.macs_by_precision.keys() - {"fp32"}:
             runs.append(estimate_latency(stats, profile, profile.preferred_precision))
+        built = max(stats.macs_by_precision, key=stats.macs_by_precision.get) if stats.macs_by_precision else "fp32"
         for estimate in runs:
-            label = estimate.precision if estimate.precision != profile.preferred_precision else f"{estimate.precision} (preferred)"
+            if estimate.precision == "as-built":
+                label = f"{built} (as built)"
+            else:
+                label = f"{estimate.precision} (preferred)"
             estimates.add_row(profile.name, label, f"{estimate.latency_ms:.3f} ms", f"{estimate.energy_mj:.2f} mJ",
                               f"{estimate.compute_bound_layers}/{estimate.memory_bound_layers}",
                               _bytes(estimate.memory_needed_bytes),
