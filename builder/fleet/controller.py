@@ -71,12 +71,17 @@ class Rung:
 
 @dataclass(frozen=True)
 class FieldWindow:
-    """One telemetry window of real requests on the device."""
+    """One telemetry window of real requests on the device (it covers ``end_ts - window_s`` to ``end_ts``)."""
 
     end_ts: float
     artifact_id: Optional[str]
     p95_ms: Optional[float]
     requests: int
+    window_s: float = 0.0
+
+    @property
+    def start_ts(self) -> float:
+        return self.end_ts - self.window_s
 
 
 @dataclass(frozen=True)
@@ -251,7 +256,8 @@ def decide(policy: Policy, state: DeviceLoopState, current_artifact: Optional[st
                         numbers={**base, "target_estimated_ms": target.estimated_latency_ms})
 
     since = state.last_change_ts if state.last_change_ts is not None else float("-inf")
-    recent = [w for w in usable if w.artifact_id == current_artifact and w.end_ts > since]
+    # A window that began before the last change mixes two rungs' requests: it is not evidence.
+    recent = [w for w in usable if w.artifact_id == current_artifact and w.start_ts >= since]
     cooldown_left = 0.0 if state.last_change_ts is None else state.last_change_ts + pacing.cooldown_s - now
 
     violating = _trailing(recent, lambda w: w.p95_ms > objective)
@@ -276,7 +282,7 @@ def _judge(policy: Policy, pending: PendingChange, current_artifact: Optional[st
     pacing = policy.pacing
     numbers = {**base, "baseline_p95_ms": pending.baseline_p95_ms}
     if current_artifact != pending.to_artifact and not pending.device_failed:
-        back = [w for w in usable if w.artifact_id == current_artifact and w.end_ts > pending.at_ts]
+        back = [w for w in usable if w.artifact_id == current_artifact and w.start_ts >= pending.at_ts]
         if current_artifact == pending.from_artifact and len(back) >= pacing.judge_windows:
             # The agent rolled back by itself (health or latency watchdog): the change failed.
             pending = replace(pending, device_failed=True,
@@ -291,7 +297,7 @@ def _judge(policy: Policy, pending: PendingChange, current_artifact: Optional[st
         numbers["measured_fidelity"] = pending.measured_fidelity
         return Decision(Action.ROLLBACK, f"device-measured fidelity {pending.measured_fidelity:.4f} under the floor {floor}",
                         target_artifact=pending.from_artifact, mark_bad=pending.to_artifact, numbers=numbers)
-    post = [w for w in usable if w.artifact_id == pending.to_artifact and w.end_ts > pending.at_ts]
+    post = [w for w in usable if w.artifact_id == pending.to_artifact and w.start_ts >= pending.at_ts]
     numbers["judge_windows_seen"] = len(post)
     if len(post) < pacing.judge_windows:
         return Decision(Action.WAIT, f"judging {pending.kind.value} to {pending.to_artifact}: "

@@ -325,7 +325,8 @@ class ReCompressionLoop:
             if row.requests <= 0:
                 continue
             p95 = row.p95_ms if row.p95_ms is not None else (row.latency_ms or {}).get("p95")
-            out.append(FieldWindow(end_ts=row.ts, artifact_id=row.model_id, p95_ms=p95, requests=row.requests))
+            out.append(FieldWindow(end_ts=row.ts, artifact_id=row.model_id, p95_ms=p95, requests=row.requests,
+                                   window_s=row.window_s or 0.0))
         return out
 
     def _calibrate(self, record: LoopRecord, windows: Sequence[FieldWindow], ladder: Sequence[Rung],

@@ -259,3 +259,14 @@ def test_device_that_rolls_back_by_itself_fails_the_change() -> None:
     back.append(FieldWindow(12.0, "fp32", 20.0, 50))
     d = decide(policy(), state, "fp32", back, LADDER, 12.0)
     assert d.action == Action.ROLLBACK and d.mark_bad == "int8" and "by itself" in d.reason
+
+
+def test_a_window_that_straddles_the_change_is_not_evidence() -> None:
+    pending = PendingChange(ChangeKind.STEP_DOWN, 10.0, "fp32", "int8", 20.0)
+    state = DeviceLoopState(pending=pending)
+    # The first window on int8 began at 9.5, before the switch at 10.0: its p95 is the old rung's.
+    windows = [FieldWindow(10.5, "int8", 40.0, 50, window_s=1.0), FieldWindow(11.5, "int8", 10.0, 50, window_s=1.0)]
+    assert decide(policy(), state, "int8", windows, LADDER, 11.5).action == Action.WAIT
+    windows.append(FieldWindow(12.5, "int8", 10.0, 50, window_s=1.0))
+    d = decide(policy(), state, "int8", windows, LADDER, 12.5)
+    assert d.action == Action.ACCEPT and d.numbers["post_p95_ms"] == 10.0
