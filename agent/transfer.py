@@ -10,6 +10,7 @@ restart or an agent restart). ``.meta.json`` beside it records which compressed 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,7 +25,8 @@ from typing import Any, Callable
 
 from agent import protocol as proto
 from agent.errors import ProtocolError, SignatureError, TransferError
-from agent.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest, sha256_file, verify_artifact_dir, verify_signature
+from agent.manifest import (MANIFEST_FILE, SIGNATURE_FILE, Manifest, PayloadEntry, sha256_file, verify_artifact_dir,
+                            verify_signature)
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +104,8 @@ class ChunkPuller:
         for entry in manifest.payloads:
             final = dest_dir / entry.name
             if not (final.is_file() and final.stat().st_size == entry.size_bytes and sha256_file(final) == entry.sha256):
-                part = self._pull_stream(manifest.artifact_id, entry.name, work,
-                                         lambda frac, base=done_before, size=entry.size_bytes: self._progress(base + int(frac * size), total))
-                _decompress(part, final)
-                try:
-                    from agent.manifest import verify_payload_file
-
-                    verify_payload_file(final, entry)
-                except SignatureError:
-                    final.unlink(missing_ok=True)
-                    _remove_stream(work, entry.name)  # never resume from a stream that produced a bad payload
-                    raise
+                self._pull_payload(manifest.artifact_id, entry, work, final,
+                                   lambda frac, base=done_before, size=entry.size_bytes: self._progress(base + int(frac * size), total))
             done_before += entry.size_bytes
             self._progress(done_before, total)
         _write_json(dest_dir / MANIFEST_FILE, dict(desired.manifest))
@@ -126,7 +119,12 @@ class ChunkPuller:
             self.on_progress(Progress(done, total))
 
     # -- one payload's compressed stream ------------------------------------------------------
-    def _pull_stream(self, artifact_id: str, name: str, work: Path, on_fraction: Callable[[float], None]) -> Path:
+    def _pull_payload(self, artifact_id: str, entry: PayloadEntry, work: Path, final: Path,
+                      on_fraction: Callable[[float], None]) -> None:
+        """Pull one payload's zstd stream; chunks are hashed, decompressed and hashed again as they
+        arrive in order (no second pass over the data), so the payload is verified when the last
+        chunk lands. The compressed ``.part`` file is kept only for resuming."""
+        name = entry.name
         part = work / f"{name}.zst.part"
         meta_path = work / f"{name}.meta.json"
         meta = _read_json(meta_path)
@@ -145,6 +143,28 @@ class ChunkPuller:
                 log.info("resuming %s/%s at chunk %d of %d", artifact_id[:12], name, next_index, chunk_count)
         else:
             part.write_bytes(b"")
+        sink = _PayloadSink(final)
+        try:
+            sink.replay(part)  # a resumed download: re-feed what is already verified
+            self._receive(artifact_id, name, part, meta_path, sink, on_fraction, next_index,
+                          chunk_bytes, chunk_count, compressed_size, stream_sha)
+        except BaseException:
+            sink.abort()
+            raise
+        if sink.stream_sha != "" and sink.stream_sha != sink.stream_sha256():
+            sink.abort()
+            _remove_stream(work, name)
+            raise TransferError(f"compressed stream of {name} does not match its sha256; will download again")
+        try:
+            sink.finish(entry)
+        except (SignatureError, TransferError):
+            _remove_stream(work, name)  # never resume from a stream that produced a bad payload
+            raise
+
+    def _receive(self, artifact_id: str, name: str, part: Path, meta_path: Path, sink: "_PayloadSink",
+                 on_fraction: Callable[[float], None], next_index: int, chunk_bytes: int | None,
+                 chunk_count: int | None, compressed_size: int | None, stream_sha: str | None) -> None:
+        """Request windows and append verified chunks in order until the stream is complete."""
         self._drain_stale_frames()
         buffered: dict[int, bytes] = {}
         requested_upto = next_index
@@ -194,6 +214,7 @@ class ChunkPuller:
                     if stream_sha is not None and h.stream_sha256 != stream_sha:
                         log.info("server's compressed stream of %s changed; restarting its download", name)
                         out.truncate(0)
+                        sink.reset()
                         next_index, requested_upto = 0, 0
                         buffered.clear()
                     chunk_bytes, chunk_count = h.chunk_bytes, h.chunk_count
@@ -210,16 +231,14 @@ class ChunkPuller:
                     continue
                 buffered[h.index] = frame.data
                 while next_index in buffered:
-                    out.write(buffered.pop(next_index))
+                    data = buffered.pop(next_index)
+                    out.write(data)
+                    sink.feed(data)
                     next_index += 1
                     last_activity = time.monotonic()
                     on_fraction(next_index / chunk_count)
             out.flush()
-            os.fsync(out.fileno())
-        if stream_sha and sha256_file(part) != stream_sha:
-            _remove_stream(work, name)
-            raise TransferError(f"compressed stream of {name} does not match its sha256; will download again")
-        return part
+        sink.stream_sha = stream_sha or ""
 
     def _drain_stale_frames(self) -> None:
         while True:
@@ -229,20 +248,64 @@ class ChunkPuller:
                 return
 
 
-def _decompress(src: Path, dest: Path) -> None:
-    import zstandard
+class _PayloadSink:
+    """Hashes the compressed stream, decompresses it and hashes the output, incrementally."""
 
-    tmp = dest.with_name(dest.name + ".tmp")
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            zstandard.ZstdDecompressor().copy_stream(fin, fout, read_size=1 << 20, write_size=1 << 20)
-            fout.flush()
-            os.fsync(fout.fileno())
-    except zstandard.ZstdError as exc:
-        tmp.unlink(missing_ok=True)
-        _remove_stream(src.parent, src.name[:-len(".zst.part")])
-        raise TransferError(f"{src.name} is not a valid zstd stream ({exc}); will download again") from exc
-    os.replace(tmp, dest)
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        self.tmp = final.with_name(final.name + ".tmp")
+        self.reset()
+
+    def reset(self) -> None:
+        import zstandard
+
+        if getattr(self, "_out", None) is not None:
+            self._out.close()
+        self._stream_hash = hashlib.sha256()
+        self._payload_hash = hashlib.sha256()
+        self._size = 0
+        self._dobj = zstandard.ZstdDecompressor().decompressobj()
+        self._out = open(self.tmp, "wb")
+
+    def replay(self, part: Path) -> None:
+        with open(part, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                self.feed(block)
+
+    def feed(self, data: bytes) -> None:
+        import zstandard
+
+        self._stream_hash.update(data)
+        try:
+            raw = self._dobj.decompress(data)
+        except zstandard.ZstdError as exc:
+            self.abort()
+            raise TransferError(f"{self.final.name}: invalid zstd stream ({exc}); will download again") from exc
+        if raw:
+            self._payload_hash.update(raw)
+            self._size += len(raw)
+            self._out.write(raw)
+
+    def stream_sha256(self) -> str:
+        return self._stream_hash.hexdigest()
+
+    def abort(self) -> None:
+        self._out.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def finish(self, entry: PayloadEntry) -> None:
+        """Check size and sha256 against the signed manifest, fsync, and move into place."""
+        self._out.flush()
+        os.fsync(self._out.fileno())
+        self._out.close()
+        if not self._dobj.eof:
+            self.tmp.unlink(missing_ok=True)
+            raise TransferError(f"{entry.name}: the zstd stream is truncated; will download again")
+        if self._size != entry.size_bytes or self._payload_hash.hexdigest() != entry.sha256:
+            self.tmp.unlink(missing_ok=True)
+            raise SignatureError(f"payload {entry.name} ({self._size} bytes, sha256 {self._payload_hash.hexdigest()[:12]}…) "
+                                 f"does not match the signed manifest ({entry.size_bytes} bytes, {entry.sha256[:12]}…)")
+        os.replace(self.tmp, self.final)
 
 
 def _remove_stream(work: Path, name: str) -> None:

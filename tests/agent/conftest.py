@@ -98,11 +98,12 @@ def agent_config(broker_url: str, device_id: str, password: str, trusted_key: Pa
 
 def agent_toml(path: Path, broker_url: str, device_id: str, password: str, trusted_key: Path, data_dir: Path,
                **extra: Any) -> Path:
-    lines = [f'device_id = "{device_id}"', f'broker_url = "{broker_url}"', f'password = "{password}"',
-             f'trusted_key = "{trusted_key}"', f'data_dir = "{data_dir}"', "http_port = 0", "threads = 1",
-             "telemetry_interval_s = 60.0", "reconnect_min_s = 0.2", "reconnect_max_s = 1.0",
-             "chunk_timeout_s = 3.0", 'profile = "x86-64-host"']
-    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+    values: dict[str, Any] = {"device_id": device_id, "broker_url": broker_url, "password": password,
+                              "trusted_key": str(trusted_key), "data_dir": str(data_dir), "http_port": 0, "threads": 1,
+                              "telemetry_interval_s": 60.0, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0,
+                              "chunk_timeout_s": 3.0, "profile": "x86-64-host"}
+    values.update(extra)
+    lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
