@@ -84,6 +84,7 @@ def register(app: typer.Typer) -> None:
     def status(
         group_name: Optional[str] = typer.Option(None, "--group", help="Only this group."),
         as_json: bool = typer.Option(False, "--json"),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Also the loop's latency factor (field / estimate)."),
         data_dir: Optional[Path] = DataDirOption,
     ) -> None:
         """One row per device: online, profile, model, field p50/p95, requests, power, temperature, last seen."""
@@ -93,16 +94,28 @@ def register(app: typer.Typer) -> None:
         from builder.fleet.status import STATUS_COLUMNS, collect_status, status_cells
         from builder.fleet.store import open_store
 
-        with open_store(data_dir_or_default(data_dir)) as store:
+        home = data_dir_or_default(data_dir)
+        with open_store(home) as store:
             rows = collect_status(store, time.time(), group=group_name)
+            store_path = store.path
+        factors: dict[str, float] = {}
+        if verbose:
+            from builder.fleet.loop import latency_factors
+
+            factors = latency_factors(store_path)
         if as_json:
-            print(json.dumps([r.to_dict() for r in rows], indent=2))
+            data = [r.to_dict() for r in rows]
+            for item in data:
+                if verbose:
+                    item["latency_factor"] = factors.get(item["device_id"])
+            print(json.dumps(data, indent=2))
             return
         table = Table(title="Fleet status")
-        for column in STATUS_COLUMNS:
+        for column in STATUS_COLUMNS + (("latency factor",) if verbose else ()):
             table.add_column(column)
         for row in rows:
-            table.add_row(*status_cells(row), style=None if row.online else "dim")
+            extra = (f"×{factors[row.device_id]:.2f}" if row.device_id in factors else "—",) if verbose else ()
+            table.add_row(*status_cells(row), *extra, style=None if row.online else "dim")
         Console().print(table)
         if not rows:
             Console().print("no devices yet: `builder fleet add-device ID --profile P`, then start its agent")

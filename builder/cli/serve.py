@@ -33,10 +33,14 @@ def read_password_file(path: Optional[Path]) -> Optional[str]:
         raise UsageError(f"cannot read --password-file {path}: {exc.strerror}") from exc
 
 
-def _telemetry_hooks(data_dir: Path) -> list[Any]:
-    """Callables ``(device_id, TelemetryReport) -> None`` run after each stored report (the
-    re-compression controller registers here)."""
-    return []
+def _telemetry_hooks(data_dir: Path, loop: bool, loop_dry_run: bool) -> list[Any]:
+    """Callables ``(device_id, TelemetryReport) -> None`` run after each stored report: the
+    re-compression loop (it acts only for devices with a policy: `builder fleet policy set`)."""
+    if not loop:
+        return []
+    from builder.fleet.loop import serve_hooks
+
+    return list(serve_hooks(data_dir, dry_run=loop_dry_run))
 
 
 def register(app: typer.Typer) -> None:
@@ -49,6 +53,8 @@ def register(app: typer.Typer) -> None:
         data_dir: Optional[Path] = DataDirOption,
         port: int = typer.Option(1883, help="Port of the embedded broker (0: any free port)."),
         chunk_delay_s: float = typer.Option(0.0, help="Pause between chunks (simulates a slow link; demos)."),
+        loop: bool = typer.Option(True, "--loop/--no-loop", help="Run the re-compression loop for devices that have a policy."),
+        loop_dry_run: bool = typer.Option(False, help="The loop logs its decisions but pushes nothing."),
         log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING"),
     ) -> None:
         """Run the fleet's host side until Ctrl-C: registry, telemetry store, chunk server."""
@@ -66,7 +72,7 @@ def register(app: typer.Typer) -> None:
             endpoint = resolve_endpoint(home, broker, username, read_password_file(password_file), ca_file)
         settings = ServeSettings(data_dir=home, broker=endpoint, embedded=EmbeddedBrokerSettings(port=port),
                                  chunk_delay_s=chunk_delay_s)
-        server = FleetServer(settings, telemetry_hooks=_telemetry_hooks(home))
+        server = FleetServer(settings, telemetry_hooks=_telemetry_hooks(home, loop, loop_dry_run))
         signal.signal(signal.SIGTERM, lambda signum, frame: server.request_stop())
         server.start()
         console = Console(stderr=True)
