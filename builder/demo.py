@@ -1,0 +1,115 @@
+"""``python -m builder.demo`` (what ``make demo`` runs): EdgeFleet's main job as named stages.
+
+Each stage is a ``DemoStage(name, title, run)``; ``run(ctx)`` reads earlier stages' results from
+``ctx.results``, writes files under ``ctx.out_dir`` (recording them with ``ctx.wrote``) and prints
+with ``ctx.console``. Later steps of the loop (compress, build, deploy...) add their stage to
+``STAGES``; ``--stage NAME`` runs a subset.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+DEFAULT_OUT_DIR = Path("demo-out")
+
+
+@dataclass
+class DemoContext:
+    """What stages share: the output folder, the console, the device profiles, and results by name."""
+
+    out_dir: Path
+    console: Any  # rich.console.Console
+    profiles: dict[str, Any]  # name -> builder.profiles.DeviceProfile
+    results: dict[str, Any] = field(default_factory=dict)
+    written: list[Path] = field(default_factory=list)
+
+    def wrote(self, path: Path) -> Path:
+        self.written.append(Path(path))
+        return Path(path)
+
+    def write_json(self, name: str, data: Any) -> Path:
+        """Write ``out_dir/name`` atomically (temporary file in the same folder, then rename)."""
+        path = self.out_dir / name
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return self.wrote(path)
+
+
+@dataclass(frozen=True)
+class DemoStage:
+    name: str
+    title: str
+    run: Callable[[DemoContext], None]
+
+
+def analyse_minilm(ctx: DemoContext) -> None:
+    """Export all-MiniLM-L6-v2 (seq 128, checked against PyTorch), analyse it, estimate it per profile."""
+    from builder.analysis import analyze_loaded
+    from builder.analysis.report import analysis_report
+    from builder.cli.analyze import estimates_for, model_facts, render_analysis
+    from builder.loading import load_model
+    from builder.zoo.minilm import INPUT_SPEC
+
+    with ctx.console.status("exporting all-MiniLM-L6-v2 to ONNX and checking it against PyTorch..."):
+        loaded = load_model("builder.zoo.minilm:minilm", INPUT_SPEC, workdir=ctx.out_dir)
+    ctx.wrote(loaded.onnx_path)
+    ctx.console.print(f"exported {loaded.onnx_path} (max abs diff vs PyTorch {loaded.export_max_abs_diff:.2g})")
+    stats = analyze_loaded(loaded)
+    profiles = list(ctx.profiles.values())
+    render_analysis(ctx.console, loaded, stats, profiles, top=15)
+    ctx.write_json("minilm-analysis.json", analysis_report(model_facts(loaded), stats, estimates_for(stats, profiles)))
+    ctx.results["minilm"] = loaded
+    ctx.results["minilm_stats"] = stats
+
+
+STAGES: tuple[DemoStage, ...] = (
+    DemoStage("analyse", "Analyse all-MiniLM-L6-v2 (seq 128): layers, totals, estimates per device", analyse_minilm),
+)
+
+
+def run_demo(out_dir: Path, stage_names: Sequence[str] | None = None, console: Any = None) -> DemoContext:
+    """Run the named stages (all when None) in order; returns the context with results and files."""
+    from builder.cli.analyze import wide_console
+    from builder.errors import UsageError
+    from builder.profiles import load_profiles
+
+    known = {stage.name for stage in STAGES}
+    unknown = [name for name in stage_names or () if name not in known]
+    if unknown:
+        raise UsageError(f"unknown demo stage '{unknown[0]}'; stages: {', '.join(s.name for s in STAGES)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = DemoContext(out_dir=out_dir, console=console or wide_console(), profiles=load_profiles())
+    for number, stage in enumerate(STAGES, 1):
+        if stage_names and stage.name not in stage_names:
+            continue
+        ctx.console.rule(f"[bold]{number}. {stage.name}[/bold]: {stage.title}")
+        started = time.monotonic()
+        stage.run(ctx)
+        ctx.console.print(f"[dim]{stage.name} took {time.monotonic() - started:.1f} s[/dim]")
+    ctx.console.rule("outputs")
+    for path in ctx.written:
+        ctx.console.print(f"wrote {path}")
+    ctx.console.print(f"all outputs are in {out_dir.resolve()}")
+    return ctx
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from builder.cli.errors import guarded
+    from builder.errors import BuilderError
+
+    parser = argparse.ArgumentParser(prog="python -m builder.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="output folder (default: ./demo-out)")
+    parser.add_argument("--stage", action="append", help="run only this stage (repeatable)")
+    args = parser.parse_args(argv)
+    guarded(lambda: run_demo(args.out, args.stage), (BuilderError,), "demo")
+
+
+if __name__ == "__main__":
+    main()
