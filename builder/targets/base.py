@@ -1,0 +1,281 @@
+"""The one interface every target runtime implements, and the plain data it speaks.
+
+A target takes an ONNX file (the compressed model, or the original) and writes what one runtime
+loads on the device (``compile``), then proves on the host, in that runtime, that the files compute
+what the reference model computes (``verify``). Unsupported operators are found before conversion
+(``check_ops``) and reported by name with the alternative.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from agent.manifest import TensorSpec
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+@dataclass(frozen=True)
+class UnsupportedOp:
+    """An operator a target cannot run as asked. ``blocking`` ops stop the build; the others are
+    handled by the fallback named in ``alternative`` (e.g. TensorRT hands the node to CUDA/CPU)."""
+
+    op_type: str
+    domain: str
+    count: int
+    reason: str
+    alternative: str
+    blocking: bool = True
+
+    def describe(self) -> str:
+        domain = f"{self.domain}::" if self.domain else ""
+        return f"{domain}{self.op_type} x{self.count} ({self.reason}; alternative: {self.alternative})"
+
+
+@dataclass(frozen=True)
+class PayloadFile:
+    """One file a target wrote. ``role`` as in the manifest: "model", "sample" or "aux"."""
+
+    name: str
+    path: Path
+    role: str = "model"
+
+
+@dataclass(frozen=True)
+class CompiledPayloads:
+    """What ``compile`` returns: the files to ship plus what the manifest says about them.
+
+    ``verify_files`` are extra files loaded during verification but not shipped (e.g. the portable
+    ``.onnx`` an ``.ort`` was converted from). ``inputs``/``outputs`` are as the artifact's runtime
+    sees them (a ``.tflite`` has its own signature names and int32 instead of int64).
+    """
+
+    runtime: str
+    format: str
+    precision: str
+    files: tuple[PayloadFile, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    execution_providers: tuple[str, ...] = ()
+    runtime_options: Mapping[str, Any] = field(default_factory=dict)
+    verify_files: tuple[PayloadFile, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def model_file(self) -> PayloadFile:
+        return next(f for f in self.files if f.role == "model")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass criteria against the reference outputs. ``min_top1`` applies to (1, classes) outputs and
+    only when the samples carry labels (a classifier); ``min_cosine`` is the worst sample's."""
+
+    atol: float
+    rtol: float
+    min_cosine: float
+    min_top1: float | None = None
+    elementwise: bool = True  # False for lossy precisions: judged by cosine/top-1 only
+
+    def as_manifest(self) -> dict[str, float]:
+        return {"atol": self.atol, "rtol": self.rtol, "min_cosine": self.min_cosine}
+
+
+# fp32: numerical noise only; fp16: ~1e-3 relative; int8 / compressed: agreement, not equality.
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(atol=1e-4, rtol=1e-3, min_cosine=0.99999),
+    "fp16": Tolerance(atol=2e-2, rtol=2e-2, min_cosine=0.999),
+    "int8": Tolerance(atol=float("inf"), rtol=float("inf"), min_cosine=0.95, min_top1=0.9, elementwise=False),
+    "lossy": Tolerance(atol=float("inf"), rtol=float("inf"), min_cosine=0.9, min_top1=0.85, elementwise=False),
+}
+
+
+def tolerance_for(precision: str, compressed: bool = False) -> Tolerance:
+    """The tolerance for an artifact of this precision; a compressed model is judged by agreement."""
+    if precision not in TOLERANCES or (compressed and precision != "int8"):
+        return TOLERANCES["lossy"]
+    return TOLERANCES[precision]
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """One payload's outputs compared with the reference over every sample."""
+
+    payload: str
+    output: str  # the worst output of this payload
+    max_abs_diff: float
+    mean_abs_diff: float
+    min_cosine: float
+    mean_cosine: float
+    top1_agreement: float | None
+    passed: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class VerificationReport:
+    """Every payload the target loaded, what it was compared with, and the verdict.
+
+    ``checked`` says honestly how (e.g. "fp16 ONNX on ORT CPU; TensorRT EP not available on host").
+    """
+
+    runtime: str
+    precision: str
+    tolerance: Tolerance
+    checks: tuple[OutputCheck, ...]
+    checked: str
+    num_samples: int
+    host_latency_ms: float | None = None
+    predictions: tuple[int, ...] | None = None  # argmax of the model payload's first output, per sample
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    @property
+    def worst(self) -> OutputCheck:
+        return max(self.checks, key=lambda c: (not c.passed, c.max_abs_diff))
+
+    def summary(self) -> str:
+        w = self.worst
+        top1 = "" if w.top1_agreement is None else f", top-1 agreement {w.top1_agreement:.3f}"
+        return (f"{w.payload} output '{w.output}': max |diff| {w.max_abs_diff:.3g}, min cosine {w.min_cosine:.6f}{top1}"
+                f" over {self.num_samples} samples (tolerance atol {self.tolerance.atol:g}, min cosine {self.tolerance.min_cosine:g})")
+
+
+class TargetRuntime(Protocol):
+    """One runtime EdgeFleet compiles for. Members live in their own modules; ``TARGETS`` lists them."""
+
+    name: ClassVar[str]
+    precisions: ClassVar[tuple[str, ...]]
+    formats: ClassVar[tuple[str, ...]]
+
+    def check_ops(self, onnx_model: Any, precision: str = "fp32") -> list[UnsupportedOp]: ...
+
+    def compile(self, model_onnx_path: Path, inputs: Sequence[TensorSpec], precision: str,
+                options: Mapping[str, Any], workdir: Path) -> CompiledPayloads: ...
+
+    def verify(self, payloads: CompiledPayloads, sample_inputs: Sequence[Mapping[str, np.ndarray]],
+               reference_outputs: Sequence[Mapping[str, np.ndarray]], tolerance: Tolerance) -> VerificationReport: ...
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.astype(np.float64).ravel()
+    b = b.astype(np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def compare_outputs(payload: str, outputs: Sequence[Mapping[str, np.ndarray]],
+                    reference: Sequence[Mapping[str, np.ndarray]], tolerance: Tolerance,
+                    output_names: Sequence[str] | None = None) -> OutputCheck:
+    """Compare a payload's per-sample outputs with the reference's; pure, used by every target.
+
+    Outputs are matched by position (``output_names`` gives the reference names in artifact order)
+    because a converted model may rename them. Returns the check of the worst output.
+    """
+    if len(outputs) != len(reference) or not reference:
+        return OutputCheck(payload, "?", float("inf"), float("inf"), 0.0, 0.0, None, False,
+                           f"{len(outputs)} results for {len(reference)} samples")
+    ref_names = list(output_names) if output_names else list(reference[0].keys())
+    checks: list[OutputCheck] = []
+    for pos, ref_name in enumerate(ref_names):
+        diffs, cosines, agree, maxes, nonfinite = [], [], [], [], False
+        within = True
+        for got_map, ref_map in zip(outputs, reference):
+            got_vals = list(got_map.values())
+            ref = np.asarray(ref_map[ref_name], dtype=np.float64)
+            if pos >= len(got_vals):
+                return OutputCheck(payload, ref_name, float("inf"), float("inf"), 0.0, 0.0, None, False, "output missing")
+            got = np.asarray(got_vals[pos], dtype=np.float64)
+            if got.size != ref.size:
+                return OutputCheck(payload, ref_name, float("inf"), float("inf"), 0.0, 0.0, None, False,
+                                   f"shape {got.shape} != reference {ref.shape}")
+            got = got.reshape(ref.shape)
+            if not np.all(np.isfinite(got)):
+                nonfinite = True
+            diff = np.abs(got - ref)
+            diffs.append(float(np.nanmax(diff)) if diff.size else 0.0)
+            maxes.append(float(np.mean(diff)) if diff.size else 0.0)
+            cosines.append(_cosine(got, ref))
+            if tolerance.elementwise:
+                within = within and bool(np.all(diff <= tolerance.atol + tolerance.rtol * np.abs(ref)))
+            if ref.ndim == 2 and ref.shape[-1] > 1:
+                agree.append(float(np.mean(got.argmax(-1) == ref.argmax(-1))))
+        top1 = float(np.mean(agree)) if agree else None
+        max_abs = float("inf") if nonfinite else max(diffs)
+        reasons = []
+        if nonfinite:
+            reasons.append("non-finite outputs")
+        if tolerance.elementwise and not within:
+            reasons.append(f"|diff| exceeds atol {tolerance.atol:g} + rtol {tolerance.rtol:g}*|ref|")
+        if min(cosines) < tolerance.min_cosine:
+            reasons.append(f"cosine {min(cosines):.6f} < {tolerance.min_cosine:g}")
+        if tolerance.min_top1 is not None and top1 is not None and top1 < tolerance.min_top1:
+            reasons.append(f"top-1 agreement {top1:.3f} < {tolerance.min_top1:g}")
+        checks.append(OutputCheck(payload, ref_name, max_abs, float(np.mean(maxes)), min(cosines),
+                                  float(np.mean(cosines)), top1, not reasons, "; ".join(reasons)))
+    return max(checks, key=lambda c: (not c.passed, c.max_abs_diff))
+
+
+def predictions_of(outputs: Sequence[Mapping[str, np.ndarray]]) -> tuple[int, ...] | None:
+    """Top-1 class per sample of the first output when it looks like (1, classes) scores."""
+    preds = []
+    for out in outputs:
+        first = np.asarray(next(iter(out.values())))
+        if first.ndim != 2 or first.shape[0] != 1 or first.shape[1] < 2:
+            return None
+        preds.append(int(first.argmax()))
+    return tuple(preds)
+
+
+def onnx_type_to_numpy(elem_type: int) -> str:
+    from onnx import helper
+
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
+
+
+def onnx_io_specs(model: Any) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Inputs and outputs of an ONNX ModelProto as TensorSpecs (dynamic dims as their names)."""
+    init_names = {i.name for i in model.graph.initializer}
+
+    def spec(value: Any) -> TensorSpec:
+        tt = value.type.tensor_type
+        dims: list[int | str] = []
+        for d in tt.shape.dim:
+            dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?"))
+        return TensorSpec(name=value.name, shape=tuple(dims), dtype=onnx_type_to_numpy(tt.elem_type))
+
+    inputs = tuple(spec(v) for v in model.graph.input if v.name not in init_names)
+    outputs = tuple(spec(v) for v in model.graph.output)
+    return inputs, outputs
+
+
+def count_ops(model: Any) -> dict[tuple[str, str], int]:
+    """(domain, op_type) -> count over the main graph and every subgraph."""
+    counts: dict[tuple[str, str], int] = {}
+
+    def walk(graph: Any) -> None:
+        for node in graph.node:
+            key = (node.domain if node.domain not in ("ai.onnx",) else "", node.op_type)
+            counts[key] = counts.get(key, 0) + 1
+            for attr in node.attribute:
+                if attr.g is not None and attr.g.node:
+                    walk(attr.g)
+                for g in attr.graphs:
+                    walk(g)
+
+    walk(model.graph)
+    return counts

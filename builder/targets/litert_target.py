@@ -1,0 +1,220 @@
+"""LiteRT (TFLite) target for Android, and Raspberry Pi as an alternative to ONNX Runtime.
+
+Converts the *PyTorch* module with ``litert-torch`` (no TensorFlow needed) and quantizes the float
+``.tflite`` with ``ai-edge-quantizer``: fp16 = fp16 weights (float casting), int8 = int8 weights
+with dynamic int8 activations (inputs/outputs stay float, so the agent feeds the same arrays).
+Verification runs each file in ``ai-edge-litert``'s interpreter (tflite-runtime 2.14 rejects newer
+op versions, see FACTS.md). An ONNX-only model has no PyTorch module to convert: that is reported
+with the alternatives (the onnxruntime runtime, or onnx2tf in its own environment).
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+
+from agent.manifest import TensorSpec
+from builder.errors import TargetError
+from builder.targets.base import (
+    CompiledPayloads,
+    OutputCheck,
+    PayloadFile,
+    Tolerance,
+    UnsupportedOp,
+    VerificationReport,
+    compare_outputs,
+    count_ops,
+    predictions_of,
+)
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install -e '.[convert-litert]'"
+SIGNATURE = "serving_default"
+# ONNX ops with no TFLite builtin equivalent (litert-torch would need Flex ops the runtime lacks).
+TFLITE_UNSUPPORTED = {"NonMaxSuppression", "RoiAlign", "Loop", "Scan", "If", "Unique", "StringNormalizer",
+                      "TfIdfVectorizer", "Col2Im", "DeformConv", "GridSample", "STFT", "Einsum"}
+ONNX2TF_HINT = ("an ONNX-only model has no PyTorch module for litert-torch: build for the 'onnxruntime' runtime instead, "
+                "or convert with onnx2tf in its own environment (python -m venv .venv-onnx2tf && .venv-onnx2tf/bin/pip install "
+                "onnx2tf==1.29.* tensorflow; pass it a copy of the .onnx)")
+
+
+def _require(module: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise TargetError(f"the LiteRT converter is not installed ({module} missing); {INSTALL_HINT}") from exc
+
+
+class _NamedInputs:
+    """Factory for a module whose keyword arguments are the model's input names, so the .tflite
+    signature takes the same names as the ONNX model (positional args would become args_0...)."""
+
+    @staticmethod
+    def wrap(module: Any, names: Sequence[str]) -> Any:
+        import torch
+
+        class NamedInputs(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = module
+                self.names = list(names)
+
+            def forward(self, **kwargs: Any) -> Any:
+                return self.inner(*[kwargs[n] for n in self.names])
+
+        return NamedInputs().eval()
+
+
+def interpreter(path: Path, threads: int = 1) -> Any:
+    mod = _require("ai_edge_litert.interpreter")
+    try:
+        return mod.Interpreter(model_path=str(path), num_threads=threads)
+    except Exception as exc:  # the interpreter raises ValueError/RuntimeError for bad flatbuffers
+        raise TargetError(f"LiteRT cannot load {Path(path).name}: {str(exc).splitlines()[0]}") from exc
+
+
+def run_tflite(path: Path, samples: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Run a .tflite's default signature one sample at a time; inputs cast to its dtypes."""
+    it = interpreter(path)
+    runner = it.get_signature_runner(SIGNATURE)
+    details = runner.get_input_details()
+    out_order = it.get_signature_list()[SIGNATURE]["outputs"]
+    results = []
+    for sample in samples:
+        feed = {k: np.asarray(sample[k]).astype(details[k]["dtype"]) for k in details}
+        try:
+            got = runner(**feed)
+        except Exception as exc:
+            raise TargetError(f"LiteRT failed to run {Path(path).name}: {str(exc).splitlines()[0]}") from exc
+        results.append({k: np.asarray(got[k]) for k in out_order})
+    return results
+
+
+def tflite_io_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    it = interpreter(path)
+    runner = it.get_signature_runner(SIGNATURE)
+    sig = it.get_signature_list()[SIGNATURE]
+    ins, outs = runner.get_input_details(), runner.get_output_details()
+
+    def spec(name: str, d: Mapping[str, Any]) -> TensorSpec:
+        return TensorSpec(name=name, shape=tuple(int(x) for x in d["shape"]), dtype=np.dtype(d["dtype"]).name)
+
+    return tuple(spec(n, ins[n]) for n in sig["inputs"]), tuple(spec(n, outs[n]) for n in sig["outputs"])
+
+
+class LiteRtTarget:
+    """fp32 / fp16 / int8 ``.tflite`` from the PyTorch module."""
+
+    name: ClassVar[str] = "litert"
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
+    formats: ClassVar[tuple[str, ...]] = ("tflite",)
+
+    def check_ops(self, onnx_model: Any, precision: str = "fp32") -> list[UnsupportedOp]:
+        found = []
+        for (domain, op), n in sorted(count_ops(onnx_model).items()):
+            if domain not in ("", "ai.onnx"):
+                found.append(UnsupportedOp(op, domain, n, f"'{domain}' ops have no TFLite builtin",
+                                           "build for the onnxruntime runtime"))
+            elif op in TFLITE_UNSUPPORTED:
+                found.append(UnsupportedOp(op, domain, n, "no TFLite builtin op",
+                                           "build for the onnxruntime runtime (or replace the op in the PyTorch model)"))
+            elif precision == "int8" and op in ("QuantizeLinear", "DequantizeLinear"):
+                found.append(UnsupportedOp(op, domain, n, "an ONNX-quantized graph cannot be re-converted",
+                                           "give the float PyTorch model; ai-edge-quantizer quantizes the .tflite"))
+        return found
+
+    def compile(self, model_onnx_path: Path, inputs: Sequence[TensorSpec], precision: str,
+                options: Mapping[str, Any], workdir: Path) -> CompiledPayloads:
+        if precision not in self.precisions:
+            raise TargetError(f"LiteRT target builds {', '.join(self.precisions)}, not '{precision}'")
+        module = options.get("torch_module")
+        if module is None:
+            raise TargetError(f"LiteRT needs the PyTorch model: {ONNX2TF_HINT}")
+        litert_torch = _require("litert_torch")
+        _require("ai_edge_litert.interpreter")
+        import torch
+
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        example = options.get("example_inputs") or {}
+        kwargs = {}
+        for spec in inputs:
+            if spec.name in example:
+                arr = np.asarray(example[spec.name])
+            else:
+                shape = tuple(d if isinstance(d, int) else 1 for d in spec.shape)
+                arr = np.zeros(shape, dtype=spec.dtype)
+            kwargs[spec.name] = torch.from_numpy(np.ascontiguousarray(arr))
+        float_path = workdir / "model_fp32.tflite"
+        try:
+            edge = litert_torch.convert(_NamedInputs.wrap(module, [s.name for s in inputs]), sample_kwargs=kwargs)
+            edge.export(str(float_path))
+        except Exception as exc:
+            raise TargetError(f"litert-torch could not convert the model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+                              "build for the onnxruntime runtime instead") from exc
+        out = workdir / "model.tflite"
+        notes = [f"converted from PyTorch with litert-torch {getattr(litert_torch, '__version__', '?')}"]
+        if precision == "fp32":
+            float_path.replace(out)
+        else:
+            quantize_tflite(float_path, out, precision)
+            notes.append("fp16 weights (ai-edge-quantizer float casting)" if precision == "fp16"
+                         else "int8 weights, dynamic int8 activations, float inputs/outputs (ai-edge-quantizer dynamic_wi8_afp32)")
+        model_inputs, model_outputs = tflite_io_specs(out)
+        delegates = tuple(options.get("delegates", ()))
+        return CompiledPayloads(self.name, "tflite", precision, (PayloadFile("model.tflite", out, "model"),),
+                                model_inputs, model_outputs, delegates,
+                                {"signature": SIGNATURE, "delegates": list(delegates), "num_threads": 0}, (), tuple(notes))
+
+    def verify(self, payloads: CompiledPayloads, sample_inputs: Sequence[Mapping[str, np.ndarray]],
+               reference_outputs: Sequence[Mapping[str, np.ndarray]], tolerance: Tolerance) -> VerificationReport:
+        names = list(reference_outputs[0].keys()) if reference_outputs else []
+        checks: list[OutputCheck] = []
+        f = payloads.model_file
+        outputs = run_tflite(f.path, sample_inputs)
+        checks.append(compare_outputs(f.name, outputs, reference_outputs, tolerance, names))
+        latency = time_tflite(f.path, sample_inputs[0]) if sample_inputs else None
+        return VerificationReport(self.name, payloads.precision, tolerance, tuple(checks),
+                                  f"{f.name} ran in ai-edge-litert's interpreter (XNNPACK, 1 thread) on the host",
+                                  len(sample_inputs), latency, predictions_of(outputs))
+
+
+def quantize_tflite(float_path: Path, out: Path, precision: str) -> None:
+    quantizer = _require("ai_edge_quantizer.quantizer")
+    recipe = _require("ai_edge_quantizer.recipe")
+    qtyping = _require("ai_edge_quantizer.qtyping")
+    algorithms = _require("ai_edge_quantizer.algorithm_manager")
+    try:
+        if precision == "fp16":
+            q = quantizer.Quantizer(str(float_path))
+            q.add_weight_only_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED, num_bits=16,
+                                     algorithm_key=algorithms.AlgorithmName.FLOAT_CASTING)
+        else:
+            q = quantizer.Quantizer(str(float_path), recipe.dynamic_wi8_afp32())
+        result = q.quantize(enable_progress_report=False)
+    except Exception as exc:
+        raise TargetError(f"ai-edge-quantizer failed ({precision}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(bytes(result.quantized_model))
+    tmp.replace(out)
+
+
+def time_tflite(path: Path, sample: Mapping[str, np.ndarray], runs: int = 20) -> float:
+    it = interpreter(path)
+    runner = it.get_signature_runner(SIGNATURE)
+    details = runner.get_input_details()
+    feed = {k: np.asarray(sample[k]).astype(details[k]["dtype"]) for k in details}
+    runner(**feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        runner(**feed)
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(statistics.median(times))
