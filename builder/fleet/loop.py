@@ -558,9 +558,7 @@ class PusherActions:
         return self._pusher
 
     def push(self, device_id: str, artifact_id: str) -> PushOutcome:
-        outcome = self._get().push(device_id, artifact_id)
-        if outcome.after is not None:
-            self._store.add_benchmark(outcome.after)
+        outcome = self._get().push(device_id, artifact_id)  # serve stores the benchmarks the agent reports
         if outcome.ok:
             return PushOutcome(True)
         return PushOutcome(False, f"{outcome.state}: {outcome.error or 'no reason given'}")

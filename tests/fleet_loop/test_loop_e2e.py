@@ -1,0 +1,188 @@
+"""The re-compression loop end to end: a real Mosquitto, `FleetServer` with the loop's serve hook, a
+real `agent run` subprocess serving a digits CNN, field traffic from a load generator, and the
+agent's slowdown switched on and off by remote command."""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.broker import MosquittoBroker, free_port, mosquitto_available
+
+pytestmark = [pytest.mark.slow, pytest.mark.mosquitto,
+              pytest.mark.skipif(not mosquitto_available(), reason="mosquitto not installed")]
+
+REPO = Path(__file__).resolve().parents[2]
+AGENT_CMD = [sys.executable, "-c", "import sys; from agent.cli import app; sys.argv[0] = 'agent'; app()"]
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+DEVICE = "pi-1"
+SLOWDOWN = 10.0
+
+POLICY = """
+[objective]
+latency_p95_ms = {objective}
+window_s = 1
+
+[floor]
+accuracy = 0.5
+
+[pacing]
+violate_windows = 3
+cooldown_s = 3
+judge_windows = 3
+min_improvement = 0.2
+headroom_fraction = 0.6
+headroom_windows = 5
+step_up_margin = 0.8
+min_samples = 10
+
+[search]
+enabled = false
+"""
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory):
+    from builder.artifacts.signing import init_keys, load_private_key
+    from builder.fleet.link import BrokerEndpoint
+    from builder.fleet.loop import PusherActions, ServeLoopHook
+    from builder.fleet.loop_demo import build_digits_ladder
+    from builder.fleet.serve import FleetServer, ServeSettings
+
+    root = tmp_path_factory.mktemp("loop-e2e")
+    home = root / "home"
+    keys = init_keys(home / "keys")
+    t0 = time.monotonic()
+    rungs = build_digits_ladder(home, load_private_key(keys.private), root / "build")
+    build_s = time.monotonic() - t0
+    broker = MosquittoBroker(devices={DEVICE: "pw-pi"}, builder_password="pw-builder").start()
+    hook = ServeLoopHook(home)
+    server = FleetServer(ServeSettings(data_dir=home, broker=BrokerEndpoint(broker.url, "builder", "pw-builder")),
+                         telemetry_hooks=[hook]).start()
+    port = free_port()
+    agent_dir = root / "agent"
+    toml = root / "agent.toml"
+    toml.write_text("\n".join([
+        f'device_id = "{DEVICE}"', f'broker_url = "{broker.url}"', 'password = "pw-pi"',
+        f'trusted_key = "{keys.public}"', f'data_dir = "{agent_dir}"', f"http_port = {port}", "threads = 1",
+        "telemetry_interval_s = 1.0", "reconnect_min_s = 0.2", "reconnect_max_s = 1.0", "chunk_timeout_s = 5.0",
+        'profile = "x86-64-host"']) + "\n")
+    log = open(root / "agent.log", "ab")
+    agent = subprocess.Popen(AGENT_CMD + ["run", "--config", str(toml)], cwd=REPO, env=CHILD_ENV, stdout=log,
+                             stderr=subprocess.STDOUT)
+    pusher = PusherActions(home, benchmark_runs=5)
+    try:
+        wait_for(lambda: server.store.find_device(DEVICE) is not None, 30, "the agent to say hello")
+        first = pusher.push(DEVICE, rungs[0].artifact_id)
+        assert first.ok, first.reason
+        yield {"home": home, "rungs": rungs, "server": server, "url": f"http://127.0.0.1:{port}", "root": root,
+               "build_s": build_s}
+    finally:
+        pusher.close()
+        hook.close()
+        agent.terminate()
+        try:
+            agent.wait(10)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+        log.close()
+        server.stop()
+        broker.close()
+
+
+def windows_since(store, since: float):
+    return [r for r in store.telemetry(DEVICE, since=since) if r.requests > 0 and r.p95_ms is not None]
+
+
+def test_throttle_steps_down_then_recovers_without_oscillation(world) -> None:
+    from builder.fleet.loop import LoopStateStore, count_changes, loop_events
+    from builder.fleet.loop_demo import LoadGenerator, set_ladder_overhead, summarize_events
+    from builder.fleet.policy import PolicyStore, load_policy_file, scope_for
+    from builder.fleet.store import open_store
+
+    home, rungs, server = world["home"], world["rungs"], world["server"]
+    wide, broken, narrow = (r.artifact_id for r in rungs)
+    labels = {r.artifact_id: r.label for r in rungs}
+    store = open_store(home)
+    load = LoadGenerator(world["url"], rate_hz=50).start()
+    try:
+        # Unthrottled: measure the wide rung's field p95, then set the objective between the throttled
+        # wide (x40) and throttled narrow rungs, far above the unthrottled one.
+        start = time.time()
+        wait_for(lambda: len(windows_since(store, start)) >= 5, 30, "5 field windows on the wide rung")
+        base = [w.p95_ms for w in windows_since(store, start)][1:]
+        base_p50 = statistics.median([w.p50_ms for w in windows_since(store, start)][1:])
+        overhead = base_p50 - rungs[0].metrics["device_latency_ms"]
+        rungs = set_ladder_overhead(home, rungs, overhead)
+        # Throttled, the wide rung's p95 is well over SLOWDOWN x its unthrottled p50 (the tail is
+        # multiplied too); the narrow rung computes ~3x less, so its p95 lands under it even on a busy box.
+        objective = round(SLOWDOWN * base_p50, 3)
+        policy_file = world["root"] / "policy.toml"
+        policy_file.write_text(POLICY.format(objective=objective))
+        PolicyStore(store.path).set(scope_for(device_id=DEVICE), load_policy_file(policy_file), now=time.time())
+
+        # Throttle on: the loop must try the broken rung (refused by the device, rolled back, marked
+        # bad), then the narrow one, which brings p95 back under the objective.
+        throttle_at = time.time()
+        reply = server.link.command(DEVICE, "set_load", {"slowdown_factor": SLOWDOWN}, timeout_s=15)
+        assert reply.ok, reply.error
+        wait_for(lambda: any(e.kind == "loop.accept" and e.artifact_id == narrow for e in loop_events(store, DEVICE)),
+                 90, "the loop to step down to the narrow rung and keep it")
+        events = loop_events(store, DEVICE)
+        first_down = next(e for e in events if e.kind == "loop.step_down")
+        windows_to_react = len([w for w in windows_since(store, throttle_at) if w.ts <= first_down.ts])
+        accepted = next(e for e in events if e.kind == "loop.accept" and e.artifact_id == narrow)
+        wait_for(lambda: len([w for w in windows_since(store, accepted.ts) if w.model_id == narrow]) >= 5, 20,
+                 "5 windows on the narrow rung")
+        after = [w.p95_ms for w in windows_since(store, accepted.ts) if w.model_id == narrow]
+        assert statistics.median(after) <= objective
+
+        # Throttle off: sustained headroom, then back up to the wide rung.
+        off_at = time.time()
+        reply = server.link.command(DEVICE, "set_load", {"slowdown_factor": 1.0}, timeout_s=15)
+        assert reply.ok, reply.error
+        wait_for(lambda: any(e.kind == "loop.accept" and e.artifact_id == wide and e.ts > off_at
+                             for e in loop_events(store, DEVICE)), 60, "the loop to step back up to the wide rung")
+        events = loop_events(store, DEVICE)
+        up = next(e for e in events if e.kind == "loop.step_up")
+        windows_to_step_up = len([w for w in windows_since(store, off_at) if w.ts <= up.ts])
+        time.sleep(5)  # a few more windows: nothing else may happen
+        events = loop_events(store, DEVICE)
+    except AssertionError:
+        for w in windows_since(store, start):
+            print(f"{w.ts - start:6.1f} {labels.get(w.model_id, w.model_id)} n={w.requests} p50={w.p50_ms} p95={w.p95_ms}")
+        print("\n".join(summarize_events(loop_events(store, DEVICE), labels)))
+        print((world["root"] / "agent.log").read_text(errors="replace")[-3000:])
+        raise
+    finally:
+        load.stop()
+
+    print("\n".join(summarize_events(events, labels)))
+    print(f"build {world['build_s']:.1f} s; unthrottled wide p95 {statistics.median(base):.3f} ms; objective {objective} ms; "
+          f"windows to react {windows_to_react}; windows to step up {windows_to_step_up}; changes {count_changes(events)}")
+    changes = count_changes(events)
+    assert changes == {"step_down": 2, "rollback": 1, "step_up": 1}, changes
+    downs = [e.artifact_id for e in events if e.kind == "loop.step_down"]
+    assert downs == [broken, narrow]  # the broken rung was tried once, never again
+    assert any(e.kind == "loop.push_failed" and e.artifact_id == broken for e in events)
+    assert broken in LoopStateStore(store.path).load(DEVICE).state.bad_rungs
+    assert 3 <= windows_to_react <= 6  # K = 3 violating windows (+ the window the throttle landed in)
+    assert up.detail["numbers"]["headroom_windows"] >= 5
+    assert store.device(DEVICE).active_artifact_id == wide
+    store.close()
