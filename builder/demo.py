@@ -70,6 +70,9 @@ def analyse_minilm(ctx: DemoContext) -> None:
 
 STAGES: tuple[DemoStage, ...] = (
     DemoStage("analyse", "Analyse all-MiniLM-L6-v2 (seq 128): layers, totals, estimates per device", analyse_minilm),
+    # Keep last: the re-compression loop reacting to a device slowed down on purpose (own serve + agent).
+    DemoStage("loop", "Keep devices fast: throttle one device, watch the re-compression loop step down and back up",
+              lambda ctx: __import__("builder.fleet.loop_demo", fromlist=["demo_stage"]).demo_stage(ctx)),
 )
 
 
