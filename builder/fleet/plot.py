@@ -49,11 +49,15 @@ def plot_series(device_id: str, telemetry: Sequence[TelemetryRow], events: Seque
     field = [r for r in sorted(telemetry, key=lambda r: (r.ts, r.seq)) if r.requests > 0 and r.event == "periodic"]
     powered = [r for r in sorted(telemetry, key=lambda r: (r.ts, r.seq)) if r.power_w is not None]
     marks = []
+    # progress events carry no model name; the push's "desired" event of the same deployment does
+    models = {e.deployment_id: str(e.detail.get("model", "")) for e in events
+              if e.kind == "desired" and e.deployment_id and e.detail}
     for e in sorted(events, key=lambda e: e.ts):
         if e.kind not in MARKED_EVENTS:
             continue
         short = (e.artifact_id or "")[:8]
         model = str(e.detail.get("model", "")) if e.detail else ""
+        model = model or models.get(e.deployment_id or "", "")
         marks.append(DeploymentMark(e.ts - start, e.kind, f"{e.kind} {model or short}".strip()))
     return PlotSeries(
         device_id=device_id, start_ts=start,

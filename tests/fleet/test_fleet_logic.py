@@ -107,7 +107,8 @@ def test_status_rows_show_field_latency_of_the_active_model_only(tmp_path: Path)
 def test_plot_series_marks_deployments_and_skips_unmeasured_power(tmp_path: Path) -> None:
     telemetry = [_tel("d", 1, 100.0, "a", power=2.0), _tel("d", 2, 110.0, "a", requests=0),
                  _tel("d", 3, 120.0, "b", p50=3.0, p95=4.0, power=None)]
-    events = [DeploymentEvent("d", 115.0, "active", artifact_id="b" * 64, detail={"model": "cnn@2"}),
+    events = [DeploymentEvent("d", 114.0, "desired", "dep-1", "b" * 64, {"model": "cnn@2"}),
+              DeploymentEvent("d", 115.0, "active", "dep-1", artifact_id="b" * 64),
               DeploymentEvent("d", 116.0, "downloading")]
     series = plot_series("d", telemetry, events)
     assert series.t_s == (0.0, 20.0) and series.p50_ms == (5.0, 3.0)

@@ -1,0 +1,263 @@
+"""The fleet part of `make demo`: one machine plays a whole fleet.
+
+Stages (each printed with its time): signing keys; MiniLM compressed and built per device profile;
+the embedded broker and `builder serve` (a subprocess); three `agent run` processes posing as a
+Raspberry Pi 4, a Jetson Orin Nano and an Android phone (own data dir and profile each); `builder
+push` to each; real requests to each agent's local endpoint (field latency); `builder fleet
+status`; a latency/power plot per device. Everything is written under ``out_dir``.
+
+``builder.demo`` calls ``run_fleet_demo``; ``python -m builder.fleet.fleet_demo OUT_DIR`` runs it alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+MINILM = "builder.zoo.minilm:minilm"
+MINILM_SHAPES = "input_ids=1x128:int64,attention_mask=1x128:int64"
+DEVICES = {"pi-kitchen": "raspberry-pi-4", "jetson-garage": "jetson-orin-nano", "phone-anna": "android-arm64"}
+SENTENCES = ["The device keeps its previous model when the health check fails.",
+             "Edge inference trades accuracy for latency and energy.",
+             "A canary rollout stops when the new model is slower.",
+             "Telemetry arrives in order after the broker comes back."]
+CHILD_ENV_EXTRA = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "160"}
+
+
+@dataclass
+class FleetDemo:
+    """State shared by the stages (paths, processes, artifact ids)."""
+
+    out_dir: Path
+    say: Callable[[str], None] = print
+    minilm_onnx: Path | None = None  # MiniLM already exported (the demo's analyse stage): skips a re-export
+    litert_budget_s: float = 240.0
+    traffic_s: float = 8.0
+    home: Path | None = None  # default: out_dir/home (its own registry, store and keys)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir).resolve()
+        self.home = Path(self.home).resolve() if self.home else self.out_dir / "home"
+        self.env = {**os.environ, **CHILD_ENV_EXTRA, "EDGEFLEET_HOME": str(self.home)}
+
+    # -- helpers ----------------------------------------------------------------------------
+    def builder(self, *args: str, capture: bool = False, timeout_s: float = 900) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "builder.cli.main", *args]
+        result = subprocess.run(cmd, env=self.env, timeout=timeout_s, text=True,
+                                capture_output=capture)
+        if result.returncode != 0:
+            detail = (result.stderr or "").strip().splitlines()[-1:] if capture else []
+            raise RuntimeError(f"`builder {' '.join(args[:3])}` failed (exit {result.returncode}) {' '.join(detail)}")
+        return result
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        logs = self.out_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.procs[name] = proc
+        return proc
+
+    def wait_for(self, predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited ({proc.returncode}); see {self.out_dir / 'logs' / (name + '.log')}")
+            time.sleep(0.3)
+        raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}; logs in {self.out_dir / 'logs'}")
+
+    def stop_all(self) -> None:
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, proc in list(self.procs.items()):
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        self.procs.clear()
+
+    def stage(self, name: str, fn: Callable[[], None]) -> None:
+        self.say(f"\n== fleet: {name} ==")
+        start = time.monotonic()
+        fn()
+        self.timings[name] = time.monotonic() - start
+        self.say(f"   ({self.timings[name]:.1f} s)")
+
+    # -- stages -----------------------------------------------------------------------------
+    def keys(self) -> None:
+        from builder.artifacts.signing import init_keys, key_paths
+
+        if not key_paths(self.home / "keys").private.exists():
+            init_keys(self.home / "keys")
+        self.say(f"signing keys in {self.home / 'keys'}")
+
+    def build(self) -> None:
+        """MiniLM per profile with each profile's preferred runtime/precision (cached across runs).
+
+        ONNX Runtime builds start from the exported ONNX file when there is one; LiteRT converts the
+        PyTorch model (litert-torch), so it starts from the factory."""
+        source = str(self.minilm_onnx) if self.minilm_onnx else MINILM
+        for device, profile in DEVICES.items():
+            common = ["--device-profile", profile, "--input-shape", MINILM_SHAPES, "--verify-samples", "4"]
+            if profile == "android-arm64":
+                try:
+                    self.say(f"{profile}: LiteRT int8 from the PyTorch model (budget {self.litert_budget_s:.0f} s)")
+                    out = self.builder("build", MINILM, *common, capture=True, timeout_s=self.litert_budget_s)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    reason = "took longer than the demo's budget" if isinstance(exc, subprocess.TimeoutExpired) else str(exc)
+                    note = (f"{device} ({profile}) runs an ONNX Runtime int8 artifact instead of LiteRT: the LiteRT "
+                            f"build {reason}. ONNX Runtime (ORT Mobile) is a supported Android runtime.")
+                    self.notes.append(note)
+                    self.say("   " + note)
+                    out = self.builder("build", source, *common, "--runtime", "onnxruntime", "--precision", "int8",
+                                       "--format", "onnx", capture=True)
+            else:
+                self.say(f"{profile}: the profile's preferred runtime and precision")
+                out = self.builder("build", source, *common, capture=True)
+            artifact_id = next(line.split()[-1] for line in out.stdout.splitlines() if line.startswith("artifact id:"))
+            self.artifacts[device] = artifact_id
+            summary = [line for line in out.stdout.splitlines() if line.startswith(("verified:", "worst:"))]
+            self.say(f"   {device}: artifact {artifact_id[:16]} " + " ".join(summary))
+
+    def serve(self) -> None:
+        self.start("serve", [sys.executable, "-m", "builder.cli.main", "serve", "--port", "0"])
+        self.wait_for(lambda: (self.home / "serve.json").is_file(), 60, "builder serve")
+        url = json.loads((self.home / "serve.json").read_text())["url"]
+        self.say(f"`builder serve` running (pid {self.procs['serve'].pid}) with the embedded broker on {url}")
+
+    def agents(self) -> None:
+        from builder.fleet.devices import add_device
+
+        for device, profile in DEVICES.items():
+            data_dir = self.out_dir / "agents" / device
+            added = add_device(self.home, device, profile, group="demo", agent_data_dir=str(data_dir),
+                               telemetry_interval_s=2.0, http_port=0,
+                               extra_agent_settings={"threads": 1, "reconnect_min_s": 0.2, "reconnect_max_s": 2.0})
+            (data_dir / "agent.json").unlink(missing_ok=True)
+            self.start(device, [sys.executable, "-c", "import sys; from agent.cli import app; sys.argv[0] = 'agent'; app()",
+                                "run", "--config", str(added.agent_toml)])
+            self.say(f"{device}: agent process {self.procs[device].pid} as {profile} (config {added.agent_toml})")
+
+        def online() -> bool:
+            from builder.fleet.store import open_store
+
+            with open_store(self.home) as store:
+                return all(store.device(d).online for d in DEVICES if store.find_device(d))
+        self.wait_for(online, 90, "three agents online")
+
+    def push(self) -> None:
+        for device in DEVICES:
+            self.say(f"$ builder push --device {device} --artifact {self.artifacts[device][:12]}")
+            self.builder("push", "--device", device, "--artifact", self.artifacts[device], "--benchmark-runs", "20")
+
+    def traffic(self) -> None:
+        """Real requests on each device's local endpoint, all at once: what field telemetry measures."""
+        import threading
+
+        from builder.zoo.minilm import tokenize
+
+        counts: dict[str, int] = {}
+
+        def load(device: str) -> None:
+            info = json.loads((self.out_dir / "agents" / device / "agent.json").read_text())
+            deadline, n = time.monotonic() + self.traffic_s, 0
+            while time.monotonic() < deadline:
+                feeds = tokenize([SENTENCES[n % len(SENTENCES)]])
+                body = json.dumps({"inputs": {k: v.tolist() for k, v in feeds.items()}}).encode()
+                req = urllib.request.Request(info["http_url"] + "/infer", data=body, headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    resp.read()
+                n += 1
+            counts[device] = n
+
+        threads = [threading.Thread(target=load, args=(device,)) for device in DEVICES]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.say("real requests served: " + ", ".join(f"{d} {counts.get(d, 0)}" for d in DEVICES))
+        time.sleep(3.0)  # one more telemetry window reaches `builder serve`
+
+    def status(self) -> None:
+        self.builder("fleet", "status")
+        result = self.builder("fleet", "status", "--json", capture=True)
+        (self.out_dir / "fleet-status.json").write_text(result.stdout, encoding="utf-8")
+
+    def plots(self) -> None:
+        """The same as `builder fleet plot --device D --out FILE`, in-process (one matplotlib import)."""
+        from builder.fleet.plot import plot_series, render_plot
+        from builder.fleet.store import open_store
+
+        with open_store(self.home) as store:
+            for device in DEVICES:
+                series = plot_series(device, store.telemetry(device), store.events(device))
+                out = render_plot(series, self.out_dir / "plots" / f"{device}.png")
+                self.say(f"plot: {out}")
+
+    def outputs(self) -> list[Path]:
+        plots = sorted((self.out_dir / "plots").glob("*.png"))
+        return [p for p in [self.out_dir / "fleet-status.json", *plots] if p.exists()]
+
+    def run(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.stage("signing keys", self.keys)
+            self.stage("MiniLM compressed and built per profile", self.build)
+            self.stage("embedded broker + builder serve", self.serve)
+            self.stage("three agents (Raspberry Pi 4, Jetson Orin Nano, Android)", self.agents)
+            self.stage("builder push to each device", self.push)
+            self.stage("field traffic on each device", self.traffic)
+            self.stage("builder fleet status", self.status)
+            self.stage("latency and power plots", self.plots)
+        finally:
+            self.stop_all()
+        self.say("\n== fleet demo outputs ==")
+        self.say(f"data dir (registry, fleet.sqlite, keys): {self.home}")
+        self.say(f"fleet status (JSON):  {self.out_dir / 'fleet-status.json'}")
+        self.say(f"plots:                {self.out_dir / 'plots'}")
+        self.say(f"process logs:         {self.out_dir / 'logs'}")
+        for note in self.notes:
+            self.say(f"note: {note}")
+        self.say("stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.timings.items()))
+
+
+def run_fleet_demo(out_dir: Path, say: Callable[[str], None] = print, minilm_onnx: Path | None = None) -> FleetDemo:
+    demo = FleetDemo(Path(out_dir), say=say, minilm_onnx=minilm_onnx)
+    demo.run()
+    return demo
+
+
+def demo_stage(ctx: Any) -> None:
+    """The `fleet` stage of ``builder.demo`` (``ctx`` is its DemoContext)."""
+    loaded = ctx.results.get("minilm")
+    demo = run_fleet_demo(ctx.out_dir / "fleet", say=lambda text: ctx.console.print(text, markup=False, highlight=False),
+                          minilm_onnx=getattr(loaded, "onnx_path", None))
+    for path in demo.outputs():
+        ctx.wrote(path)
+    ctx.results["fleet"] = demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    run_fleet_demo(Path(args[0]) if args else Path("demo-out") / "fleet")
+
+
+if __name__ == "__main__":
+    main()
