@@ -63,3 +63,14 @@ def test_embedded_serve_three_agents_push_each_status_and_plot(tmp_path: Path, f
     assert plot.read_bytes()[:4] == b"\x89PNG"
     telemetry = json.loads(builder_cli("fleet", "telemetry", "--device", "pi-01", "--json", home=home).stdout)
     assert any(r["requests"] > 0 and r["model_id"] == artifacts["pi-01"] for r in telemetry)
+
+    # a second model: the push compares it with the first on the device; then roll back by command
+    v2 = fleet_home.artifact("raspberry-pi-4", version="2", width=16)
+    outcome = json.loads(builder_cli("push", "--device", "pi-01", "--artifact", v2, "--json",
+                                     "--benchmark-runs", "20", home=home).stdout)["outcomes"][0]
+    assert outcome["state"] == "active" and outcome["previous_artifact_id"] == artifacts["pi-01"]
+    assert outcome["before"]["artifact_id"] == artifacts["pi-01"] and outcome["after"]["artifact_id"] == v2
+    rolled = builder_cli("fleet", "rollback", "--device", "pi-01", home=home)
+    assert "rolled back" in rolled.stdout
+    wait_for(lambda: store_status(home)["pi-01"]["artifact_id"] == artifacts["pi-01"], 20, "pi-01 back on v1")
+    assert infer(agent_http_url(data_dirs["pi-01"]))["artifact_id"] == artifacts["pi-01"]
