@@ -70,6 +70,8 @@ def analyse_minilm(ctx: DemoContext) -> None:
 
 STAGES: tuple[DemoStage, ...] = (
     DemoStage("analyse", "Analyse all-MiniLM-L6-v2 (seq 128): layers, totals, estimates per device", analyse_minilm),
+    DemoStage("fleet", "Deploy to a fleet: embedded broker, builder serve, 3 agents (Pi 4, Jetson Orin Nano, Android), push, status, plot",
+              lambda ctx: __import__("builder.fleet.fleet_demo", fromlist=["demo_stage"]).demo_stage(ctx)),
     # Keep last: the re-compression loop reacting to a device slowed down on purpose (own serve + agent).
     DemoStage("loop", "Keep devices fast: throttle one device, watch the re-compression loop step down and back up",
               lambda ctx: __import__("builder.fleet.loop_demo", fromlist=["demo_stage"]).demo_stage(ctx)),
