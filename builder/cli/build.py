@@ -70,6 +70,7 @@ def register(app: typer.Typer) -> None:
         """Build a verified, signed artifact for one device profile and register it."""
         import json
         import logging
+        import sys
 
         from rich.console import Console
 
@@ -86,7 +87,10 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print(json.dumps(result.manifest.to_dict(), indent=2, sort_keys=True))
             return
-        Console().print(result_table(result))
+        out = Console() if sys.stdout.isatty() else Console(width=160)
+        out.print(result_table(result))
+        if result.reused:
+            print("[reused] identical build found in the registry (same model, recipe, profile, data, builder version)")
         if result.report is not None:
             print(f"verified: {result.report.checked}")
             print(f"worst: {result.report.summary()}")
