@@ -74,3 +74,14 @@ def test_embedded_serve_three_agents_push_each_status_and_plot(tmp_path: Path, f
     assert "rolled back" in rolled.stdout
     wait_for(lambda: store_status(home)["pi-01"]["artifact_id"] == artifacts["pi-01"], 20, "pi-01 back on v1")
     assert infer(agent_http_url(data_dirs["pi-01"]))["artifact_id"] == artifacts["pi-01"]
+
+    # `--model`: build for the device's profile (TensorRT-ready fp16 ONNX for the Jetson), then reuse it
+    onnx_path = fleet_home._digits_onnx(8)
+    first = json.loads(builder_cli("push", "--device", "jetson-01", "--model", str(onnx_path), "--json",
+                                   "--benchmark-runs", "10", home=home).stdout)["outcomes"][0]
+    assert first["state"] == "active", first
+    record = fleet_home.registry.get(first["artifact_id"])
+    assert (record.profile, record.runtime, record.precision) == ("jetson-orin-nano", "onnxruntime-tensorrt", "fp16")
+    again = json.loads(builder_cli("push", "--device", "jetson-01", "--model", str(onnx_path), "--json",
+                                   "--benchmark-runs", "0", home=home).stdout)["outcomes"][0]
+    assert again["artifact_id"] == first["artifact_id"] and again["state"] == "active"  # cached build, same artifact
