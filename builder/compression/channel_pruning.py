@@ -64,6 +64,7 @@ class ChannelPruneStep:
             ignored.append(layer)
         attention = [m for m in module.modules() if isinstance(m, nn.MultiheadAttention)]
         before_channels = _out_channels(module)
+        heads_before = [m.num_heads for m in attention]
         module.eval()
         with torch.no_grad():
             macs_before, params_before = tp.utils.count_ops_and_params(module, example)
@@ -72,7 +73,8 @@ class ChannelPruneStep:
                 module, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
                 global_pruning=self.global_pruning, pruning_ratio=self.ratio, iterative_steps=self.iterative_steps,
                 ignored_layers=ignored, round_to=self.round_to,
-                num_heads={m: m.num_heads for m in attention} if self.prune_heads else {},
+                # Torch-Pruning needs the head counts of every attention module, head pruning or not.
+                num_heads={m: m.num_heads for m in attention},
                 prune_num_heads=self.prune_heads and bool(attention), prune_head_dims=not self.prune_heads,
                 head_pruning_ratio=self.ratio if self.prune_heads else 0.0,
             )
@@ -98,14 +100,18 @@ class ChannelPruneStep:
             "channels": {n: [before_channels[n], after_channels.get(n)] for n in before_channels},
             "ignored": [head] + list(self.ignore) if head else list(self.ignore), "epochs": epochs,
         }
+        warnings: tuple[str, ...] = ()
         if attention:
-            facts["attention_heads"] = [m.num_heads for m in attention]
+            facts["attention_heads"] = {"before": heads_before, "after": [m.num_heads for m in attention]}
+            if self.prune_heads and facts["attention_heads"]["after"] == heads_before:
+                warnings = ("prune_heads: Torch-Pruning removed no attention head from this model's "
+                            "nn.MultiheadAttention modules (only feed-forward channels were pruned)",)
         if tune_stats:
             facts["fine_tune"] = tune_stats
         if macs_after >= macs_before:
             raise CompressionError("prune_channels removed nothing (no prunable channel groups); "
                                    "check ignore / ratio, or the model's layers are not prunable")
-        return dataclasses.replace(state), StepRecord(self.name, dataclasses.asdict(self), facts)
+        return dataclasses.replace(state), StepRecord(self.name, dataclasses.asdict(self), facts, warnings)
 
 
 def _out_channels(module: Any) -> dict[str, int]:

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from builder.compression.data import DataSource
-from builder.compression.payload import download_size
+from builder.compression.payload import download_size, level_for
 from builder.errors import CompressionError
 from builder.loading.types import InputSpec
 
@@ -67,6 +67,7 @@ class Evaluation:
     download_bytes: int
     latency_p50_ms: float
     latency_p95_ms: float
+    download_zstd_level: int = 19
     flags: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -271,6 +272,7 @@ def _measure(onnx_path: Path, data: DataSource, inputs: Sequence[InputSpec], con
     facts = {
         "params": params, "nonzero_params": nonzero, "macs": model_macs(model, inputs),
         "file_bytes": Path(onnx_path).stat().st_size, "download_bytes": download_size(Path(onnx_path)),
+        "download_zstd_level": level_for(Path(onnx_path).stat().st_size),
         "latency_p50_ms": p50, "latency_p95_ms": p95,
     }
     return outputs, facts

@@ -58,10 +58,14 @@ class LowRankStep:
         module = state.torch_module
         factored: dict[str, list[int]] = {}
         skipped: dict[str, str] = {}
-        attention = [n for n, m in module.named_modules() if isinstance(m, nn.MultiheadAttention)]
+        # These torch modules read their Linear children's .weight directly (fused fast paths), so
+        # those children must stay nn.Linear.
+        reads_weights = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+        fixed = [n for n, m in module.named_modules() if isinstance(m, reads_weights)]
         for name, layer in weight_layers(module, self.include, self.exclude):
-            if any(name.startswith(a + ".") for a in attention):
-                continue  # MultiheadAttention reads out_proj.weight directly: it must stay a Linear
+            if any(name.startswith(a + ".") for a in fixed):
+                skipped[name] = "inside a torch attention/transformer layer that reads .weight directly"
+                continue
             is_pointwise = isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.groups == 1 \
                 and layer.stride == (1, 1) and layer.padding in ((0, 0), "valid") and layer.dilation == (1, 1)
             if not (isinstance(layer, nn.Linear) or is_pointwise):

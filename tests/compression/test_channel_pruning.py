@@ -30,3 +30,18 @@ def test_channels_removed_macs_halved_accuracy_within_budget(
     macs_after = count_macs(onnx.load(str(tmp_path / "after.onnx")), DIGITS_INPUTS)
     assert macs_after <= 0.5 * macs_before
     assert accuracy(module, digits_test_data) >= before_acc - 0.02
+
+
+def test_transformer_feed_forward_channels_pruned_and_model_still_runs(tmp_path: Path) -> None:
+    from builder.loading.types import InputSpec
+    from builder.zoo.tiny_transformer import untrained
+
+    model = untrained()
+    inputs = (InputSpec("x", (1, 16, 64)),)
+    state, record = ChannelPruneStep(ratio=0.5, epochs=0).apply(torch_state(model, inputs), context(tmp_path))
+    layer = state.torch_module.encoder.layers[0]
+    assert layer.linear1.out_features == 64  # 128 -> 64 hidden units
+    assert record.facts["macs_after"] < record.facts["macs_before"]
+    with torch.no_grad():
+        assert state.torch_module(torch.randn(2, 16, 64)).shape == (2, 5)
+    export_module(state.torch_module, inputs, tmp_path / "t.onnx")

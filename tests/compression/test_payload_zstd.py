@@ -21,3 +21,10 @@ def test_round_trip_is_lossless_and_zeros_compress(tmp_path: Path) -> None:
     decompress_file(tmp_path / "sparse.zst", tmp_path / "restored.bin")
     assert (tmp_path / "restored.bin").read_bytes() == sparse.tobytes()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_large_payloads_use_a_faster_level() -> None:
+    from builder.compression.payload import SMALL_PAYLOAD_BYTES, level_for
+
+    assert level_for(1000) == 19
+    assert level_for(SMALL_PAYLOAD_BYTES + 1) == 9
