@@ -42,6 +42,7 @@ class FleetDemo:
     traffic_s: float = 8.0
     home: Path | None = None  # default: out_dir/home (its own registry, store and keys)
     artifacts: dict[str, str] = field(default_factory=dict)
+    litert_devices: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -54,11 +55,13 @@ class FleetDemo:
     # -- helpers ----------------------------------------------------------------------------
     def builder(self, *args: str, capture: bool = False, timeout_s: float = 900) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "builder.cli.main", *args]
-        result = subprocess.run(cmd, env=self.env, timeout=timeout_s, text=True,
-                                capture_output=capture)
+        # stdout (tables, progress) shows live unless captured; stderr is kept for the error's reason
+        result = subprocess.run(cmd, env=self.env, timeout=timeout_s, text=True, stderr=subprocess.PIPE,
+                                stdout=subprocess.PIPE if capture else None)
         if result.returncode != 0:
-            detail = (result.stderr or "").strip().splitlines()[-1:] if capture else []
-            raise RuntimeError(f"`builder {' '.join(args[:3])}` failed (exit {result.returncode}) {' '.join(detail)}")
+            errors = [line for line in (result.stderr or "").splitlines() if line.startswith("builder: error:")]
+            detail = errors[-1] if errors else (result.stderr or "").strip().splitlines()[-1:]
+            raise RuntimeError(f"`builder {' '.join(args[:3])}` failed (exit {result.returncode}): {detail}")
         return result
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
@@ -113,28 +116,43 @@ class FleetDemo:
 
         ONNX Runtime builds start from the exported ONNX file when there is one; LiteRT converts the
         PyTorch model (litert-torch), so it starts from the factory."""
-        source = str(self.minilm_onnx) if self.minilm_onnx else MINILM
         for device, profile in DEVICES.items():
-            common = ["--device-profile", profile, "--input-shape", MINILM_SHAPES, "--verify-samples", "4"]
             if profile == "android-arm64":
                 try:
                     self.say(f"{profile}: LiteRT int8 from the PyTorch model (budget {self.litert_budget_s:.0f} s)")
-                    out = self.builder("build", MINILM, *common, capture=True, timeout_s=self.litert_budget_s)
+                    self.artifacts[device] = self._build(MINILM, profile, timeout_s=self.litert_budget_s)
+                    self.litert_devices.add(device)
                 except (RuntimeError, subprocess.TimeoutExpired) as exc:
                     reason = "took longer than the demo's budget" if isinstance(exc, subprocess.TimeoutExpired) else str(exc)
-                    note = (f"{device} ({profile}) runs an ONNX Runtime int8 artifact instead of LiteRT: the LiteRT "
-                            f"build {reason}. ONNX Runtime (ORT Mobile) is a supported Android runtime.")
-                    self.notes.append(note)
-                    self.say("   " + note)
-                    out = self.builder("build", source, *common, "--runtime", "onnxruntime", "--precision", "int8",
-                                       "--format", "onnx", capture=True)
+                    self._use_ort_on_android(device, f"the LiteRT build {reason}")
             else:
                 self.say(f"{profile}: the profile's preferred runtime and precision")
-                out = self.builder("build", source, *common, capture=True)
-            artifact_id = next(line.split()[-1] for line in out.stdout.splitlines() if line.startswith("artifact id:"))
-            self.artifacts[device] = artifact_id
-            summary = [line for line in out.stdout.splitlines() if line.startswith(("verified:", "worst:"))]
-            self.say(f"   {device}: artifact {artifact_id[:16]} " + " ".join(summary))
+                self.artifacts[device] = self._build(self._source(), profile)
+
+    def _source(self) -> str:
+        return str(self.minilm_onnx) if self.minilm_onnx else MINILM
+
+    def _build(self, source: str, profile: str, *extra: str, timeout_s: float = 900) -> str:
+        out = self.builder("build", source, "--device-profile", profile, "--input-shape", MINILM_SHAPES,
+                           "--verify-samples", "4", *extra, capture=True, timeout_s=timeout_s)
+        artifact_id = next(line.split()[-1] for line in out.stdout.splitlines() if line.startswith("artifact id:"))
+        summary = [line for line in out.stdout.splitlines() if line.startswith(("verified:", "worst:"))]
+        self.say(f"   artifact {artifact_id[:16]} " + " ".join(summary))
+        return artifact_id
+
+    def _use_ort_on_android(self, device: str, why: str) -> None:
+        """ONNX Runtime instead of LiteRT on the Android agent. The Raspberry Pi's artifact is already an
+        int8 ``.ort`` file converted for arm64, which ORT Mobile on Android runs as is: reuse it."""
+        pi_device = next((d for d, p in DEVICES.items() if p == "raspberry-pi-4"), None)
+        reuse = self.artifacts.get(pi_device) if pi_device else None
+        what = "the Raspberry Pi's int8 .ort artifact (ORT for arm64)" if reuse else "an ONNX Runtime int8 artifact"
+        note = (f"{device} (android-arm64) runs {what} instead of LiteRT: {why}. "
+                "ONNX Runtime (ORT Mobile) is a supported Android runtime.")
+        self.notes.append(note)
+        self.say("   " + note)
+        self.artifacts[device] = reuse or self._build(self._source(), "android-arm64", "--runtime", "onnxruntime",
+                                                      "--precision", "int8", "--format", "ort")
+        self.litert_devices.discard(device)
 
     def serve(self) -> None:
         self.start("serve", [sys.executable, "-m", "builder.cli.main", "serve", "--port", "0"])
@@ -165,7 +183,15 @@ class FleetDemo:
     def push(self) -> None:
         for device in DEVICES:
             self.say(f"$ builder push --device {device} --artifact {self.artifacts[device][:12]}")
-            self.builder("push", "--device", device, "--artifact", self.artifacts[device], "--benchmark-runs", "20")
+            try:
+                self.builder("push", "--device", device, "--artifact", self.artifacts[device], "--benchmark-runs", "20")
+            except RuntimeError as exc:
+                if device not in self.litert_devices:
+                    raise
+                # the device refused the LiteRT model (it keeps no model): give it the ORT build instead
+                self._use_ort_on_android(device, f"the device refused the LiteRT artifact ({exc})")
+                self.say(f"$ builder push --device {device} --artifact {self.artifacts[device][:12]}")
+                self.builder("push", "--device", device, "--artifact", self.artifacts[device], "--benchmark-runs", "20")
 
     def traffic(self) -> None:
         """Real requests on each device's local endpoint, all at once: what field telemetry measures."""
