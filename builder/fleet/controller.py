@@ -377,7 +377,7 @@ def _step_down(policy: Policy, state: DeviceLoopState, ladder: Sequence[Rung], i
                         f"searching for {search.target_latency_ms:.3f} ms (estimate units)", search=search,
                         numbers=numbers)
     return Decision(Action.KEEP, f"p95 {observed:.2f} ms > {objective} ms but no allowed rung is faster "
-                    f"({'a search is running' if state.search_pending else 'search disabled'})", numbers=numbers)
+                    f"({'a search was requested' if state.search_pending else 'search disabled'})", numbers=numbers)
 
 
 def _step_up(policy: Policy, state: DeviceLoopState, ladder: Sequence[Rung], idx: int,

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 EVENT_PREFIX = "loop."
 MAX_WINDOWS = 200  # enough for headroom_windows x backoff on any sane policy
+SEARCH_RETRY_S = 3600.0  # a search requested this long ago (finished or not) no longer blocks a new one
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class LoopRecord:
     last_window_ts: float = float("-inf")
     last_quiet_key: str = ""
     changes: int = 0
+    search_requested_ts: Optional[float] = None
 
     def to_json(self) -> str:
         s = self.state
@@ -141,6 +143,7 @@ class LoopRecord:
             "step_up_failures": dict(s.step_up_failures), "search_pending": s.search_pending,
             "last_window_ts": None if self.last_window_ts == float("-inf") else self.last_window_ts,
             "last_quiet_key": self.last_quiet_key, "changes": self.changes,
+            "search_requested_ts": self.search_requested_ts,
         }, sort_keys=True)
 
     @classmethod
@@ -155,7 +158,8 @@ class LoopRecord:
             search_pending=bool(d.get("search_pending", False)))
         last = d.get("last_window_ts")
         return cls(state=state, last_window_ts=float("-inf") if last is None else float(last),
-                   last_quiet_key=d.get("last_quiet_key", ""), changes=int(d.get("changes", 0)))
+                   last_quiet_key=d.get("last_quiet_key", ""), changes=int(d.get("changes", 0)),
+                   search_requested_ts=d.get("search_requested_ts"))
 
 
 class LoopStateStore:
@@ -310,6 +314,9 @@ class ReCompressionLoop:
         if not ladder:
             return None
         now = self.clock()
+        if record.state.search_pending and (record.search_requested_ts is None
+                                            or now - record.search_requested_ts > SEARCH_RETRY_S):
+            record = replace(record, state=replace(record.state, search_pending=False), search_requested_ts=None)
         windows = self._windows(device_id)
         record = self._calibrate(record, windows, ladder, device_id)
         record = self._benchmark_fidelity(record, device_id)
@@ -384,9 +391,13 @@ class ReCompressionLoop:
             return replace(record, state=state)
 
         if decision.action == Action.SEARCH or decision.search is not None:
+            # Started or not (no launcher, launcher failed: the event says which), a request blocks
+            # the next one for SEARCH_RETRY_S so a device stuck over its objective is not a loop of searches.
             self._start_search(device, ladder, decision, now)
+            state = replace(state, search_pending=True)
+            record = replace(record, search_requested_ts=now)
         if decision.action == Action.SEARCH:
-            return replace(record, state=replace(state, search_pending=True))
+            return replace(record, state=state)
 
         self._record(device_id, decision, current, now)
         if decision.action in (Action.STEP_DOWN, Action.STEP_UP):

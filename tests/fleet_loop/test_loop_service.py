@@ -132,3 +132,42 @@ def test_worker_thread_decides_from_hooks(fleet: FleetStore) -> None:
     finally:
         loop.stop()
     assert device.pushes == ["int8"] or device.pushes == ["pruned"]
+
+
+def test_no_rung_fits_starts_a_search_once_or_says_why_not(fleet: FleetStore, tmp_path: Path) -> None:
+    from builder.fleet.loop import OptimizeLauncher
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.requests = []
+
+        def start(self, device_id, profile, ladder, request) -> str:
+            self.requests.append((device_id, profile, request))
+            return "started"
+
+    fleet.record_status("pi", online=True, active_artifact_id="pruned")
+    clock, device = Clock(), FakeFleet(fleet)
+    searches = Recorder()
+    loop = ReCompressionLoop(fleet, device, StaticLadders.of(LADDER), search=searches, clock=clock)
+    run(loop, fleet, clock, lambda i: 20.0, 12)  # pruned: 2.5 ms x 20 = 50 ms, nothing faster
+    assert device.pushes == []
+    assert len(searches.requests) == 1  # once: search_pending holds further requests
+    device_id, profile, request = searches.requests[0]
+    assert (device_id, profile) == ("pi", "raspberry-pi-4")
+    assert request.objective_ms == 15.0 and request.latency_factor == pytest.approx(20.0)
+    assert request.target_latency_ms == pytest.approx(0.75) and request.accuracy_floor == 0.9
+    assert [e.kind for e in loop_events(fleet, "pi")].count("loop.search") == 1
+
+    launcher = OptimizeLauncher(tmp_path, model_for=lambda device_id, ladder: "builder.zoo.digits_cnn:trained")
+    cmd = launcher.command("pi", "raspberry-pi-4", LADDER, request)
+    assert cmd[cmd.index("--max-latency") + 1] == "15ms" and cmd[cmd.index("--latency-factor") + 1] == "20"
+    assert cmd[cmd.index("--profile") + 1] == "raspberry-pi-4" and "--min-accuracy" in cmd
+
+
+def test_without_a_search_launcher_the_event_says_so(fleet: FleetStore) -> None:
+    fleet.record_status("pi", online=True, active_artifact_id="pruned")
+    clock = Clock()
+    loop = ReCompressionLoop(fleet, FakeFleet(fleet), StaticLadders.of(LADDER), clock=clock)
+    run(loop, fleet, clock, lambda i: 20.0, 12)
+    unavailable = [e for e in loop_events(fleet, "pi") if e.kind == "loop.search_unavailable"]
+    assert len(unavailable) == 1 and unavailable[0].detail["target_latency_ms"] == pytest.approx(0.75)
