@@ -270,3 +270,19 @@ def test_a_window_that_straddles_the_change_is_not_evidence() -> None:
     windows.append(FieldWindow(12.5, "int8", 10.0, 50, window_s=1.0))
     d = decide(policy(), state, "int8", windows, LADDER, 12.5)
     assert d.action == Action.ACCEPT and d.numbers["post_p95_ms"] == 10.0
+
+
+def test_energy_and_memory_budgets_exclude_rungs() -> None:
+    ladder = (Rung("fp32", 10.0, accuracy=0.98, energy_mj=9.0, memory_mb=40.0),
+              Rung("int8", 5.0, accuracy=0.97, energy_mj=3.0, memory_mb=90.0),
+              Rung("pruned", 2.5, accuracy=0.93, energy_mj=2.0, memory_mb=20.0))
+    pol = replace(policy(), memory_mb_budget=64.0, energy_mj_budget=10.0)
+    windows = [FieldWindow(float(t), "fp32", 20.0, 50) for t in range(1, 5)]
+    d = decide(pol, DeviceLoopState(), "fp32", windows, ladder, 5.0)
+    assert d.action == Action.STEP_DOWN and d.target_artifact == "pruned"  # int8 is over the memory budget
+    assert "memory_mb 90 vs budget 64" in d.numbers["skipped"]["int8"]
+    tight = replace(pol, energy_mj_budget=2.5)  # the running fp32 (9 mJ) is now over budget: move at once
+    moved = decide(tight, DeviceLoopState(last_change_ts=4.9), "fp32", windows, ladder, 5.0)
+    assert moved.change_kind == ChangeKind.RESTORE_FLOOR and moved.target_artifact == "pruned"
+    impossible = decide(replace(pol, energy_mj_budget=1.0), DeviceLoopState(), "fp32", windows, ladder, 5.0)
+    assert impossible.action == Action.KEEP and "no rung on the ladder meets it" in impossible.reason
