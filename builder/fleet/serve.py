@@ -235,6 +235,8 @@ class FleetServer:
         except ProtocolError as exc:
             log.warning("bad hello from %s: %s", device_id, exc)
             return
+        log.info("%s says hello: profile %s, %s, runtimes %s, agent %s", device_id, hello.profile, hello.machine,
+                 ",".join(hello.runtimes) or "-", hello.agent_version)
         self.store.record_hello(device_id, agent_version=hello.agent_version, profile=hello.profile,
                                 machine=hello.machine, runtimes=tuple(hello.runtimes),
                                 execution_providers=tuple(hello.execution_providers),
@@ -250,6 +252,7 @@ class FleetServer:
             log.warning("bad status from %s: %s", device_id, exc)
             return
         online = status.state == "online"
+        log.info("%s %s, running %s", device_id, status.state, status.active_model or "no model")
         self.store.record_status(device_id, online=online, active_artifact_id=status.active_artifact_id,
                                  active_model=status.active_model, previous_artifact_id=status.previous_artifact_id,
                                  profile=status.profile, agent_version=status.agent_version,
@@ -289,6 +292,9 @@ class FleetServer:
         if self._last_state.get(key) == progress.state:
             return  # download percentages: one event per state is enough
         self._last_state[key] = progress.state
+        if progress.state in FINAL_STATES:
+            log.info("%s deployment %s: %s%s", device_id, progress.deployment_id, progress.state,
+                     f" ({progress.error})" if progress.error else "")
         detail: dict[str, Any] = {"bytes_total": progress.bytes_total}
         if progress.error:
             detail["error"] = progress.error
