@@ -121,6 +121,10 @@ class SearchRequest:
     latency_factor: float
     accuracy_floor: Optional[float]
     fidelity_floor: Optional[float]
+    model: Optional[str] = None        # what to search: the policy's [search] model and data
+    data: Optional[str] = None
+    input_shape: Optional[str] = None
+    trials: int = 20
 
 
 @dataclass(frozen=True)
@@ -363,7 +367,9 @@ def _step_down(policy: Policy, state: DeviceLoopState, ladder: Sequence[Rung], i
     if policy.search_enabled and not state.search_pending:
         search = SearchRequest(target_latency_ms=objective / factor_now, objective_ms=objective,
                                latency_factor=factor_now, accuracy_floor=policy.accuracy_floor,
-                               fidelity_floor=policy.fidelity_floor)
+                               fidelity_floor=policy.fidelity_floor, model=policy.search_model,
+                               data=policy.search_data, input_shape=policy.search_input_shape,
+                               trials=policy.search_trials)
     faster = [r for r in candidates if r.estimated_latency_ms < current.estimated_latency_ms]
     if faster:
         target = min(faster, key=lambda r: r.estimated_latency_ms)

@@ -98,7 +98,7 @@ def load_ladder_json(path: Path) -> tuple[Optional[str], tuple[Rung, ...]]:
         rungs = tuple(Rung(artifact_id=str(r["artifact_id"]), estimated_latency_ms=float(r["estimated_latency_ms"]),
                            accuracy=r.get("accuracy"), fidelity=r.get("fidelity"), energy_mj=r.get("energy_mj"),
                            memory_mb=r.get("memory_mb"), label=str(r.get("label", "")))
-                      for r in data["rungs"])
+                      for r in data["rungs"] if r.get("artifact_id"))
     except FileNotFoundError:
         raise UsageError(f"ladder file {path} not found; pass the ladder.json written by `builder optimize`") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -584,35 +584,42 @@ class PusherActions:
 
 @dataclass(frozen=True)
 class OptimizeLauncher:
-    """Starts ``builder optimize`` in the background with the device's calibrated latency target.
-    ``model_for(device_id, ladder)`` names the model source to search (None: cannot search)."""
+    """Starts ``builder optimize`` in the background for the device's profile with the objective and
+    the device's latency factor (so the search's calibrated target is the field objective), on the
+    model and data the policy's ``[search]`` names. Output and log under ``<data dir>/loop-searches``."""
 
     data_dir: Path
-    model_for: Callable[[str, Sequence[Rung]], Optional[str]]
-    extra_args: tuple[str, ...] = ()
 
     def command(self, device_id: str, profile: Optional[str], ladder: Sequence[Rung], request: SearchRequest) -> list[str]:
         import sys
 
-        model = self.model_for(device_id, ladder)
-        if model is None or profile is None:
-            raise UsageError(f"cannot search for {device_id}: unknown model source or profile")
-        cmd = [sys.executable, "-m", "builder.cli.main", "optimize", model, "--profile", profile,
-               "--max-latency", f"{request.objective_ms:g}ms", "--latency-factor", f"{request.latency_factor:.4g}",
-               "--data-dir", str(self.data_dir)]
+        if not request.model or not request.data:
+            raise UsageError(f"cannot search for {device_id}: the policy's [search] needs model and data "
+                             "(e.g. model = \"pkg.module:factory\", data = \"eval.npz\")")
+        if not profile:
+            raise UsageError(f"cannot search for {device_id}: the device has no profile")
+        out = self.data_dir / "loop-searches" / f"{device_id}-{int(time.time())}"
+        cmd = [sys.executable, "-m", "builder.cli.main", "optimize", request.model, "--device", profile,
+               "--data", request.data, "--max-latency", f"{request.objective_ms:g}ms",
+               "--latency-factor", f"{request.latency_factor:.4g}", "--trials", str(request.trials),
+               "--data-dir", str(self.data_dir), "--out", str(out)]
+        if request.input_shape:
+            cmd += ["--input-shape", request.input_shape]
         if request.accuracy_floor is not None:
             cmd += ["--min-accuracy", f"{request.accuracy_floor:g}"]
-        return cmd + list(self.extra_args)
+        if request.fidelity_floor is not None:
+            cmd += ["--min-fidelity", f"{request.fidelity_floor:g}"]
+        return cmd
 
     def start(self, device_id: str, profile: Optional[str], ladder: Sequence[Rung], request: SearchRequest) -> str:
         import subprocess
 
         cmd = self.command(device_id, profile, ladder, request)
-        logs = self.data_dir / "loop-searches"
-        logs.mkdir(parents=True, exist_ok=True)
-        with open(logs / f"{device_id}-{int(time.time())}.log", "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        return f"pid {proc.pid}: {' '.join(cmd[2:])}"
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "optimize.log", "wb") as log_file:
+            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        return f"pid {proc.pid}: builder {' '.join(cmd[3:])}"
 
 
 class ServeLoopHook:
@@ -640,7 +647,8 @@ class ServeLoopHook:
                 store = open_store(self.data_dir)
                 ladders = self.ladders or RegistryLadders(Registry(self.data_dir))
                 actions = None if self.dry_run else (self.actions or PusherActions(self.data_dir))
-                self.loop = ReCompressionLoop(store, actions, ladders, search=self.search, dry_run=self.dry_run).start()
+                search = self.search or OptimizeLauncher(self.data_dir)
+                self.loop = ReCompressionLoop(store, actions, ladders, search=search, dry_run=self.dry_run).start()
         self.loop._queue.put(device_id)
 
     def close(self) -> None:

@@ -26,7 +26,11 @@ over the fleet default ``*``)::
     min_samples = 5            # windows with fewer inferences are ignored
 
     [search]
-    enabled = true             # start `builder optimize` when no rung fits
+    enabled = true             # start `builder optimize` when no rung fits ...
+    model = "builder.zoo.digits_cnn:trained"   # ... on this model source (file or package.module:factory)
+    data = "digits.npz"        # ... evaluated on this data (--data of builder optimize)
+    input_shape = "x=1x1x8x8"  # optional, as for builder optimize
+    trials = 20
 
 Policies are stored in the fleet database (table ``loop_policies``) so ``builder serve`` and the CLI
 see the same thing; :func:`load_policy_file` validates before anything is written.
@@ -76,6 +80,10 @@ class Policy:
     memory_mb_budget: Optional[float] = None
     pacing: Pacing = field(default_factory=Pacing)
     search_enabled: bool = True
+    search_model: Optional[str] = None
+    search_data: Optional[str] = None
+    search_input_shape: Optional[str] = None
+    search_trials: int = 20
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -87,7 +95,7 @@ class Policy:
                  "floor": {"accuracy", "fidelity"},
                  "budget": {"energy_mj", "memory_mb"},
                  "pacing": set(Pacing.__dataclass_fields__),
-                 "search": {"enabled"}}
+                 "search": {"enabled", "model", "data", "input_shape", "trials"}}
         for section, body in raw.items():
             if section not in known:
                 raise UsageError(f"{source}: unknown section [{section}]; use one of "
@@ -113,6 +121,9 @@ class Policy:
             enabled = search.get("enabled", True)
             if not isinstance(enabled, bool):
                 raise UsageError(f"{source}: search.enabled must be true or false")
+            for key in ("model", "data", "input_shape"):
+                if key in search and (not isinstance(search[key], str) or not search[key].strip()):
+                    raise UsageError(f"{source}: search.{key} must be a non-empty string")
             return cls(
                 latency_p95_ms=_number(objective["latency_p95_ms"], "objective.latency_p95_ms", source),
                 window_s=_number(objective.get("window_s", 10.0), "objective.window_s", source),
@@ -122,6 +133,10 @@ class Policy:
                 memory_mb_budget=_optional(budget.get("memory_mb"), "budget.memory_mb", source),
                 pacing=pacing,
                 search_enabled=enabled,
+                search_model=search.get("model"),
+                search_data=search.get("data"),
+                search_input_shape=search.get("input_shape"),
+                search_trials=_number(search.get("trials", 20), "search.trials", source, integer=True),
             )
         except UsageError as exc:
             msg = str(exc)
@@ -140,6 +155,11 @@ class Policy:
             lines += ["", "[budget]"] + [f"{k} = {v!r}" for k, v in budget]
         lines += ["", "[pacing]"] + [f"{k} = {v!r}" for k, v in asdict(self.pacing).items()]
         lines += ["", "[search]", f"enabled = {'true' if self.search_enabled else 'false'}"]
+        for key, value in (("model", self.search_model), ("data", self.search_data),
+                           ("input_shape", self.search_input_shape)):
+            if value is not None:
+                lines.append(f"{key} = {json.dumps(value)}")
+        lines.append(f"trials = {self.search_trials}")
         return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,6 +208,7 @@ def _validate(p: Policy) -> None:
          f"pacing.headroom_fraction must be in (0, 1), got {k.headroom_fraction}; "
          "it is the share of the objective under which p95 counts as headroom")
     need(0 < k.step_up_margin <= 1, f"pacing.step_up_margin must be in (0, 1], got {k.step_up_margin}")
+    need(p.search_trials >= 1, f"search.trials must be >= 1, got {p.search_trials}")
     need(k.headroom_fraction <= k.step_up_margin,
          f"pacing.headroom_fraction ({k.headroom_fraction}) must not exceed pacing.step_up_margin "
          f"({k.step_up_margin}); otherwise a step up lands right back in violation")

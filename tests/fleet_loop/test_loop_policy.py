@@ -29,6 +29,9 @@ headroom_windows = 8
 
 [search]
 enabled = false
+model = "builder.zoo.digits_cnn:trained"
+data = "digits.npz"
+trials = 12
 """
 
 
@@ -46,6 +49,8 @@ def test_full_policy_parses_and_round_trips(tmp_path: Path) -> None:
     assert pol.pacing.violate_windows == 4 and isinstance(pol.pacing.violate_windows, int)
     assert pol.pacing.judge_windows == 2  # default kept
     assert pol.search_enabled is False
+    assert (pol.search_model, pol.search_data, pol.search_input_shape, pol.search_trials) == (
+        "builder.zoo.digits_cnn:trained", "digits.npz", None, 12)
     again = load_policy_file(write(tmp_path, pol.to_toml()))
     assert again == pol
     assert Policy.from_dict(pol.to_dict()) == pol

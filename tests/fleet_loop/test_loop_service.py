@@ -2,10 +2,12 @@
 The device is simulated by writing telemetry rows; the broker end-to-end test is test_loop_e2e.py."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from builder.errors import UsageError
 from builder.fleet.controller import Rung
 from builder.fleet.loop import (
     LoopStateStore, PushOutcome, ReCompressionLoop, StaticLadders, count_changes, latency_factors,
@@ -158,10 +160,15 @@ def test_no_rung_fits_starts_a_search_once_or_says_why_not(fleet: FleetStore, tm
     assert request.target_latency_ms == pytest.approx(0.75) and request.accuracy_floor == 0.9
     assert [e.kind for e in loop_events(fleet, "pi")].count("loop.search") == 1
 
-    launcher = OptimizeLauncher(tmp_path, model_for=lambda device_id, ladder: "builder.zoo.digits_cnn:trained")
+    launcher = OptimizeLauncher(tmp_path)
+    with pytest.raises(UsageError, match=r"\[search\] needs model and data"):
+        launcher.command("pi", "raspberry-pi-4", LADDER, request)
+    request = replace(request, model="builder.zoo.digits_cnn:trained", data="digits.npz", input_shape="x=1x1x8x8")
     cmd = launcher.command("pi", "raspberry-pi-4", LADDER, request)
     assert cmd[cmd.index("--max-latency") + 1] == "15ms" and cmd[cmd.index("--latency-factor") + 1] == "20"
-    assert cmd[cmd.index("--profile") + 1] == "raspberry-pi-4" and "--min-accuracy" in cmd
+    assert cmd[cmd.index("--device") + 1] == "raspberry-pi-4" and cmd[cmd.index("--min-accuracy") + 1] == "0.9"
+    assert cmd[cmd.index("--data") + 1] == "digits.npz" and cmd[cmd.index("--input-shape") + 1] == "x=1x1x8x8"
+    assert cmd[3:5] == ["optimize", "builder.zoo.digits_cnn:trained"]
 
 
 def test_without_a_search_launcher_the_event_says_so(fleet: FleetStore) -> None:
