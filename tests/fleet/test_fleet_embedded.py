@@ -85,3 +85,19 @@ def test_embedded_serve_three_agents_push_each_status_and_plot(tmp_path: Path, f
     again = json.loads(builder_cli("push", "--device", "jetson-01", "--model", str(onnx_path), "--json",
                                    "--benchmark-runs", "0", home=home).stdout)["outcomes"][0]
     assert again["artifact_id"] == first["artifact_id"] and again["state"] == "active"  # cached build, same artifact
+
+
+def test_push_refuses_when_no_serve_would_send_the_chunks(fleet_home) -> None:
+    from builder.errors import FleetError
+    from builder.fleet.embedded_broker import EmbeddedBroker, EmbeddedBrokerSettings
+    from builder.fleet.link import BrokerEndpoint, FleetLink
+    from builder.fleet.push import Pusher
+    from builder.fleet.store import open_store
+
+    artifact = fleet_home.artifact("raspberry-pi-4")
+    with EmbeddedBroker(EmbeddedBrokerSettings(port=0)) as broker, open_store(fleet_home.root) as store, \
+            FleetLink(BrokerEndpoint(broker.url)).connect() as link:
+        store.register_device("pi-09", "raspberry-pi-4")
+        with pytest.raises(FleetError, match="no `builder serve` is running"):
+            Pusher(link, store, fleet_home.registry, fleet_home.root).push("pi-09", artifact)
+        assert store.events("pi-09") == []  # nothing was published or recorded
