@@ -68,6 +68,8 @@ class CompiledPayloads:
     runtime_options: Mapping[str, Any] = field(default_factory=dict)
     verify_files: tuple[PayloadFile, ...] = ()
     notes: tuple[str, ...] = ()
+    # artifact input name -> the reference model's input name, where they differ (LiteRT tensor names)
+    input_sources: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def model_file(self) -> PayloadFile:

@@ -97,16 +97,20 @@ def run_tflite(path: Path, samples: Sequence[Mapping[str, np.ndarray]]) -> list[
     return results
 
 
-def tflite_io_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+def tflite_io_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], dict[str, str]]:
+    """Inputs and outputs under their *tensor* names (what ``get_input_details`` reports and the
+    agent's LiteRT backend feeds by), in signature order, plus tensor name -> signature name."""
     it = interpreter(path)
     runner = it.get_signature_runner(SIGNATURE)
     sig = it.get_signature_list()[SIGNATURE]
     ins, outs = runner.get_input_details(), runner.get_output_details()
 
-    def spec(name: str, d: Mapping[str, Any]) -> TensorSpec:
-        return TensorSpec(name=name, shape=tuple(int(x) for x in d["shape"]), dtype=np.dtype(d["dtype"]).name)
+    def spec(d: Mapping[str, Any]) -> TensorSpec:
+        return TensorSpec(name=str(d["name"]), shape=tuple(int(x) for x in d["shape"]), dtype=np.dtype(d["dtype"]).name)
 
-    return tuple(spec(n, ins[n]) for n in sig["inputs"]), tuple(spec(n, outs[n]) for n in sig["outputs"])
+    inputs = tuple(spec(ins[n]) for n in sig["inputs"])
+    outputs = tuple(spec(outs[n]) for n in sig["outputs"])
+    return inputs, outputs, {str(ins[n]["name"]): n for n in sig["inputs"]}
 
 
 class LiteRtTarget:
@@ -167,11 +171,13 @@ class LiteRtTarget:
             quantize_tflite(float_path, out, precision)
             notes.append("fp16 weights (ai-edge-quantizer float casting)" if precision == "fp16"
                          else "int8 weights, dynamic int8 activations, float inputs/outputs (ai-edge-quantizer dynamic_wi8_afp32)")
-        model_inputs, model_outputs = tflite_io_specs(out)
+        model_inputs, model_outputs, sources = tflite_io_specs(out)
         delegates = tuple(options.get("delegates", ()))
+        signature = {"name": SIGNATURE, "inputs": {t: s for t, s in sources.items()},
+                     "outputs": [o.name for o in model_outputs]}
         return CompiledPayloads(self.name, "tflite", precision, (PayloadFile("model.tflite", out, "model"),),
                                 model_inputs, model_outputs, delegates,
-                                {"signature": SIGNATURE, "delegates": list(delegates), "num_threads": 0}, (), tuple(notes))
+                                {"signature": signature, "delegates": list(delegates)}, (), tuple(notes), sources)
 
     def verify(self, payloads: CompiledPayloads, sample_inputs: Sequence[Mapping[str, np.ndarray]],
                reference_outputs: Sequence[Mapping[str, np.ndarray]], tolerance: Tolerance) -> VerificationReport:

@@ -191,10 +191,11 @@ def write_sample_file(path: Path, compiled: CompiledPayloads, sample: Mapping[st
     holding the *reference model's* outputs, matched by position."""
     arrays: dict[str, np.ndarray] = {}
     for spec in compiled.inputs:
-        arrays[f"in:{spec.name}"] = np.asarray(sample[spec.name]).astype(spec.dtype)
+        source = compiled.input_sources.get(spec.name, spec.name)
+        arrays[f"in:{spec.name}"] = np.asarray(sample[source]).astype(spec.dtype)
     ref_values = list(reference.values())
     for pos, spec in enumerate(compiled.outputs):
-        arrays[f"out:{spec.name}"] = np.asarray(ref_values[pos]).astype(np.float32)
+        arrays[f"out:{spec.name}"] = np.asarray(ref_values[pos]).astype(spec.dtype)  # the agent checks dtypes too
     with open(path, "wb") as fh:
         np.savez(fh, **arrays)
 
@@ -322,7 +323,8 @@ def _metrics(model: BuildModel, request: BuildRequest, compiled: CompiledPayload
             "mean_abs_diff": worst.mean_abs_diff,
             "min_cosine": worst.min_cosine,
             "mean_cosine": worst.mean_cosine,
-            "top1_agreement": worst.top1_agreement,
+            # top-1 agreement means something for a classifier only (the samples carry labels)
+            "top1_agreement": worst.top1_agreement if samples.labels is not None else None,
             "samples": report.num_samples,
             "reference": "original model, ONNX Runtime CPU fp32",
         },

@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 
 PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 CALIBRATION_FILE = "calibration.flatbuffers"
-# Placeholder the agent replaces with its data directory (docs/artifact.md, "runtime_options").
-DATA_DIR_PLACEHOLDER = "{data_dir}"
 # Standard ops the TensorRT ONNX parser (TensorRT 8.6/10) does not import; ORT runs them on CUDA/CPU.
 TRT_UNSUPPORTED = {"Unique", "StringNormalizer", "TfIdfVectorizer", "Multinomial", "RandomNormal",
                    "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "SequenceAt",
@@ -49,12 +47,15 @@ ORT_DOMAINS = ("", "ai.onnx", "com.microsoft", "ai.onnx.ml")
 
 
 def provider_options(precision: str, calibration_table: str | None = None) -> dict[str, Any]:
-    """What the agent passes to ONNX Runtime, in order: TensorRT EP, CUDA EP, CPU EP."""
+    """``target.runtime_options`` for the agent's ONNX Runtime backend (agent/runtime/onnxrt.py).
+
+    Providers are ``target.execution_providers`` in order (TensorRT, CUDA, CPU); the agent keeps
+    those its onnxruntime build has and points ``trt_engine_cache_path`` at its own data directory
+    (``<data_dir>/cache/tensorrt``), where TensorRT writes the engine it builds at first load.
+    """
     trt: dict[str, Any] = {
         "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": f"{DATA_DIR_PLACEHOLDER}/trt_engines",
         "trt_timing_cache_enable": True,
-        "trt_timing_cache_path": f"{DATA_DIR_PLACEHOLDER}/trt_engines",
         "trt_fp16_enable": precision in ("fp16", "int8"),
         "trt_int8_enable": precision == "int8",
         "trt_max_workspace_size": 1 << 30,
@@ -63,9 +64,9 @@ def provider_options(precision: str, calibration_table: str | None = None) -> di
         trt["trt_int8_calibration_table_name"] = calibration_table
         trt["trt_int8_use_native_calibration_table"] = False
     return {
-        "providers": [["TensorrtExecutionProvider", trt], ["CUDAExecutionProvider", {}], ["CPUExecutionProvider", {}]],
+        "provider_options": {"TensorrtExecutionProvider": trt, "CUDAExecutionProvider": {}},
         # Aux payloads the agent copies into trt_engine_cache_path before opening the session:
-        # the TensorRT EP reads the calibration table from there.
+        # the TensorRT EP reads the calibration table from its cache directory.
         "copy_to_engine_cache": [calibration_table] if calibration_table else [],
         "engine_built_on_device": True,
     }
@@ -106,7 +107,7 @@ class TensorRtTarget:
         workdir.mkdir(parents=True, exist_ok=True)
         model = onnx.load(str(model_onnx_path))
         out = workdir / "model.onnx"
-        notes: list[str] = ["TensorRT engine is built on the device at first load and cached under {data_dir}/trt_engines"]
+        notes: list[str] = ["TensorRT engine is built on the device at first load and cached in the agent's data dir"]
         files: list[PayloadFile] = []
         calibration = None
         verify_files: tuple[PayloadFile, ...] = ()

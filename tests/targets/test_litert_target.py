@@ -22,8 +22,9 @@ def test_tflite_builds_and_verifies_in_the_litert_interpreter(digits, digits_sam
     compiled = target.compile(loaded.onnx_path, input_specs(loaded), precision,
                               {"torch_module": loaded.torch_module, "example_inputs": digits_samples.inputs[0]}, tmp_path)
     assert compiled.format == "tflite" and compiled.model_file.path.read_bytes()[4:8] == b"TFL3"
-    # the signature keeps the model's input name, so sample.npz and the agent use the same names
-    assert [s.name for s in compiled.inputs] == [loaded.inputs[0].name]
+    # the signature keeps the model's input name; the manifest lists the tensor names the agent feeds
+    assert list(compiled.input_sources.values()) == [loaded.inputs[0].name]
+    assert compiled.runtime_options["signature"]["inputs"] == dict(compiled.input_sources)
     assert compiled.inputs[0].dtype == "float32"  # int8 keeps float IO (dynamic-range quantization)
     report = target.verify(compiled, digits_samples.inputs, reference(loaded, digits_samples), TOLERANCES[precision])
     assert report.passed, report.summary()
