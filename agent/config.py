@@ -64,7 +64,7 @@ class AgentConfig:
     telemetry_interval_s: float = 30.0
     http_port: int = 8765  # 0: any free port (tests); bound to 127.0.0.1 only
     threads: int = 0  # runtime threads, 0 = runtime default
-    window_chunks: int = 16
+    window_chunks: int = 64  # chunks in flight (<= 256), 8 MiB at 128 KiB
     chunk_timeout_s: float = 10.0
     telemetry_buffer_max_bytes: int = 8 << 20
     telemetry_buffer_max_age_s: float = 7 * 24 * 3600.0
@@ -136,7 +136,7 @@ def config_from_dict(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Age
             profile=data.get("profile") or None,
             telemetry_interval_s=float(data.get("telemetry_interval_s", 30.0)),
             http_port=int(data.get("http_port", 8765)), threads=int(data.get("threads", 0)),
-            window_chunks=int(data.get("window_chunks", 16)),
+            window_chunks=int(data.get("window_chunks", 64)),
             chunk_timeout_s=float(data.get("chunk_timeout_s", 10.0)),
             telemetry_buffer_max_bytes=int(data.get("telemetry_buffer_max_bytes", 8 << 20)),
             telemetry_buffer_max_age_s=float(data.get("telemetry_buffer_max_age_s", 7 * 24 * 3600.0)),

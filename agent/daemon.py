@@ -88,6 +88,11 @@ class Agent:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> "Agent":
+        import sys
+
+        # The MQTT thread must get the GIL back quickly after each socket read while chunks are being
+        # hashed and decompressed; the default 5 ms switch interval starves it (a GIL convoy).
+        sys.setswitchinterval(0.0005)
         loaded, problems = self.installer.load_active()
         for problem in problems:
             log.warning("start-up: %s", problem)
@@ -301,7 +306,8 @@ class Agent:
         self._progress(desired, "active", total, total)
         self.publish_status()
         self._emit_telemetry("install", details={"deployment_id": desired.deployment_id,
-                                                 "baseline_p50_ms": loaded.health.baseline_p50_ms})
+                                                 "baseline_p50_ms": loaded.health.baseline_p50_ms,
+                                                 "transfer": dict(self.puller.stats)})
 
     def _fail(self, desired: proto.DesiredDeployment, state: str, reason: str) -> None:
         log.warning("deployment %s %s: %s", desired.deployment_id, state, reason)

@@ -40,7 +40,7 @@ DEVICES_ROOT = f"{TOPIC_ROOT}/devices"
 
 # Brokers such as AWS IoT Core cap messages at 128 KiB; a frame's header is well under 1 KiB.
 MAX_CHUNK_BYTES = 128 * 1024 - 1024
-DEFAULT_WINDOW_CHUNKS = 16
+DEFAULT_WINDOW_CHUNKS = 64  # 8 MiB in flight; measured on loopback: 16 starves the pipeline
 CHUNK_MAGIC = b"EFC1"
 _DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -367,7 +367,7 @@ class ChunkHeader(_Message):
 @dataclass(frozen=True)
 class ChunkFrame:
     header: ChunkHeader
-    data: bytes
+    data: bytes | memoryview
 
     def verify(self) -> None:
         """Raise ProtocolError unless the bytes match the header's length and sha256."""
@@ -391,4 +391,4 @@ def decode_chunk_frame(frame: bytes) -> ChunkFrame:
     if head_len > 8192 or 8 + head_len > len(frame):
         raise ProtocolError("chunk frame header length is invalid")
     header = ChunkHeader.from_json(bytes(frame[8:8 + head_len]))
-    return ChunkFrame(header=header, data=bytes(frame[8 + head_len:]))
+    return ChunkFrame(header=header, data=memoryview(frame)[8 + head_len:])  # no copy of the chunk bytes

@@ -196,17 +196,17 @@ def test_latency_regression_beyond_bound_triggers_rollback_but_artificial_slowdo
     active = ActiveModel(FieldStats(), load, latency_regression_factor=2.0, latency_min_requests=5,
                          on_unhealthy=reasons.append)
     model = LoadedModel(manifest=None, runtime=SlowRuntime(0.002), slot="a", directory=Path("."),  # type: ignore[arg-type]
-                        health=HealthReport(True, baseline_p50_ms=2.0, max_abs_error=0.0, min_cosine=1.0))
+                        health=HealthReport(True, baseline_p50_ms=10.0, max_abs_error=0.0, min_cosine=1.0))
     active.swap(model)
     for _ in range(10):
         active.infer({})
-    assert reasons == []  # within 2x of the install-time p50
+    assert reasons == []  # ~2 ms: within 2x of the install-time p50 of 10 ms
     load.apply(LoadSettings(slowdown_factor=3.0))
     for _ in range(10):
         active.infer({})
     assert reasons == []  # artificial load is not a regression of the model
     load.apply(LoadSettings())
-    model.runtime.delay_s = 0.006
+    model.runtime.delay_s = 0.05  # 5x the install-time p50 (wide margins: no timing flakiness)
     for _ in range(10):
         active.infer({})
     assert len(reasons) == 1 and "exceeds 2.0x" in reasons[0]
