@@ -91,13 +91,15 @@ def bench(model: str = typer.Option("active", "--model", "-m", help="a .onnx/.or
             if slot is None:
                 raise AgentError(f"no active model in {cfg.data_dir}; wait for a deployment or pass --model FILE")
             directory = store.slot_dir(slot)
+            cache_dir = cfg.data_dir / "cache"
         else:
             directory = Path(model)
+            cache_dir = None  # never write into someone's artifact directory
         try:
             manifest = Manifest.from_bytes((directory / "manifest.json").read_bytes())
         except OSError as exc:
             raise AgentError(f"{directory} has no manifest.json; pass an artifact directory or a model file") from exc
-        runtime = open_runtime(manifest, directory / manifest.model_payload.name, directory.parent / "cache", threads)
+        runtime = open_runtime(manifest, directory / manifest.model_payload.name, cache_dir, threads)
         artifact_id = manifest.artifact_id
         if manifest.sample_payload is not None:
             feeds, _ = load_sample(directory / manifest.sample_payload.name)

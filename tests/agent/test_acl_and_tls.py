@@ -112,3 +112,17 @@ def test_agent_pulls_over_tls_with_client_certificate(tmp_path, signing_key, hos
                     break
             assert not plain.is_connected()
             raise ssl.SSLError("not connected")
+
+
+def test_agent_speaks_mqtt_311_with_persistent_session(tmp_path, broker, signing_key, host_factory, running_agents):
+    key, pub = signing_key
+    artifact = make_artifact(tmp_path / "art", key, seed=1)
+    host = host_factory(broker.url)
+    agent = running_agents(agent_config(broker.url, "dev1", DEVICES["dev1"], pub, tmp_path / "data",
+                                        mqtt_protocol="3.1.1"))
+    desired = host.deploy("dev1", artifact)
+    host.wait_progress("dev1", desired.artifact_id, ("active",))
+    assert agent.conn.protocol_in_use == "3.1.1"
+    # The last will: an abrupt disconnect publishes the retained "offline" status.
+    agent.conn.client.socket().close()
+    host.wait(lambda: any(b'"state":"offline"' in p for p in host.of_kind("dev1", "up/status")), 10, "last will")
