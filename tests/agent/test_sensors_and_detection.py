@@ -122,3 +122,27 @@ def test_benchmark_reports_not_measured_with_labelled_estimate():
     assert result.power_w is None and result.power_source == "not measured" and result.energy_per_inference_j is None
     assert result.estimated_power_w == pytest.approx(5.0)  # raspberry-pi-5.toml typical_w, labelled as an estimate
     assert result.latency.count == 5 and result.latency.p50_ms <= result.latency.p99_ms
+
+
+def test_agent_detect_cli_on_a_jetson_fixture():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "from agent.cli import app; app()", "detect", "--root",
+                          str(FIX / "jetson-nano")], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).parents[2])
+    assert out.returncode == 0, out.stderr
+    assert "profile: jetson-nano" in out.stdout and "3.512 W (jetson-ina3221:POM_5V_IN)" in out.stdout
+
+
+def test_onnxruntime_providers_requested_and_available_with_tensorrt_engine_cache(tmp_path):
+    from agent.runtime.onnxrt import choose_providers
+
+    chosen = choose_providers(("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+                              ["TensorrtExecutionProvider", "CPUExecutionProvider"], tmp_path, precision="fp16")
+    assert [name for name, _ in chosen] == ["TensorrtExecutionProvider", "CPUExecutionProvider"]  # no CUDA here
+    trt = chosen[0][1]
+    assert trt["trt_engine_cache_enable"] and trt["trt_fp16_enable"]
+    assert trt["trt_engine_cache_path"] == str(tmp_path / "tensorrt") and (tmp_path / "tensorrt").is_dir()
+    assert [n for n, _ in choose_providers(("XNNPACKExecutionProvider",), ["CPUExecutionProvider"], None)] == \
+        ["CPUExecutionProvider"]  # always a CPU fallback
