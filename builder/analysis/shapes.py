@@ -149,7 +149,7 @@ def _measure(model: Any, names: list[str], input_shapes: Mapping[str, Sequence[i
     try:
         session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
         outputs = session.run(names, feeds)
-    except Exception as exc:  # onnxruntime raises its own pybind types
+    except Exception as exc:  # onnxruntime's pybind types; ValueError for protos over 2 GB
         log.warning("could not measure %d tensor shapes with ONNX Runtime (%s); they count as unknown",
                     len(names), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return {}
