@@ -1,8 +1,225 @@
-"""`builder optimize` (not built yet: see the open issue that owns it)."""
+"""`builder optimize`: search compression recipes against targets; Pareto front, chosen recipe, ladder."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
 import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from builder.search.objectives import ScoredCandidate
+    from builder.search.optimize import SearchOutcome
 
 
 def register(app: typer.Typer) -> None:
     """Adds this module's commands to the builder app."""
+
+    @app.command("optimize")
+    def optimize(
+        model: str = typer.Argument(..., help="An .onnx file, a TorchScript file, or package.module:factory."),
+        input_shape: Optional[str] = typer.Option(None, "--input-shape", "-s", help="Input shapes, as for `builder analyze`."),
+        device: str = typer.Option(..., "--device", "--profile", "-d", help="Device profile the latency is estimated for."),
+        data: str = typer.Option(..., "--data", help="Evaluation/calibration data: .npz (inputs, optional labels y) or package.module:function."),
+        train_data: Optional[str] = typer.Option(None, "--train-data", help="Training data: enables fine-tuning and distillation in the space."),
+        max_latency: Optional[str] = typer.Option(None, "--max-latency", help="Estimated device latency target, e.g. 20ms."),
+        max_size: Optional[str] = typer.Option(None, "--max-size", help="Download (zstd) size target, e.g. 5MB or 5MiB."),
+        max_accuracy_drop: Optional[str] = typer.Option(None, "--max-accuracy-drop", help="Allowed accuracy drop vs the original, e.g. 1% (needs labels)."),
+        min_fidelity: Optional[str] = typer.Option(None, "--min-fidelity", help="Fidelity floor: top-1 agreement (classifiers) or mean cosine (embeddings), e.g. 0.99."),
+        min_accuracy: Optional[str] = typer.Option(None, "--min-accuracy", help="Absolute accuracy floor, e.g. 0.95 (needs labels)."),
+        trials: Optional[int] = typer.Option(None, "--trials", "-n", help="Total trials of the study (a rerun continues up to N). Default 30 without --time-budget."),
+        time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Wall-clock budget of this run, e.g. 30m (running trials finish)."),
+        jobs: int = typer.Option(1, "--jobs", "-j", help="Worker processes on this machine (each loads the model)."),
+        storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: sqlite in --out); e.g. postgresql://user@host/db to share a search between machines."),
+        study: Optional[str] = typer.Option(None, "--study", help="Study name (default: derived from model, data, device, targets); workers of one search use the same."),
+        out: Path = typer.Option(Path("optimize-out"), "--out", "-o", help="Output folder: report.json, recipe.toml, front.png, ladder.json, study.db."),
+        tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="Also log every trial and the front as TensorBoard event files here."),
+        measure_on: Optional[str] = typer.Option(None, "--measure-on", help="Benchmark candidates on this fleet device's agent."),
+        sampler: str = typer.Option("nsga2", "--sampler", help="nsga2 or tpe."),
+        population: int = typer.Option(12, "--population", help="NSGA-II population size (random start = one population)."),
+        seed: int = typer.Option(0, "--seed", help="Sampler seed (worker k uses seed + k)."),
+        threads: int = typer.Option(1, "--threads", help="ONNX Runtime/torch threads per worker."),
+        eval_samples: Optional[int] = typer.Option(None, "--eval-samples", help="Evaluate on the first N samples of --data only (faster)."),
+        latency_factor: Optional[float] = typer.Option(None, "--latency-factor", help="Device latency = estimate x this (default: learned from the fleet store's benchmarks)."),
+        data_dir: Optional[Path] = typer.Option(None, "--data-dir", "--registry-dir", help="EdgeFleet data dir: registry, fleet store, candidate cache (default $EDGEFLEET_HOME or the user data dir)."),
+        cache: Optional[Path] = typer.Option(None, "--cache", help="Candidate cache file (default <data dir>/search-cache.sqlite)."),
+        ladder: bool = typer.Option(True, "--ladder/--no-ladder", help="Build, sign and register the front as the model's ladder in the registry."),
+        ladder_rungs: int = typer.Option(5, "--ladder-rungs", help="At most this many rungs (evenly over the front)."),
+        profiles_dir: Optional[Path] = typer.Option(None, "--profiles-dir", help="Extra directory of profile TOML files."),
+    ) -> None:
+        """Search compression recipes for MODEL on a device against targets (optuna, multi-objective)."""
+        import logging
+
+        from builder.artifacts.registry import default_home
+        from builder.errors import SearchError, UsageError
+        from builder.search import objectives as obj
+        from builder.search.evaluate import EvaluationSetup
+        from builder.search.optimize import SearchConfig
+        from builder.search.pareto import explain_infeasible, front_of, recommend
+
+        logging.basicConfig(level=logging.WARNING)
+        targets = obj.Targets(
+            max_latency_ms=obj.parse_latency_ms(max_latency) if max_latency else None,
+            max_download_bytes=obj.parse_size_bytes(max_size) if max_size else None,
+            max_accuracy_drop=obj.parse_accuracy_drop(max_accuracy_drop) if max_accuracy_drop else None,
+            min_fidelity=obj.parse_fidelity(min_fidelity) if min_fidelity else None,
+            min_accuracy=obj.parse_fidelity(min_accuracy, "--min-accuracy") if min_accuracy else None,
+        )
+        budget_s = obj.parse_duration_s(time_budget) if time_budget else None
+        if trials is None and budget_s is None:
+            trials = 30
+        if trials is not None and trials < 1:
+            raise UsageError("--trials must be at least 1")
+        if jobs < 1 or threads < 1:
+            raise UsageError("--jobs and --threads must be at least 1")
+        home = Path(data_dir) if data_dir else default_home()
+        if latency_factor is not None:
+            if latency_factor <= 0:
+                raise UsageError("--latency-factor must be positive")
+            calibration = obj.Calibration(latency_factor, 0, "--latency-factor")
+        else:
+            calibration = obj.fleet_calibration(home, device)
+        if ladder:
+            _require_signing_key(home)
+        out.mkdir(parents=True, exist_ok=True)
+        setup = EvaluationSetup(model=model, device=device, data=data, input_shapes=input_shape, train_data=train_data,
+                                profiles_dir=str(profiles_dir) if profiles_dir else None, threads=threads, seed=seed,
+                                max_eval_samples=eval_samples, workdir=str(out / ".work"))
+        config = SearchConfig(setup=setup, targets=targets, out_dir=str(out),
+                              cache_path=str(cache or home / "search-cache.sqlite"), storage=storage, study_name=study,
+                              trials=trials, time_budget_s=budget_s, jobs=jobs, sampler=sampler,
+                              population_size=population, seed=seed, calibration=calibration, measure_on=measure_on)
+        console = _console()
+        console.print(f"[bold]builder optimize[/bold] {model} on {device}: {targets.describe()}; "
+                      f"latency calibration ×{calibration.factor:.3g} ({calibration.source})")
+        outcome = _run_with_progress(config, console)
+        candidates = list(outcome.candidates)
+        front = front_of(candidates)
+        chosen = recommend(candidates, targets)
+        explanation = None if chosen is not None else explain_infeasible(candidates, targets, outcome.baseline, calibration)
+        _print_front(console, outcome, front, chosen, targets)
+        from builder.search import outputs
+
+        extra = {"model": model, "device": device, "data": data, "train_data": train_data,
+                 "command": " ".join(sys.argv)}
+        report = outputs.build_report(outcome, targets, front, chosen, explanation, extra)
+        written = [outputs.write_plot(out / "front.png", outcome, front, chosen, targets, device)]
+        if tensorboard is not None:
+            written.append(outputs.log_tensorboard(tensorboard, outcome, front, chosen))
+        if explanation is not None:
+            outputs.write_report(out / "report.json", report)
+            _print_infeasible(console, explanation, outcome)
+            console.print(f"report: {out / 'report.json'}")
+            raise SearchError(explanation.summary)
+        assert chosen is not None
+        if chosen.steps:
+            written.append(outputs.write_recipe(out / "recipe.toml", chosen, name=f"optimized-{device}"))
+        rungs = outputs.ladder_rungs(front, outcome, ladder_rungs)
+        artifact_ids: list[Optional[str]] = [None] * len(rungs)
+        model_name = None
+        if ladder and rungs:
+            console.print(f"building the ladder: {len(rungs)} rungs (compress, build, verify, sign, register)")
+            model_name, ids = outputs.register_ladder(
+                rungs, outcome, model=model, profile=device, input_shapes=input_shape, data=data, registry_dir=home,
+                model_name=None, out_dir=out, threads=threads, profiles_dir=profiles_dir,
+                on_stage=lambda text: console.print(f"  {text}"))
+            artifact_ids = list(ids)
+            report["ladder"] = {"registry": str(home), "model_name": model_name, "artifact_ids": ids}
+        else:
+            report["ladder"] = {"registry": None, "reason": "--no-ladder" if not ladder else "empty front"}
+        written.append(outputs.write_ladder(out, rungs, outcome, device, model_name or model, artifact_ids))
+        written.append(outputs.write_report(out / "report.json", report))
+        console.print(f"[green]chosen[/green]: {_describe(chosen)}")
+        for path in written:
+            console.print(f"  wrote {path}")
+
+
+def _require_signing_key(home: Path) -> None:
+    from builder.artifacts.signing import key_paths
+    from builder.errors import UsageError
+    from builder.targets.profile_build import default_key_dir
+
+    if not key_paths(default_key_dir(home)).private.is_file():
+        raise UsageError(f"the ladder is built as signed artifacts but there is no signing key in {default_key_dir(home)}; "
+                         "run `builder keys init` (same --registry-dir) or pass --no-ladder")
+
+
+def _console() -> "Console":
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def _describe(c: "ScoredCandidate") -> str:
+    from builder.search.space import describe
+
+    return describe(c.steps)
+
+
+def _run_with_progress(config: Any, console: "Console") -> "SearchOutcome":
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from builder.search.optimize import run_search
+
+    columns = [TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("best: {task.fields[best]}")]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("search", total=config.trials, best="-")
+
+        def on_progress(p: Any) -> None:
+            progress.update(task, completed=p.finished, best=(p.best or "none feasible yet")[:90])
+
+        try:
+            return run_search(config, on_progress=on_progress)
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print(f"[yellow]interrupted[/yellow]: finished trials are kept in {config.storage_url()}; "
+                          "rerun the same command to continue")
+            raise
+
+
+def _print_front(console: "Console", outcome: "SearchOutcome", front: Sequence["ScoredCandidate"],
+                 chosen: Optional["ScoredCandidate"], targets: Any) -> None:
+    from rich.table import Table
+
+    from builder.search.objectives import calibrated_latency_ms, format_bytes, quality_of
+
+    quality = "accuracy" if outcome.use_accuracy else "fidelity"
+    table = Table(title=f"Pareto front ({len(front)} of {len(outcome.candidates)} candidates; "
+                        f"{outcome.evaluations_this_run} evaluated, {outcome.cache_hits_this_run} from cache this run)")
+    for header in ("", "trial", "recipe", quality, "est. latency", "download", "host p50", "energy", "meets targets"):
+        table.add_column(header, overflow="fold")
+    base = outcome.baseline
+    table.add_row("", "-", "(original model)", f"{base.accuracy:.4f}" if outcome.use_accuracy and base.accuracy is not None else "1.0000",
+                  f"{base.device_latency_ms * outcome.calibration.factor:.3f} ms", format_bytes(base.download_bytes),
+                  f"{base.host_latency_ms:.3f} ms", f"{base.energy_mj * outcome.calibration.factor:.3f} mJ", "")
+    for c in front:
+        m = c.metrics
+        table.add_row("★" if chosen is not None and c.key == chosen.key else "", str(c.trial_number), _describe(c),
+                      f"{quality_of(m, outcome.use_accuracy):.4f}", f"{calibrated_latency_ms(m, outcome.calibration):.3f} ms",
+                      format_bytes(m.download_bytes), f"{m.host_latency_ms:.3f} ms", f"{c.objectives[3]:.3f} mJ",
+                      "yes" if c.feasible else "no: " + ", ".join(n for n, v in c.violations.items() if v > 0))
+    console.print(table)
+    console.print(f"latency: {outcome.estimate_source}; calibration ×{outcome.calibration.factor:.3g} "
+                  f"({outcome.calibration.source}); trials: {outcome.trials_by_state}")
+
+
+def _print_infeasible(console: "Console", explanation: Any, outcome: "SearchOutcome") -> None:
+    from rich.table import Table
+
+    from builder.search.objectives import calibrated_latency_ms, format_bytes, quality_of
+
+    console.print("[red]no candidate meets the targets[/red]")
+    for line in explanation.per_constraint:
+        console.print(f"  {line}")
+    table = Table(title="closest candidates")
+    for header in ("trial", "recipe", "quality", "est. latency", "download", "total violation"):
+        table.add_column(header, overflow="fold")
+    for c in explanation.closest:
+        m = c.metrics
+        table.add_row(str(c.trial_number), _describe(c), f"{quality_of(m, outcome.use_accuracy):.4f}",
+                      f"{calibrated_latency_ms(m, outcome.calibration):.3f} ms", format_bytes(m.download_bytes),
+                      f"{c.total_violation:.3f}")
+    console.print(table)

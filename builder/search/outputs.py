@@ -1,0 +1,266 @@
+"""What a finished search leaves behind: report.json, the chosen recipe (TOML), the Pareto plot (PNG),
+ladder.json and the registry ladder, and TensorBoard event files. Files are written atomically."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from builder.errors import SearchError
+from builder.search.objectives import (
+    OBJECTIVE_NAMES,
+    ScoredCandidate,
+    Targets,
+    calibrated_latency_ms,
+    format_bytes,
+    quality_of,
+)
+from builder.search.optimize import SearchOutcome
+from builder.search.pareto import InfeasibleExplanation
+from builder.search.space import describe, recipe_from_steps
+
+log = logging.getLogger(__name__)
+
+REPORT_SCHEMA = 1
+
+
+def _atomic_write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def candidate_row(c: ScoredCandidate, outcome: SearchOutcome) -> dict[str, Any]:
+    """One candidate as plain data (report, ladder, TensorBoard)."""
+    m = c.metrics
+    return {
+        "trial": c.trial_number,
+        "recipe": describe(c.steps),
+        "steps": [dict(s) for s in c.steps],
+        "key": c.key,
+        "quality": quality_of(m, outcome.use_accuracy),
+        "accuracy": m.accuracy,
+        "fidelity": m.fidelity,
+        "device_latency_ms": calibrated_latency_ms(m, outcome.calibration),
+        "estimated_latency_ms": m.device_latency_ms,  # uncalibrated roofline
+        "download_bytes": m.download_bytes,
+        "file_bytes": m.file_bytes,
+        "host_latency_ms": m.host_latency_ms,
+        "energy_mj": c.objectives[3],
+        "params": m.params,
+        "macs": m.macs,
+        "precision": m.precision,
+        "flags": list(m.flags),
+        "feasible": c.feasible,
+        "violations": dict(c.violations),
+    }
+
+
+def build_report(outcome: SearchOutcome, targets: Targets, front: Sequence[ScoredCandidate],
+                 chosen: Optional[ScoredCandidate], explanation: Optional[InfeasibleExplanation],
+                 extra: Mapping[str, Any]) -> dict[str, Any]:
+    front_keys = {c.key for c in front}
+    return {
+        "schema": REPORT_SCHEMA,
+        **dict(extra),
+        "study": {"name": outcome.study_name, "storage": outcome.storage, "trials": outcome.trials_total,
+                  "trials_by_state": outcome.trials_by_state},
+        "this_run": {"evaluations": outcome.evaluations_this_run, "cache_hits": outcome.cache_hits_this_run,
+                     "wall_s": round(outcome.wall_s, 2)},
+        "targets": targets.to_dict(),
+        "objectives": list(OBJECTIVE_NAMES),
+        "quality": "accuracy" if outcome.use_accuracy else f"fidelity ({'top-1 agreement' if outcome.task == 'classify' else 'mean cosine'})",
+        "calibration": asdict(outcome.calibration),
+        "latency_estimate": outcome.estimate_source,
+        "baseline": outcome.baseline.to_dict(),
+        "chosen": candidate_row(chosen, outcome) if chosen is not None else None,
+        "infeasible": None if explanation is None else {
+            "summary": explanation.summary, "per_constraint": list(explanation.per_constraint),
+            "closest": [candidate_row(c, outcome) for c in explanation.closest]},
+        "front": [candidate_row(c, outcome) for c in front],
+        "candidates": [dict(candidate_row(c, outcome), on_front=c.key in front_keys) for c in outcome.candidates],
+        "pruned": list(outcome.pruned),
+        "failed": list(outcome.failed),
+    }
+
+
+def write_report(path: Path, report: Mapping[str, Any]) -> Path:
+    return _atomic_write(Path(path), json.dumps(report, indent=2, default=str).encode())
+
+
+def write_recipe(path: Path, chosen: ScoredCandidate, name: str) -> Path:
+    """The chosen recipe through the engine's TOML writer (what ``builder compress/build --recipe`` read)."""
+    if not chosen.steps:
+        raise SearchError("the chosen point is the original model (no step); nothing to write as a recipe")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return recipe_from_steps(chosen.steps, name=name).write_toml(path)
+
+
+def write_plot(path: Path, outcome: SearchOutcome, front: Sequence[ScoredCandidate],
+               chosen: Optional[ScoredCandidate], targets: Targets, device: str) -> Path:
+    """Quality vs calibrated device latency; marker area ∝ download size; front joined, chosen circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    label = "accuracy" if outcome.use_accuracy else "fidelity"
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    sizes = [c.metrics.download_bytes for c in outcome.candidates] or [1]
+    biggest = max(sizes)
+
+    def area(c: ScoredCandidate) -> float:
+        return 30 + 400 * c.metrics.download_bytes / biggest
+
+    others = [c for c in outcome.candidates if c.key not in {f.key for f in front}]
+    ax.scatter([c.objectives[1] for c in others], [1 - c.objectives[0] for c in others],
+               s=[area(c) for c in others], c=["tab:gray" if c.feasible else "tab:red" for c in others],
+               alpha=0.45, label="other candidates (red: infeasible)")
+    ordered = sorted(front, key=lambda c: c.objectives[1])
+    ax.plot([c.objectives[1] for c in ordered], [1 - c.objectives[0] for c in ordered], "-", color="tab:blue", lw=1)
+    ax.scatter([c.objectives[1] for c in ordered], [1 - c.objectives[0] for c in ordered],
+               s=[area(c) for c in ordered], color="tab:blue", alpha=0.8, label="Pareto front")
+    if chosen is not None:
+        ax.scatter([chosen.objectives[1]], [1 - chosen.objectives[0]], s=area(chosen) + 250, facecolors="none",
+                   edgecolors="tab:green", linewidths=2.5, label="chosen")
+    base_quality = outcome.baseline.accuracy if outcome.use_accuracy and outcome.baseline.accuracy is not None else 1.0
+    ax.scatter([outcome.baseline.device_latency_ms * outcome.calibration.factor], [base_quality], marker="*",
+               s=200, color="black", label="original model")
+    if targets.max_latency_ms is not None:
+        ax.axvline(targets.max_latency_ms, color="tab:orange", ls="--", lw=1, label="max latency")
+    floor = None
+    if targets.min_fidelity is not None and not outcome.use_accuracy:
+        floor = targets.min_fidelity
+    elif targets.max_accuracy_drop is not None and outcome.baseline.accuracy is not None:
+        floor = outcome.baseline.accuracy - targets.max_accuracy_drop
+    elif targets.min_accuracy is not None:
+        floor = targets.min_accuracy
+    if floor is not None:
+        ax.axhline(floor, color="tab:purple", ls="--", lw=1, label=f"{label} floor")
+    ax.set_xlabel(f"estimated latency on {device} (ms, calibration ×{outcome.calibration.factor:.3g})")
+    ax.set_ylabel(label)
+    ax.set_title(f"builder optimize: {len(outcome.candidates)} candidates, {len(front)} on the front "
+                 "(marker size = download size)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def ladder_rungs(front: Sequence[ScoredCandidate], outcome: SearchOutcome, max_rungs: int) -> list[ScoredCandidate]:
+    """The front from most accurate to fastest, thinned evenly to ``max_rungs`` (both ends kept)."""
+    ordered = sorted(front, key=lambda c: (c.objectives[0], c.objectives[1]))
+    ordered = [c for c in ordered if c.steps]  # the original model is not a build of a recipe
+    if len(ordered) <= max_rungs:
+        return ordered
+    if max_rungs == 1:
+        return ordered[:1]
+    picks = sorted({round(i * (len(ordered) - 1) / (max_rungs - 1)) for i in range(max_rungs)})
+    return [ordered[i] for i in picks]
+
+
+def rung_metrics(c: ScoredCandidate, outcome: SearchOutcome, index: int) -> dict[str, Any]:
+    """What the re-compression loop reads from a registry ladder entry (``rung_from_metrics``)."""
+    m = c.metrics
+    return {"label": f"rung {index}: {describe(c.steps)}", "device_latency_ms": m.device_latency_ms,
+            "calibrated_latency_ms": calibrated_latency_ms(m, outcome.calibration), "accuracy": m.accuracy,
+            "fidelity": m.fidelity, "energy_mj": m.energy_mj, "download_bytes": m.download_bytes,
+            "host_latency_ms": m.host_latency_ms, "recipe": [dict(s) for s in c.steps]}
+
+
+def write_ladder(out_dir: Path, rungs: Sequence[ScoredCandidate], outcome: SearchOutcome, profile: str,
+                 model_name: str, artifact_ids: Sequence[Optional[str]]) -> Path:
+    """``ladder.json`` in the shape ``builder.fleet.loop.load_ladder_json`` reads, plus each rung's recipe."""
+    entries = []
+    for index, (c, artifact_id) in enumerate(zip(rungs, artifact_ids)):
+        metrics = rung_metrics(c, outcome, index)
+        entries.append({"rung": index, "artifact_id": artifact_id, "estimated_latency_ms": metrics["device_latency_ms"],
+                        **{k: v for k, v in metrics.items() if k != "device_latency_ms"}})
+    document = {"model": model_name, "profile": profile, "rungs": entries}
+    return _atomic_write(Path(out_dir) / "ladder.json", json.dumps(document, indent=2).encode())
+
+
+def register_ladder(rungs: Sequence[ScoredCandidate], outcome: SearchOutcome, *, model: str, profile: str,
+                    input_shapes: Optional[str], data: str, registry_dir: Optional[Path], model_name: Optional[str],
+                    out_dir: Path, threads: int, profiles_dir: Optional[Path],
+                    on_stage: Any = None) -> tuple[str, list[str]]:
+    """Build, verify, sign and register each rung (``builder build --recipe``), then store the ladder.
+
+    Returns (the registry's model name, artifact ids in rung order). Errors from the build (no
+    signing key, a rung failing verification) propagate: a ladder with unverified rungs is not kept.
+    """
+    from builder.artifacts.registry import Registry
+    from builder.targets.profile_build import build_for_profile
+
+    recipes_dir = Path(out_dir) / "ladder-recipes"
+    ids: list[str] = []
+    name: Optional[str] = model_name
+    for index, c in enumerate(rungs):
+        recipe_path = write_recipe(recipes_dir / f"rung-{index}.toml", c, name=f"ladder-rung-{index}")
+        result = build_for_profile(model, profile, recipe=recipe_path, input_shapes=input_shapes, data=data,
+                                   registry_dir=registry_dir, name=model_name, threads=threads,
+                                   profiles_dirs=[profiles_dir] if profiles_dir else None, on_stage=on_stage)
+        ids.append(result.artifact_id)
+        name = result.manifest.model_name
+    registry = Registry(registry_dir)
+    assert name is not None
+    registry.clear_ladder(name, profile)
+    for index, (c, artifact_id) in enumerate(zip(rungs, ids)):
+        registry.add_ladder_rung(name, profile, index, artifact_id, rung_metrics(c, outcome, index))
+    return name, ids
+
+
+def log_tensorboard(log_dir: Path, outcome: SearchOutcome, front: Sequence[ScoredCandidate],
+                    chosen: Optional[ScoredCandidate]) -> Path:
+    """Every trial's metrics as scalars (step = trial number), the front and the chosen recipe as text."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise SearchError("--tensorboard needs the 'tensorboard' package: pip install 'tensorboard>=2.21,<2.22'") from exc
+    log_dir = Path(log_dir)
+    writer = SummaryWriter(log_dir=str(log_dir))
+    try:
+        for c in sorted(outcome.candidates, key=lambda c: c.trial_number or 0):
+            row = candidate_row(c, outcome)
+            step = c.trial_number or 0
+            for key in ("quality", "device_latency_ms", "download_bytes", "energy_mj", "host_latency_ms", "fidelity"):
+                if row[key] is not None:
+                    writer.add_scalar(f"trial/{key}", float(row[key]), step)
+            if row["accuracy"] is not None:
+                writer.add_scalar("trial/accuracy", float(row["accuracy"]), step)
+            writer.add_scalar("trial/feasible", 1.0 if c.feasible else 0.0, step)
+        for rank, c in enumerate(front):
+            row = candidate_row(c, outcome)
+            writer.add_scalar("front/quality", float(row["quality"]), rank)
+            writer.add_scalar("front/device_latency_ms", float(row["device_latency_ms"]), rank)
+            writer.add_scalar("front/download_bytes", float(row["download_bytes"]), rank)
+        table = ["| trial | recipe | quality | est. latency (ms) | download |", "|---|---|---|---|---|"]
+        for c in front:
+            row = candidate_row(c, outcome)
+            table.append(f"| {c.trial_number} | {row['recipe']} | {row['quality']:.4f} | "
+                         f"{row['device_latency_ms']:.3f} | {format_bytes(row['download_bytes'])} |")
+        writer.add_text("pareto_front", "\n".join(table), 0)
+        writer.add_text("chosen", describe(chosen.steps) if chosen is not None else "none: no candidate met the targets", 0)
+        writer.flush()
+    finally:
+        writer.close()
+    return log_dir

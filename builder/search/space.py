@@ -1,0 +1,199 @@
+"""The recipe search space: which techniques, in which order, with which parameters → a ``Recipe``.
+
+The space is *static* (every trial suggests every parameter, irrelevant ones are ignored when the
+recipe is assembled) because NSGA-II's crossover works on a fixed set of parameters; the recipe's
+canonical form drops what is switched off, so two trials that differ only in ignored parameters hit
+the same cache entry. Only applicable techniques enter the space:
+
+* PyTorch steps (distill, prune_channels, lowrank, prune, cluster) only when the model has a
+  PyTorch module, and steps that train only with ``--train-data``;
+* ``prune_onnx`` for ONNX-only models;
+* graph steps (fold, smooth, quantize) only when the engine registers them; activation smoothing
+  only for models with MatMuls (transformers) and only before int8 quantization.
+
+Parameters are discrete grids (a handful of values each) so that repeated candidates are common and
+cheap (cache) and the study stays small enough for a 30-minute budget.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol, Sequence
+
+TORCH_ORDERS = ("channels_then_lowrank", "lowrank_then_channels")
+QUANT_MODES = ("none", "dynamic", "static", "fp16")
+# "recover": distil the compressed model from the original after structural steps;
+# "student": start from a half-width student derived from the teacher's weights.
+DISTILL_MODES = ("off", "recover", "student")
+DISTILL_EPOCHS = 8
+KEEP_FLOAT_TARGET_COSINE = 0.9999
+CALIBRATIONS = ("minmax", "entropy", "percentile")
+
+
+@dataclass(frozen=True)
+class SpaceOptions:
+    """What the model and the user's inputs make applicable."""
+
+    torch_available: bool
+    has_train_data: bool
+    available_steps: frozenset[str]
+    has_matmul: bool = False
+    # Steps whose default parameters train (so they need --train-data); probed from the engine.
+    training_steps: frozenset[str] = frozenset({"distill"})
+    keep_float_counts: tuple[int, ...] = (0, 1, 2, 4, 8)
+
+
+class Suggester(Protocol):
+    """The part of ``optuna.Trial`` the space uses (a fixed dict implements it in tests)."""
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Choice:
+    name: str
+    choices: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The parameters and the rule that turns their values into recipe steps."""
+
+    options: SpaceOptions
+    parameters: tuple[Choice, ...] = field(default_factory=tuple)
+
+    def sample(self, trial: Suggester) -> dict[str, Any]:
+        return {p.name: trial.suggest_categorical(p.name, list(p.choices)) for p in self.parameters}
+
+    def steps(self, values: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+        """Recipe steps (``{"type": ..., **params}``) for one point of the space, in engine order."""
+        return assemble_steps(values, self.options)
+
+
+def build_space(options: SpaceOptions) -> SearchSpace:
+    """The parameter grid for the applicable techniques (see the module docstring)."""
+    have = options.available_steps
+    params: list[Choice] = []
+
+    def usable(step: str) -> bool:
+        return step in have and (options.has_train_data or step not in options.training_steps)
+
+    # Each technique has its own on/off switch (a fair coin for a random start) and its parameter.
+    if options.torch_available:
+        if usable("distill"):
+            params.append(Choice("distill", DISTILL_MODES))
+        if usable("prune_channels"):
+            params.append(Choice("use_prune_channels", (False, True)))
+            params.append(Choice("channel_ratio", (0.1, 0.2, 0.3, 0.4, 0.5)))
+        if usable("lowrank"):
+            params.append(Choice("use_lowrank", (False, True)))
+            params.append(Choice("lowrank_energy", (0.8, 0.9, 0.95)))
+        if usable("prune_channels") and usable("lowrank"):
+            params.append(Choice("torch_order", TORCH_ORDERS))
+        if usable("prune"):
+            params.append(Choice("use_prune", (False, True)))
+            params.append(Choice("sparsity", (0.3, 0.5, 0.7, 0.8, 0.9)))
+        if usable("cluster"):
+            params.append(Choice("use_cluster", (False, True)))
+            params.append(Choice("clusters", (8, 16, 32, 64)))
+    elif "prune_onnx" in have:
+        params.append(Choice("use_prune", (False, True)))
+        params.append(Choice("sparsity", (0.3, 0.5, 0.7)))
+    if "fold" in have:
+        params.append(Choice("fold", (False, True)))
+    if "quantize" in have:
+        params.append(Choice("quant_mode", QUANT_MODES))
+        params.append(Choice("calibration", CALIBRATIONS))
+        params.append(Choice("per_channel", (True, False)))
+        params.append(Choice("keep_float", options.keep_float_counts))
+        if "smooth" in have and options.has_matmul:
+            params.append(Choice("use_smooth", (False, True)))
+            params.append(Choice("smooth_alpha", (0.5, 0.8)))
+    return SearchSpace(options=options, parameters=tuple(params))
+
+
+def assemble_steps(values: Mapping[str, Any], options: SpaceOptions) -> tuple[dict[str, Any], ...]:
+    """Turn parameter values into ordered recipe steps; switched-off techniques are left out.
+
+    Order: a distilled half-width student, structured pruning and low-rank (in the searched order),
+    distillation from the original to recover accuracy, unstructured pruning, clustering (PyTorch), then fold, smooth, quantize (ONNX). With no technique switched on the
+    recipe is just ``fold`` when the engine has it, else empty (the original model).
+    """
+    steps: list[dict[str, Any]] = []
+    if options.torch_available:
+        distill = values.get("distill", "off")
+        if distill == "student":
+            steps.append({"type": "distill", "width": 0.5, "epochs": DISTILL_EPOCHS})
+        structured: list[dict[str, Any]] = []
+        if values.get("use_prune_channels"):
+            structured.append({"type": "prune_channels", "ratio": float(values["channel_ratio"])})
+        if values.get("use_lowrank"):
+            structured.append({"type": "lowrank", "energy": float(values["lowrank_energy"])})
+        if values.get("torch_order") == "lowrank_then_channels":
+            structured.reverse()
+        steps += structured
+        if distill == "recover" and structured:
+            steps.append({"type": "distill", "epochs": DISTILL_EPOCHS})
+        if values.get("use_prune"):
+            steps.append({"type": "prune", "final_sparsity": float(values["sparsity"])})
+        if values.get("use_cluster"):
+            steps.append({"type": "cluster", "clusters": int(values["clusters"])})
+    elif values.get("use_prune"):
+        steps.append({"type": "prune_onnx", "sparsity": float(values["sparsity"])})
+    if values.get("fold"):
+        steps.append({"type": "fold"})
+    mode = values.get("quant_mode", "none")
+    if mode in ("dynamic", "static"):
+        if values.get("use_smooth"):
+            steps.append({"type": "smooth", "alpha": float(values["smooth_alpha"])})
+        quant: dict[str, Any] = {"type": "quantize", "mode": mode, "per_channel": bool(values.get("per_channel", True))}
+        if mode == "static":
+            quant["calibration"] = str(values.get("calibration", "minmax"))
+        if int(values.get("keep_float", 0)) > 0:
+            # The engine keeps the most sensitive weighted nodes in float, one at a time, until the
+            # target holds or max_kept are kept: a near-perfect target makes the count the knob.
+            quant["max_kept"] = int(values["keep_float"])
+            quant["target_cosine"] = KEEP_FLOAT_TARGET_COSINE
+        steps.append(quant)
+    elif mode == "fp16":
+        steps.append({"type": "quantize", "mode": "fp16"})
+    if not steps:
+        fallback = "fold" if "fold" in options.available_steps else None
+        if fallback is None:
+            return ()
+        steps.append({"type": fallback})
+    return tuple(steps)
+
+
+def canonical(steps: Sequence[Mapping[str, Any]]) -> str:
+    """One string per distinct recipe (key order and float formatting normalised): the cache key part."""
+    return json.dumps([{k: step[k] for k in sorted(step)} for step in steps], sort_keys=True,
+                      separators=(",", ":"), default=str)
+
+
+def describe(steps: Sequence[Mapping[str, Any]]) -> str:
+    """Short human form, e.g. ``prune_channels(ratio=0.3) → quantize(mode=static, calibration=entropy)``."""
+    if not steps:
+        return "(original model)"
+    parts = []
+    for step in steps:
+        params = ", ".join(f"{k}={v}" for k, v in step.items() if k != "type")
+        parts.append(f"{step['type']}({params})" if params else str(step["type"]))
+    return " → ".join(parts)
+
+
+def recipe_from_steps(steps: Sequence[Mapping[str, Any]], name: str = "optimized") -> Any:
+    """The engine's ``Recipe`` for these steps (its TOML writer is what ``builder compress`` reads)."""
+    from builder.compression.recipe import Recipe, StepSpec
+
+    return Recipe(tuple(StepSpec(str(s["type"]), {k: v for k, v in s.items() if k != "type"}) for s in steps), name=name)
+
+
+def fixed(values: Mapping[str, Any]) -> Suggester:
+    """A suggester that returns given values (tests, re-evaluating a known point)."""
+
+    class _Fixed:
+        def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+            return values[name] if name in values else choices[0]
+
+    return _Fixed()
