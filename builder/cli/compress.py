@@ -97,11 +97,12 @@ def _run(model: str, plan: "object", shortcuts: Optional[dict], data: str, train
 
 
 def report_table(rows: "list[StepReport]") -> "Table":
-    """One row per step with ratios against the first row (the input model)."""
+    """One row per step with ratios against the first row (the input model); the speed-up is measured
+    interleaved with the input model, so it holds even when the machine's load changes."""
     from rich.table import Table
 
     table = Table(title="builder compress")
-    for column in ("#", "step", "params (non-zero)", "MACs", "size", "download", "p50 / p95 ms", "accuracy",
+    for column in ("#", "step", "params (non-zero)", "MACs", "size", "download", "p50 / p95 ms (speed-up)", "accuracy",
                    "fidelity", "flags"):
         table.add_column(column, justify="left" if column in ("step", "flags", "fidelity") else "right")
     base = rows[0].evaluation if rows else None
@@ -115,7 +116,8 @@ def report_table(rows: "list[StepReport]") -> "Table":
             f"{_count(e.macs)}{_ratio(base.macs if base else None, e.macs)}" if e.macs is not None else "?",
             f"{_size(e.file_bytes)}{_ratio(base.file_bytes if base else None, e.file_bytes)}",
             f"{_size(e.download_bytes)}{_ratio(base.download_bytes if base else None, e.download_bytes)}",
-            f"{e.latency_p50_ms:.3f} / {e.latency_p95_ms:.3f}",
+            f"{e.latency_p50_ms:.3f} / {e.latency_p95_ms:.3f}"
+            + (f" ({e.speedup_vs_input:.2f}x)" if e.speedup_vs_input is not None else ""),
             f"{e.accuracy:.4f}" if e.accuracy is not None else "-",
             f"{metric} {fid.agreement:.3f}, cos {fid.cosine_mean:.4f}",
             ", ".join(e.flags) or "-",

@@ -63,3 +63,23 @@ def test_onnx_only_model_gets_onnx_pruning(digits_loaded, digits_test_data, tmp_
                         eval_config=FAST)
     assert result.final.nonzero_params < 0.8 * result.baseline.nonzero_params
     assert np.isfinite(run_onnx(result.model_path, digits_test_data.batches(64))).all()
+
+
+def test_distill_from_a_teacher_measures_fidelity_against_the_teacher(
+        digits_model, digits_test_data, digits_train_data, tmp_path: Path) -> None:
+    from builder.compression._export import export_module
+    from builder.loading.types import LoadedModel
+    from builder.zoo.digits_cnn import DigitsCNN
+    from conftest import DIGITS_INPUTS
+
+    student = DigitsCNN(width=8).eval()
+    export_module(student, DIGITS_INPUTS, tmp_path / "student.onnx")
+    loaded = LoadedModel("student", "test", "factory", tmp_path / "student.onnx", DIGITS_INPUTS, ("output",),
+                         torch_module=student)
+    result = run_recipe(loaded, Recipe((StepSpec("distill", {"epochs": 12, "lr": 1e-2}),)), data=digits_test_data,
+                        train_data=digits_train_data, out_dir=tmp_path / "out", teacher_module=digits_model,
+                        eval_config=FAST)
+    report = json.loads(result.report_path.read_text())
+    assert report["baseline"]["step"] == "teacher" and result.baseline.accuracy > 0.9
+    assert result.final.params * 4 < result.baseline.params
+    assert result.final.fidelity.agreement > 0.8 and result.final.accuracy > 0.8

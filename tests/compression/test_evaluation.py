@@ -55,3 +55,6 @@ def test_baseline_then_a_broken_model_is_flagged(digits_model, digits_test_data,
     export_module(digits_model, DIGITS_INPUTS, tmp_path / "broken.onnx")
     broken = evaluate_model(tmp_path / "broken.onnx", digits_test_data, DIGITS_INPUTS, reference, FAST)
     assert "fidelity_collapse" in broken.flags and broken.fidelity.agreement < 0.5
+    # Same architecture, runs interleaved with the reference: about as fast, and not flagged slower.
+    assert broken.speedup_vs_input is not None and 0.3 < broken.speedup_vs_input < 3.0
+    assert "slower_than_input" not in broken.flags
