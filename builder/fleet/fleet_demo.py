@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,7 +138,9 @@ class FleetDemo:
                            "--verify-samples", "4", *extra, capture=True, timeout_s=timeout_s)
         artifact_id = next(line.split()[-1] for line in out.stdout.splitlines() if line.startswith("artifact id:"))
         summary = [line for line in out.stdout.splitlines() if line.startswith(("verified:", "worst:"))]
-        self.say(f"   artifact {artifact_id[:16]} " + " ".join(summary))
+        reused = "[reused]" in out.stdout
+        self.say(f"   artifact {artifact_id[:16]} " + ("(reused: same model, recipe and profile were built before)"
+                                                    if reused else " ".join(summary)))
         return artifact_id
 
     def _use_ort_on_android(self, device: str, why: str) -> None:
@@ -200,16 +203,31 @@ class FleetDemo:
         from builder.zoo.minilm import tokenize
 
         counts: dict[str, int] = {}
+        failures: dict[str, str] = {}
+
+        def input_names(device: str) -> dict[str, str]:
+            """Model input name -> the name the artifact's runtime expects (LiteRT signature tensors)."""
+            from builder.artifacts.registry import Registry
+
+            options = dict(Registry(self.home).manifest(self.artifacts[device]).target.runtime_options)
+            signature = options.get("signature")
+            mapping = dict(signature.get("inputs", {})) if isinstance(signature, dict) else {}
+            return {model_name: tensor for tensor, model_name in mapping.items()}
 
         def load(device: str) -> None:
             info = json.loads((self.out_dir / "agents" / device / "agent.json").read_text())
+            names = input_names(device)
             deadline, n = time.monotonic() + self.traffic_s, 0
             while time.monotonic() < deadline:
                 feeds = tokenize([SENTENCES[n % len(SENTENCES)]])
-                body = json.dumps({"inputs": {k: v.tolist() for k, v in feeds.items()}}).encode()
+                body = json.dumps({"inputs": {names.get(k, k): v.tolist() for k, v in feeds.items()}}).encode()
                 req = urllib.request.Request(info["http_url"] + "/infer", data=body, headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=60) as resp:
-                    resp.read()
+                try:
+                    with urllib.request.urlopen(req, timeout=60) as resp:
+                        resp.read()
+                except urllib.error.HTTPError as exc:
+                    failures[device] = f"HTTP {exc.code}: {exc.read().decode(errors='replace')[:200]}"
+                    break
                 n += 1
             counts[device] = n
 
@@ -219,6 +237,10 @@ class FleetDemo:
         for thread in threads:
             thread.join()
         self.say("real requests served: " + ", ".join(f"{d} {counts.get(d, 0)}" for d in DEVICES))
+        for device, problem in failures.items():
+            note = f"{device}: its local endpoint refused a request ({problem})"
+            self.notes.append(note)
+            self.say("   " + note)
         time.sleep(3.0)  # one more telemetry window reaches `builder serve`
 
     def status(self) -> None:
