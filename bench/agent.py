@@ -67,7 +67,7 @@ def export_minilm_artifact(work: Path, private_key) -> Path:
     return dest
 
 
-def raw_broker_throughput(port: int, frames: list[bytes], runs: int = 2) -> float:
+def raw_broker_throughput(port: int, frames: list[bytes], runs: int = 2, inflight: int = 64) -> float:
     """Bytes/s of the same frames, plain paho publisher -> broker -> plain paho subscriber (QoS 1)."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
@@ -96,7 +96,7 @@ def raw_broker_throughput(port: int, frames: list[bytes], runs: int = 2) -> floa
         subscribed.wait(10)
         pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-pub-{run}", protocol=mqtt.MQTTv5)
         pub.username_pw_set("builder", BUILDER_PW)
-        pub.max_inflight_messages_set(32)
+        pub.max_inflight_messages_set(inflight)  # the same as the chunk server's client
         pub.connect("127.0.0.1", port)
         pub.loop_start()
         t0 = time.perf_counter()
@@ -132,7 +132,7 @@ def cpu_seconds(proc: psutil.Process) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--window", type=int, default=64, help="agent window_chunks")
-    parser.add_argument("--repeat", type=int, default=2, help="deliveries (fresh agent each); the best counts, as for the raw baseline")
+    parser.add_argument("--repeat", type=int, default=3, help="deliveries (fresh agent each); the best counts, as for the raw baseline")
     parser.add_argument("--no-results", action="store_true", help="do not append to bench/RESULTS.md")
     parser.add_argument("--artifact", type=Path, default=None,
                         help="reuse a MiniLM artifact dir from an earlier run (signed with --key-dir's key)")
@@ -180,7 +180,7 @@ def main() -> int:
                                                                 payload=s.name, start_index=start, count=256))
         frames = server.client.frames
         print(f"raw broker throughput over {len(frames)} frames ...", flush=True)
-        raw_bps = raw_broker_throughput(broker.port, frames)
+        raw_bps = raw_broker_throughput(broker.port, frames, inflight=64)
 
         # -- the agent: idle RSS without a model, then delivery (best of --repeat fresh agents) -----
         best_transfer_s, t_active_s, idle_rss, loaded_rss = float("inf"), 0.0, 0, 0
@@ -201,10 +201,17 @@ def main() -> int:
                 time.sleep(0.5)
                 from builder.fleet.chunk_server import clear_desired, publish_desired
 
+                cpu_agent0, cpu_host0 = cpu_seconds(proc), cpu_seconds(psutil.Process())
+                broker_proc = psutil.Process(broker.process.pid)
+                cpu_broker0 = cpu_seconds(broker_proc)
                 t_publish = time.perf_counter()
                 publish_desired(host.client, DEVICE, artifact, deployment_id=f"bench-{attempt}")
                 host.wait_progress(DEVICE, artifact_id, ("installing", "failed", "rejected"), 300)
                 t_installing = time.perf_counter()
+                cpu_used = {"agent": cpu_seconds(proc) - cpu_agent0, "host": cpu_seconds(psutil.Process()) - cpu_host0,
+                            "broker": cpu_seconds(broker_proc) - cpu_broker0}
+                print(f"  delivery {attempt}: {t_installing - t_publish:.2f} s wall; CPU s: "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in cpu_used.items()), flush=True)
                 final = host.wait_progress(DEVICE, artifact_id, ("active", "failed"), 300)
                 t_active = time.perf_counter()
                 if final.state != "active":

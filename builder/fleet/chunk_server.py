@@ -6,7 +6,9 @@ The device id comes from the topic (which the broker's ACL confines), never from
 Payloads are zstd-compressed once and the compressed form is cached (in memory, bounded, and on
 disk when ``cache_dir`` is given), so a fleet pulling one artifact costs one compression.
 
-Embed it in any paho-mqtt 2.x client: ``ChunkServer(client, lookup).attach()``.
+Embed it in any paho-mqtt 2.x client: ``ChunkServer(client, lookup).attach()``. Give that client
+``max_inflight_messages_set(64)`` or more: paho's default of 20 in-flight QoS 1 messages throttles a
+device's window of chunks (agents ask for 64 at a time, topping up every 32).
 """
 from __future__ import annotations
 

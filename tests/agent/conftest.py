@@ -136,6 +136,7 @@ class Host:
             properties.SessionExpiryInterval = 3600
         self.client.username_pw_set(username, password)
         self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.max_inflight_messages_set(64)  # paho's default 20 throttles a window of chunks
         kwargs = {"chunk_bytes": chunk_bytes} if chunk_bytes else {}
         self.server = ChunkServer(self.client, lambda aid: self.artifacts.get(aid), delay_per_chunk_s=delay_per_chunk_s, **kwargs)
         self.client.on_message = self._on_message
