@@ -178,10 +178,12 @@ def ladder_rungs(front: Sequence[ScoredCandidate], outcome: SearchOutcome, max_r
     return [ordered[i] for i in picks]
 
 
-def rung_metrics(c: ScoredCandidate, outcome: SearchOutcome, index: int) -> dict[str, Any]:
-    """What the re-compression loop reads from a registry ladder entry (``rung_from_metrics``)."""
+def rung_metrics(c: ScoredCandidate, outcome: SearchOutcome, index: int,
+                 search_args: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """What the re-compression loop reads from a registry ladder entry (``rung_from_metrics``), plus
+    ``source``/``input_shape``/``data`` so the loop can start a new search of the same model."""
     m = c.metrics
-    return {"label": f"rung {index}: {describe(c.steps)}", "device_latency_ms": m.device_latency_ms,
+    return {**dict(search_args or {}),"label": f"rung {index}: {describe(c.steps)}", "device_latency_ms": m.device_latency_ms,
             "calibrated_latency_ms": calibrated_latency_ms(m, outcome.calibration), "accuracy": m.accuracy,
             "fidelity": m.fidelity, "energy_mj": m.energy_mj, "download_bytes": m.download_bytes,
             "host_latency_ms": m.host_latency_ms, "recipe": [dict(s) for s in c.steps]}
@@ -225,7 +227,8 @@ def register_ladder(rungs: Sequence[ScoredCandidate], outcome: SearchOutcome, *,
     assert name is not None
     registry.clear_ladder(name, profile)
     for index, (c, artifact_id) in enumerate(zip(rungs, ids)):
-        registry.add_ladder_rung(name, profile, index, artifact_id, rung_metrics(c, outcome, index))
+        search_args = {"source": model, "input_shape": input_shapes, "data": data}
+        registry.add_ladder_rung(name, profile, index, artifact_id, rung_metrics(c, outcome, index, search_args))
     return name, ids
 
 

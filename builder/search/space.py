@@ -8,8 +8,8 @@ the same cache entry. Only applicable techniques enter the space:
 * PyTorch steps (distill, prune_channels, lowrank, prune, cluster) only when the model has a
   PyTorch module, and steps that train only with ``--train-data``;
 * ``prune_onnx`` for ONNX-only models;
-* graph steps (fold, smooth, quantize) only when the engine registers them; activation smoothing
-  only for models with MatMuls (transformers) and only before int8 quantization.
+* graph steps (fold, smooth, quantize) only when the engine registers them; transformer fusions and
+  activation smoothing only for models with MatMuls, smoothing only before int8 quantization.
 
 Parameters are discrete grids (a handful of values each) so that repeated candidates are common and
 cheap (cache) and the study stays small enough for a 30-minute budget.
@@ -99,8 +99,11 @@ def build_space(options: SpaceOptions) -> SearchSpace:
     elif "prune_onnx" in have:
         params.append(Choice("use_prune", (False, True)))
         params.append(Choice("sparsity", (0.3, 0.5, 0.7)))
-    if "fold" in have:
-        params.append(Choice("fold", (False, True)))
+    graph_choices = ("none",) + (("fold",) if "fold" in have else ())
+    if "optimize_graph" in have and options.has_matmul:
+        graph_choices += ("transformer",)
+    if len(graph_choices) > 1:
+        params.append(Choice("graph", graph_choices))
     if "quantize" in have:
         params.append(Choice("quant_mode", QUANT_MODES))
         params.append(Choice("calibration", CALIBRATIONS))
@@ -140,8 +143,11 @@ def assemble_steps(values: Mapping[str, Any], options: SpaceOptions) -> tuple[di
             steps.append({"type": "cluster", "clusters": int(values["clusters"])})
     elif values.get("use_prune"):
         steps.append({"type": "prune_onnx", "sparsity": float(values["sparsity"])})
-    if values.get("fold"):
+    graph = values.get("graph", "none")
+    if graph == "fold":
         steps.append({"type": "fold"})
+    elif graph == "transformer":  # ORT's BERT fusions (attention, LayerNorm, GELU); heads/hidden detected
+        steps.append({"type": "optimize_graph", "level": "basic", "bert_fusions": True})
     mode = values.get("quant_mode", "none")
     if mode in ("dynamic", "static"):
         if values.get("use_smooth"):

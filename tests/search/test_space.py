@@ -1,0 +1,59 @@
+"""The recipe space: only applicable techniques, engine order, canonical keys; every assembled recipe
+passes the engine's own validation."""
+from __future__ import annotations
+
+import itertools
+import random
+
+from builder.compression.recipe import Recipe
+from builder.compression.steps import STEPS
+from builder.search.space import SpaceOptions, build_space, canonical, fixed, recipe_from_steps
+
+ALL = frozenset(STEPS)
+
+
+def _names(options: SpaceOptions) -> set[str]:
+    return {p.name for p in build_space(options).parameters}
+
+
+def test_onnx_only_model_gets_no_pytorch_steps():
+    names = _names(SpaceOptions(torch_available=False, has_train_data=False, available_steps=ALL))
+    assert not names & {"distill", "use_prune_channels", "use_lowrank", "use_cluster"}
+    assert {"use_prune", "quant_mode", "graph"} <= names
+
+
+def test_training_steps_need_train_data_and_smoothing_needs_matmuls():
+    without = _names(SpaceOptions(torch_available=True, has_train_data=False, available_steps=ALL))
+    assert "distill" not in without and "use_smooth" not in without and "use_prune_channels" in without
+    with_train = _names(SpaceOptions(torch_available=True, has_train_data=True, available_steps=ALL, has_matmul=True))
+    assert {"distill", "use_smooth"} <= with_train
+
+
+def test_assembled_steps_follow_engine_order_and_validate():
+    options = SpaceOptions(torch_available=True, has_train_data=True, available_steps=ALL, has_matmul=True)
+    space = build_space(options)
+    rng = random.Random(3)
+    for _ in range(200):
+        values = {p.name: rng.choice(p.choices) for p in space.parameters}
+        steps = space.steps(values)
+        recipe = recipe_from_steps(steps)
+        recipe.validate(torch_available=True, has_data=True, has_train_data=True)  # raises if impossible
+        kinds = [s["type"] for s in steps]
+        torch_part = [k for k in kinds if STEPS[k].form.value == "torch"]
+        assert kinds[:len(torch_part)] == torch_part  # PyTorch steps first
+        if "smooth" in kinds:
+            assert kinds[kinds.index("smooth") + 1] == "quantize"
+        # round trip through the TOML writer/reader that `builder compress --recipe` uses
+        assert Recipe.from_toml_text(recipe.to_toml()).to_dict() == recipe.to_dict()
+
+
+def test_switched_off_parameters_do_not_change_the_recipe_key():
+    options = SpaceOptions(torch_available=True, has_train_data=False, available_steps=ALL)
+    space = build_space(options)
+    keys = set()
+    for ratio, sparsity in itertools.product((0.1, 0.5), (0.3, 0.9)):
+        values = {"use_prune_channels": False, "channel_ratio": ratio, "use_prune": False, "sparsity": sparsity,
+                  "quant_mode": "dynamic", "per_channel": True, "keep_float": 0}
+        keys.add(canonical(space.steps(space.sample(fixed(values)))))
+    assert len(keys) == 1
+    assert canonical([{"b": 1, "type": "x", "a": 2}]) == canonical([{"a": 2, "type": "x", "b": 1}])
