@@ -95,10 +95,10 @@ DIGITS_RECIPES: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "fp16": [("quantize", {"mode": "fp16"})],
     "student width 0.45, no teacher": [("distill", {"width": 0.45, "epochs": 15, "alpha": 1.0})],
     "student width 0.45, distilled": [("distill", {"width": 0.45, "epochs": 15, "alpha": 0.5, "temperature": 4.0})],
-    "combined: prune 80% + cluster 16 + int8": [
-        ("prune", {"final_sparsity": 0.8, "scope": "global", "epochs": 4}),
+    "combined: prune 75% + cluster 16 + int8": [
+        ("prune", {"final_sparsity": 0.75, "scope": "global", "epochs": 6}),
         ("cluster", {"clusters": 16, "epochs": 3}),
-        ("quantize", {"mode": "static", "calibration": "minmax"})],
+        ("quantize", {"mode": "static", "calibration": "minmax", "target_agreement": 0.99, "max_kept": 2})],
     "combined: channels 50% + cluster 16 + int8": [
         ("prune_channels", {"ratio": 0.5, "epochs": 6}),
         ("cluster", {"clusters": 16, "epochs": 3}),
@@ -178,7 +178,7 @@ def run_digits(work: Path, log: logging.Logger) -> str:
     def drop(row: DigitsRow) -> float:
         return (base.accuracy - row.accuracy) * 100
 
-    combined = by_name["combined: prune 80% + cluster 16 + int8"]
+    combined = by_name["combined: prune 75% + cluster 16 + int8"]
     if combined.path is not None:
         ratio = base.download_bytes / combined.download_bytes
         out.append(f"- combined prune + cluster + int8: download {ratio:.1f}× smaller (target ≥ 8×), accuracy drop "
@@ -203,8 +203,11 @@ def run_digits(work: Path, log: logging.Logger) -> str:
 BEST_RECIPE: list[tuple[str, dict[str, Any]]] = [
     ("optimize_graph", {"level": "basic", "bert_fusions": True, "num_heads": 12, "hidden_size": 384}),
     ("smooth", {"alpha": 0.85}),
-    ("quantize", {"mode": "dynamic", "per_channel": True, "target_cosine": 0.997, "target_agreement": 0.95,
-                  "max_kept": 2, "eval_samples": 100, "calibration_samples": 100}),
+    # The two FFN output MatMuls with the largest activation outliers (layers 0 and 1, max/median
+    # channel range 20-25) stay float: measured +0.001 cosine, +1.4 points neighbour agreement.
+    ("quantize", {"mode": "dynamic", "per_channel": True, "eval_samples": 100, "calibration_samples": 100,
+                  "keep_float": ["/encoder/encoder/layer.0/output/dense/MatMul",
+                                 "/encoder/encoder/layer.1/output/dense/MatMul"]}),
 ]
 
 
@@ -266,7 +269,7 @@ def run_minilm(work: Path, log: logging.Logger) -> str:
 
     models = [("fp32 ONNX (baseline)", fp32), ("plain quantize_dynamic", dyn)]
     if best is not None:
-        models.append(("best: BERT fusions + smooth 0.85 + dynamic int8 per-channel", best))
+        models.append(("best: BERT fusions + smooth 0.85 + dynamic int8 per-channel, 2 FFN-out MatMuls float", best))
     reference = embed_all(fp32, eval_feeds)
     fid = {name: compare_outputs(reference, embed_all(path, eval_feeds), "embed") for name, path in models}
     feed = {k: v[:1] for k, v in eval_feeds.items()}

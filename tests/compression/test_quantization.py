@@ -188,3 +188,48 @@ def _measurement():
     from builder.compression.quantization import Measurement
 
     return Measurement(cosine_mean=1.0, cosine_min=1.0, agreement=1.0, latency_ratio=1.0)
+
+
+# ---- MiniLM (real pretrained transformer) ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def minilm_loaded(tmp_path_factory):
+    from builder.loading import load_model
+    from builder.zoo.minilm import INPUT_SPEC
+
+    return load_model("builder.zoo.minilm:minilm", INPUT_SPEC, workdir=tmp_path_factory.mktemp("minilm"))
+
+
+def minilm_ctx(path: Path, count: int = 24) -> StepContext:
+    from builder.zoo.minilm import machine_sentences, tokenize
+
+    feeds = tokenize(machine_sentences(count))
+    batches = [{k: v[i:i + 8] for k, v in feeds.items()} for i in range(0, count, 8)]
+    return StepContext(workdir=path, calibration_batches=lambda: iter(batches), task="embed")
+
+
+@pytest.mark.slow
+def test_minilm_naive_static_qdq_is_refused(minilm_loaded, tmp_path: Path) -> None:
+    """The measured trap: static QDQ with default settings collapses MiniLM's embeddings (cosine ~0.4)."""
+    state = ModelState(minilm_loaded.inputs, minilm_loaded.output_names, onnx_path=minilm_loaded.onnx_path)
+    step = QuantizeStep(mode="static", per_channel=False, check_latency=False, preprocess=False)
+    with pytest.raises(CompressionError, match="fidelity collapse"):
+        step.apply(state, minilm_ctx(workdir(tmp_path, "q")))
+
+
+@pytest.mark.slow
+def test_minilm_fused_smoothed_dynamic_int8_keeps_embeddings(minilm_loaded, tmp_path: Path) -> None:
+    from builder.compression.fusion import OptimizeGraphStep, non_portable_ops
+
+    state = ModelState(minilm_loaded.inputs, minilm_loaded.output_names, onnx_path=minilm_loaded.onnx_path)
+    state, fused = OptimizeGraphStep(level="basic", bert_fusions=True, num_heads=12, hidden_size=384).apply(
+        state, minilm_ctx(workdir(tmp_path, "f")))
+    assert fused.facts["fused_ops"].get("Attention") == 6
+    state, smoothed = SmoothStep(alpha=0.85).apply(state, minilm_ctx(workdir(tmp_path, "s")))
+    assert smoothed.facts["smoothed_tensors"] >= 18  # Attention input, attention output, FFN in and out per layer
+    state, record = QuantizeStep(mode="dynamic", check_latency=False, preprocess=False).apply(
+        state, minilm_ctx(workdir(tmp_path, "q")))
+    model = onnx.load(str(state.onnx_path))
+    ops = {node.op_type for node in model.graph.node}
+    assert {"QAttention", "MatMulInteger"} <= ops and not non_portable_ops(model)
+    assert record.facts["cosine_mean"] > 0.99
+    assert state.onnx_path.stat().st_size < 23e6
