@@ -272,6 +272,7 @@ class Agent:
             return
         total = manifest.total_size_bytes
         self._current_desired = desired
+        _remove_stale(self.data_dir, keep=manifest.artifact_id)  # partial pulls of replaced deployments
         self._progress(desired, "downloading", 0, total)
         incoming = self.data_dir / "incoming" / manifest.artifact_id
         attempts = 0
@@ -490,6 +491,15 @@ def _benchmark_feeds(model: LoadedModel) -> dict:
         if inputs:
             return inputs
     return synthetic_feeds(model.runtime.inputs)
+
+
+def _remove_stale(data_dir: Path, keep: str) -> None:
+    """Delete partial downloads and incoming dirs of other artifacts (a device's disk is small)."""
+    for parent in (data_dir / "downloads", data_dir / "incoming"):
+        if parent.is_dir():
+            for child in parent.iterdir():
+                if child.name != keep:
+                    shutil.rmtree(child, ignore_errors=True)
 
 
 def _artifact_id_of(directory: Path) -> str | None:
