@@ -53,9 +53,11 @@ def register(app: typer.Typer) -> None:
             table.add_column(col)
         for r in records:
             host = r.metrics.get("host_latency_ms")
-            table.add_row(r.artifact_id[:16], r.model_name, r.model_version, r.profile, r.runtime, r.precision, r.format,
+            table.add_row(r.artifact_id[:12], r.model_name, r.model_version, r.profile, r.runtime, r.precision, r.format,
                           f"{r.size_bytes / 1024:.1f} KiB", "-" if host is None else f"{host:.3f}")
-        Console().print(table)
+        import sys
+
+        (Console() if sys.stdout.isatty() else Console(width=160)).print(table)
 
     @group.command("show")
     def show(artifact_id: str, registry_dir: Optional[Path] = RegistryDirOption) -> None:

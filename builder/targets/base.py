@@ -149,8 +149,11 @@ class VerificationReport:
     def summary(self) -> str:
         w = self.worst
         top1 = "" if w.top1_agreement is None else f", top-1 agreement {w.top1_agreement:.3f}"
+        t = self.tolerance
+        rule = (f"atol {t.atol:g} + rtol {t.rtol:g}, min cosine {t.min_cosine:g}" if t.elementwise
+                else f"judged by agreement: min cosine {t.min_cosine:g}" + (f", top-1 >= {t.min_top1:g}" if t.min_top1 else ""))
         return (f"{w.payload} output '{w.output}': max |diff| {w.max_abs_diff:.3g}, min cosine {w.min_cosine:.6f}{top1}"
-                f" over {self.num_samples} samples (tolerance atol {self.tolerance.atol:g}, min cosine {self.tolerance.min_cosine:g})")
+                f" over {self.num_samples} samples ({rule})")
 
 
 class TargetRuntime(Protocol):
