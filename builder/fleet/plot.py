@@ -95,7 +95,7 @@ def render_plot(series: PlotSeries, out_path: Path) -> Path:
         if series.power_t_s:
             label = "power (ESTIMATE from the device profile: no sensor)" if series.power_estimated else "power (measured)"
             ax_pow.plot(series.power_t_s, series.power_w, "-", color="tab:purple", label=label)
-            ax_pow.legend(loc="upper left", fontsize=8)
+            ax_pow.legend(loc="best", fontsize=8)
         else:
             ax_pow.text(0.5, 0.5, "power not measured on this device", ha="center", va="center",
                         transform=ax_pow.transAxes, color="gray")
@@ -108,7 +108,7 @@ def render_plot(series: PlotSeries, out_path: Path) -> Path:
             ax_lat.annotate(mark.label, (mark.t_s, 1.0), xycoords=("data", "axes fraction"), rotation=90,
                             va="top", ha="right", fontsize=7, color=colour)
         if ax_lat.get_legend_handles_labels()[0]:
-            ax_lat.legend(loc="upper left", fontsize=8)
+            ax_lat.legend(loc="best", fontsize=8)
         fig.tight_layout()
         tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp.png")
         fig.savefig(tmp, dpi=110)
