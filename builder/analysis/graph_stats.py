@@ -76,8 +76,16 @@ class GraphStats:
     def flops(self) -> int:
         return 2 * self.macs + self.other_ops
 
+    @property
+    def dominant_precision(self) -> str:
+        """The precision most MACs run at ("fp32" for a graph without MACs)."""
+        if not self.macs_by_precision:
+            return "fp32"
+        return max(self.macs_by_precision, key=lambda p: self.macs_by_precision[p])
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["dominant_precision"] = self.dominant_precision
         data["input_shapes"] = {k: list(v) for k, v in self.input_shapes.items()}
         data["layers"] = [{**asdict(layer), "output_shape": list(layer.output_shape) if layer.output_shape else None}
                           for layer in self.layers]

@@ -13,9 +13,9 @@ Per layer: ``max(compute time, memory time) + per_layer_overhead_us``, summed ov
 
 ``precision=None`` estimates the graph as built (each layer at its own precision and stored dtype).
 Giving ``"fp32"``, ``"fp16"`` or ``"int8"`` asks "what if it ran at that precision": weights become
-params x bytes of that precision; fp16 halves all activation traffic and the peak activation memory;
-int8 quarters the activation traffic of the linear layers only and keeps peak activations at fp32
-(dynamic quantization keeps float activations between layers). The linear layers use that
+params x bytes of that precision; activation traffic is rescaled from each layer's own precision to
+fp16 for every layer, or to int8 for the linear layers only; fp16 halves the peak activation memory
+of an fp32 graph, int8 keeps it (dynamic quantization keeps float activations between layers). The linear layers use that
 precision's peak (for fp16 on a GPU every layer does), the other layers fp32's.
 
 Energy per inference = latency x ``typical_w`` (the board's typical draw under load; idle power is
@@ -92,7 +92,6 @@ def estimate_latency(stats: GraphStats, profile: DeviceProfile, precision: str |
     """Roofline latency / energy / fit of ``stats`` on ``profile`` (see the module docstring)."""
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
-    scale = BYTES_PER_ELEMENT[precision] / 4 if precision else 1.0
     compute_rate_eff = profile.compute_efficiency
     bandwidth = profile.bandwidth_gbps * 1e9 * profile.memory_efficiency
     overhead_s = profile.per_layer_overhead_us * 1e-6
@@ -111,7 +110,9 @@ def estimate_latency(stats: GraphStats, profile: DeviceProfile, precision: str |
             traffic = 0
         else:
             activations = max(layer.traffic_bytes - layer.weight_bytes, 0)
-            act_scale = scale if precision == "fp16" or layer.op_type in LINEAR_OPS else 1.0
+            # activation bytes were counted at the layer's own precision
+            relative = BYTES_PER_ELEMENT[precision] / BYTES_PER_ELEMENT[layer.precision]
+            act_scale = relative if precision == "fp16" or layer.op_type in LINEAR_OPS else 1.0
             traffic = layer.params * BYTES_PER_ELEMENT[precision] + activations * act_scale
         memory_s = traffic / bandwidth
         if compute_s >= memory_s and compute_s > 0:
@@ -124,7 +125,8 @@ def estimate_latency(stats: GraphStats, profile: DeviceProfile, precision: str |
         layer_ms.append((max(compute_s, memory_s) + overhead_s) * 1e3)
     latency_ms = sum(layer_ms)
     weight_bytes = stats.weight_bytes if precision is None else stats.params * BYTES_PER_ELEMENT[precision]
-    peak_activation = int(stats.peak_activation_bytes * (scale if precision == "fp16" else 1.0))
+    halve_activations = precision == "fp16" and stats.dominant_precision == "fp32"
+    peak_activation = int(stats.peak_activation_bytes * (0.5 if halve_activations else 1.0))
     needed = int(weight_bytes + peak_activation)
     ram_bytes = profile.ram_mb * 1024 * 1024
     return LatencyEstimate(

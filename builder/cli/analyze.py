@@ -147,7 +147,7 @@ def render_analysis(console: "Console", loaded: "LoadedModel", stats: "GraphStat
         runs = [estimate_latency(stats, profile)]
         if profile.preferred_precision != "fp32" or stats.macs_by_precision.keys() - {"fp32"}:
             runs.append(estimate_latency(stats, profile, profile.preferred_precision))
-        built = max(stats.macs_by_precision, key=stats.macs_by_precision.get) if stats.macs_by_precision else "fp32"
+        built = stats.dominant_precision
         for estimate in runs:
             if estimate.precision == "as-built":
                 label = f"{built} (as built)"

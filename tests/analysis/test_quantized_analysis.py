@@ -65,3 +65,13 @@ def test_int8_as_built_is_estimated_faster_than_fp32(models):
     qdq = estimate_latency(analyze_onnx(models["qdq"], SHAPE), pi4)
     assert qdq.latency_ms < fp32.latency_ms
     assert qdq.weight_bytes < fp32.weight_bytes
+
+
+def test_what_if_at_the_built_precision_equals_as_built(models):
+    """An fp16 graph asked "what if fp16" is not shrunk a second time."""
+    orin = load_profiles()["jetson-orin-nano"]
+    stats = analyze_onnx(models["fp16"], SHAPE)
+    assert stats.dominant_precision == "fp16"
+    as_built, what_if = estimate_latency(stats, orin), estimate_latency(stats, orin, "fp16")
+    assert what_if.latency_ms == pytest.approx(as_built.latency_ms)
+    assert what_if.memory_needed_bytes == as_built.memory_needed_bytes
