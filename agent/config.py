@@ -13,7 +13,7 @@ Example (see ``deploy/agent.toml`` for every option)::
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
@@ -165,6 +165,3 @@ def load_config(path: Path) -> AgentConfig:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     return config_from_dict(data, base_dir=path.resolve().parent)
 
-
-def with_overrides(cfg: AgentConfig, **changes: Any) -> AgentConfig:
-    return replace(cfg, **changes)

@@ -11,7 +11,6 @@ import logging
 import random
 import ssl
 import threading
-import time
 from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
@@ -50,6 +49,8 @@ class MqttConnection:
         self.protocol_in_use = "5" if self._protocol == MQTTProtocolVersion.MQTTv5 else "3.1.1"
         self.last_error: str | None = None
         self.connect_count = 0
+        self._fallback_pending = False  # the broker refused MQTT 5: reconnect with 3.1.1
+        self._was_connected = False  # a CONNACK succeeded since the last backoff (resets it)
         self.client = self._make_client()
 
     # -- set-up -------------------------------------------------------------------------------
@@ -154,9 +155,6 @@ class MqttConnection:
             attempt = attempt + 1 if not self._was_connected else 0
             self._was_connected = False
             self._stop.wait(delay)
-
-    _fallback_pending = False
-    _was_connected = False
 
     # -- callbacks (network thread) -----------------------------------------------------------
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:

@@ -74,6 +74,7 @@ class Agent:
         self._stop = threading.Event()
         self._telemetry_wakeup = threading.Event()
         self._last_progress_pub = 0.0
+        self._current_desired: proto.DesiredDeployment | None = None  # the one being downloaded
         self.endpoint: LocalEndpoint | None = None
         self.conn = MqttConnection(self.device_id, cfg.broker, will_topic=self._topic(proto.Up.STATUS),
                                    will_payload=self._status("offline").to_json(), on_connected=self._on_connected)
@@ -319,7 +320,7 @@ class Agent:
 
     def _on_transfer_progress(self, progress: Progress) -> None:
         now = time.monotonic()
-        desired = getattr(self, "_current_desired", None)
+        desired = self._current_desired
         if desired is None or (now - self._last_progress_pub < 0.5 and progress.bytes_done < progress.bytes_total):
             return
         self._last_progress_pub = now

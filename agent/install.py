@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from agent.errors import AgentError, InstallError
-from agent.manifest import SAMPLE_FILE, Manifest, verify_artifact_dir
+from agent.manifest import Manifest, verify_artifact_dir
 from agent.runtime import ModelRuntime, open_runtime
 
 if TYPE_CHECKING:

@@ -26,8 +26,7 @@ from typing import Any, Callable
 
 from agent import protocol as proto
 from agent.errors import ProtocolError, SignatureError, TransferError
-from agent.manifest import (MANIFEST_FILE, SIGNATURE_FILE, Manifest, PayloadEntry, sha256_file, verify_artifact_dir,
-                            verify_signature)
+from agent.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest, PayloadEntry, sha256_file, verify_signature
 
 log = logging.getLogger(__name__)
 
@@ -376,6 +375,3 @@ def _fsync_dir(path: Path) -> None:
     finally:
         os.close(fd)
 
-
-def verify_incoming(directory: Path, public_key: Any) -> Manifest:
-    return verify_artifact_dir(directory, public_key)

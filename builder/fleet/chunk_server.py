@@ -96,10 +96,11 @@ class ChunkServer:
     def attach(self) -> None:
         """Register the request callback and subscribe (call again after a reconnect with a clean session)."""
         topic = proto.all_devices_topic(proto.Up.CHUNK_REQUEST)
-        self.client.message_callback_add(topic, self._on_request_message)
+        self.client.message_callback_add(topic, self.on_request_message)
         self.client.subscribe(topic, qos=1)
 
-    def _on_request_message(self, client: Any, userdata: Any, message: Any) -> None:
+    def on_request_message(self, client: Any, userdata: Any, message: Any) -> None:
+        """paho ``message_callback_add`` callback for ``up/chunkreq`` (call it from your own handler if you route messages yourself)."""
         try:
             device_id, _ = proto.parse_device_topic(message.topic)
             request = proto.ChunkRequest.from_json(message.payload)

@@ -153,7 +153,7 @@ class Host:
 
     def _record_and_serve(self, client, userdata, message) -> None:
         self._on_message(client, userdata, message)
-        self.server._on_request_message(client, userdata, message)
+        self.server.on_request_message(client, userdata, message)
 
     def _on_message(self, client, userdata, message) -> None:
         with self._cond:
