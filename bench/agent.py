@@ -31,7 +31,7 @@ import psutil  # noqa: E402
 
 DEVICE, DEVICE_PW, BUILDER_PW = "bench-dev", "bench-pw", "builder-pw"
 RESULTS_HEADING = "## Agent (bench/agent.py)"
-NOTE = ("Reading it: the chunk phase is the apples-to-apples ratio (the same frames, but the agent also checks each chunk's sha256, writes the resumable .part file, decompresses and hashes the payload on the fly); the end-to-end line adds the signature check, free-disk check and fsync. On this shared 2-core VM (load average 7-14 from other jobs) the chunk-phase ratio ranged 0.31-0.55 over ten runs: the agent needs ~0.75 CPU-s per 83 MB and waits for a core, so the ratio tracks the machine's load. Idle RSS is a real `agent run` without a model (numpy, onnxruntime and cryptography are imported lazily).")
+NOTE = ("Reading it: the chunk phase is the apples-to-apples ratio (the same frames, but the agent also checks each chunk's sha256, writes the resumable .part file, decompresses and hashes the payload on the fly); the end-to-end line adds the signature check, free-disk check and fsync. On this shared 2-core VM (load average 7-14 from other jobs) the chunk-phase ratio ranged 0.31-0.55 over four runs with these settings: the agent needs ~0.75 CPU-s per 83 MB and waits for a core, so the ratio tracks the machine's load. Idle RSS is a real `agent run` without a model (numpy, onnxruntime and cryptography are imported lazily).")
 
 
 def export_minilm_artifact(work: Path, private_key) -> Path:
