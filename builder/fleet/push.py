@@ -300,9 +300,13 @@ class Pusher:
         directory = self.dirs(running_artifact) if running_artifact else None
         try:
             if directory is not None:
-                publish_desired(self.link.client, device_id, directory, f"restore-{running_artifact[:12]}-{int(time.time() * 1000)}")  # type: ignore[index]
+                deployment_id = f"restore-{running_artifact[:12]}-{int(time.time() * 1000)}"  # type: ignore[index]
+                publish_desired(self.link.client, device_id, directory, deployment_id)
+                self.store.add_event(DeploymentEvent(device_id, time.time(), "desired", deployment_id, running_artifact,
+                                                     {"restore": True}))
             else:
                 clear_desired(self.link.client, device_id)
+                self.store.add_event(DeploymentEvent(device_id, time.time(), "desired_cleared"))
         except (FleetError, RuntimeError, ValueError) as exc:
             log.warning("could not restore the desired deployment of %s: %s", device_id, exc)
 

@@ -162,6 +162,7 @@ class FleetServer:
             for suffix, handler in ((proto.Up.HELLO, self._on_hello), (proto.Up.STATUS, self._on_status),
                                     (proto.Up.TELEMETRY, self._on_telemetry), (proto.Up.PROGRESS, self._on_progress)):
                 self.link.subscribe(proto.all_devices_topic(suffix), handler)
+            self._republish_desired()
             online = json.dumps({"state": "online", "pid": os.getpid(), "since": time.time()}).encode()
             self.link.publish(SERVE_TOPIC, online, retain=True)
             write_serve_state(self.data_dir, self.endpoint, embedded=self.embedded is not None)
@@ -170,6 +171,23 @@ class FleetServer:
             raise
         log.info("serving the fleet on %s (data dir %s)", self.endpoint.public_url(), self.data_dir)
         return self
+
+    def _republish_desired(self) -> None:
+        """Retained desired deployments live in the broker's memory: the embedded broker (and a
+        Mosquitto without persistence) forgets them on restart. Publish each device's last one again,
+        same deployment id, so a device that comes back still finds what it must run."""
+        from builder.fleet.chunk_server import desired_message
+
+        assert self.store is not None and self.link is not None and self.chunk_server is not None
+        lookup = self.chunk_server.lookup
+        for device_id, event in self.store.latest_desired().items():
+            directory = lookup(event.artifact_id) if event.artifact_id else None
+            if directory is None:
+                log.warning("cannot restore %s's desired deployment: artifact %s is not in the registry",
+                            device_id, (event.artifact_id or "?")[:12])
+                continue
+            message = desired_message(directory, event.deployment_id)
+            self.link.publish(proto.device_topic(device_id, proto.Down.DESIRED), message.to_json(), retain=True)
 
     def stop(self) -> None:
         if self._stopped.is_set():

@@ -400,6 +400,12 @@ class FleetStore:
         out = [_event(r) for r in rows]
         return [e for e in out if kinds is None or e.kind in kinds]
 
+    def latest_desired(self) -> dict[str, DeploymentEvent]:
+        """Per device, the last desired deployment published (None-free: cleared devices are absent)."""
+        rows = self._query("SELECT e.* FROM events e JOIN (SELECT device_id, MAX(id) AS id FROM events "
+                           "WHERE kind IN ('desired', 'desired_cleared') GROUP BY device_id) last ON e.id = last.id")
+        return {r["device_id"]: _event(r) for r in rows if r["kind"] == "desired"}
+
     # -- pushes -----------------------------------------------------------------------------
     def start_push(self, push_id: str, target: str, plan: Mapping[str, Any]) -> PushRecord:
         now = time.time()

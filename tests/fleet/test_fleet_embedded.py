@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fleet.conftest import (PY, agent_http_url, builder_cli, fleet_status, infer, start_agent, store_status, wait_for)
+from tests.fleet.conftest import (PY, agent_http_url, builder_cli, fleet_status, free_port, infer, start_agent,
+                                  store_status, wait_for)
 
 pytest.importorskip("iotcore")
 
@@ -18,7 +19,8 @@ PROFILES = {"pi-01": "raspberry-pi-4", "jetson-01": "jetson-orin-nano", "phone-0
 def test_embedded_serve_three_agents_push_each_status_and_plot(tmp_path: Path, fleet_home, processes) -> None:
     home = fleet_home.root
     artifacts = {device: fleet_home.artifact(profile) for device, profile in PROFILES.items()}
-    processes.start("serve", [PY, "-m", "builder.cli.main", "serve", "--port", "0", "--data-dir", str(home)])
+    port = free_port()
+    processes.start("serve", [PY, "-m", "builder.cli.main", "serve", "--port", str(port), "--data-dir", str(home)])
     wait_for(lambda: (home / "serve.json").is_file(), 30, "builder serve to start: " + processes.log("serve"))
     data_dirs = {}
     for device, profile in PROFILES.items():
@@ -85,6 +87,36 @@ def test_embedded_serve_three_agents_push_each_status_and_plot(tmp_path: Path, f
     again = json.loads(builder_cli("push", "--device", "jetson-01", "--model", str(onnx_path), "--json",
                                    "--benchmark-runs", "0", home=home).stdout)["outcomes"][0]
     assert again["artifact_id"] == first["artifact_id"] and again["state"] == "active"  # cached build, same artifact
+
+    # the embedded broker keeps retained messages in memory: a restarted serve publishes them again
+    processes.stop("serve")
+    assert not (home / "serve.json").exists()
+    processes.start("serve2", [PY, "-m", "builder.cli.main", "serve", "--port", str(port), "--data-dir", str(home)])
+    wait_for(lambda: (home / "serve.json").is_file(), 30, "builder serve to restart: " + processes.log("serve2"))
+    retained = _retained_desired(port)
+    assert retained == {"pi-01": artifacts["pi-01"], "phone-01": artifacts["phone-01"], "jetson-01": first["artifact_id"]}
+    wait_for(lambda: all(r["online"] for r in store_status(home).values()), 30, "agents back online after the restart")
+
+
+def _retained_desired(port: int) -> dict[str, str]:
+    import threading
+    import time
+
+    import paho.mqtt.client as mqtt
+
+    from agent import protocol as proto
+
+    seen: dict[str, str] = {}
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="retained-check", protocol=mqtt.MQTTv311)
+    client.on_message = lambda c, u, m: seen.__setitem__(proto.parse_device_topic(m.topic)[0],
+                                                         json.loads(m.payload)["artifact_id"]) if m.payload else None
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.subscribe(proto.all_devices_topic(proto.Down.DESIRED), qos=1)
+    time.sleep(1.5)
+    client.disconnect()
+    client.loop_stop()
+    return seen
 
 
 def test_push_refuses_when_no_serve_would_send_the_chunks(fleet_home) -> None:

@@ -197,3 +197,14 @@ def test_ingest_keeps_power_estimates_labelled_and_never_invents_measurements() 
     bench = benchmark_row("d", {"artifact_id": "a", "latency": {"p50": 1.0, "p95": 2.0}, "power_w": 5.0,
                                 "power_source": "ina3221", "energy_per_inference_j": 0.002}, ts=1.0)
     assert (bench.p95_ms, bench.power_w, bench.energy_mj) == (2.0, 5.0, 2.0)
+
+
+def test_store_knows_each_devices_last_desired_deployment(tmp_path: Path) -> None:
+    store = FleetStore(tmp_path / "fleet.sqlite")
+    store.add_event(DeploymentEvent("a", 1.0, "desired", "dep-1", "art-1"))
+    store.add_event(DeploymentEvent("a", 2.0, "failed", "dep-1", "art-1"))
+    store.add_event(DeploymentEvent("a", 3.0, "desired", "restore-1", "art-0", {"restore": True}))
+    store.add_event(DeploymentEvent("b", 1.0, "desired", "dep-2", "art-2"))
+    store.add_event(DeploymentEvent("b", 2.0, "desired_cleared"))
+    latest = store.latest_desired()
+    assert list(latest) == ["a"] and (latest["a"].deployment_id, latest["a"].artifact_id) == ("restore-1", "art-0")
