@@ -170,6 +170,9 @@ def _export(exporter: str, module: Any, tensors: tuple[Any, ...], inputs: Sequen
     names = [spec.name for spec in inputs]
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
+    onnx_logger = logging.getLogger("torch.onnx")  # dynamo's "torchvision is not installed" warnings
+    level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -183,6 +186,7 @@ def _export(exporter: str, module: Any, tensors: tuple[Any, ...], inputs: Sequen
                                   external_data=big, verbose=False)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
+        onnx_logger.setLevel(level)
 
 
 def verify_export(module: Any, onnx_path: Path, inputs: Sequence[InputSpec], tensors: tuple[Any, ...],
@@ -196,6 +200,7 @@ def verify_export(module: Any, onnx_path: Path, inputs: Sequence[InputSpec], ten
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
+    options.log_severity_level = 4  # a failing run is reported below as one line, not as ORT's log
     try:
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         feed_names = [i.name for i in session.get_inputs()]
