@@ -62,3 +62,21 @@ def test_cli_errors_are_one_line(tmp_path):
                           str(tmp_path / "missing.toml")], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 2
     assert out.stderr.strip().startswith("agent: error: cannot read") and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_agent_status_cli_shows_active_model_when_agent_is_not_running(tmp_path, signing_key):
+    import shutil
+
+    from agent.install import Installer
+    from agent.manifest import load_public_key
+    from tests.agent.conftest import agent_toml, make_artifact
+
+    key, pub = signing_key
+    art = make_artifact(tmp_path / "art", key, seed=1)
+    shutil.copytree(art, tmp_path / "incoming")
+    loaded = Installer(tmp_path / "data", load_public_key(pub), threads=1).install(tmp_path / "incoming")
+    config = agent_toml(tmp_path / "agent.toml", "mqtt://127.0.0.1:1", "dev1", "pw", pub, tmp_path / "data")
+    out = subprocess.run([sys.executable, "-c", "from agent.cli import app; app()", "status", "--config", str(config)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"active_artifact_id: {loaded.manifest.artifact_id}" in out.stdout and "running: False" in out.stdout
