@@ -46,6 +46,7 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait(10)
 
 
+@pytest.mark.slow  # ~15-20 s: three agent subprocess starts
 def test_agent_killed_during_install_restarts_with_working_model(tmp_path, broker, signing_key, host_factory):
     key, pub = signing_key
     v1 = make_artifact(tmp_path / "v1", key, seed=1, version="1")
