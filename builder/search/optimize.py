@@ -236,7 +236,9 @@ def _objective(config: SearchConfig, evaluator: CandidateEvaluator, space: Searc
                 cache.put_stopped(key, stop.accuracy, stop.fidelity, stop.reason)
                 _prune(trial, names, stop.reason, cache_hit=False)
             except BuilderError as exc:
-                trial.set_user_attr("error", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                trial.set_user_attr("error", message)
+                log.warning("trial %d failed (%s): %s", trial.number, describe(steps), message)
                 raise
             seconds = time.perf_counter() - started
             counters.evaluations += 1
@@ -294,7 +296,8 @@ def run_worker(config: SearchConfig, worker_index: int = 0,
 
     if config.study_name is None:
         raise SearchError("internal: run_worker needs a resolved study name")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # optuna would log each failed trial with a traceback; failures are one line here and in the report
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     own_evaluator = evaluator is None
     evaluator = evaluator or make_evaluator(config)
     space = build_space(evaluator.space_options)
@@ -363,6 +366,7 @@ def run_search(config: SearchConfig, on_progress: Optional[Callable[[Progress], 
     if not config.run_id:
         config = dataclasses.replace(config, run_id=f"{os.getpid()}-{time.time_ns()}")
     started = time.perf_counter()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     Path(config.out_dir).mkdir(parents=True, exist_ok=True)
     own_evaluator = evaluator is None
     evaluator = evaluator or make_evaluator(config)

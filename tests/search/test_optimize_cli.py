@@ -1,0 +1,100 @@
+"""`builder optimize` end to end on the digits CNN with the real compression engine (few trials)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from builder.compression.recipe import Recipe
+from builder.search.pareto import dominates
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "builder.zoo.digits_cnn:trained"
+
+
+@pytest.fixture(scope="module")
+def digits_data(tmp_path_factory) -> Path:
+    from builder.zoo.digits_cnn import write_npz
+
+    return write_npz(tmp_path_factory.mktemp("data") / "digits-test.npz")
+
+
+def _builder(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, EDGEFLEET_HOME=str(home), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "builder.cli.main", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def _optimize(data: Path, out: Path, home: Path, *extra: str) -> subprocess.CompletedProcess:
+    return _builder("optimize", MODEL, "--input-shape", "1x1x8x8", "--device", "raspberry-pi-4", "--data", str(data),
+                    "--trials", "4", "--population", "4", "--eval-samples", "150", "--out", str(out), *extra, home=home)
+
+
+@pytest.mark.slow
+def test_optimize_digits_respects_targets_writes_outputs_and_reruns_from_cache(tmp_path, digits_data):
+    home = tmp_path / "home"
+    keys = _builder("keys", "init", home=home)
+    assert keys.returncode == 0, keys.stderr
+    first = _optimize(digits_data, tmp_path / "run1", home, "--max-accuracy-drop", "2%",
+                      "--tensorboard", str(tmp_path / "tb"), "--ladder-rungs", "2")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    out = tmp_path / "run1"
+    report = json.loads((out / "report.json").read_text())
+    chosen = report["chosen"]
+    assert report["baseline"]["accuracy"] - chosen["accuracy"] <= 0.02 + 1e-9
+    assert chosen["feasible"]
+    front = [tuple(r[k] for k in ("quality", "device_latency_ms", "download_bytes")) for r in report["front"]]
+    every = [tuple(r[k] for k in ("quality", "device_latency_ms", "download_bytes")) for r in report["candidates"]]
+    for point in front:  # quality is maximised: compare on (-quality, latency, size)
+        neg = (-point[0], point[1], point[2])
+        assert not any(dominates((-q, l, s), neg) for q, l, s in every)
+    recipe = Recipe.from_toml(out / "recipe.toml")  # what `builder compress/build --recipe` read
+    assert [s.name for s in recipe.steps] == [s["type"] for s in chosen["steps"]]
+    assert (out / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    ladder = json.loads((out / "ladder.json").read_text())
+    assert ladder["rungs"] and all(r["artifact_id"] for r in ladder["rungs"])
+    from builder.artifacts.registry import Registry
+
+    rungs = Registry(home).list_ladder(report["ladder"]["model_name"], "raspberry-pi-4")
+    assert [r.artifact_id for r in rungs] == [r["artifact_id"] for r in ladder["rungs"]]
+    qualities = [r["accuracy"] for r in ladder["rungs"]]
+    assert qualities == sorted(qualities, reverse=True)  # most accurate first
+
+    # Same model, data and recipes in a fresh study: every candidate comes from the cache.
+    second = _optimize(digits_data, tmp_path / "run2", home, "--max-accuracy-drop", "2%", "--no-ladder")
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = json.loads((tmp_path / "run2" / "report.json").read_text())
+    assert again["this_run"]["evaluations"] == 0
+    assert again["this_run"]["cache_hits"] >= 1
+    assert again["chosen"]["key"] == chosen["key"]
+
+
+@pytest.mark.slow
+def test_impossible_target_is_reported_with_the_gap_and_exits_non_zero(tmp_path, digits_data):
+    home = tmp_path / "home"
+    result = _optimize(digits_data, tmp_path / "run", home, "--max-latency", "1us", "--trials", "2", "--no-ladder")
+    assert result.returncode == 1
+    assert "builder: error: no recipe of" in result.stderr
+    assert "closest: est. latency" in result.stderr and "over by" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "closest candidates" in result.stdout
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["chosen"] is None and report["infeasible"]["closest"]
+    assert not (tmp_path / "run" / "recipe.toml").exists()
+
+
+def test_bad_target_is_one_line_without_running(tmp_path, digits_data):
+    result = _optimize(digits_data, tmp_path / "run", tmp_path / "home", "--max-size", "5 parsecs", "--no-ladder")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["builder: error: --max-size '5 parsecs': unknown unit 'parsecs'; use B, kB, MB, GB, KiB, MiB or GiB"]
+
+
+def test_ladder_without_signing_key_is_refused_up_front(tmp_path, digits_data):
+    result = _optimize(digits_data, tmp_path / "run", tmp_path / "home", "--max-accuracy-drop", "1%")
+    assert result.returncode == 2
+    assert "no signing key" in result.stderr and "--no-ladder" in result.stderr
