@@ -6,6 +6,9 @@ the weight is re-parametrised (torch.nn.utils.parametrize) as a gather from a tr
 vector, so each centroid receives the sum of its members' gradients while assignments stay fixed.
 ``tie = [["a", "b"]]`` makes same-shape layers share one tensor: k-means runs on their element-wise
 mean and the group is stored once in the exported graph.
+Sparsity is preserved (``preserve_sparsity``, TF-MOT's sparsity-preserving clustering): in a layer
+that is at least 1% exact zeros (e.g. after ``prune``) the zeros stay zero and the non-zero weights
+share ``clusters - 1`` values, so a layer still holds at most ``clusters`` distinct values.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from builder.compression.base import ModelForm, ModelState, StepContext, StepRec
 from builder.errors import UsageError
 
 DEFAULT_EPOCHS = 3
+SPARSE_FRACTION = 0.01  # a layer with at least this fraction of exact zeros keeps them
 MIN_CLUSTERS = 2
 
 
@@ -35,7 +39,7 @@ def kmeans_1d(values: np.ndarray, clusters: int, seed: int = 0) -> tuple[np.ndar
     return km.cluster_centers_.reshape(-1).astype(np.float32), km.labels_.astype(np.int64)
 
 
-def _gather_module(centroids: Any, assignment: Any) -> Any:
+def _gather_module(centroids: Any, assignment: Any, mask: Any = None) -> Any:
     import torch
     from torch import nn
 
@@ -44,9 +48,10 @@ def _gather_module(centroids: Any, assignment: Any) -> Any:
             super().__init__()
             self.centroids = nn.Parameter(centroids)
             self.register_buffer("assignment", assignment)
+            self.register_buffer("mask", mask if mask is not None else torch.ones_like(centroids[assignment]))
 
         def forward(self, _weight: torch.Tensor) -> torch.Tensor:
-            return self.centroids[self.assignment]
+            return self.centroids[self.assignment] * self.mask  # pruned zeros stay zero
 
     return ClusteredWeight()
 
@@ -64,6 +69,7 @@ class ClusterStep:
     exclude: tuple[str, ...] = ()
     tie: tuple[tuple[str, ...], ...] = ()  # groups of same-shape layer names sharing one weight
     min_size: int = 64  # layers with fewer weights (tiny, sensitive) stay as they are
+    preserve_sparsity: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.clusters, int) or isinstance(self.clusters, bool) or self.clusters < MIN_CLUSTERS \
@@ -96,10 +102,18 @@ class ClusterStep:
             weights = [layers[n].weight.detach() for n in group]
             if weights[0].numel() < self.min_size and not tied_names.intersection(group):
                 continue
-            mean = torch.stack(weights).mean(dim=0)
-            centroids, assignment = kmeans_1d(mean.cpu().numpy(), self.clusters, seed=ctx.seed)
-            shared = _gather_module(torch.from_numpy(centroids),
-                                    torch.from_numpy(assignment).reshape(mean.shape))
+            mean = torch.stack(weights).mean(dim=0).cpu().numpy()
+            nonzero = mean != 0
+            if self.preserve_sparsity and (~nonzero).mean() >= SPARSE_FRACTION and nonzero.any():
+                centroids, assigned = kmeans_1d(mean[nonzero], self.clusters - 1, seed=ctx.seed)
+                assignment = np.zeros(mean.shape, dtype=np.int64)
+                assignment[nonzero] = assigned
+                mask = torch.from_numpy(nonzero.astype(np.float32))
+                facts.setdefault("sparsity_preserved", []).extend(group)
+            else:
+                centroids, assigned = kmeans_1d(mean, self.clusters, seed=ctx.seed)
+                assignment, mask = assigned.reshape(mean.shape), None
+            shared = _gather_module(torch.from_numpy(centroids), torch.from_numpy(assignment), mask)
             for name in group:  # one parametrisation object per group: tied layers share centroids
                 parametrize.register_parametrization(layers[name], "weight", shared, unsafe=True)
                 clustered.append(name)

@@ -43,3 +43,15 @@ def test_tied_layers_share_one_weight_in_the_export(tmp_path: Path) -> None:
     export_module(module, inputs, tmp_path / "tied.onnx")
     weights = [i for i in onnx.load(str(tmp_path / "tied.onnx")).graph.initializer if len(i.dims) == 2]
     assert len(weights) == 1
+
+
+def test_clustering_after_pruning_keeps_the_zeros(digits_model: torch.nn.Module, tmp_path: Path) -> None:
+    from builder.compression.pruning import PruneStep
+
+    state, _ = PruneStep(final_sparsity=0.6).apply(torch_state(digits_model, DIGITS_INPUTS), context(tmp_path))
+    state, record = ClusterStep(clusters=8).apply(state, context(tmp_path))
+    for name, layer in state.torch_module.named_modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)) and layer.weight.numel() >= 64:
+            assert float((layer.weight == 0).float().mean()) >= 0.59, name
+            assert torch.unique(layer.weight).numel() <= 8, name  # 7 shared values + the zero
+    assert record.facts["sparsity_preserved"]
