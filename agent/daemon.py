@@ -76,8 +76,10 @@ class Agent:
         self._last_progress_pub = 0.0
         self._current_desired: proto.DesiredDeployment | None = None  # the one being downloaded
         self.endpoint: LocalEndpoint | None = None
+        # The will is fixed at connect time, so it carries only who and "offline" (no stale model fields).
+        will = proto.DeviceStatus(device_id=self.device_id, state="offline", agent_version=__version__)
         self.conn = MqttConnection(self.device_id, cfg.broker, will_topic=self._topic(proto.Up.STATUS),
-                                   will_payload=self._status("offline").to_json(), on_connected=self._on_connected)
+                                   will_payload=will.to_json(), on_connected=self._on_connected)
         self.puller = ChunkPuller(self.device_id, self.data_dir / "downloads", self._publish_bytes,
                                   lambda: self.conn.connected, lambda: self.conn.connect_count,
                                   window_chunks=cfg.window_chunks, timeout_s=cfg.chunk_timeout_s,
