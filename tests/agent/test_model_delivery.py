@@ -136,3 +136,19 @@ def test_rollback_command_and_automatic_rollback_on_runtime_failures(tmp_path, b
     host.wait(lambda: agent.active.model.manifest.artifact_id == d1.artifact_id, 10, "v1 active after rollback")
     host.wait(lambda: "rollback" in [json.loads(t)["event"] for t in host.of_kind("dev1", "up/telemetry")], 10,
               "rollback telemetry event")
+
+
+def test_not_enough_disk_is_refused_before_any_download(tmp_path, signing_key):
+    from dataclasses import replace
+
+    from agent.errors import TransferError
+    from agent.manifest import Manifest
+    from agent.transfer import check_free_disk
+
+    key, _ = signing_key
+    art = make_artifact(tmp_path / "art", key, seed=1)
+    manifest = Manifest.from_bytes((art / "manifest.json").read_bytes())
+    check_free_disk(tmp_path / "dl", manifest)  # a small model fits
+    huge = replace(manifest, payloads=tuple(replace(p, size_bytes=1 << 50) for p in manifest.payloads))
+    with pytest.raises(TransferError, match="not enough disk"):
+        check_free_disk(tmp_path / "dl", huge)
