@@ -208,3 +208,17 @@ def test_store_knows_each_devices_last_desired_deployment(tmp_path: Path) -> Non
     store.add_event(DeploymentEvent("b", 2.0, "desired_cleared"))
     latest = store.latest_desired()
     assert list(latest) == ["a"] and (latest["a"].deployment_id, latest["a"].artifact_id) == ("restore-1", "art-0")
+
+
+def test_push_result_table_renders_every_outcome() -> None:
+    from rich.console import Console
+
+    from builder.cli.push import outcome_table
+    from builder.fleet.push import DeviceOutcome
+
+    console = Console(record=True, width=200)
+    console.print(outcome_table([DeviceOutcome("pi-01", "a" * 64, "active", model="cnn@1"),
+                                 DeviceOutcome("pi-02", "a" * 64, "pending"),
+                                 DeviceOutcome("pi-03", "a" * 64, "rejected", error="bad signature")], "Push result"))
+    text = console.export_text()
+    assert "pi-01" in text and "pending" in text and "rejected: bad signature" in text
