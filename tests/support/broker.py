@@ -12,6 +12,7 @@ directory because Mosquitto started as root drops to the ``mosquitto`` user (pyt
 """
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
 import ipaddress
 import os
@@ -118,6 +119,7 @@ class MosquittoBroker:
         self.persistence_dir = self.workdir / "db" if persistence else None
         self.config_file = self._write_config(require_client_cert)
         self.process: subprocess.Popen | None = None
+        self._atexit_registered = False
 
     @property
     def url(self) -> str:
@@ -163,6 +165,9 @@ class MosquittoBroker:
             return self
         self.process = subprocess.Popen([MOSQUITTO, "-c", str(self.config_file)], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE)
+        if not self._atexit_registered:  # never leave a broker behind, even if a test forgets close()
+            atexit.register(self.close)
+            self._atexit_registered = True
         deadline = time.monotonic() + timeout_s
         ports = [p for p in (self.port, self.tls_port) if p]
         while time.monotonic() < deadline:
