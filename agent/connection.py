@@ -51,6 +51,8 @@ class MqttConnection:
         self.connect_count = 0
         self._fallback_pending = False  # the broker refused MQTT 5: reconnect with 3.1.1
         self._was_connected = False  # a CONNACK succeeded since the last backoff (resets it)
+        self._connack_seen = False  # any CONNACK on the current attempt
+        self._dropped_before_connack = 0  # MQTT 5 CONNECTs answered by a closed socket
         self.client = self._make_client()
 
     # -- set-up -------------------------------------------------------------------------------
@@ -124,6 +126,7 @@ class MqttConnection:
         first = True
         while not self._stop.is_set():
             try:
+                self._connack_seen = False
                 self._connect_once(first)
                 first = False
             except (OSError, ssl.SSLError, ValueError) as exc:
@@ -145,6 +148,13 @@ class MqttConnection:
                 self.client.socket() and self.client.disconnect()
             except Exception:  # noqa: BLE001
                 pass
+            if not self._connack_seen and self.settings.protocol == "auto" and \
+                    self._protocol == MQTTProtocolVersion.MQTTv5:
+                # Some brokers (rumqttd on its 3.1.1 port) drop an MQTT 5 CONNECT without a CONNACK.
+                self._dropped_before_connack += 1
+                if self._dropped_before_connack >= 2:
+                    log.info("broker closes MQTT 5 connections without answering; falling back to MQTT 3.1.1")
+                    self._fallback_pending = True
             if self._fallback_pending:
                 self._fallback_pending = False
                 self._protocol = MQTTProtocolVersion.MQTTv311
@@ -158,6 +168,7 @@ class MqttConnection:
 
     # -- callbacks (network thread) -----------------------------------------------------------
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self._connack_seen = True
         if reason_code.is_failure:
             self.last_error = f"connection refused: {reason_code}"
             # "Unsupported Protocol Version" (MQTT 5 code 132; 3.1.1 code 1): retry with MQTT 3.1.1.

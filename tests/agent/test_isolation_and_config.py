@@ -80,3 +80,45 @@ def test_agent_status_cli_shows_active_model_when_agent_is_not_running(tmp_path,
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     assert f"active_artifact_id: {loaded.manifest.artifact_id}" in out.stdout and "running: False" in out.stdout
+
+
+def test_mqtt5_falls_back_to_311_when_the_broker_drops_v5_connects():
+    """A fake broker that closes the socket on an MQTT 5 CONNECT (as rumqttd's 3.1.1 port does) and
+    accepts 3.1.1: the agent's connection must end up connected with 3.1.1."""
+    import socket
+    import threading
+
+    from agent.config import BrokerSettings
+    from agent.connection import MqttConnection
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    port = server.getsockname()[1]
+    levels: list[int] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            data = conn.recv(1024)
+            level = data[8] if len(data) > 8 else 0  # fixed header(2) + "\0\4MQTT"(6) -> protocol level
+            levels.append(level)
+            if level == 5:
+                conn.close()
+            else:
+                conn.sendall(b"\x20\x02\x00\x00")  # CONNACK, accepted
+                threading.Thread(target=lambda c=conn: (c.recv(1024), c.close()), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    connection = MqttConnection("dev1", BrokerSettings(host="127.0.0.1", port=port, tls=False, protocol="auto",
+                                                       reconnect_min_s=0.05, reconnect_max_s=0.1))
+    connection.start()
+    try:
+        assert connection.wait_connected(10)
+        assert connection.protocol_in_use == "3.1.1" and levels[:2] == [5, 5] and levels[-1] == 4
+    finally:
+        connection.stop()
+        server.close()
