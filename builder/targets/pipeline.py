@@ -263,6 +263,8 @@ def build_artifact(model: BuildModel, request: BuildRequest, samples: SampleSet,
         raise UsageError(f"runtime {request.runtime} writes {', '.join(target.formats)}, not {request.format}")
     fallback_ops = check_ops_or_raise(target, model.onnx_path, request.precision)
     warnings = [f"{op.op_type} x{op.count}: {op.reason}; {op.alternative}" for op in fallback_ops]
+    if samples.origin == "synthetic":
+        warnings.append("verified (and any int8 calibration done) on synthetic inputs; pass --data with real samples")
     own_tmp = workdir is None
     work = Path(tempfile.mkdtemp(prefix="edgefleet-build-")) if own_tmp else Path(workdir)
     try:
