@@ -7,7 +7,8 @@
   The task is detected (labels present -> classifier; L2-normalised 2-D rows or >2-D outputs ->
   embedding) unless ``EvalConfig.task`` says so.
 - Parameters and non-zeros (numeric initializers and Constant tensors, shape tensors excluded),
-  MACs at batch 1 (Conv / Gemm / MatMul and their quantized forms, via ONNX shape inference),
+  MACs at batch 1 (``builder.analysis`` when it imports; else Conv / Gemm / MatMul and their
+  quantized forms via ONNX shape inference),
   file size and zstd download size (``payload``), ONNX Runtime latency at batch 1: median and p95
   after warm-up with ``intra_op_num_threads`` pinned. A compressed model's runs are interleaved
   with the reference model's, so ``speedup_vs_input`` compares both under the same machine load

@@ -70,14 +70,17 @@ def test_training_step_without_train_data_is_refused() -> None:
     Recipe.from_shortcuts(prune=0.5).validate(torch_available=True, has_data=False, has_train_data=False)
 
 
-def test_unregistered_quantize_step_is_a_usage_error_not_a_crash() -> None:
+@pytest.mark.parametrize("mode", ["int8", "int8-static", "fp16"])
+def test_quantize_shortcuts_match_the_registered_quantize_step(mode: str) -> None:
     from builder.compression.steps import STEPS
 
-    recipe = Recipe.from_shortcuts(quantize="int8")
-    if "quantize" in STEPS:
-        pytest.skip("quantize is registered")
-    with pytest.raises(UsageError, match="unknown step type 'quantize'"):
-        recipe.validate(torch_available=True, has_data=True, has_train_data=False)
+    recipe = Recipe.from_shortcuts(quantize=mode)
+    if "quantize" not in STEPS:  # before the graph steps are registered: a clear error, not a crash
+        with pytest.raises(UsageError, match="unknown step type 'quantize'"):
+            recipe.build_steps()
+        return
+    (step,) = recipe.build_steps()
+    assert step.mode == {"int8": "dynamic", "int8-static": "static", "fp16": "fp16"}[mode]
 
 
 def test_unknown_quantize_shortcut_is_refused() -> None:
