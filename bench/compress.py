@@ -264,12 +264,14 @@ def run_minilm(work: Path, log: logging.Logger) -> str:
         notes.append(f"fusions: {result.steps[0].record.facts.get('fused_ops')}; smoothed tensors: "
                      f"{result.steps[1].record.facts.get('smoothed_tensors')}")
         batches = list(calib.batches(25))
-        for label, keep in (("best: BERT fusions + smooth 0.85 + per-channel dynamic int8", []),
-                            ("variant: same, 2 FFN-out MatMuls kept float", KEEP_FLOAT)):
-            folder = work / f"minilm-q{len(keep)}"
+        variants = (("best: BERT fusions + smooth 0.85 + per-channel dynamic int8", {}),
+                    ("variant: same, uint8 weights (U8U8 kernels)", {"weight_type": "uint8"}),
+                    ("variant: same, 2 FFN-out MatMuls kept float", {"keep_float": KEEP_FLOAT}))
+        for index, (label, extra) in enumerate(variants):
+            folder = work / f"minilm-q{index}"
             folder.mkdir()
             ctx = StepContext(workdir=folder, calibration_batches=lambda: iter(batches), task="embed")
-            state, record = QuantizeStep(**QUANTIZE, keep_float=keep).apply(result.final_state, ctx)
+            state, record = QuantizeStep(**QUANTIZE, **extra).apply(result.final_state, ctx)
             models.append((label, state.onnx_path))
             notes.append(f"{label}: step measured on the calibration set {record.facts.get('cosine_mean')} cosine, "
                          f"{record.facts.get('latency_ratio')} latency ratio; kept {record.facts.get('kept_float')}")
