@@ -32,3 +32,8 @@ class InstallError(AgentError):
 
 class RuntimeBackendError(AgentError):
     """A runtime backend could not load or run a model."""
+
+
+class RequestError(AgentError):
+    """A local /infer request does not fit the active model (unknown or missing input, wrong shape or
+    dtype); the application's fault, so it is answered 400 and never counts against the model."""

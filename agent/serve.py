@@ -1,6 +1,7 @@
 """Local inference endpoint for applications on the device, bound to 127.0.0.1 only.
 
     POST /infer   {"inputs": {"<name>": nested lists}}  -> {"outputs": {...}, "latency_ms": ..., "artifact_id": ...}
+                  (a LiteRT model's inputs by tensor or signature name; 400 names what is wrong)
     GET  /health  -> 200 {"ok": true, ...} with a model, 503 without
     GET  /model   -> the active manifest's summary
 
@@ -15,7 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from agent.active import ActiveModel, NoModelError
-from agent.errors import AgentError
+from agent.errors import AgentError, RequestError
+from agent.feeds import prepare_feeds
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 << 20
@@ -72,9 +74,13 @@ def _handler_class(active: ActiveModel) -> type[BaseHTTPRequestHandler]:
 
             try:
                 body = json.loads(self.rfile.read(length))
-                dtypes = {t.name: t.dtype for t in model.manifest.inputs}
-                feeds = {name: np.asarray(value, dtype=dtypes.get(name, "float32")) for name, value in body["inputs"].items()}
-            except (ValueError, KeyError, TypeError) as exc:
+                if not isinstance(body, dict) or "inputs" not in body:
+                    raise RequestError('send a JSON body {"inputs": {"<input name>": nested lists}}')
+                feeds = prepare_feeds(body["inputs"], model.runtime.inputs, model.manifest.target.runtime_options)
+            except ValueError as exc:  # json.JSONDecodeError
+                self._send(400, {"error": f"bad request: the body is not JSON ({exc})"})
+                return
+            except RequestError as exc:
                 self._send(400, {"error": f"bad request: {exc}"})
                 return
             try:

@@ -28,6 +28,14 @@ def _interpreter_class():
         raise RuntimeBackendError("no LiteRT runtime installed; pip install ai-edge-litert") from exc
 
 
+def _shape(detail: Mapping) -> tuple[int | None, ...]:
+    """The tensor's shape, a dynamic dimension (-1 in ``shape_signature``) as None."""
+    signature = detail.get("shape_signature")
+    if signature is None or len(signature) != len(detail["shape"]):
+        return tuple(int(x) for x in detail["shape"])
+    return tuple(None if int(s) < 0 else int(x) for x, s in zip(detail["shape"], signature))
+
+
 class LiteRtRuntime:
     def __init__(self, model_path: Path, threads: int = 0) -> None:
         interpreter_cls, module = _interpreter_class()
@@ -39,8 +47,8 @@ class LiteRtRuntime:
         self.backend = module
         self._in = self._interp.get_input_details()
         self._out = self._interp.get_output_details()
-        self._inputs = tuple(TensorInfo(d["name"], tuple(int(x) for x in d["shape"]), np.dtype(d["dtype"]).name) for d in self._in)
-        self._outputs = tuple(TensorInfo(d["name"], tuple(int(x) for x in d["shape"]), np.dtype(d["dtype"]).name) for d in self._out)
+        self._inputs = tuple(TensorInfo(d["name"], _shape(d), np.dtype(d["dtype"]).name) for d in self._in)
+        self._outputs = tuple(TensorInfo(d["name"], _shape(d), np.dtype(d["dtype"]).name) for d in self._out)
 
     @property
     def inputs(self) -> tuple[TensorInfo, ...]:
@@ -52,6 +60,10 @@ class LiteRtRuntime:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
+            missing = [d["name"] for d in self._in if d["name"] not in feeds]
+            if missing:
+                raise RuntimeBackendError(f"inference failed: missing input {', '.join(missing)}; "
+                                          f"the model takes {', '.join(d['name'] for d in self._in)}")
             for detail in self._in:
                 value = feeds[detail["name"]]
                 if tuple(value.shape) != tuple(detail["shape"]):
