@@ -6,7 +6,7 @@ hand-written recipe of the compression benchmark (bench/compress.py), all measur
 
 Parts (device profile raspberry-pi-4 for the latency estimate):
 1. digits CNN (real labels, --train-data so fine-tuning/distillation are in the space), target
-   accuracy drop <= 1 point; hand-written: "combined: prune 75% + cluster 16 + int8".
+   accuracy drop <= 1 point; hand-written: bench/compress.py's "combined: prune … + cluster 16 + int8".
 2. MiniLM (seq 128, 300 real sentences, no labels), target mean cosine >= 0.995;
    hand-written: bench/compress.py's BEST_RECIPE (BERT fusions -> smoothing -> dynamic int8, two
    FFN MatMuls kept float).
@@ -175,7 +175,9 @@ def digits_part(work: Path, budget_s: float, trials: Optional[int], jobs: int, l
     split = digits_cnn.load_digits_split()
     test = digits_cnn.write_npz(work / "digits-test.npz", split, "test")
     train = digits_cnn.write_npz(work / "digits-train.npz", split, "train")
-    hand = [{"type": s, **p} for s, p in DIGITS_RECIPES["combined: prune 75% + cluster 16 + int8"]]
+    # the combined prune + cluster + int8 recipe (its name carries the sparsity, which bench/compress.py tunes)
+    name = next(k for k in DIGITS_RECIPES if k.startswith("combined: prune") and "cluster" in k)
+    hand = [{"type": s, **p} for s, p in DIGITS_RECIPES[name]]
     return run_part("digits CNN", {"model": "builder.zoo.digits_cnn:trained", "input_shapes": "1x1x8x8",
                                    "data": str(test), "train_data": str(train)},
                     Targets(max_accuracy_drop=0.01), hand, budget_s, trials, jobs, work / "digits", log,

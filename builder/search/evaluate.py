@@ -119,6 +119,9 @@ class EngineEvaluator:
         from builder.compression.steps import STEPS
         from builder.profiles import get_profile
 
+        import torch
+
+        torch.set_num_threads(setup.threads)  # one worker per core: oversubscribed torch threads crawl
         self.setup = setup
         self.profile = get_profile(setup.device, [Path(setup.profiles_dir)] if setup.profiles_dir else None)
         root = Path(setup.workdir) if setup.workdir else None

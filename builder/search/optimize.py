@@ -68,6 +68,7 @@ class SearchConfig:
     evaluator: str = DEFAULT_EVALUATOR  # "module:callable(EvaluationSetup) -> CandidateEvaluator"
     measure_on: Optional[str] = None
     run_id: str = ""  # marks this run's trials (counters for the report)
+    deadline: Optional[float] = None  # epoch seconds; set from time_budget_s when the run starts
 
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{Path(self.out_dir).resolve() / 'study.db'}"
@@ -136,7 +137,7 @@ def open_storage(url: str) -> Any:
                               "e.g. pip install psycopg2-binary for postgresql://") from exc
         except Exception as exc:  # sqlalchemy errors: bad URL, unreachable server, creation race
             # Two workers creating the same fresh database race on CREATE TABLE: the loser retries.
-            if "already exists" not in str(exc) and "locked" not in str(exc):
+            if not any(m in str(exc) for m in ("already exists", "locked", "UNIQUE constraint failed")):
                 raise SearchError(f"cannot open the study storage '{url}' ({str(exc).splitlines()[0]}); check --storage") from exc
             last = exc
             time.sleep(0.5 + attempt * 0.5)
@@ -315,8 +316,13 @@ def run_worker(config: SearchConfig, worker_index: int = 0,
                 return counters
         if on_trial is not None:
             callbacks.append(on_trial)
+        timeout = config.time_budget_s
+        if config.deadline is not None:  # spawned workers start late (model load): share one deadline
+            timeout = config.deadline - time.time()
+            if timeout <= 0:
+                return counters
         study.optimize(_objective(config, evaluator, space, cache, counters, measure),
-                       timeout=config.time_budget_s, callbacks=callbacks, catch=(BuilderError,))
+                       timeout=timeout, callbacks=callbacks, catch=(BuilderError,))
         return counters
     finally:
         cache.close()
@@ -365,6 +371,8 @@ def run_search(config: SearchConfig, on_progress: Optional[Callable[[Progress], 
         raise UsageError("--jobs must be at least 1")
     if not config.run_id:
         config = dataclasses.replace(config, run_id=f"{os.getpid()}-{time.time_ns()}")
+    if config.time_budget_s is not None and config.deadline is None:
+        config = dataclasses.replace(config, deadline=time.time() + config.time_budget_s)
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     Path(config.out_dir).mkdir(parents=True, exist_ok=True)

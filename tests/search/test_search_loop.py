@@ -73,8 +73,15 @@ def test_candidates_missing_the_quality_floor_are_pruned_early(tmp_path):
 def test_two_processes_share_one_sqlite_study(tmp_path):
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     script = textwrap.dedent(f"""
-        import sys
+        import sys, time
         from pathlib import Path
+        # start together (interpreter start-up differs a lot on a loaded machine)
+        Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
+        (Path(sys.argv[1]) / "ready").write_text("")
+        deadline = time.time() + 120
+        while not all((Path(sys.argv[1]).parent / f"w{{i}}" / "ready").exists() for i in range(2)):
+            assert time.time() < deadline, "the other worker never started"
+            time.sleep(0.05)
         from builder.search.evaluate import EvaluationSetup
         from builder.search.objectives import Targets
         from builder.search.optimize import SearchConfig, run_search
@@ -127,3 +134,10 @@ def test_measure_on_without_the_fleet_api_is_a_clear_error(tmp_path):
     with pytest.raises(SearchError, match="--measure-on pi-01"):
         run_search(_config(tmp_path, measure_on="pi-01"))
     assert count_evaluations(tmp_path / "work") == 0
+
+
+def test_time_budget_stops_the_search(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEARCH_FAKE_DELAY_S", "0.3")
+    outcome = run_search(_config(tmp_path, trials=None, time_budget_s=2.0))
+    assert 1 <= outcome.trials_total <= 10  # ~0.3 s a trial: stopped by the clock, not by a count
+    assert outcome.wall_s < 10
