@@ -13,7 +13,7 @@ from builder.compression.data import DataSource  # noqa: E402
 from builder.loading.types import InputSpec, LoadedModel  # noqa: E402
 from builder.zoo import digits_cnn  # noqa: E402
 
-DIGITS_INPUTS = (InputSpec("input", (1, 1, 8, 8)),)
+from tests.support.models import DIGITS_INPUTS  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,7 +10,7 @@ from builder.compression._export import export_module
 from builder.compression.channel_pruning import ChannelPruneStep
 from builder.compression.evaluate import count_macs
 from compression_helpers import accuracy, context, torch_state
-from conftest import DIGITS_INPUTS
+from tests.support.models import DIGITS_INPUTS
 
 
 def test_channels_removed_macs_halved_accuracy_within_budget(

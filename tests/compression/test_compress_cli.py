@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from builder.compression._export import export_module
-from conftest import DIGITS_INPUTS
+from tests.support.models import DIGITS_INPUTS
 
 
 import builder.loading  # noqa: E402

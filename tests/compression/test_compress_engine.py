@@ -70,7 +70,7 @@ def test_distill_from_a_teacher_measures_fidelity_against_the_teacher(
     from builder.compression._export import export_module
     from builder.loading.types import LoadedModel
     from builder.zoo.digits_cnn import DigitsCNN
-    from conftest import DIGITS_INPUTS
+    from tests.support.models import DIGITS_INPUTS
 
     student = DigitsCNN(width=8).eval()
     export_module(student, DIGITS_INPUTS, tmp_path / "student.onnx")

@@ -10,7 +10,7 @@ import torch
 from builder.compression.distillation import DistillStep
 from builder.zoo.digits_cnn import DigitsCNN
 from compression_helpers import accuracy, context, torch_state
-from conftest import DIGITS_INPUTS
+from tests.support.models import DIGITS_INPUTS
 
 
 def same_shape_student() -> DigitsCNN:

@@ -10,7 +10,7 @@ import torch
 from builder.compression._export import export_module
 from builder.compression.evaluate import (EvalConfig, baseline_evaluation, compare_outputs, count_macs,
                                           count_params, detect_task, evaluate_model)
-from conftest import DIGITS_INPUTS
+from tests.support.models import DIGITS_INPUTS
 
 FAST = EvalConfig(warmup_runs=2, timed_runs=10)
 

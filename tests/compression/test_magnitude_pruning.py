@@ -8,7 +8,7 @@ import torch
 
 from builder.compression.pruning import PruneStep, polynomial_sparsity
 from compression_helpers import accuracy, context, torch_state
-from conftest import DIGITS_INPUTS
+from tests.support.models import DIGITS_INPUTS
 
 
 def test_polynomial_schedule_is_tf_mot_polynomial_decay() -> None:

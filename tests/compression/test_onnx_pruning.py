@@ -13,7 +13,7 @@ from builder.compression.base import ModelState
 from builder.compression.evaluate import compare_outputs, run_onnx
 from builder.compression.onnx_pruning import OnnxPruneStep
 from compression_helpers import context
-from conftest import DIGITS_INPUTS
+from tests.support.models import DIGITS_INPUTS
 
 
 def test_initializers_reach_sparsity_and_model_runs(digits_model, digits_test_data, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from builder.compression.clustering import ClusterStep
 from builder.compression.payload import download_size
 from builder.loading.types import InputSpec
 from compression_helpers import accuracy, context, torch_state
-from conftest import DIGITS_INPUTS
+from tests.support.models import DIGITS_INPUTS
 
 
 def test_clusters_bound_unique_values_and_shrink_download(
