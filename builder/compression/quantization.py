@@ -275,7 +275,7 @@ class QuantizeStep:
     def apply(self, state: ModelState, ctx: StepContext) -> tuple[ModelState, StepRecord]:
         if state.onnx_path is None:
             raise CompressionError("quantize needs an ONNX model; the engine exports before graph steps")
-        if state.precision not in ("fp32", "mixed") and self.mode != "fp16":
+        if state.precision != "fp32":
             raise UsageError(f"the model is already {state.precision}; quantize once, as the last graph step")
         workdir = Path(ctx.workdir)
         source = Path(state.onnx_path)
@@ -328,7 +328,7 @@ class QuantizeStep:
             kept = list(self.keep_float)
             if self._short_of_target(measured):
                 out, measured, kept, ranking = self._mixed_precision(
-                    mode, prepared, source, reference, evals, calib, feed, task, measured)
+                    mode, workdir, prepared, source, reference, evals, calib, feed, task, measured)
                 facts["sensitivity"] = ranking
                 if self._short_of_target(measured):
                     warnings.append(f"fidelity target not reached with {len(kept)} nodes kept in float "
@@ -377,12 +377,11 @@ class QuantizeStep:
         return ((self.target_cosine is not None and measured.cosine_mean < self.target_cosine)
                 or (self.target_agreement is not None and measured.agreement < self.target_agreement))
 
-    def _mixed_precision(self, mode: str, prepared: Path, source: Path, reference: np.ndarray,
+    def _mixed_precision(self, mode: str, workdir: Path, prepared: Path, source: Path, reference: np.ndarray,
                          evals: list[dict[str, np.ndarray]], calib: list[dict[str, np.ndarray]],
                          feed: dict[str, np.ndarray], task: str, measured: Measurement
                          ) -> tuple[Path, Measurement, list[str], list[dict[str, Any]]]:
         """Keep the most sensitive weighted nodes in float until the target holds (or max_kept)."""
-        workdir = Path(prepared).parent
         candidates = [n for n in weighted_nodes(prepared) if n not in self.keep_float]
         probe = workdir / "probe.onnx"
         ranking = []
