@@ -39,8 +39,8 @@ import numpy as np
 from builder.compression._export import export_module
 from builder.compression.base import ModelForm, ModelState, StepContext, StepRecord
 from builder.compression.data import DataSource
-from builder.compression.evaluate import (EvalConfig, Evaluation, baseline_evaluation, evaluate_model,
-                                          synthetic_data)
+from builder.compression.evaluate import (EvalConfig, Evaluation, baseline_evaluation, evaluate_model, rebatch,
+                                          static_batch_of, synthetic_data)
 from builder.compression.recipe import Recipe
 from builder.errors import BuilderError, CompressionError
 from builder.loading.types import LoadedModel
@@ -131,7 +131,10 @@ def _run(model: LoadedModel, recipe: Recipe, steps: list[Any], data: Optional[Da
     train_batches = None
     if train_data is not None:
         train_batches = lambda: train_data.labelled_batches(TRAIN_BATCH_SIZE, shuffle=True, seed=seed + next(epochs))  # noqa: E731
-    calibration = (lambda: data.batches(CALIBRATION_BATCH_SIZE)) if data is not None else None
+    fixed = static_batch_of(model.onnx_path)  # a graph fixed at batch 1 must be calibrated 1 at a time
+    calibration = None
+    if data is not None:
+        calibration = lambda: (feed for feed, _ in rebatch(data.batches(fixed or CALIBRATION_BATCH_SIZE), fixed))  # noqa: E731
 
     reports: list[StepReport] = []
     for index, step in enumerate(steps, start=1):

@@ -9,10 +9,12 @@
 - Parameters and non-zeros (numeric initializers and Constant tensors, shape tensors excluded),
   MACs at batch 1 (``builder.analysis`` when it imports; else Conv / Gemm / MatMul and their
   quantized forms via ONNX shape inference),
-  file size and zstd download size (``payload``), ONNX Runtime latency at batch 1: median and p95
+  file size and zstd download size (``payload``), ONNX Runtime latency at batch 1 (or the graph's fixed batch size): median and p95
   after warm-up with ``intra_op_num_threads`` pinned. A compressed model's runs are interleaved
   with the reference model's, so ``speedup_vs_input`` compares both under the same machine load
   (measured here: a 0.06 ms model read 0.06-0.12 ms a minute apart on the shared 2-core machine).
+- A graph whose batch axis is a number (x: [1, 4]) is run that many samples at a time; a feed ORT
+  still rejects becomes a one-line ``DataError`` naming the input, expected and got shapes.
 - Flags: ``fidelity_collapse`` (agreement or cosine under the thresholds), ``slower_than_input``
   (interleaved median slower than the reference by more than ``slower_tolerance`` and
   ``min_slowdown_ms``), ``accuracy_drop``.
@@ -23,13 +25,13 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from builder.compression.data import DataSource
 from builder.compression.payload import download_size, level_for
-from builder.errors import CompressionError
+from builder.errors import CompressionError, DataError
 from builder.loading.types import InputSpec
 
 log = logging.getLogger(__name__)
@@ -108,12 +110,90 @@ def make_session(onnx_path: Path, threads: int = 1) -> Any:
         raise CompressionError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from exc
 
 
+def static_batch(session: Any) -> Optional[int]:
+    """The batch size the graph fixes (leading dim of its inputs is a number, e.g. x: [1, 4]), or None
+    when the batch axis is symbolic. Feeding such a graph 32 samples at once is an ORT error."""
+    sizes = {i.shape[0] for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def static_batch_of(onnx_path: Path) -> Optional[int]:
+    """``static_batch`` read from the file's graph inputs (no session, weights not loaded)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    initializers = {init.name for init in model.graph.initializer}
+    sizes = set()
+    for graph_input in model.graph.input:
+        dims = graph_input.type.tensor_type.shape.dim
+        if graph_input.name not in initializers and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            sizes.add(int(dims[0].dim_value))
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def rebatch(batches: Iterable[dict[str, np.ndarray]], size: Optional[int]) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """``(feed, real_samples)`` pairs of exactly ``size`` samples (the last one padded by repeating
+    its final sample, ``real_samples`` says how many are real); unchanged batches when ``size`` is None."""
+    if size is None:
+        for batch in batches:
+            yield batch, int(next(iter(batch.values())).shape[0]) if batch else 0
+        return
+    pending: list[dict[str, np.ndarray]] = []
+    count = 0
+    for batch in batches:
+        pending.append(batch)
+        count += int(next(iter(batch.values())).shape[0]) if batch else 0
+        if count < size:
+            continue
+        joined = {k: np.concatenate([b[k] for b in pending], axis=0) for k in pending[0]}
+        start = 0
+        while count - start >= size:
+            yield {k: v[start:start + size] for k, v in joined.items()}, size
+            start += size
+        pending = [{k: v[start:] for k, v in joined.items()}] if count > start else []
+        count -= start
+    if count:
+        joined = {k: np.concatenate([b[k] for b in pending], axis=0) for k in pending[0]}
+        pad = size - count
+        yield {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)], axis=0) for k, v in joined.items()}, count
+
+
+def run_session(session: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """``session.run`` with ORT's shape/type complaints turned into a one-line ``DataError`` naming
+    the input, the shape the graph expects and the shape it got."""
+    try:
+        return session.run(None, feed)
+    except Exception as exc:  # ORT raises InvalidArgument / Fail from its pybind module
+        if "INVALID_ARGUMENT" not in str(exc) and type(exc).__name__ != "InvalidArgument":
+            raise
+        raise DataError(_feed_mismatch(session, feed, exc)) from exc
+
+
+def _feed_mismatch(session: Any, feed: dict[str, np.ndarray], exc: Exception) -> str:
+    for spec in session.get_inputs():
+        got = feed.get(spec.name)
+        if got is None:
+            return f"model input '{spec.name}' (shape {list(spec.shape)}) is missing from the data; add it"
+        expected = list(spec.shape)
+        fits = len(expected) == got.ndim and all(not isinstance(e, int) or e <= 0 or e == g
+                                                  for e, g in zip(expected, got.shape))
+        if not fits:
+            return (f"model input '{spec.name}' expects shape {expected}, got {list(got.shape)}; "
+                    "give data whose sample shape matches the model's input")
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"ONNX Runtime rejected the data: {first_line}"
+
+
 def run_onnx(onnx_path: Path, batches: Iterable[dict[str, np.ndarray]], threads: int = 1,
              session: Any = None) -> np.ndarray:
-    """The model's first output over all batches, concatenated along the batch axis."""
+    """The model's first output over all batches, concatenated along the batch axis. A graph with a
+    fixed batch size is fed exactly that many samples per run (padding the last run, dropping the
+    padded rows' outputs)."""
     session = session or make_session(onnx_path, threads)
     wanted = {i.name for i in session.get_inputs()}
-    outs = [session.run(None, {k: v for k, v in batch.items() if k in wanted})[0] for batch in batches]
+    outs = []
+    for feed, real in rebatch(({k: v for k, v in b.items() if k in wanted} for b in batches), static_batch(session)):
+        outs.append(run_session(session, feed)[0][:real])
     return np.concatenate(outs, axis=0)
 
 
@@ -166,7 +246,7 @@ def measure_interleaved(sessions: Sequence[Any], feed: dict[str, np.ndarray], wa
     """(median, p95) ms per session, their runs alternating so all see the same machine load."""
     for session in sessions:
         for _ in range(warmup_runs):
-            session.run(None, feed)
+            run_session(session, feed)
     times: list[list[float]] = [[] for _ in sessions]
     for _ in range(max(timed_runs, 1)):
         for index, session in enumerate(sessions):
@@ -283,7 +363,9 @@ def _measure(onnx_path: Path, data: DataSource, inputs: Sequence[InputSpec], con
     session = make_session(onnx_path, config.threads)
     outputs = run_onnx(onnx_path, data.batches(config.batch_size), session=session)
     sessions = [session] + ([make_session(reference_path, config.threads)] if reference_path else [])
-    timings = measure_interleaved(sessions, data.sample(config.latency_batch), config.warmup_runs, config.timed_runs)
+    fixed = static_batch(session)
+    feed, _ = next(rebatch([data.sample(fixed or config.latency_batch)], fixed))
+    timings = measure_interleaved(sessions, feed, config.warmup_runs, config.timed_runs)
     p50, p95 = timings[0]
     model = onnx.load(str(onnx_path))
     params, nonzero = count_params(model)
