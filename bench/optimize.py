@@ -9,7 +9,7 @@ Parts (device profile raspberry-pi-4 for the latency estimate):
    accuracy drop <= 1 point; hand-written: bench/compress.py's "combined: prune … + cluster 16 + int8".
 2. MiniLM (seq 128, 300 real sentences, no labels), target mean cosine >= 0.995;
    hand-written: bench/compress.py's BEST_RECIPE (BERT fusions -> smoothing -> dynamic int8, two
-   FFN MatMuls kept float).
+   FFN MatMuls kept float in older versions; now without float nodes).
 Host latency: medians over interleaved rounds (each model in turn) at 1 thread, as bench/compress.py.
 Estimated device latency: the profile's roofline for the built graph (uncalibrated).
 """
@@ -185,7 +185,7 @@ def digits_part(work: Path, budget_s: float, trials: Optional[int], jobs: int, l
 
 
 def minilm_part(work: Path, budget_s: float, trials: Optional[int], jobs: int, log: logging.Logger) -> str:
-    from compress import BEST_RECIPE
+    import compress
 
     from builder.search.objectives import Targets
     from builder.zoo import minilm as zoo
@@ -195,7 +195,11 @@ def minilm_part(work: Path, budget_s: float, trials: Optional[int], jobs: int, l
     data = work / "minilm-sentences.npz"
     data.parent.mkdir(parents=True, exist_ok=True)
     np.savez(data, **feeds)
-    hand = [{"type": s, **p} for s, p in BEST_RECIPE]
+    if hasattr(compress, "BEST_RECIPE"):
+        best = compress.BEST_RECIPE
+    else:  # bench/compress.py now splits it: graph steps, then quantize without float nodes
+        best = list(compress.GRAPH_STEPS) + [("quantize", dict(compress.QUANTIZE))]
+    hand = [{"type": s, **p} for s, p in best]
     return run_part("MiniLM (all-MiniLM-L6-v2, seq 128)", {"model": "builder.zoo.minilm:minilm",
                                                             "input_shapes": zoo.INPUT_SPEC, "data": str(data)},
                     Targets(min_fidelity=0.995), hand, budget_s, trials, jobs, work / "minilm", log,
@@ -221,10 +225,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     sections = []
     with tempfile.TemporaryDirectory(prefix="bench-optimize-") as tmp:
         work = Path(tmp)
-        if args.part in ("digits", "both"):
-            sections.append(digits_part(work, budget_s, args.trials, args.jobs, log))
-        if args.part in ("minilm", "both"):
-            sections.append(minilm_part(work, budget_s, args.trials, args.jobs, log))
+        parts = [p for p in ("digits", "minilm") if args.part in (p, "both")]
+        for part in parts:
+            run = digits_part if part == "digits" else minilm_part
+            sections.append(run(work, budget_s, args.trials, args.jobs, log))
+            print(sections[-1] + "\n", flush=True)  # each part as soon as it is measured
     import platform
 
     text = "\n\n".join(sections)

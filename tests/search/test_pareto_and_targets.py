@@ -140,3 +140,9 @@ def test_accuracy_targets_need_labels():
                                      device_latency_ms=1, energy_mj=1)
     with pytest.raises(UsageError, match="needs labels"):
         obj.constraint_values(unlabeled, t, BASE, NO_CAL)
+
+
+def test_without_a_fleet_store_the_estimate_is_uncalibrated_and_says_so(tmp_path):
+    calibration = obj.fleet_calibration(tmp_path, "raspberry-pi-4")
+    assert calibration.factor == 1.0 and calibration.samples == 0
+    assert calibration.source.startswith("none: no fleet store")
