@@ -15,6 +15,9 @@ from tests.support.broker import MosquittoBroker, mosquitto_available
 
 DEVICES = {"dev1": "pw-dev1", "dev2": "pw-dev2"}
 BUILDER_PASSWORD = "pw-builder"
+# Default deadline for waits on another thread or process: generous, because on a loaded 2-core
+# machine a thread can stall for seconds; a passing wait returns as soon as its condition holds.
+WAIT_S = 120.0
 
 
 def pytest_collection_modifyitems(config, items):
@@ -143,7 +146,7 @@ class Host:
         self.client.on_connect = self._on_connect
         self.client.connect(host, int(port), clean_start=False if persistent_session else 3, properties=properties)
         self.client.loop_start()
-        self.wait(lambda: self.client.is_connected(), 10, "host connects")
+        self.wait(lambda: self.client.is_connected(), WAIT_S, "host connects")
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self.server.attach()
@@ -180,7 +183,7 @@ class Host:
                     raise AssertionError(f"timed out after {timeout_s} s waiting for: {what}")
                 self._cond.wait(min(remaining, 0.2))
 
-    def wait_progress(self, device_id: str, artifact_id: str, states: tuple[str, ...], timeout_s: float = 30.0):
+    def wait_progress(self, device_id: str, artifact_id: str, states: tuple[str, ...], timeout_s: float = WAIT_S):
         def find():
             for p in self.progress(device_id):
                 if p.artifact_id == artifact_id and p.state in states:
@@ -195,7 +198,7 @@ class Host:
         self.artifacts[message.artifact_id] = artifact_dir
         return message
 
-    def command(self, device_id: str, command: str, args: dict | None = None, timeout_s: float = 30.0):
+    def command(self, device_id: str, command: str, args: dict | None = None, timeout_s: float = WAIT_S):
         import uuid
 
         request_id = uuid.uuid4().hex
