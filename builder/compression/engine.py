@@ -17,7 +17,8 @@ PyTorch steps run first on a copy of the module (the caller's module is never mo
 one the module is exported to ONNX and evaluated. Then ONNX steps run on files. The final model is
 written to ``out_dir/model.onnx`` and the report to ``out_dir/report.json``, each atomically and only
 after every step succeeded; intermediate files live in a temporary ``out_dir/.work-*`` folder that
-is always removed. Returns a frozen ``CompressionResult``.
+is always removed, and an ``out_dir`` this call created is removed again when the run fails.
+Returns a frozen ``CompressionResult``.
 """
 from __future__ import annotations
 
@@ -94,12 +95,25 @@ def run_recipe(model: LoadedModel, recipe: Recipe, *, data: Optional[DataSource]
                             has_train_data=train_data is not None)
     config = dataclasses.replace(eval_config or EvalConfig(), threads=threads)
     out_dir = Path(out_dir)
+    created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # innermost first
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out_dir, prefix=".work-"))
     try:
         return _run(model, recipe, steps, data, train_data, out_dir, work, config, teacher_module, on_report, seed)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        _remove_empty(created)  # a failed run leaves no out dir it made (nothing half-written)
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (someone else wrote there) or already gone: leave it
+            return
 
 
 def _run(model: LoadedModel, recipe: Recipe, steps: list[Any], data: Optional[DataSource],

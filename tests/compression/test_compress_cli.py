@@ -87,3 +87,35 @@ def test_data_that_does_not_fit_the_model_is_one_line(_builder, onnx_model_and_d
     proc = _builder(str(model), "--data", str(bad), "--prune", "0.5", "--out", str(tmp_path / "out"))
     assert proc.returncode != 0
     assert proc.stderr.strip().count("\n") == 0 and "model inputs are ['input']" in proc.stderr
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("missing data file", "nope.npz"),
+    ("npz without the model's input", "model inputs are ['input']"),
+    ("recipe syntax error", "r.toml"),
+    ("unknown step", "no_such_step"),
+    ("step fails at run time", "quantization refused"),
+])
+def test_bad_input_exits_non_zero_with_one_line_and_no_out_dir(_builder, onnx_model_and_data, tmp_path: Path,
+                                                               case: str, fragment: str) -> None:
+    model, data = onnx_model_and_data
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[step]]\ntype = "prune_onnx"\n')
+    if case == "missing data file":
+        data = tmp_path / "nope.npz"
+    elif case == "npz without the model's input":
+        data = tmp_path / "bad.npz"
+        np.savez(data, pixels=np.zeros((4, 1, 8, 8), np.float32))
+    elif case == "recipe syntax error":
+        recipe.write_text('[[step]\ntype = "prune_onnx"\n')
+    elif case == "unknown step":
+        recipe.write_text('[[step]]\ntype = "no_such_step"\n')
+    elif case == "step fails at run time":  # valid recipe; the step refuses its result inside the engine
+        recipe.write_text('[[step]]\ntype = "quantize"\nmode = "dynamic"\nmin_agreement = 1.01\n')
+    out = tmp_path / "out"
+    proc = _builder(str(model), "--data", str(data), "--out", str(out), "--recipe", str(recipe), "--latency-runs", "2")
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()  # progress lines ("0. input: ...") may precede the error
+    assert lines[-1].startswith("builder: error:") and fragment in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr and not any(line.startswith("builder: error:") for line in lines[:-1])
+    assert not out.exists()

@@ -51,7 +51,13 @@ def test_failing_step_leaves_no_partial_model(digits_loaded, digits_test_data, t
     recipe = Recipe((StepSpec("prune", {"final_sparsity": 0.5}), StepSpec("lowrank", {"energy": 1.0})))
     with pytest.raises(UsageError, match="lowrank"):
         run_recipe(digits_loaded, recipe, data=digits_test_data, train_data=None, out_dir=out, eval_config=FAST)
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # the run made out/ and removes it again
+    kept = tmp_path / "kept"
+    (kept / "other.txt").parent.mkdir()
+    (kept / "other.txt").write_text("not ours")
+    with pytest.raises(UsageError, match="lowrank"):
+        run_recipe(digits_loaded, recipe, data=digits_test_data, train_data=None, out_dir=kept, eval_config=FAST)
+    assert [p.name for p in kept.iterdir()] == ["other.txt"]  # an existing folder keeps only what it had
 
 
 def test_onnx_only_model_gets_onnx_pruning(digits_loaded, digits_test_data, tmp_path: Path) -> None:
