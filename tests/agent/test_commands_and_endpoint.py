@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.agent.conftest import DEVICES, agent_config, make_artifact
+from tests.agent.conftest import DEVICES, WAIT_S, agent_config, make_artifact
 
 
 @pytest.mark.mosquitto
@@ -48,7 +48,7 @@ def test_remote_commands_status_load_benchmark_interval(tmp_path, broker, signin
         reports = [json.loads(raw) for raw in host.of_kind("dev1", "up/telemetry")]
         counted = [r for r in reports if r["event"] == "periodic" and r["requests"] > 0]
         return counted if sum(r["requests"] for r in counted) == 5 else None
-    report = host.wait(periodic_with_requests, 10, "periodic reports counting the 5 requests")[0]
+    report = host.wait(periodic_with_requests, WAIT_S, "periodic reports counting the 5 requests")[0]
     assert report["artifact_id"] == desired.artifact_id and report["latency_ms"]["p95"] > 0
     assert report["details"]["load"]["slowdown_factor"] == 4.0
     assert any(json.loads(t)["event"] == "benchmark" for t in host.of_kind("dev1", "up/telemetry"))
@@ -71,24 +71,24 @@ def test_local_endpoint_infer_health_model_and_errors(tmp_path, signing_key):
     try:
         assert endpoint._server.server_address[0] == "127.0.0.1"
         with pytest.raises(urllib.error.HTTPError) as err:
-            urllib.request.urlopen(endpoint.url + "/health", timeout=5)
+            urllib.request.urlopen(endpoint.url + "/health", timeout=60)
         assert err.value.code == 503
 
         art = make_artifact(tmp_path / "art", key, seed=2)
         shutil.copytree(art, tmp_path / "incoming")
         active.swap(Installer(tmp_path / "data", load_public_key(pub), threads=1).install(tmp_path / "incoming"))
-        with urllib.request.urlopen(endpoint.url + "/model", timeout=5) as resp:
+        with urllib.request.urlopen(endpoint.url + "/model", timeout=60) as resp:
             model = json.loads(resp.read())
         assert model["inputs"] == [{"name": "x", "shape": [1, 8], "dtype": "float32"}]
         with np.load(art / "sample.npz") as sample:
             body = json.dumps({"inputs": {"x": sample["in:x"].tolist()}}).encode()
-            with urllib.request.urlopen(urllib.request.Request(endpoint.url + "/infer", data=body), timeout=5) as resp:
+            with urllib.request.urlopen(urllib.request.Request(endpoint.url + "/infer", data=body), timeout=60) as resp:
                 answer = json.loads(resp.read())
             np.testing.assert_allclose(np.asarray(answer["outputs"]["y"], np.float32), sample["out:y"], rtol=1e-5)
         assert answer["latency_ms"] > 0
         for path, data, code in (("/infer", b"{not json", 400), ("/nope", None, 404)):
             with pytest.raises(urllib.error.HTTPError) as err:
-                urllib.request.urlopen(urllib.request.Request(endpoint.url + path, data=data), timeout=5)
+                urllib.request.urlopen(urllib.request.Request(endpoint.url + path, data=data), timeout=60)
             assert err.value.code == code
         window_s, requests, errors, latency = stats.take_window()
         assert requests == 1 and errors == 0 and latency.count == 1  # only the real infer was timed
@@ -196,17 +196,17 @@ def test_latency_regression_beyond_bound_triggers_rollback_but_artificial_slowdo
     active = ActiveModel(FieldStats(), load, latency_regression_factor=2.0, latency_min_requests=5,
                          on_unhealthy=reasons.append)
     model = LoadedModel(manifest=None, runtime=SlowRuntime(0.002), slot="a", directory=Path("."),  # type: ignore[arg-type]
-                        health=HealthReport(True, baseline_p50_ms=10.0, max_abs_error=0.0, min_cosine=1.0))
+                        health=HealthReport(True, baseline_p50_ms=50.0, max_abs_error=0.0, min_cosine=1.0))
     active.swap(model)
     for _ in range(10):
         active.infer({})
-    assert reasons == []  # ~2 ms: within 2x of the install-time p50 of 10 ms
+    assert reasons == []  # ~2 ms: within 2x of the install-time p50 of 50 ms (50x margin for a loaded machine)
     load.apply(LoadSettings(slowdown_factor=3.0))
     for _ in range(10):
         active.infer({})
     assert reasons == []  # artificial load is not a regression of the model
     load.apply(LoadSettings())
-    model.runtime.delay_s = 0.05  # 5x the install-time p50 (wide margins: no timing flakiness)
+    model.runtime.delay_s = 0.25  # 5x the install-time p50 (a sleep never returns early)
     for _ in range(10):
         active.infer({})
     assert len(reasons) == 1 and "exceeds 2.0x" in reasons[0]

@@ -117,7 +117,7 @@ def test_mqtt5_falls_back_to_311_when_the_broker_drops_v5_connects():
                                                        reconnect_min_s=0.05, reconnect_max_s=0.1))
     connection.start()
     try:
-        assert connection.wait_connected(10)
+        assert connection.wait_connected(60)
         assert connection.protocol_in_use == "3.1.1" and levels[:2] == [5, 5] and levels[-1] == 4
     finally:
         connection.stop()

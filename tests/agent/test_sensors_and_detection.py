@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -81,21 +79,27 @@ def test_android_battery_discharge_power_and_charging_not_measured(tmp_path):
     assert not charging.available and "charging" in charging.note
 
 
-def test_rapl_energy_counter_gives_power(tmp_path):
+def test_rapl_energy_counter_gives_power(tmp_path, monkeypatch):
+    import types
+
+    import agent.sensors.linux as linux
+
     root = tmp_path / "x"
     shutil.copytree(FIX / "x86-rapl", root)
     counter = root / "sys/class/powercap/intel-rapl:0/energy_uj"
     sensor = RaplSensor(root, interval_s=0.2)
     assert sensor.energy_j() == pytest.approx(123.456789)  # package zone only, not its sub-zone
 
-    def bump():
-        time.sleep(0.05)
-        counter.write_text(str(123456789 + 2_000_000))  # +2 J during the 0.2 s window
-    thread = threading.Thread(target=bump)
-    thread.start()
+    # The sensor's clock, so the window is exactly 0.2 s however loaded the machine is: the counter
+    # gains 2 J while the sensor waits between its two reads.
+    clock = [1000.0]
+
+    def sleep(seconds):
+        counter.write_text(str(123456789 + 2_000_000))
+        clock[0] += seconds
+    monkeypatch.setattr(linux, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep))
     reading = sensor.read()
-    thread.join()
-    assert reading.available and 6.0 < reading.watts < 11.0 and "package-0" in reading.source
+    assert reading.available and reading.watts == pytest.approx(10.0) and "package-0" in reading.source
 
 
 def test_temperatures_from_thermal_zones_and_hwmon():
