@@ -101,7 +101,7 @@ class MqttConnection:
         """Publish a final retained message (e.g. status offline) if connected, then disconnect."""
         if final_topic and self.connected:
             try:
-                self.client.publish(final_topic, final_payload, qos=1, retain=True).wait_for_publish(2)
+                self.client.publish(final_topic, final_payload, qos=1, retain=True).wait_for_publish(10)
             except (RuntimeError, ValueError):
                 pass
         self._stop.set()

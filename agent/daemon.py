@@ -120,11 +120,12 @@ class Agent:
         with self._desired_lock:
             self._desired_lock.notify_all()
         self._telemetry_wakeup.set()
-        self.conn.stop(final_topic=self._topic(proto.Up.STATUS), final_payload=self._status("offline").to_json())
         if self.endpoint is not None:
             self.endpoint.stop()
+        # Workers first: none of them may publish an "online" status after the final "offline" one.
         for thread in self._threads:
-            thread.join(timeout=5)
+            thread.join(timeout=30)
+        self.conn.stop(final_topic=self._topic(proto.Up.STATUS), final_payload=self._status("offline").to_json())
         self.load.close()
         self.outbox.close()
 
