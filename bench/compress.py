@@ -39,24 +39,9 @@ MB = 1e6
 def interleaved_latency_ms(paths: list[Path], feed: dict[str, np.ndarray], threads: int, rounds: int,
                            min_round_s: float) -> list[float]:
     """Median latency of each model; every round runs each model in turn for ``min_round_s``."""
-    from builder.compression.evaluate import make_session
+    from builder.compression.evaluate import interleaved_median_ms
 
-    sessions = [make_session(p, threads) for p in paths]
-    feeds = [{k: v for k, v in feed.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
-    for session, f in zip(sessions, feeds):
-        for _ in range(3):
-            session.run(None, f)
-    times: list[list[float]] = [[] for _ in paths]
-    for _ in range(rounds):
-        for session, f, out in zip(sessions, feeds, times):
-            start_round = time.perf_counter()
-            while True:
-                start = time.perf_counter()
-                session.run(None, f)
-                out.append((time.perf_counter() - start) * 1000.0)
-                if time.perf_counter() - start_round >= min_round_s:
-                    break
-    return [float(np.median(t)) for t in times]
+    return interleaved_median_ms(paths, feed, threads, rounds, min_round_s)
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:

@@ -241,6 +241,28 @@ def measure_latency(session: Any, feed: dict[str, np.ndarray], warmup_runs: int,
     return p50, p95
 
 
+def interleaved_median_ms(paths: Sequence[Path], feed: dict[str, np.ndarray], threads: int, rounds: int,
+                          min_round_s: float) -> list[float]:
+    """Median ms of each model at ``paths``; every round runs each model in turn for ``min_round_s``
+    (time-boxed rounds, so a tiny and a large model each get enough runs), after 3 warm-up runs."""
+    sessions = [make_session(p, threads) for p in paths]
+    feeds = [{k: v for k, v in feed.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
+    for session, f in zip(sessions, feeds):
+        for _ in range(3):
+            session.run(None, f)
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for session, f, out in zip(sessions, feeds, times):
+            start_round = time.perf_counter()
+            while True:
+                start = time.perf_counter()
+                session.run(None, f)
+                out.append((time.perf_counter() - start) * 1000.0)
+                if time.perf_counter() - start_round >= min_round_s:
+                    break
+    return [float(np.median(t)) for t in times]
+
+
 def measure_interleaved(sessions: Sequence[Any], feed: dict[str, np.ndarray], warmup_runs: int,
                         timed_runs: int) -> list[tuple[float, float]]:
     """(median, p95) ms per session, their runs alternating so all see the same machine load."""

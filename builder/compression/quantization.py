@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Optional, Sequence
@@ -114,24 +113,10 @@ def fidelity(reference: np.ndarray, path: Path, batches: list[dict[str, np.ndarr
 def latency_ratio(baseline: Path, candidate: Path, feed: dict[str, np.ndarray], threads: int = 1,
                   rounds: int = 5, min_round_s: float = 0.15) -> tuple[float, float]:
     """(baseline median ms, candidate median ms), measured interleaved so machine noise hits both."""
-    from builder.compression.evaluate import make_session
+    from builder.compression.evaluate import interleaved_median_ms
 
-    sessions = [make_session(baseline, threads), make_session(candidate, threads)]
-    feeds = [{k: v for k, v in feed.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
-    times: list[list[float]] = [[], []]
-    for session, f in zip(sessions, feeds):
-        for _ in range(3):
-            session.run(None, f)
-    for _ in range(rounds):
-        for session, f, out in zip(sessions, feeds, times):
-            start_round = time.perf_counter()
-            while True:
-                start = time.perf_counter()
-                session.run(None, f)
-                out.append((time.perf_counter() - start) * 1000.0)
-                if time.perf_counter() - start_round >= min_round_s:
-                    break
-    return float(np.median(times[0])), float(np.median(times[1]))
+    baseline_ms, candidate_ms = interleaved_median_ms([baseline, candidate], feed, threads, rounds, min_round_s)
+    return baseline_ms, candidate_ms
 
 
 # ---- quantizers ------------------------------------------------------------------------------------
