@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from builder.fleet.child_processes import ChildProcesses
 
 MINILM = "builder.zoo.minilm:minilm"
 MINILM_SHAPES = "input_ids=1x128:int64,attention_mask=1x128:int64"
@@ -45,13 +46,13 @@ class FleetDemo:
     artifacts: dict[str, str] = field(default_factory=dict)
     litert_devices: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir).resolve()
         self.home = Path(self.home).resolve() if self.home else self.out_dir / "home"
         self.env = {**os.environ, **CHILD_ENV_EXTRA, "EDGEFLEET_HOME": str(self.home)}
+        self.children = ChildProcesses(self.out_dir / "logs", self.env)
 
     # -- helpers ----------------------------------------------------------------------------
     def builder(self, *args: str, capture: bool = False, timeout_s: float = 900) -> subprocess.CompletedProcess:
@@ -64,38 +65,6 @@ class FleetDemo:
             detail = errors[-1] if errors else (result.stderr or "").strip().splitlines()[-1:]
             raise RuntimeError(f"`builder {' '.join(args[:3])}` failed (exit {result.returncode}): {detail}")
         return result
-
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        logs = self.out_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        with open(logs / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        self.procs[name] = proc
-        return proc
-
-    def wait_for(self, predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            for name, proc in self.procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited ({proc.returncode}); see {self.out_dir / 'logs' / (name + '.log')}")
-            time.sleep(0.3)
-        raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}; logs in {self.out_dir / 'logs'}")
-
-    def stop_all(self) -> None:
-        for name, proc in list(self.procs.items()):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for name, proc in list(self.procs.items()):
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        self.procs.clear()
 
     def stage(self, name: str, fn: Callable[[], None]) -> None:
         self.say(f"\n== fleet: {name} ==")
@@ -158,10 +127,10 @@ class FleetDemo:
         self.litert_devices.discard(device)
 
     def serve(self) -> None:
-        self.start("serve", [sys.executable, "-m", "builder.cli.main", "serve", "--port", "0"])
-        self.wait_for(lambda: (self.home / "serve.json").is_file(), 60, "builder serve")
+        self.children.start("serve", [sys.executable, "-m", "builder.cli.main", "serve", "--port", "0"])
+        self.children.wait_for(lambda: (self.home / "serve.json").is_file(), 60, "builder serve")
         url = json.loads((self.home / "serve.json").read_text())["url"]
-        self.say(f"`builder serve` running (pid {self.procs['serve'].pid}) with the embedded broker on {url}")
+        self.say(f"`builder serve` running (pid {self.children.procs['serve'].pid}) with the embedded broker on {url}")
 
     def agents(self) -> None:
         from builder.fleet.devices import add_device
@@ -172,16 +141,16 @@ class FleetDemo:
                                telemetry_interval_s=2.0, http_port=0,
                                extra_agent_settings={"threads": 1, "reconnect_min_s": 0.2, "reconnect_max_s": 2.0})
             (data_dir / "agent.json").unlink(missing_ok=True)
-            self.start(device, [sys.executable, "-c", "import sys; from agent.cli import app; sys.argv[0] = 'agent'; app()",
+            self.children.start(device, [sys.executable, "-c", "import sys; from agent.cli import app; sys.argv[0] = 'agent'; app()",
                                 "run", "--config", str(added.agent_toml)])
-            self.say(f"{device}: agent process {self.procs[device].pid} as {profile} (config {added.agent_toml})")
+            self.say(f"{device}: agent process {self.children.procs[device].pid} as {profile} (config {added.agent_toml})")
 
         def online() -> bool:
             from builder.fleet.store import open_store
 
             with open_store(self.home) as store:
                 return all(store.device(d).online for d in DEVICES if store.find_device(d))
-        self.wait_for(online, 90, "three agents online")
+        self.children.wait_for(online, 90, "three agents online")
 
     def push(self) -> None:
         for device in DEVICES:
@@ -275,7 +244,7 @@ class FleetDemo:
             self.stage("builder fleet status", self.status)
             self.stage("latency and power plots", self.plots)
         finally:
-            self.stop_all()
+            self.children.stop_all()
         self.say("\n== fleet demo outputs ==")
         self.say(f"data dir (registry, fleet.sqlite, keys): {self.home}")
         self.say(f"fleet status (JSON):  {self.out_dir / 'fleet-status.json'}")

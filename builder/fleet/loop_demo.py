@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from builder.fleet.child_processes import ChildProcesses
+
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -277,7 +279,7 @@ class LoopDemo:
         self.say = say
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                     "COLUMNS": "200", "EDGEFLEET_HOME": str(self.home)}
-        self.procs: dict[str, Any] = {}
+        self.children = ChildProcesses(self.out_dir / "logs", self.env)
         self.summary: dict[str, Any] = {}
 
     def builder(self, *args: str, show: bool = True) -> str:
@@ -294,50 +296,14 @@ class LoopDemo:
             self.say(result.stdout.rstrip())
         return result.stdout
 
-    def start(self, name: str, cmd: list[str]) -> None:
-        import subprocess
-
-        logs = self.out_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        with open(logs / f"{name}.log", "wb") as log_file:
-            self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log_file, stderr=subprocess.STDOUT)
-
-    def wait_for(self, predicate: Any, timeout_s: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            for name, proc in self.procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited ({proc.returncode}); see {self.out_dir / 'logs' / (name + '.log')}")
-            time.sleep(0.3)
-        raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}; logs in {self.out_dir / 'logs'}")
-
-    def stop_all(self) -> None:
-        import signal
-        import subprocess
-
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        self.procs.clear()
-
     def run(self) -> dict[str, Any]:
         try:
             return self._run()
         finally:
-            self.stop_all()
+            self.children.stop_all()
 
     def _run(self) -> dict[str, Any]:
         import socket
-        import statistics
         import sys
 
         from builder.artifacts.signing import init_keys, key_paths, load_private_key
@@ -354,19 +320,19 @@ class LoopDemo:
         for r in rungs:
             self.say(f"   rung {r.label:<7} {r.artifact_id[:12]}  accuracy {r.metrics['accuracy']:.3f}  "
                      f"host p50 {r.metrics['device_latency_ms']:.3f} ms")
-        self.start("serve", [sys.executable, "-m", "builder.cli.main", "serve", "--port", "0"])
-        self.wait_for(lambda: (self.home / "serve.json").is_file(), 60, "builder serve")
+        self.children.start("serve", [sys.executable, "-m", "builder.cli.main", "serve", "--port", "0"])
+        self.children.wait_for(lambda: (self.home / "serve.json").is_file(), 60, "builder serve")
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         added = add_device(self.home, DEMO_DEVICE, PROFILE, agent_data_dir=str(self.out_dir / "agent"),
                            telemetry_interval_s=1.0, http_port=port,
                            extra_agent_settings={"threads": 1, "reconnect_min_s": 0.2, "reconnect_max_s": 2.0})
-        self.start("agent", [sys.executable, "-c", "import sys; from agent.cli import app; sys.argv[0] = 'agent'; app()",
+        self.children.start("agent", [sys.executable, "-c", "import sys; from agent.cli import app; sys.argv[0] = 'agent'; app()",
                              "run", "--config", str(added.agent_toml)])
         store = open_store(self.home)
         try:
-            self.wait_for(lambda: (d := store.find_device(DEMO_DEVICE)) is not None and d.online, 60, "the agent online")
+            self.children.wait_for(lambda: (d := store.find_device(DEMO_DEVICE)) is not None and d.online, 60, "the agent online")
             load = LoadGenerator(f"http://127.0.0.1:{port}", rate_hz=50).start()
             try:
                 result = self._react(store, rungs, labels, load)
@@ -401,7 +367,7 @@ class LoopDemo:
         rungs = calibrate_ladder_on_device(self.home, store, DEMO_DEVICE, rungs, push)
         est = {r.label: r.metrics["device_latency_ms"] for r in rungs}
         start = time.time()
-        self.wait_for(lambda: len(windows(start)) >= 3, 40, "3 more windows on the wide rung")
+        self.children.wait_for(lambda: len(windows(start)) >= 3, 40, "3 more windows on the wide rung")
         base_p95 = statistics.median(w.p95_ms for w in windows(start))
         # Halfway (in log space) between the two rungs' p95 once slowed down DEMO_SLOWDOWN times.
         objective = round(DEMO_SLOWDOWN * (est["wide"] * est["narrow"]) ** 0.5, 3)
@@ -414,13 +380,13 @@ class LoopDemo:
 
         throttle_at = time.time()
         self.builder("fleet", "load", "--device", DEMO_DEVICE, "--slowdown", f"{DEMO_SLOWDOWN:g}")
-        self.wait_for(lambda: any(e.kind == "loop.accept" and e.artifact_id == narrow
+        self.children.wait_for(lambda: any(e.kind == "loop.accept" and e.artifact_id == narrow
                                   for e in loop_events(store, DEMO_DEVICE)), 120, "the loop to step down")
         events = loop_events(store, DEMO_DEVICE)
         first_down = next(e for e in events if e.kind == "loop.step_down")
         accepted = next(e for e in events if e.kind == "loop.accept" and e.artifact_id == narrow)
         react_windows = len([w for w in windows(throttle_at) if w.ts <= first_down.ts])
-        self.wait_for(lambda: len([w for w in windows(accepted.ts) if w.model_id == narrow]) >= 4, 30,
+        self.children.wait_for(lambda: len([w for w in windows(accepted.ts) if w.model_id == narrow]) >= 4, 30,
                       "4 windows on the narrow rung")
         narrow_p95 = statistics.median(w.p95_ms for w in windows(accepted.ts) if w.model_id == narrow)
         wide_throttled = statistics.median(w.p95_ms for w in windows(throttle_at) if w.model_id == wide and w.ts <= first_down.ts)
@@ -429,7 +395,7 @@ class LoopDemo:
 
         off_at = time.time()
         self.builder("fleet", "load", "--device", DEMO_DEVICE, "--slowdown", "1")
-        self.wait_for(lambda: any(e.kind == "loop.accept" and e.artifact_id == wide and e.ts > off_at
+        self.children.wait_for(lambda: any(e.kind == "loop.accept" and e.artifact_id == wide and e.ts > off_at
                                   for e in loop_events(store, DEMO_DEVICE)), 90, "the loop to step back up")
         up = next(e for e in loop_events(store, DEMO_DEVICE) if e.kind == "loop.step_up" and e.ts > off_at)
         up_windows = len([w for w in windows(off_at) if w.ts <= up.ts])
