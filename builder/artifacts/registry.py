@@ -28,6 +28,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from agent.errors import AgentError
 from agent.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest, canonical_json, sha256_file, verify_artifact_dir, verify_signature
+from builder.atomic_files import atomic_write_bytes
 from builder.errors import RegistryError, VerificationError
 
 HOME_ENV = "EDGEFLEET_HOME"
@@ -114,20 +115,6 @@ def _atomic_copy(src: Path, dst: Path) -> None:
         raise
 
 
-def _atomic_write(dst: Path, data: bytes) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class Registry:
     """Open with ``Registry(root)``; every method opens its own short-lived connection (safe across
     processes and threads)."""
@@ -208,8 +195,8 @@ class Registry:
                     if not blob.is_file() or blob.stat().st_size != entry.size_bytes:
                         _atomic_copy(artifact_dir / entry.name, blob)
                 mdir = self.manifest_dir(manifest.artifact_id)
-                _atomic_write(mdir / SIGNATURE_FILE, sig_bytes)
-                _atomic_write(mdir / MANIFEST_FILE, manifest_bytes)
+                atomic_write_bytes(mdir / SIGNATURE_FILE, sig_bytes, make_parents=True, fsync=True)
+                atomic_write_bytes(mdir / MANIFEST_FILE, manifest_bytes, make_parents=True, fsync=True)
                 conn.execute("INSERT OR IGNORE INTO models(name, created_at) VALUES (?, ?)", (manifest.model_name, now))
                 conn.execute("INSERT OR IGNORE INTO versions(model_name, version, source_sha256, created_at) VALUES (?,?,?,?)",
                              (manifest.model_name, manifest.model_version, source_sha256, now))

@@ -37,6 +37,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from builder.atomic_files import atomic_write_bytes
 from builder.compression._export import export_module
 from builder.compression.base import ModelForm, ModelState, StepContext, StepRecord
 from builder.compression.data import DataSource
@@ -196,7 +197,7 @@ def _run(model: LoadedModel, recipe: Recipe, steps: list[Any], data: Optional[Da
         "final": {"path": model_path.name, "precision": final_state.precision,
                   "evaluation": (reports[-1].evaluation if reports else baseline).to_dict()},
     }
-    _atomic_write_text(report_path, json.dumps(document, indent=2, default=_json_default))
+    atomic_write_bytes(report_path, json.dumps(document, indent=2, default=_json_default).encode("utf-8"))
     return CompressionResult(final_state=final_state, steps=tuple(reports), baseline=baseline,
                              report_path=report_path, model_path=model_path)
 
@@ -232,17 +233,6 @@ def _atomic_copy(src: Path, dst: Path) -> None:
     try:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -8,9 +8,9 @@ than level 9 (82.61 vs 82.58 MB, 2 s), so big files use level 9 (the same rule a
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
+
+from builder.atomic_files import atomic_write_bytes
 
 ZSTD_LEVEL = 19
 LARGE_FILE_LEVEL = 9
@@ -41,27 +41,15 @@ def download_size(path: Path, level: int | None = None) -> int:
     return len(compress_bytes(Path(path).read_bytes(), level))
 
 
-def _atomic_write(dst: Path, payload: bytes) -> None:
-    dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def compress_file(src: Path, dst: Path, level: int | None = None) -> int:
     """Write the zstd download form of ``src`` to ``dst`` atomically; returns its size in bytes."""
     payload = compress_bytes(Path(src).read_bytes(), level)
-    _atomic_write(Path(dst), payload)
+    atomic_write_bytes(Path(dst), payload)
     return len(payload)
 
 
 def decompress_file(src: Path, dst: Path) -> int:
     """Restore a model file from its download form, atomically; returns the restored size."""
     payload = decompress_bytes(Path(src).read_bytes())
-    _atomic_write(Path(dst), payload)
+    atomic_write_bytes(Path(dst), payload)
     return len(payload)

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from builder.atomic_files import atomic_write_bytes
 from builder.errors import SearchError
 from builder.search.objectives import (
     OBJECTIVE_NAMES,
@@ -26,19 +27,6 @@ from builder.search.space import describe, recipe_from_steps
 log = logging.getLogger(__name__)
 
 REPORT_SCHEMA = 1
-
-
-def _atomic_write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def candidate_row(c: ScoredCandidate, outcome: SearchOutcome) -> dict[str, Any]:
@@ -96,7 +84,7 @@ def build_report(outcome: SearchOutcome, targets: Targets, front: Sequence[Score
 
 
 def write_report(path: Path, report: Mapping[str, Any]) -> Path:
-    return _atomic_write(Path(path), json.dumps(report, indent=2, default=str).encode())
+    return atomic_write_bytes(Path(path), json.dumps(report, indent=2, default=str).encode(), make_parents=True)
 
 
 def write_recipe(path: Path, chosen: ScoredCandidate, name: str) -> Path:
@@ -198,7 +186,7 @@ def write_ladder(out_dir: Path, rungs: Sequence[ScoredCandidate], outcome: Searc
         entries.append({"rung": index, "artifact_id": artifact_id, "estimated_latency_ms": metrics["device_latency_ms"],
                         **{k: v for k, v in metrics.items() if k != "device_latency_ms"}})
     document = {"model": model_name, "profile": profile, "rungs": entries}
-    return _atomic_write(Path(out_dir) / "ladder.json", json.dumps(document, indent=2).encode())
+    return atomic_write_bytes(Path(out_dir) / "ladder.json", json.dumps(document, indent=2).encode(), make_parents=True)
 
 
 def register_ladder(rungs: Sequence[ScoredCandidate], outcome: SearchOutcome, *, model: str, profile: str,
