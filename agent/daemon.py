@@ -28,14 +28,14 @@ from agent.config import AgentConfig, LoadSettings
 from agent.connection import MqttConnection
 from agent.detect import detect_device
 from agent.errors import AgentError, InstallError, ProtocolError, SignatureError, TransferError
-from agent.install import Installer, LoadedModel, load_sample
+from agent.install import Installer, benchmark_feeds
 from agent.load import LoadController
 from agent.manifest import load_public_key
-from agent.runtime.base import synthetic_feeds
 from agent.sensors import power_sensors_for, profile_power_estimate_w, read_power, read_temperature
 from agent.serve import LocalEndpoint
 from agent.telemetry import FieldStats, TelemetryOutbox, drain_outbox
 from agent.transfer import ChunkPuller, Progress, TransferCancelled, verify_desired
+from agent.trial import TrialRunner
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,14 @@ class Agent:
                                   lambda: self.conn.connected, lambda: self.conn.connect_count,
                                   window_chunks=cfg.window_chunks, timeout_s=cfg.chunk_timeout_s,
                                   on_progress=self._on_transfer_progress)
+        # Benchmark-only trials of candidate models (the builder's search): own puller, own scratch folder.
+        self.trials = TrialRunner(self.data_dir, self.device_id, self._trusted_key, self._publish_bytes,
+                                  lambda: self.conn.connected, lambda: self.conn.connect_count, load=self.load,
+                                  power_sensors=self.power_sensors, profile=self.profile, threads=cfg.threads,
+                                  window_chunks=cfg.window_chunks, chunk_timeout_s=cfg.chunk_timeout_s,
+                                  on_done=self._on_trial_done)
         self.conn.subscribe(self._topic(proto.Down.DESIRED), lambda t, p: self._on_desired(p))
-        self.conn.subscribe(self._topic(proto.Down.CHUNKS), self.puller.on_frame)
+        self.conn.subscribe(self._topic(proto.Down.CHUNKS), self._on_chunk_frame)
         self.conn.subscribe(self._topic(proto.Down.COMMAND), lambda t, p: self._commands.put(p))
         self._threads: list[threading.Thread] = []
 
@@ -120,6 +126,7 @@ class Agent:
         with self._desired_lock:
             self._desired_lock.notify_all()
         self._telemetry_wakeup.set()
+        self.trials.stop()
         if self.endpoint is not None:
             self.endpoint.stop()
         # Workers first: none of them may publish an "online" status after the final "offline" one.
@@ -193,6 +200,11 @@ class Agent:
     # -- MQTT callbacks (network thread: enqueue only) -------------------------------------------
     def _on_connected(self) -> None:
         self._events.put(("connected", None))
+
+    def _on_chunk_frame(self, topic: str, payload: bytes) -> None:
+        # Each puller queues frames only while it pulls and skips frames of other artifacts.
+        self.puller.on_frame(topic, payload)
+        self.trials.on_frame(topic, payload)
 
     def _on_desired(self, payload: bytes) -> None:
         if not payload:
@@ -369,6 +381,9 @@ class Agent:
                 self._publish(proto.Up.REPLY, proto.CommandReply(request_id=request_id, command="unknown", ok=False,
                                                                  error=str(exc), ts=proto.now_s()))
                 continue
+            if command.command == "trial":  # runs in its own thread and replies when done
+                self.trials.start(command.request_id, dict(command.args), lambda reply: self._publish(proto.Up.REPLY, reply))
+                continue
             try:
                 result = self.execute(command.command, dict(command.args))
                 reply = proto.CommandReply(request_id=command.request_id, command=command.command, ok=True,
@@ -382,7 +397,8 @@ class Agent:
         if command == "status":
             status = self._status("online").to_dict()
             status.update({"telemetry_interval_s": self.telemetry_interval_s, "outbox_reports": len(self.outbox),
-                           "deploying": self._deploying, "http_url": self.endpoint.url if self.endpoint else None})
+                           "deploying": self._deploying, "trial": self.trials.running,
+                           "http_url": self.endpoint.url if self.endpoint else None})
             return status
         if command == "benchmark":
             return self.benchmark(runs=int(args.get("runs", 50)), warmup=int(args.get("warmup", 5)))
@@ -409,7 +425,7 @@ class Agent:
         model = self.active.model
         if model is None:
             raise AgentError("no model active to benchmark")
-        feeds = _benchmark_feeds(model)
+        feeds = benchmark_feeds(model)
         result = run_benchmark(lambda f: self.active.infer(f, record=False), feeds, runs=runs, warmup=warmup,
                                backend=model.runtime.backend, artifact_id=model.manifest.artifact_id,
                                power_sensors=self.power_sensors, profile=self.profile)
@@ -417,6 +433,12 @@ class Agent:
         data["load"] = self.load.as_dict()
         self._emit_telemetry("benchmark", benchmark=data)
         return data
+
+    def _on_trial_done(self, artifact_id: str, result: dict | None, error: str | None) -> None:
+        if result is not None:
+            self._emit_telemetry("trial", benchmark=result, details={"trial_artifact_id": artifact_id})
+        else:
+            self._emit_telemetry("error", details={"trial_artifact_id": artifact_id, "reason": error})
 
     # -- telemetry ------------------------------------------------------------------------------
     def _emit_telemetry(self, event: str, benchmark: dict | None = None, details: dict | None = None) -> None:
@@ -486,15 +508,6 @@ def _check_trusted_key_file(path: Path) -> None:
                              "signing_key.pub.pem there") from exc
     if b"-----BEGIN PUBLIC KEY-----" not in head:
         raise SignatureError(f"{path} is not a PEM public key; use the signing_key.pub.pem `builder keys init` wrote")
-
-
-def _benchmark_feeds(model: LoadedModel) -> dict:
-    sample = model.manifest.sample_payload
-    if sample is not None:
-        inputs, _ = load_sample(model.directory / sample.name)
-        if inputs:
-            return inputs
-    return synthetic_feeds(model.runtime.inputs)
 
 
 def _remove_stale(data_dir: Path, keep: str) -> None:

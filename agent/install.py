@@ -156,6 +156,18 @@ def load_sample(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray
     return inputs, outputs
 
 
+def benchmark_feeds(model: LoadedModel) -> dict[str, np.ndarray]:
+    """The artifact's own sample inputs (what it was verified on), else synthetic ones of the right shape."""
+    from agent.runtime.base import synthetic_feeds
+
+    sample = model.manifest.sample_payload
+    if sample is not None:
+        inputs, _ = load_sample(model.directory / sample.name)
+        if inputs:
+            return inputs
+    return synthetic_feeds(model.runtime.inputs)
+
+
 def health_check(runtime: ModelRuntime, manifest: Manifest, directory: Path, timing_runs: int = 5) -> HealthReport:
     """Run the shipped sample; raise InstallError naming what is wrong. Also times a few runs
     (the baseline for the latency-regression rollback)."""

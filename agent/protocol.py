@@ -277,7 +277,7 @@ class TelemetryReport(_Message):
     device_id: str
     seq: int
     ts: float
-    event: str  # "periodic" | "benchmark" | "install" | "rollback" | "error"
+    event: str  # "periodic" | "benchmark" | "install" | "rollback" | "error" | "trial"
     artifact_id: str | None = None  # the active model's artifact
     model: str | None = None  # "name@version" of the active model
     window_s: float = 0.0  # the field window ends at ``ts``
@@ -297,13 +297,14 @@ class TelemetryReport(_Message):
         _require(isinstance(self.seq, int) and self.seq >= 0, "seq must be an integer >= 0")
 
 
-COMMANDS = ("benchmark", "rollback", "status", "set_telemetry_interval", "set_load")
+COMMANDS = ("benchmark", "rollback", "status", "set_telemetry_interval", "set_load", "trial")
 
 
 @dataclass(frozen=True)
 class Command(_Message):
     """``down/cmd``. Arguments: benchmark {runs, warmup}; set_telemetry_interval {seconds};
-    set_load {slowdown_factor, cpu_burn_threads, cpu_burn_duty}; rollback and status take none."""
+    set_load {slowdown_factor, cpu_burn_threads, cpu_burn_duty}; trial: a ``TrialRequest``;
+    rollback and status take none."""
 
     KIND = "cmd"
     REQUIRED = ("request_id", "command")
@@ -329,6 +330,57 @@ class CommandReply(_Message):
     result: Mapping[str, Any] = field(default_factory=dict)
     error: str | None = None
     ts: float = 0.0
+
+
+MAX_TRIAL_RUNS = 10_000
+MAX_TRIAL_TIMEOUT_S = 3600.0
+
+
+@dataclass(frozen=True)
+class TrialRequest(_Message):
+    """The ``args`` of a ``trial`` command: benchmark a signed artifact WITHOUT installing it.
+
+    Added within v1 (an older agent answers the unknown command with ``ok: false``). The manifest
+    and signature travel inline as in ``DesiredDeployment``; the device verifies them, pulls the
+    payloads with the usual chunk requests into a scratch folder (never its A/B slots), loads and
+    benchmarks the model, replies, and deletes the folder. ``timeout_s`` is how long the host
+    waits: the device abandons a trial still transferring after it (a vanished host cannot pin
+    the device's one trial slot). One trial at a time: a second is refused with
+    ``result.busy = true``.
+    """
+
+    KIND = "trial"
+    REQUIRED = ("artifact_id", "manifest", "signature")
+    artifact_id: str
+    manifest: Mapping[str, Any]
+    signature: Mapping[str, Any]
+    runs: int = 50
+    warmup: int = 5
+    timeout_s: float = 300.0
+
+    def _validate(self) -> None:
+        _require(isinstance(self.manifest, Mapping), "manifest must be an object")
+        _require(isinstance(self.signature, Mapping), "signature must be an object")
+        _require(self.manifest.get("artifact_id") == self.artifact_id, "artifact_id differs from the manifest's")
+        _require(isinstance(self.runs, int) and 1 <= self.runs <= MAX_TRIAL_RUNS, f"runs must be an integer in 1..{MAX_TRIAL_RUNS}")
+        _require(isinstance(self.warmup, int) and 0 <= self.warmup <= 1000, "warmup must be an integer in 0..1000")
+        _require(isinstance(self.timeout_s, (int, float)) and 0 < self.timeout_s <= MAX_TRIAL_TIMEOUT_S,
+                 f"timeout_s must be in (0, {MAX_TRIAL_TIMEOUT_S:g}]")
+
+    def to_args(self) -> dict[str, Any]:
+        """The ``Command.args`` object (no schema field: the command carries it)."""
+        data = self.to_dict()
+        data.pop("schema")
+        return data
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> "TrialRequest":
+        return cls.from_json({**dict(args), "schema": SCHEMA})
+
+    def as_desired(self, deployment_id: str) -> DesiredDeployment:
+        """The same artifact as a deployment message, for the shared verify-and-pull code."""
+        return DesiredDeployment(deployment_id=deployment_id, artifact_id=self.artifact_id, manifest=self.manifest,
+                                 signature=self.signature, ts=now_s())
 
 
 # ---------------------------------------------------------------------------------------------

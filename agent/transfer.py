@@ -84,6 +84,9 @@ class ChunkPuller:
         self.timeout_s = timeout_s
         self.on_progress = on_progress
         self._frames: queue.Queue[bytes] = queue.Queue()
+        # Frames are queued only while a pull runs: an idle puller (a second one shares the chunks
+        # topic for trials) must not pile up another transfer's frames in memory.
+        self._pulling = threading.Event()
         self.cancel = threading.Event()
         self.request_topic = proto.device_topic(device_id, proto.Up.CHUNK_REQUEST)
         self.rerequests = 0
@@ -92,11 +95,19 @@ class ChunkPuller:
         self.stats: dict[str, float] = {}
 
     def on_frame(self, topic: str, payload: bytes) -> None:
-        self._frames.put(payload)
+        if self._pulling.is_set():
+            self._frames.put(payload)
 
     # -- whole artifact ---------------------------------------------------------------------
     def pull_artifact(self, desired: proto.DesiredDeployment, manifest: Manifest, dest_dir: Path) -> Path:
         """Download, decompress and verify every payload into ``dest_dir`` (with manifest + signature)."""
+        self._pulling.set()
+        try:
+            return self._pull_artifact(desired, manifest, dest_dir)
+        finally:
+            self._pulling.clear()
+
+    def _pull_artifact(self, desired: proto.DesiredDeployment, manifest: Manifest, dest_dir: Path) -> Path:
         check_free_disk(self.downloads_dir, manifest)
         work = self.downloads_dir / manifest.artifact_id
         work.mkdir(parents=True, exist_ok=True)

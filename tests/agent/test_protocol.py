@@ -71,3 +71,19 @@ def test_chunk_frame_round_trip_and_integrity():
     with pytest.raises(ProtocolError, match="magic"):
         proto.decode_chunk_frame(b"XXXX" + proto.encode_chunk_frame(header, data)[4:])
     assert len(proto.encode_chunk_frame(header, b"x" * proto.MAX_CHUNK_BYTES)) <= 128 * 1024
+
+
+def test_trial_request_travels_as_command_args_and_is_validated():
+    manifest = {"artifact_id": "a" * 64, "payloads": []}
+    request = proto.TrialRequest(artifact_id="a" * 64, manifest=manifest, signature={"alg": "ed25519"}, runs=7,
+                                 warmup=1, timeout_s=30.0)
+    command = proto.Command.from_json(proto.Command(request_id="r", command="trial", args=request.to_args()).to_json())
+    assert "schema" not in command.args and proto.TrialRequest.from_args(command.args) == request
+    desired = request.as_desired("trial-x")
+    assert desired.artifact_id == request.artifact_id and desired.manifest == manifest
+    for bad, words in (({"runs": 0}, "runs"), ({"warmup": -1}, "warmup"), ({"timeout_s": 0}, "timeout_s"),
+                       ({"manifest": {"artifact_id": "b"}}, "artifact_id"), ({"signature": "x"}, "signature")):
+        with pytest.raises(ProtocolError, match=words):
+            proto.TrialRequest.from_args({**request.to_args(), **bad})
+    with pytest.raises(ProtocolError, match="lacks"):
+        proto.TrialRequest.from_args({"artifact_id": "a"})
