@@ -54,5 +54,9 @@ class FleetError(BuilderError):
     """A fleet operation failed: broker unreachable, device refused or rolled back."""
 
 
+class DeviceUnavailableError(FleetError):
+    """A device is unknown, offline or stopped answering (a search measuring on it cannot go on)."""
+
+
 class SearchError(BuilderError):
     """The recipe search could not meet its targets or could not run."""
