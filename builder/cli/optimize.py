@@ -36,7 +36,10 @@ def register(app: typer.Typer) -> None:
         study: Optional[str] = typer.Option(None, "--study", help="Study name (default: derived from model, data, device, targets); workers of one search use the same."),
         out: Path = typer.Option(Path("optimize-out"), "--out", "-o", help="Output folder: report.json, recipe.toml, front.png, ladder.json, study.db."),
         tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="Also log every trial and the front as TensorBoard event files here."),
-        measure_on: Optional[str] = typer.Option(None, "--measure-on", help="Benchmark candidates on this fleet device's agent."),
+        measure_on: Optional[str] = typer.Option(None, "--measure-on", help="Benchmark candidates that meet the host-side targets on this fleet device (its p50 becomes their latency)."),
+        broker: Optional[str] = typer.Option(None, "--broker", help="With --measure-on: mqtt://HOST:PORT of the fleet's broker (default: the running `builder serve`'s)."),
+        trial_runs: int = typer.Option(50, "--trial-runs", help="With --measure-on: timed runs per on-device trial."),
+        trial_timeout: str = typer.Option("5m", "--trial-timeout", help="With --measure-on: give up on one trial (transfer, load, benchmark) after this long."),
         sampler: str = typer.Option("nsga2", "--sampler", help="nsga2 or tpe."),
         population: int = typer.Option(12, "--population", help="NSGA-II population size (random start = one population)."),
         seed: int = typer.Option(0, "--seed", help="Sampler seed (worker k uses seed + k)."),
@@ -81,8 +84,18 @@ def register(app: typer.Typer) -> None:
             calibration = obj.Calibration(latency_factor, 0, "--latency-factor")
         else:
             calibration = obj.fleet_calibration(home, device)
-        if ladder:
-            _require_signing_key(home)
+        measure = None
+        if measure_on is not None:
+            from builder.search.measure import MeasureSetup
+
+            if trial_runs < 1:
+                raise UsageError("--trial-runs must be at least 1")
+            measure = MeasureSetup(device_id=measure_on, data_dir=str(home), broker=broker, runs=trial_runs,
+                                   timeout_s=obj.parse_duration_s(trial_timeout, "--trial-timeout"))
+        elif broker is not None:
+            raise UsageError("--broker is for --measure-on DEVICE; pass both or neither")
+        if ladder or measure is not None:
+            _require_signing_key(home, "--measure-on sends candidates" if measure is not None else "the ladder is built")
         out.mkdir(parents=True, exist_ok=True)
         setup = EvaluationSetup(model=model, device=device, data=data, input_shapes=input_shape, train_data=train_data,
                                 profiles_dir=str(profiles_dir) if profiles_dir else None, threads=threads, seed=seed,
@@ -90,10 +103,11 @@ def register(app: typer.Typer) -> None:
         config = SearchConfig(setup=setup, targets=targets, out_dir=str(out),
                               cache_path=str(cache or home / "search-cache.sqlite"), storage=storage, study_name=study,
                               trials=trials, time_budget_s=budget_s, jobs=jobs, sampler=sampler,
-                              population_size=population, seed=seed, calibration=calibration, measure_on=measure_on)
+                              population_size=population, seed=seed, calibration=calibration, measure=measure)
         console = _console()
         console.print(f"[bold]builder optimize[/bold] {model} on {device}: {targets.describe()}; "
-                      f"latency calibration ×{calibration.factor:.3g} ({calibration.source})")
+                      f"latency calibration ×{calibration.factor:.3g} ({calibration.source})"
+                      + (f"; measuring candidates on {measure_on}" if measure_on else ""))
         outcome = _run_with_progress(config, console)
         candidates = list(outcome.candidates)
         front = front_of(candidates)
@@ -103,7 +117,7 @@ def register(app: typer.Typer) -> None:
         from builder.search import outputs
 
         extra = {"model": model, "device": device, "data": data, "train_data": train_data,
-                 "command": " ".join(sys.argv)}
+                 "measure_on": measure_on, "command": " ".join(sys.argv)}
         report = outputs.build_report(outcome, targets, front, chosen, explanation, extra)
         written = [outputs.write_plot(out / "front.png", outcome, front, chosen, targets, device)]
         if tensorboard is not None:
@@ -136,14 +150,15 @@ def register(app: typer.Typer) -> None:
             console.print(f"  wrote {path}")
 
 
-def _require_signing_key(home: Path) -> None:
+def _require_signing_key(home: Path, why: str = "the ladder is built") -> None:
     from builder.artifacts.signing import key_paths
     from builder.errors import UsageError
     from builder.targets.profile_build import default_key_dir
 
     if not key_paths(default_key_dir(home)).private.is_file():
-        raise UsageError(f"the ladder is built as signed artifacts but there is no signing key in {default_key_dir(home)}; "
-                         "run `builder keys init` (same --registry-dir) or pass --no-ladder")
+        raise UsageError(f"{why} as signed artifacts but there is no signing key in {default_key_dir(home)}; "
+                         "run `builder keys init` (same --registry-dir)"
+                         + (" or pass --no-ladder" if why == "the ladder is built" else ""))
 
 
 def _console() -> "Console":
@@ -184,42 +199,55 @@ def _print_front(console: "Console", outcome: "SearchOutcome", front: Sequence["
                  chosen: Optional["ScoredCandidate"], targets: Any) -> None:
     from rich.table import Table
 
-    from builder.search.objectives import calibrated_latency_ms, format_bytes, quality_of
+    from builder.search.objectives import format_bytes, quality_of
 
     quality = "accuracy" if outcome.use_accuracy else "fidelity"
     table = Table(title=f"Pareto front ({len(front)} of {len(outcome.candidates)} candidates; "
                         f"{outcome.evaluations_this_run} evaluated, {outcome.cache_hits_this_run} from cache this run)")
-    for header in ("", "trial", "recipe", quality, "est. latency", "download", "host p50", "energy", "meets targets"):
+    for header in ("", "trial", "recipe", quality, "device latency", "download", "host p50", "energy", "meets targets"):
         table.add_column(header, overflow="fold")
     base = outcome.baseline
     table.add_row("", "-", "(original model)", f"{base.accuracy:.4f}" if outcome.use_accuracy and base.accuracy is not None else "1.0000",
-                  f"{base.device_latency_ms * outcome.calibration.factor:.3f} ms", format_bytes(base.download_bytes),
+                  f"{base.device_latency_ms * outcome.calibration.factor:.3f} ms (est.)", format_bytes(base.download_bytes),
                   f"{base.host_latency_ms:.3f} ms", f"{base.energy_mj * outcome.calibration.factor:.3f} mJ", "")
     for c in front:
         m = c.metrics
         table.add_row("★" if chosen is not None and c.key == chosen.key else "", str(c.trial_number), _describe(c),
-                      f"{quality_of(m, outcome.use_accuracy):.4f}", f"{calibrated_latency_ms(m, outcome.calibration):.3f} ms",
+                      f"{quality_of(m, outcome.use_accuracy):.4f}", _latency_cell(m, outcome),
                       format_bytes(m.download_bytes), f"{m.host_latency_ms:.3f} ms", f"{c.objectives[3]:.3f} mJ",
                       "yes" if c.feasible else "no: " + ", ".join(n for n, v in c.violations.items() if v > 0))
     console.print(table)
     console.print(f"latency: {outcome.estimate_source}; calibration ×{outcome.calibration.factor:.3g} "
                   f"({outcome.calibration.source}); trials: {outcome.trials_by_state}")
+    if outcome.measure_on is not None:
+        measured = sum(1 for c in outcome.candidates if c.metrics.measured_on_device_ms is not None)
+        console.print(f"measured on {outcome.measure_on}: {measured} of {len(outcome.candidates)} candidates "
+                      "(the rest missed a host-side target: estimate)")
+
+
+def _latency_cell(m: Any, outcome: "SearchOutcome") -> str:
+    """Device latency with its source: an on-device p50, or the calibrated estimate."""
+    from builder.search.objectives import calibrated_latency_ms
+
+    if m.measured_on_device_ms is not None:
+        return f"{m.measured_on_device_ms:.3f} ms (measured)"
+    return f"{calibrated_latency_ms(m, outcome.calibration):.3f} ms (est.)"
 
 
 def _print_infeasible(console: "Console", explanation: Any, outcome: "SearchOutcome") -> None:
     from rich.table import Table
 
-    from builder.search.objectives import calibrated_latency_ms, format_bytes, quality_of
+    from builder.search.objectives import format_bytes, quality_of
 
     console.print("[red]no candidate meets the targets[/red]")
     for line in explanation.per_constraint:
         console.print(f"  {line}")
     table = Table(title="closest candidates")
-    for header in ("trial", "recipe", "quality", "est. latency", "download", "total violation"):
+    for header in ("trial", "recipe", "quality", "device latency", "download", "total violation"):
         table.add_column(header, overflow="fold")
     for c in explanation.closest:
         m = c.metrics
         table.add_row(str(c.trial_number), _describe(c), f"{quality_of(m, outcome.use_accuracy):.4f}",
-                      f"{calibrated_latency_ms(m, outcome.calibration):.3f} ms", format_bytes(m.download_bytes),
+                      _latency_cell(m, outcome), format_bytes(m.download_bytes),
                       f"{c.total_violation:.3f}")
     console.print(table)

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 # A quality check the search hands to the evaluator: (accuracy or None, fidelity) -> reason to stop or None.
 QualityCheck = Callable[[Optional[float], float], Optional[str]]
+# Called with the candidate's final ONNX file while it still exists (``--measure-on`` builds and
+# benchmarks it on a device) and the metrics so far; returns the metrics to keep.
+ModelHook = Callable[[Path, CandidateMetrics], CandidateMetrics]
 
 
 class EarlyStop(Exception):
@@ -50,6 +53,7 @@ class CandidateEvaluator(Protocol):
     use_accuracy: bool
 
     def evaluate(self, steps: Sequence[Mapping[str, Any]], quality_check: Optional[QualityCheck] = None) -> CandidateMetrics: ...
+    # Evaluators that support ``--measure-on`` also take ``on_model: Optional[ModelHook] = None``.
 
 
 @dataclass(frozen=True)
@@ -159,12 +163,14 @@ class EngineEvaluator:
     def close(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
-    def evaluate(self, steps: Sequence[Mapping[str, Any]], quality_check: Optional[QualityCheck] = None) -> CandidateMetrics:
+    def evaluate(self, steps: Sequence[Mapping[str, Any]], quality_check: Optional[QualityCheck] = None,
+                 on_model: Optional[ModelHook] = None) -> CandidateMetrics:
         from builder.compression.base import ModelForm
         from builder.compression.engine import run_recipe
 
         if not steps:  # the original model is a candidate too
-            return self._baseline_metrics()
+            baseline = self._baseline_metrics()
+            return on_model(Path(self.model.onnx_path), baseline) if on_model is not None else baseline
         recipe = recipe_from_steps(steps)
         built = recipe.validate(torch_available=self.model.torch_module is not None, has_data=True,
                                 has_train_data=self.train_data is not None)
@@ -188,13 +194,14 @@ class EngineEvaluator:
                                 seed=self.setup.seed)
             final = result.final
             device = estimate_on_profile(result.model_path, self.model.inputs, self.profile)
-            return CandidateMetrics(
+            metrics = CandidateMetrics(
                 fidelity=fidelity_value(self.task, final.fidelity.agreement, final.fidelity.cosine_mean),
                 download_bytes=int(final.download_bytes), file_bytes=int(final.file_bytes),
                 host_latency_ms=float(final.latency_p50_ms), device_latency_ms=device.latency_ms,
                 energy_mj=device.energy_mj, accuracy=final.accuracy, params=int(final.nonzero_params),
                 macs=int(final.macs) if final.macs is not None else None,
                 precision=result.final_state.precision, flags=tuple(final.flags))
+            return on_model(Path(result.model_path), metrics) if on_model is not None else metrics
         except (EarlyStop, BuilderError):
             raise
         except Exception as exc:  # noqa: BLE001 - a library failure inside the engine, keep the cause

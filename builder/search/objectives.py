@@ -178,7 +178,10 @@ class CandidateMetrics:
     macs: Optional[int] = None
     precision: str = "fp32"
     flags: tuple[str, ...] = ()
-    measured_on_device_ms: Optional[float] = None
+    measured_on_device_ms: Optional[float] = None  # p50 of an on-device trial (``--measure-on``)
+    measured_p95_ms: Optional[float] = None
+    measured_on: Optional[str] = None  # the device id
+    trial_artifact_id: Optional[str] = None  # the signed artifact the device ran
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -226,6 +229,21 @@ def calibration_from_pairs(pairs: Iterable[tuple[float, float]], source: str) ->
     if not ratios:
         return Calibration(source=f"none: {source} has no usable benchmarks")
     return Calibration(factor=float(statistics.median(ratios)), samples=len(ratios), source=f"{source}: {len(ratios)} benchmarks")
+
+
+def calibration_from_measurements(metrics: Iterable[CandidateMetrics], fallback: Calibration) -> Calibration:
+    """After a ``--measure-on`` search: ``median(measured p50 / roofline estimate)`` of its own trials
+    (same device, same estimator) replaces the fleet store's profile-wide factor for the candidates
+    that were not measured. An explicit ``--latency-factor`` is kept."""
+    if fallback.source.startswith("--latency-factor"):
+        return fallback
+    measured = [m for m in metrics if m.measured_on_device_ms is not None]
+    if not measured:
+        return fallback
+    devices = sorted({m.measured_on or "?" for m in measured})
+    result = calibration_from_pairs(((m.measured_on_device_ms or 0.0, m.device_latency_ms) for m in measured),
+                                    f"measured on {', '.join(devices)}")
+    return result if result.samples else fallback
 
 
 def quality_of(metrics: CandidateMetrics, use_accuracy: bool) -> float:

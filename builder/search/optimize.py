@@ -10,6 +10,9 @@
   processes next to this one. An interrupted search resumes: the finished trials are in the study
   and ``--trials N`` counts the study's total.
 * Every evaluation goes through the candidate cache (same model + recipe + context → no re-run).
+* ``--measure-on DEVICE`` (``measure.py``): candidates that meet the host-side constraints are
+  benchmarked on that device and its p50 becomes their latency objective; the device must answer
+  before anything is evaluated, and one that stops answering stops the search.
 """
 from __future__ import annotations
 
@@ -25,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from builder.errors import BuilderError, SearchError, UsageError
+from builder.errors import BuilderError, DeviceUnavailableError, SearchError, UsageError
 from builder.search.cache import CandidateCache, cache_key
 from builder.search.evaluate import CandidateEvaluator, EarlyStop, EvaluationSetup
+from builder.search.measure import DeviceMeasure, MeasureSetup, latency_source, open_device
 from builder.search.objectives import (
     OBJECTIVE_NAMES,
     QUALITY_CONSTRAINTS,
@@ -36,6 +40,7 @@ from builder.search.objectives import (
     CandidateMetrics,
     ScoredCandidate,
     Targets,
+    calibration_from_measurements,
     constraint_values,
     objective_values,
     score,
@@ -66,7 +71,7 @@ class SearchConfig:
     seed: int = 0
     calibration: Calibration = field(default_factory=Calibration)
     evaluator: str = DEFAULT_EVALUATOR  # "module:callable(EvaluationSetup) -> CandidateEvaluator"
-    measure_on: Optional[str] = None
+    measure: Optional[MeasureSetup] = None  # --measure-on: benchmark candidates on this fleet device
     run_id: str = ""  # marks this run's trials (counters for the report)
     deadline: Optional[float] = None  # epoch seconds; set from time_budget_s when the run starts
 
@@ -101,6 +106,7 @@ class SearchOutcome:
     pruned: tuple[dict[str, Any], ...]
     failed: tuple[dict[str, Any], ...]
     wall_s: float
+    measure_on: Optional[str] = None  # the device candidates were benchmarked on (--measure-on)
 
 
 def make_evaluator(config: SearchConfig) -> CandidateEvaluator:
@@ -113,6 +119,8 @@ def default_study_name(evaluator: CandidateEvaluator, config: SearchConfig, spac
     """Same model, data, device, targets and space → same name, so a rerun resumes the same study."""
     parts = [evaluator.model_hash, evaluator.context_hash, json.dumps(config.targets.to_dict(), sort_keys=True),
              json.dumps([(p.name, list(p.choices)) for p in space.parameters]), config.sampler]
+    if config.measure is not None:  # measured and estimated latencies do not mix in one study
+        parts.append(f"measured-on:{config.measure.device_id}")
     digest = hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
     return f"optimize-{config.setup.device}-{digest}"
 
@@ -200,22 +208,31 @@ class _Counters:
     def __init__(self) -> None:
         self.evaluations = 0
         self.cache_hits = 0
+        self.device_lost: Optional[DeviceUnavailableError] = None  # --measure-on device stopped answering
+
+
+def meets_host_constraints(metrics: CandidateMetrics, targets: Targets, baseline: Baseline,
+                           calibration: Calibration) -> bool:
+    """Everything but latency holds: the candidate is worth a device's time."""
+    return all(v <= 0 for name, v in constraint_values(metrics, targets, baseline, calibration).items()
+               if name != "max-latency")
 
 
 def _objective(config: SearchConfig, evaluator: CandidateEvaluator, space: SearchSpace, cache: CandidateCache,
-               counters: _Counters, measure: Optional[Callable[[Sequence[dict[str, Any]], CandidateMetrics], CandidateMetrics]]
-               ) -> Callable[[Any], tuple[float, ...]]:
+               counters: _Counters, measure: Optional[DeviceMeasure]) -> Callable[[Any], tuple[float, ...]]:
     import optuna
 
     targets = config.targets
     names = targets.names
     check = quality_check_for(targets, evaluator.baseline) if targets.has_quality_target else None
+    # Measurements belong to one device: cached metrics of another device (or none) must not answer.
+    context_hash = evaluator.context_hash + (f"|measured-on:{config.measure.device_id}" if config.measure else "")
 
     def objective(trial: Any) -> tuple[float, ...]:
         values = space.sample(trial)
         steps = space.steps(values)
         recipe_text = canonical(steps)
-        key = cache_key(evaluator.model_hash, evaluator.context_hash, recipe_text)
+        key = cache_key(evaluator.model_hash, context_hash, recipe_text)
         trial.set_user_attr("steps", [dict(s) for s in steps])
         trial.set_user_attr("recipe_key", key)
         trial.set_user_attr("worker_pid", os.getpid())
@@ -231,7 +248,15 @@ def _objective(config: SearchConfig, evaluator: CandidateEvaluator, space: Searc
         else:
             started = time.perf_counter()
             try:
-                metrics = evaluator.evaluate(steps, check)
+                if measure is None:
+                    metrics = evaluator.evaluate(steps, check)
+                else:
+                    def on_model(path: Path, found: CandidateMetrics) -> CandidateMetrics:
+                        if not meets_host_constraints(found, targets, evaluator.baseline, config.calibration):
+                            return found  # misses quality or size already: the estimate is enough
+                        return measure.measure(path, steps, found)
+
+                    metrics = evaluator.evaluate(steps, check, on_model=on_model)  # type: ignore[call-arg]
             except EarlyStop as stop:
                 counters.evaluations += 1
                 cache.put_stopped(key, stop.accuracy, stop.fidelity, stop.reason)
@@ -240,16 +265,18 @@ def _objective(config: SearchConfig, evaluator: CandidateEvaluator, space: Searc
                 message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 trial.set_user_attr("error", message)
                 log.warning("trial %d failed (%s): %s", trial.number, describe(steps), message)
+                if isinstance(exc, DeviceUnavailableError):
+                    counters.device_lost = exc
+                    trial.study.stop()  # every later trial would wait for it too
                 raise
             seconds = time.perf_counter() - started
             counters.evaluations += 1
-            if measure is not None:
-                metrics = measure(steps, metrics)
             cache.put(key, evaluator.model_hash, recipe_text, metrics, seconds)
             trial.set_user_attr("cache_hit", False)
             trial.set_user_attr("seconds", round(seconds, 3))
         violations = constraint_values(metrics, targets, evaluator.baseline, config.calibration)
         trial.set_user_attr("metrics", metrics.to_dict())
+        trial.set_user_attr("latency_source", latency_source(metrics))
         for name in names:
             trial.set_constraint(name, violations[name])
         return objective_values(metrics, config.calibration, evaluator.use_accuracy)
@@ -269,30 +296,25 @@ def _prune(trial: Any, names: Sequence[str], reason: str, cache_hit: bool) -> No
     raise optuna.TrialPruned(reason)
 
 
-def resolve_measure(config: SearchConfig) -> Optional[Callable[..., CandidateMetrics]]:
-    """The ``--measure-on`` hook: candidates benchmarked on a real device through the fleet push API.
-
-    Raises ``SearchError`` up front when that API is not available, instead of silently searching on
-    estimates alone.
-    """
-    if config.measure_on is None:
+def _open_measure_device(config: SearchConfig) -> Any:
+    """``--measure-on``: connect and require the device to answer (an open ``DeviceTrials``), or None."""
+    if config.measure is None:
         return None
-    try:
-        from builder.fleet import push as fleet_push  # type: ignore[attr-defined]
-    except ImportError:
-        fleet_push = None
-    benchmark = getattr(fleet_push, "benchmark_candidate", None) if fleet_push is not None else None
-    if benchmark is None:
-        raise SearchError(f"--measure-on {config.measure_on}: on-device benchmarking of candidates needs the fleet "
-                          "push API (builder.fleet.push.benchmark_candidate), which is not available yet; "
-                          "run without --measure-on (latency is then the calibrated profile estimate)")
-    raise SearchError(f"--measure-on {config.measure_on}: not wired to builder.fleet.push yet; run without it")
+    from builder.profiles import get_profile
+
+    setup = config.setup
+    profile = get_profile(setup.device, [Path(setup.profiles_dir)] if setup.profiles_dir else None)
+    return open_device(config.measure, profile)
 
 
 def run_worker(config: SearchConfig, worker_index: int = 0,
                on_trial: Optional[Callable[[Any, Any], None]] = None,
-               evaluator: Optional[CandidateEvaluator] = None) -> _Counters:
-    """Run trials of the study until the study has ``config.trials`` finished trials or the time is up."""
+               evaluator: Optional[CandidateEvaluator] = None, device: Any = None) -> _Counters:
+    """Run trials of the study until the study has ``config.trials`` finished trials or the time is up.
+
+    ``device``: the ``--measure-on`` connection ``run_search`` opened (a spawned worker opens its own);
+    this function closes it. ``DeviceUnavailableError`` when that device stopped answering.
+    """
     import optuna
 
     if config.study_name is None:
@@ -304,9 +326,13 @@ def run_worker(config: SearchConfig, worker_index: int = 0,
     space = build_space(evaluator.space_options)
     cache = CandidateCache(Path(config.cache_path))
     counters = _Counters()
+    measure: Optional[DeviceMeasure] = None
     try:
         study = _load_study(config, config.study_name, worker_index)
-        measure = resolve_measure(config)
+        if config.measure is not None:
+            device = device or _open_measure_device(config)
+            measure = DeviceMeasure.for_evaluator(config.measure, device, evaluator,
+                                                  Path(config.setup.workdir) if config.setup.workdir else None)
         callbacks: list[Callable[[Any, Any], None]] = []
         if config.trials is not None:
             callbacks.append(optuna.study.MaxTrialsCallback(
@@ -323,9 +349,15 @@ def run_worker(config: SearchConfig, worker_index: int = 0,
                 return counters
         study.optimize(_objective(config, evaluator, space, cache, counters, measure),
                        timeout=timeout, callbacks=callbacks, catch=(BuilderError,))
+        if counters.device_lost is not None:
+            raise counters.device_lost
         return counters
     finally:
         cache.close()
+        if measure is not None:
+            measure.close()
+        elif device is not None:
+            device.close()
         if own_evaluator and hasattr(evaluator, "close"):
             evaluator.close()
 
@@ -377,9 +409,14 @@ def run_search(config: SearchConfig, on_progress: Optional[Callable[[Progress], 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     Path(config.out_dir).mkdir(parents=True, exist_ok=True)
     own_evaluator = evaluator is None
-    evaluator = evaluator or make_evaluator(config)
+    device = _open_measure_device(config)  # an unknown or offline --measure-on device: refused before any work
     try:
-        resolve_measure(config)  # refuse an unavailable --measure-on before any work
+        evaluator = evaluator or make_evaluator(config)
+    except BaseException:
+        if device is not None:
+            device.close()
+        raise
+    try:
         space = build_space(evaluator.space_options)
         if not space.parameters:
             raise SearchError("nothing to search: no compression step applies to this model "
@@ -406,7 +443,7 @@ def run_search(config: SearchConfig, on_progress: Optional[Callable[[Progress], 
         for worker in workers:
             worker.start()
         try:
-            run_worker(config, 0, on_trial=on_trial, evaluator=evaluator)
+            run_worker(config, 0, on_trial=on_trial, evaluator=evaluator, device=device)
             for worker in workers:
                 worker.join()
         except BaseException:
@@ -427,15 +464,24 @@ def run_search(config: SearchConfig, on_progress: Optional[Callable[[Progress], 
         cache_hits = sum(1 for t in this_run if t.user_attrs.get("cache_hit") is True)
         failed = tuple({"trial": t.number, "steps": t.user_attrs.get("steps"), "error": t.user_attrs.get("error")}
                        for t in trials if t.state == optuna.trial.TrialState.FAIL)
+        candidates = scored_candidates(study, config.targets, baseline, config.calibration, evaluator.use_accuracy)
+        calibration = config.calibration
+        if config.measure is not None:  # the device's own trials calibrate the candidates it did not run
+            calibration = calibration_from_measurements([c.metrics for c in candidates], config.calibration)
+            if calibration != config.calibration:
+                candidates = scored_candidates(study, config.targets, baseline, calibration, evaluator.use_accuracy)
         return SearchOutcome(
             study_name=config.study_name, storage=config.storage_url(),
-            candidates=tuple(scored_candidates(study, config.targets, baseline, config.calibration, evaluator.use_accuracy)),
-            baseline=baseline, calibration=config.calibration, use_accuracy=evaluator.use_accuracy,
+            candidates=tuple(candidates),
+            baseline=baseline, calibration=calibration, use_accuracy=evaluator.use_accuracy,
             task=getattr(evaluator, "task", "classify" if evaluator.use_accuracy else "embed"),
             estimate_source=getattr(evaluator, "estimate_source", "unknown"),
             trials_total=len(trials), trials_by_state=by_state, evaluations_this_run=evaluations,
             cache_hits_this_run=cache_hits, pruned=pruned, failed=failed,
-            wall_s=time.perf_counter() - started)
+            wall_s=time.perf_counter() - started,
+            measure_on=config.measure.device_id if config.measure is not None else None)
     finally:
+        if device is not None:
+            device.close()
         if own_evaluator and hasattr(evaluator, "close"):
             evaluator.close()

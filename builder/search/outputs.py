@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from builder.atomic_files import atomic_write_bytes
 from builder.errors import SearchError
+from builder.search.measure import latency_source
 from builder.search.objectives import (
     OBJECTIVE_NAMES,
     ScoredCandidate,
@@ -41,7 +42,11 @@ def candidate_row(c: ScoredCandidate, outcome: SearchOutcome) -> dict[str, Any]:
         "accuracy": m.accuracy,
         "fidelity": m.fidelity,
         "device_latency_ms": calibrated_latency_ms(m, outcome.calibration),
+        "latency_source": latency_source(m),  # "measured on DEVICE" or "estimate"
         "estimated_latency_ms": m.device_latency_ms,  # uncalibrated roofline
+        "measured_p50_ms": m.measured_on_device_ms,
+        "measured_p95_ms": m.measured_p95_ms,
+        "trial_artifact_id": m.trial_artifact_id,
         "download_bytes": m.download_bytes,
         "file_bytes": m.file_bytes,
         "host_latency_ms": m.host_latency_ms,
@@ -137,7 +142,11 @@ def write_plot(path: Path, outcome: SearchOutcome, front: Sequence[ScoredCandida
         floor = targets.min_accuracy
     if floor is not None:
         ax.axhline(floor, color="tab:purple", ls="--", lw=1, label=f"{label} floor")
-    ax.set_xlabel(f"estimated latency on {device} (ms, calibration ×{outcome.calibration.factor:.3g})")
+    if outcome.measure_on is not None:
+        ax.set_xlabel(f"latency on {device} (ms; measured on {outcome.measure_on} where tried, "
+                      f"else estimate × {outcome.calibration.factor:.3g})")
+    else:
+        ax.set_xlabel(f"estimated latency on {device} (ms, calibration ×{outcome.calibration.factor:.3g})")
     ax.set_ylabel(label)
     ax.set_title(f"builder optimize: {len(outcome.candidates)} candidates, {len(front)} on the front "
                  "(marker size = download size)")

@@ -128,11 +128,13 @@ def test_limit_is_required_and_jobs_must_be_positive(tmp_path):
         run_search(dataclasses.replace(_config(tmp_path), jobs=0))
 
 
-def test_measure_on_without_the_fleet_api_is_a_clear_error(tmp_path):
-    from builder.errors import SearchError
+def test_measure_on_without_a_broker_is_refused_before_any_evaluation(tmp_path):
+    from builder.errors import FleetError
+    from builder.search.measure import MeasureSetup
 
-    with pytest.raises(SearchError, match="--measure-on pi-01"):
-        run_search(_config(tmp_path, measure_on="pi-01"))
+    setup = MeasureSetup(device_id="pi-01", data_dir=str(tmp_path / "home"))  # no --broker, no `builder serve`
+    with pytest.raises(FleetError, match="--measure-on pi-01: .*pass --broker"):
+        run_search(_config(tmp_path, measure=setup))
     assert count_evaluations(tmp_path / "work") == 0
 
 
