@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from agent import protocol as proto
-from builder.errors import DeviceUnavailableError, FleetError
+from builder.errors import BuilderError, DeviceUnavailableError, FleetError
 from builder.fleet.link import BrokerEndpoint, FleetLink, read_serve_state
 
 log = logging.getLogger(__name__)
@@ -109,9 +109,7 @@ class DeviceTrials:
             return False
         try:
             return BrokerEndpoint(str(state.get("url", ""))).public_url() == self.endpoint.public_url()
-        except FleetError:
-            return False
-        except Exception:  # noqa: BLE001 - an unparsable serve.json: serve the chunks ourselves
+        except BuilderError:  # an unparsable serve.json: serve the chunks ourselves
             return False
 
     def _serve_chunks(self) -> None:
@@ -202,7 +200,11 @@ class DeviceTrials:
                 continue
             if reply.error and "command must be one of" in reply.error:
                 raise FleetError(f"{self.device_id}'s agent does not know on-device trials ({reply.error}); upgrade the agent")
-            raise FleetError(f"trial of {request.artifact_id[:12]} on {self.device_id} failed: {reply.error}")
+            hint = ""
+            if reply.error and "server cannot send" in reply.error:
+                hint = (" (is a `builder serve` of another data dir on this broker? measure with its --data-dir, "
+                        "so it knows the trial artifacts)")
+            raise FleetError(f"trial of {request.artifact_id[:12]} on {self.device_id} failed: {reply.error}{hint}")
         result = dict(reply.result)
         latency = dict(result.get("latency") or {})
         measurement = TrialMeasurement(self.device_id, request.artifact_id, float(latency.get("p50", 0.0)),

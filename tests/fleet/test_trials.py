@@ -151,8 +151,9 @@ def test_tampered_broken_and_concurrent_trials_are_refused_while_the_active_mode
         # One trial at a time: a slowed-down long trial is running when a second one arrives.
         assert trials.link.command(DEVICE, "set_load", {"slowdown_factor": 40.0}, timeout_s=30).ok
         first: dict = {}
-        long_trials = _trials(trial_fleet, runs=2000, timeout_s=120.0)
-        runner = threading.Thread(target=lambda: first.update(m=long_trials.measure(candidate)), daemon=True)
+        long_request = proto.TrialRequest(artifact_id=candidate, manifest=signed.manifest, signature=signed.signature,
+                                          runs=2000, timeout_s=60.0)
+        runner = threading.Thread(target=lambda: first.update(m=trials.send(long_request)), daemon=True)
         runner.start()
         wait_for(lambda: trials.link.command(DEVICE, "status", timeout_s=30).result.get("trial") == candidate, 60,
                  "the first trial to start", interval_s=0.1)
@@ -161,7 +162,6 @@ def test_tampered_broken_and_concurrent_trials_are_refused_while_the_active_mode
         assert not second.ok and second.result["busy"] is True and "one at a time" in second.error
         assert infer(url)["artifact_id"] == active  # serving while a trial runs
         runner.join(180)
-        long_trials.close()
         assert first["m"].p50_ms > 0
         assert trials.link.command(DEVICE, "set_load", {"slowdown_factor": 1.0}, timeout_s=30).ok
     assert not any((data_dir / "trials").iterdir())
