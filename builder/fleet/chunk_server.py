@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -185,8 +186,10 @@ class ChunkServer:
         data = compress_payload(path, self.zstd_level)
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(cached.name + f".{os.getpid()}.tmp")
-            tmp.write_bytes(data)
+            # A temporary name of its own: two threads (two devices' first requests) may compress at once.
+            fd, tmp = tempfile.mkstemp(prefix=f".{cached.name}.", suffix=".tmp", dir=cached.parent)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
             os.replace(tmp, cached)
         return data
 
