@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 MODES = ("dynamic", "static", "fp16", "auto")
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 INT8_TYPES = ("uint8", "int8")
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
 WEIGHTED_OPS = ("Conv", "MatMul", "Gemm", "Attention")
 SMOOTH_MUL_SUFFIX = "_smooth_mul"  # builder.compression.smoothing names its Mul nodes so
 
@@ -240,6 +241,10 @@ class QuantizeStep:
     eval_samples: int = 128
     op_types: tuple[str, ...] = ()  # restrict the op types quantized; empty = ORT's defaults
     threads: int = 1
+    # "gptq": int8 weights rounded to minimise each layer's output error on the calibration data
+    # (builder.compression.gptq) instead of each weight to its nearest level; same graph and speed.
+    weight_rounding: str = "nearest"
+    gptq_damp: float = 0.01
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
@@ -250,11 +255,19 @@ class QuantizeStep:
             raise UsageError(f"calibration {self.calibration!r} is unknown; use one of {', '.join(CALIBRATIONS)}")
         if self.activation_type not in INT8_TYPES or self.weight_type not in INT8_TYPES:
             raise UsageError("activation_type and weight_type must be 'uint8' or 'int8'")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise UsageError(f"weight_rounding {self.weight_rounding!r} is unknown; use one of "
+                             f"{', '.join(WEIGHT_ROUNDINGS)}")
+        if self.weight_rounding == "gptq" and self.mode == "fp16":
+            raise UsageError("weight_rounding = 'gptq' rounds int8 weights; use it with mode 'dynamic' or 'static'")
+        if not 0.0 < self.gptq_damp < 1.0:
+            raise UsageError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
         if self.max_kept < 0 or self.eval_samples < 2 or self.calibration_samples < 1:
             raise UsageError("max_kept must be >= 0, eval_samples >= 2, calibration_samples >= 1")
 
     def requires_data(self) -> bool:
-        return self.mode == "static" or self.target_cosine is not None or self.target_agreement is not None
+        return (self.mode == "static" or self.target_cosine is not None or self.target_agreement is not None
+                or self.weight_rounding == "gptq")
 
     # -- main ---------------------------------------------------------------------------------------
     def apply(self, state: ModelState, ctx: StepContext) -> tuple[ModelState, StepRecord]:
@@ -295,12 +308,15 @@ class QuantizeStep:
         else:
             order = [self.mode]
 
+        hessians = None
+        if self.weight_rounding == "gptq" and any(m != "fp16" for m in order):
+            from builder.compression.gptq import Hessians
+
+            hessians = Hessians(prepared, calib)
         rejected: list[dict[str, Any]] = []
         for mode in order:
             out = workdir / f"{mode}.onnx"
-            quantize_to(mode, prepared, out, per_channel=self.per_channel, exclude=self.keep_float,
-                        calibration=self.calibration, activation_type=self.activation_type,
-                        weight_type=self.weight_type, calibration_batches=calib, op_types=self.op_types)
+            rounding = self._quantize(mode, prepared, out, self.keep_float, calib, hessians)
             measured = self._measure(source, out, reference, evals, feed, task, mode)
             problem = self._trap(measured, mode)
             if problem:
@@ -312,8 +328,9 @@ class QuantizeStep:
                 continue
             kept = list(self.keep_float)
             if self._short_of_target(measured):
-                out, measured, kept, ranking = self._mixed_precision(
-                    mode, workdir, prepared, source, reference, evals, calib, feed, task, measured)
+                out, measured, kept, ranking, mixed_rounding = self._mixed_precision(
+                    mode, workdir, prepared, source, reference, evals, calib, feed, task, measured, hessians)
+                rounding = mixed_rounding or rounding
                 facts["sensitivity"] = ranking
                 if self._short_of_target(measured):
                     warnings.append(f"fidelity target not reached with {len(kept)} nodes kept in float "
@@ -325,6 +342,8 @@ class QuantizeStep:
             final = workdir / "model.onnx"
             out.replace(final)
             facts.update(mode=mode, kept_float=kept, rejected=rejected, **measured.as_dict())
+            if rounding is not None:
+                facts.update(rounding.as_facts())
             precision = "fp16" if mode == "fp16" else ("mixed" if kept else "int8")
             return dataclasses.replace(state, onnx_path=final, precision=precision), StepRecord(
                 step=self.name, params=dataclasses.asdict(self), facts=facts, warnings=tuple(warnings))
@@ -333,6 +352,18 @@ class QuantizeStep:
                                "keep the model in float or keep sensitive nodes with keep_float")
 
     # -- pieces --------------------------------------------------------------------------------------
+    def _quantize(self, mode: str, prepared: Path, out: Path, exclude: Sequence[str],
+                  calib: list[dict[str, np.ndarray]], hessians: Any = None) -> Any:
+        """``quantize_to`` with this step's settings, then GPTQ rounding when ``hessians`` are given."""
+        quantize_to(mode, prepared, out, per_channel=self.per_channel, exclude=exclude,
+                    calibration=self.calibration, activation_type=self.activation_type,
+                    weight_type=self.weight_type, calibration_batches=calib, op_types=self.op_types)
+        if hessians is None or mode == "fp16":
+            return None
+        from builder.compression.gptq import round_weights
+
+        return round_weights(out, hessians, self.gptq_damp)
+
     def _measure(self, source: Path, out: Path, reference: np.ndarray, evals: list[dict[str, np.ndarray]],
                  feed: dict[str, np.ndarray], task: str, mode: str) -> Measurement:
         cos_mean, cos_min, agreement = fidelity(reference, out, evals, task)
@@ -364,29 +395,29 @@ class QuantizeStep:
 
     def _mixed_precision(self, mode: str, workdir: Path, prepared: Path, source: Path, reference: np.ndarray,
                          evals: list[dict[str, np.ndarray]], calib: list[dict[str, np.ndarray]],
-                         feed: dict[str, np.ndarray], task: str, measured: Measurement
-                         ) -> tuple[Path, Measurement, list[str], list[dict[str, Any]]]:
-        """Keep the most sensitive weighted nodes in float until the target holds (or max_kept)."""
+                         feed: dict[str, np.ndarray], task: str, measured: Measurement, hessians: Any = None
+                         ) -> tuple[Path, Measurement, list[str], list[dict[str, Any]], Any]:
+        """Keep the most sensitive weighted nodes in float until the target holds (or max_kept).
+
+        The sensitivity probes use nearest rounding (GPTQ for each of dozens of probes would cost
+        minutes and rarely changes the ranking); each accepted candidate gets the step's rounding.
+        """
         candidates = [n for n in weighted_nodes(prepared) if n not in self.keep_float]
         probe = workdir / "probe.onnx"
         ranking = []
         for node in candidates:  # sensitivity: how much fidelity comes back when only this node stays float
-            quantize_to(mode, prepared, probe, per_channel=self.per_channel, exclude=[*self.keep_float, node],
-                        calibration=self.calibration, activation_type=self.activation_type,
-                        weight_type=self.weight_type, calibration_batches=calib, op_types=self.op_types)
+            self._quantize(mode, prepared, probe, [*self.keep_float, node], calib)
             cos_mean, _, agreement = fidelity(reference, probe, evals, task)
             ranking.append({"node": node, "cosine_gain": round(cos_mean - measured.cosine_mean, 6),
                             "agreement_gain": round(agreement - measured.agreement, 4)})
         ranking.sort(key=lambda r: (r["cosine_gain"], r["agreement_gain"]), reverse=True)
         kept = list(self.keep_float)
-        best_out, best = workdir / f"{mode}.onnx", measured
+        best_out, best, rounding = workdir / f"{mode}.onnx", measured, None
         for entry in ranking[: self.max_kept]:
             kept.append(entry["node"])
             out = workdir / f"{mode}_keep{len(kept)}.onnx"
-            quantize_to(mode, prepared, out, per_channel=self.per_channel, exclude=kept,
-                        calibration=self.calibration, activation_type=self.activation_type,
-                        weight_type=self.weight_type, calibration_batches=calib, op_types=self.op_types)
+            rounding = self._quantize(mode, prepared, out, kept, calib, hessians)
             best_out, best = out, self._measure(source, out, reference, evals, feed, task, mode)
             if not self._short_of_target(best):
                 break
-        return best_out, best, kept, ranking
+        return best_out, best, kept, ranking, rounding
