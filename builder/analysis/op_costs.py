@@ -7,6 +7,8 @@ MACs are counted for the linear-algebra ops only (bias additions not included), 
 * ConvTranspose: ``in elements x (C_out / group) x kernel`` = in elements x prod(W.shape[1:]).
 * Gemm / QGemm: ``M x N x K``; MatMul / MatMulInteger / QLinearMatMul and ORT's fused variants:
   ``out elements x K`` (batched and broadcast matmuls, so attention's QK^T and AV too).
+* ORT's fused Attention / QAttention: the Q/K/V projection (``B x S x W.shape[0] x W.shape[1]``) plus
+  ``2 x B x S x S x hidden`` for QK^T and AV; MultiHeadAttention: the latter only.
 
 ``other_ops`` are the remaining arithmetic, counted per output element (documented estimates, used by
 the latency model only): 1 for elementwise ops, 2 for BatchNormalization, 5 for Softmax, 8 for the
@@ -48,9 +50,11 @@ CONV_OPS = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "FusedConv": 1, "Nhwc
 MATMUL_OPS = {"MatMul": 0, "MatMulInteger": 0, "QLinearMatMul": 0, "FusedMatMul": 0,
               "DynamicQuantizeMatMul": 0, "MatMulIntegerToFloat": 0, "MatMulNBits": 0}
 GEMM_OPS = {"Gemm": 0, "QGemm": 0, "FusedGemm": 0}
-LINEAR_OPS = frozenset(CONV_OPS) | frozenset(MATMUL_OPS) | frozenset(GEMM_OPS) | {"ConvTranspose"}
+ATTENTION_OPS = frozenset({"Attention", "QAttention", "MultiHeadAttention"})
+LINEAR_OPS = (frozenset(CONV_OPS) | frozenset(MATMUL_OPS) | frozenset(GEMM_OPS) | ATTENTION_OPS
+              | {"ConvTranspose"})
 # Ops ONNX Runtime runs as integer kernels.
-INTEGER_OPS = frozenset({"ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul", "QGemm",
+INTEGER_OPS = frozenset({"ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul", "QGemm", "QAttention",
                          "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "QLinearAdd",
                          "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearAveragePool",
                          "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSoftmax"})
@@ -104,7 +108,30 @@ def op_cost(node: Any, infos: Mapping[str, TensorInfo]) -> OpCost:
         a = input_shape(MATMUL_OPS[op])
         if a is not None and out is not None and len(a) >= 1:
             macs = out_elements * a[-1]
+    elif op in ATTENTION_OPS:
+        macs = _attention_macs(op, input_shape, out)
     return OpCost(macs=macs, other_ops=_other_ops(node, op, out_elements, input_shape))
+
+
+def _attention_macs(op: str, input_shape: Callable[[int], tuple[int, ...] | None],
+                    out: tuple[int, ...] | None) -> int:
+    """ORT's fused attention: the Q/K/V projections (Attention, QAttention) plus QKᵀ and AV."""
+    x = input_shape(0)
+    if x is None or out is None or len(x) != 3 or len(out) != 3:
+        return 0
+    batch, seq, _ = x
+    hidden = out[-1]
+    keys = seq
+    projections = 0
+    if op in ("Attention", "QAttention"):
+        weight = input_shape(1)
+        if weight is None or len(weight) != 2:
+            return 0
+        projections = batch * seq * weight[0] * weight[1]
+    else:  # MultiHeadAttention: projections are separate MatMuls; K may be longer than Q
+        key = input_shape(1)
+        keys = key[1] if key is not None and len(key) == 3 else seq
+    return projections + 2 * batch * seq * keys * hidden
 
 
 def _other_ops(node: Any, op: str, out_elements: int, input_shape: Callable[[int], tuple[int, ...] | None]) -> int:
