@@ -66,18 +66,17 @@ def load_matching_weights(student: Any, teacher: Any) -> list[str]:
 
 
 def narrower(module: Any, width: float, inputs: Sequence[InputSpec]) -> Any:
-    """Remove ``1 - width`` of the channels of every layer except the last Linear (DepGraph)."""
-    import torch
-    import torch_pruning as tp
-
+    """Remove ``1 - width`` of the channels of every layer except the last Linear (DepGraph); in a
+    transformer with HF-style attention, ``1 - width`` of the heads and FFN units, the hidden width kept
+    (see ``channel_pruning``)."""
     from builder.compression._export import example_inputs
+    from builder.compression.channel_pruning import StructuredPruner, hf_self_attention_modules
 
     head = last_linear_name(module)
     ignored = [module.get_submodule(head)] if head else []
-    pruner = tp.pruner.BasePruner(module, example_inputs(inputs), importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                  pruning_ratio=1.0 - width, ignored_layers=ignored)
-    with torch.no_grad():
-        pruner.step()
+    heads = 1.0 - width if hf_self_attention_modules(module) else 0.0
+    StructuredPruner.build(module, example_inputs(inputs), ratio=1.0 - width, head_fraction=heads,
+                           ignored=ignored).step()
     return module
 
 

@@ -7,10 +7,16 @@
   layout ops that failed to load on arm64 (FACTS.md). Optionally first the transformer fusions of
   ``onnxruntime.transformers.optimizer`` (``bert_fusions=True``: Attention, SkipLayerNormalization,
   BiasGelu, EmbedLayerNormalization; com.microsoft contrib ops that every ORT CPU build ships).
+  The Attention fusion needs the head count and the q/k/v width: they are read from the graph (the
+  q/k/v MatMul widths and the head size in their Reshape), because torch exports reshape to
+  ``(-1, head_size)`` which ORT cannot detect, and a head-pruned model no longer has the count a
+  recipe names (ORT then silently builds a wrong Attention). A fused graph whose outputs differ is
+  redone without the Attention fusion, and the step record says so.
   Every output is checked: it must load, contain no ``com.microsoft.nchwc`` op and match its input.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -211,9 +217,12 @@ class OptimizeGraphStep:
             raise CompressionError("optimize_graph needs an ONNX model")
         source = Path(state.onnx_path)
         facts: dict[str, Any] = {"level": self.level}
+        warnings: list[str] = []
         if self.bert_fusions:
             fused = ctx.workdir / "fused.onnx"
-            facts["fused_ops"] = bert_fuse(source, fused, self.num_heads, self.hidden_size)
+            fusion_facts, fusion_warnings = self._fuse(source, fused, _first_batches(ctx))
+            facts.update(fusion_facts)
+            warnings += fusion_warnings
             source = fused
         out = ctx.workdir / "model.onnx"
         ort_optimize(source, out, self.level)
@@ -226,7 +235,33 @@ class OptimizeGraphStep:
         facts.update(nodes_after=len(model.graph.node), max_abs_diff=max_diff,
                      domains=sorted({node.domain or "ai.onnx" for node in model.graph.node}))
         return dataclasses.replace(state, onnx_path=out), StepRecord(
-            step=self.name, params=dataclasses.asdict(self), facts=facts)
+            step=self.name, params=dataclasses.asdict(self), facts=facts, warnings=tuple(warnings))
+
+    def _fuse(self, source: Path, fused: Path,
+              batches: list[dict[str, np.ndarray]] | None) -> tuple[dict[str, Any], list[str]]:
+        """BERT fusions with the attention geometry read from the graph; without the Attention
+        fusion when that changed the outputs. Returns facts and warnings for the step record."""
+        import onnx
+
+        layouts = attention_layouts(onnx.load(str(source), load_external_data=False))
+        num_heads, hidden_size, warnings = choose_attention_geometry(self.num_heads, self.hidden_size, layouts)
+        facts: dict[str, Any] = {"attention": {"num_heads": num_heads, "hidden_size": hidden_size,
+                                               "blocks": sum(layouts.values()) // 3,
+                                               "layouts": {f"{h}x{w // h}": n // 3 for (h, w), n in layouts.items()}}}
+        fused_ops = bert_fuse(source, fused, num_heads, hidden_size)
+        if fused_ops.get("Attention"):
+            try:
+                check_same_outputs(source, fused, batches)
+            except CompressionError as exc:
+                fused_ops = bert_fuse(source, fused, num_heads, hidden_size, attention=False)
+                warnings.append(f"the Attention fusion (num_heads={num_heads}, hidden_size={hidden_size}) changed "
+                                f"the outputs ({exc}); fused without Attention")
+        fused_attention = fused_ops.get("Attention", 0)
+        if layouts and fused_attention < facts["attention"]["blocks"]:
+            warnings.append(f"{facts['attention']['blocks'] - fused_attention} of {facts['attention']['blocks']} "
+                            "attention blocks were not fused into Attention ops (they run as MatMul/Softmax)")
+        facts["fused_ops"] = fused_ops
+        return facts, warnings
 
 
 def ort_optimize(source: Path, out: Path, level: str = "extended") -> None:
@@ -248,15 +283,110 @@ def ort_optimize(source: Path, out: Path, level: str = "extended") -> None:
         raise CompressionError(f"ONNX Runtime could not optimise {source}: {exc}") from exc
 
 
-def bert_fuse(source: Path, out: Path, num_heads: int = 0, hidden_size: int = 0) -> dict[str, int]:
-    """Transformer fusions (python-only, opt_level 0 so nothing CPU-specific); returns fused-op counts."""
+def attention_layouts(model: Any) -> collections.Counter[tuple[int, int]]:
+    """``(num_heads, width) -> count`` of the attention projections in an exported transformer: a
+    Reshape to ``(batch, seq, heads or -1, head_size)`` of ``MatMul(x, W) [+ bias]`` with W an
+    initializer of ``width`` columns (three per attention block: q, k, v). Empty when none is found."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    inits = {init.name: init for init in graph.initializer}
+
+    def constant(name: str) -> np.ndarray | None:
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        node = producers.get(name)
+        if node is not None and node.op_type == "Constant":
+            value = next((attr.t for attr in node.attribute if attr.name == "value"), None)
+            return numpy_helper.to_array(value) if value is not None else None
+        return None
+
+    def target_shape(reshape: Any) -> list[int | None] | None:
+        value = constant(reshape.input[1])
+        if value is not None:
+            return [int(v) for v in value.reshape(-1)]
+        concat = producers.get(reshape.input[1])
+        if concat is None or concat.op_type != "Concat":
+            return None
+        parts = [constant(name) for name in concat.input]
+        return [int(p.reshape(-1)[0]) if p is not None and p.size == 1 else None for p in parts]
+
+    def projection_width(name: str) -> int | None:
+        node = producers.get(name)
+        if node is not None and node.op_type == "Add":
+            node = next((producers[i] for i in node.input if i in producers and producers[i].op_type == "MatMul"), None)
+        if node is None or node.op_type != "MatMul" or len(node.input) < 2:
+            return None
+        weight = inits.get(node.input[1])
+        return int(weight.dims[1]) if weight is not None and len(weight.dims) == 2 else None
+
+    layouts: collections.Counter[tuple[int, int]] = collections.Counter()
+    for node in graph.node:
+        if node.op_type != "Reshape":
+            continue
+        shape = target_shape(node)
+        if shape is None or len(shape) != 4 or shape[3] is None or shape[3] <= 0 or shape[2] is None:
+            continue
+        width = projection_width(node.input[0])
+        if width is None or width % shape[3]:
+            continue
+        heads = width // shape[3]
+        if shape[2] in (-1, heads):
+            layouts[(heads, width)] += 1
+    return layouts
+
+
+def choose_attention_geometry(num_heads: int, hidden_size: int, layouts: collections.Counter[tuple[int, int]]
+                              ) -> tuple[int, int, list[str]]:
+    """The ``num_heads`` / ``hidden_size`` (q/k/v width) to hand ORT's fusion: the graph's own most
+    common layout; the recipe's values only where the graph shows none. Returns warnings too."""
+    if not layouts:
+        return num_heads, hidden_size, []
+    (heads, width), _ = layouts.most_common(1)[0]
+    warnings = []
+    if num_heads and (num_heads, hidden_size or num_heads * (width // heads)) != (heads, width):
+        warnings.append(f"num_heads = {num_heads}, hidden_size = {hidden_size} do not match the model's attention "
+                        f"({heads} heads, q/k/v width {width}; pruned heads?): used the model's")
+    if len(layouts) > 1:
+        warnings.append(f"attention blocks differ in head count ({sorted(layouts)}); ORT's fusion takes one, "
+                        f"only blocks with {heads} heads are fused")
+    return heads, width, warnings
+
+
+class _DropLogMessages(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def bert_fuse(source: Path, out: Path, num_heads: int = 0, hidden_size: int = 0,
+              attention: bool = True) -> dict[str, int]:
+    """Transformer fusions (python-only, opt_level 0 so nothing CPU-specific); returns fused-op counts.
+    ``hidden_size`` is the q/k/v width (``num_heads * head_size``), which head pruning makes smaller
+    than the model's hidden size."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    options = FusionOptions("bert")
+    options.enable_attention = attention
+    # ORT warns when the q/k/v width differs from their input width, which is right after head pruning.
+    # Its modules log under their bare names (it puts its folder on sys.path) or their package names.
+    quiet = _DropLogMessages("Input hidden size")
+    attention_logs = [logging.getLogger(name) for name in ("fusion_attention", "onnxruntime.transformers.fusion_attention")]
+    for attention_log in attention_logs:
+        attention_log.addFilter(quiet)
     try:
         optimized = optimize_model(str(source), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
-                                   opt_level=0)
+                                   optimization_options=options, opt_level=0)
     except Exception as exc:  # the optimizer raises many types on unexpected graphs
         raise CompressionError(f"BERT fusions failed on {source}: {exc}; set bert_fusions = false") from exc
+    finally:
+        for attention_log in attention_logs:
+            attention_log.removeFilter(quiet)
     optimized.save_model_to_file(str(out))
     return {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
 

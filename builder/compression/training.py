@@ -39,6 +39,21 @@ def forward(module: Any, batch: dict[str, np.ndarray], inputs: Sequence[InputSpe
     return out
 
 
+def trim_padding(batch: dict[str, np.ndarray], mask_name: str = "attention_mask") -> dict[str, np.ndarray]:
+    """Drop the trailing sequence positions that are padding in every row (HF convention: a 2-D
+    ``attention_mask`` input, 0 = padding), from every input of the same shape. Masked positions do
+    not change a transformer's results, but they cost: sentences of ~25 tokens padded to 128 made
+    MiniLM's fine-tuning ~3x slower. Batches without such a mask are returned unchanged."""
+    mask = batch.get(mask_name)
+    if mask is None or mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
+        return batch
+    used = np.flatnonzero(mask.any(axis=0))
+    length = int(used[-1]) + 1 if used.size else 1
+    if length >= mask.shape[1]:
+        return batch
+    return {name: (array[:, :length] if array.shape == mask.shape else array) for name, array in batch.items()}
+
+
 def steps_per_epoch(ctx: StepContext) -> int:
     if ctx.train_batches is None:
         return 0
@@ -92,6 +107,7 @@ def fine_tune(module: Any, ctx: StepContext, inputs: Sequence[InputSpec], *, epo
     for _ in range(epochs):
         module.train()
         for batch, labels in ctx.train_batches():
+            batch = trim_padding(batch)
             if on_step is not None:
                 on_step(step)
             teacher_out = None

@@ -6,7 +6,8 @@ canonical form drops what is switched off, so two trials that differ only in ign
 the same cache entry. Only applicable techniques enter the space:
 
 * PyTorch steps (distill, prune_channels, lowrank, prune, cluster) only when the model has a
-  PyTorch module, and steps that train only with ``--train-data``;
+  PyTorch module, and steps that train only with ``--train-data``; removing whole attention heads
+  (``prune_channels``' ``head_ratio``) only for models with attention;
 * ``prune_onnx`` for ONNX-only models;
 * graph steps (fold, smooth, quantize) only when the engine registers them; transformer fusions and
   activation smoothing only for models with MatMuls, smoothing only before int8 quantization.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Optional, Protocol, Sequence
 
 TORCH_ORDERS = ("channels_then_lowrank", "lowrank_then_channels")
 QUANT_MODES = ("none", "dynamic", "static", "fp16")
@@ -27,6 +28,7 @@ QUANT_MODES = ("none", "dynamic", "static", "fp16")
 DISTILL_MODES = ("off", "recover", "student")
 DISTILL_EPOCHS = 8
 KEEP_FLOAT_TARGET_COSINE = 0.9999
+HEAD_RATIOS = (0.0, 0.25, 0.5)  # fraction of attention heads removed with prune_channels
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 
 
@@ -38,6 +40,9 @@ class SpaceOptions:
     has_train_data: bool
     available_steps: frozenset[str]
     has_matmul: bool = False
+    # Attention modules whose heads prune_channels can remove; None: assumed when the graph has MatMuls
+    # (a transformer), the evaluator does not probe the PyTorch module for it.
+    has_attention: Optional[bool] = None
     # Steps whose default parameters train (so they need --train-data); probed from the engine.
     training_steps: frozenset[str] = frozenset({"distill"})
     keep_float_counts: tuple[int, ...] = (0, 1, 2, 4, 8)
@@ -85,6 +90,8 @@ def build_space(options: SpaceOptions) -> SearchSpace:
         if usable("prune_channels"):
             params.append(Choice("use_prune_channels", (False, True)))
             params.append(Choice("channel_ratio", (0.1, 0.2, 0.3, 0.4, 0.5)))
+            if _attention(options):
+                params.append(Choice("head_ratio", HEAD_RATIOS))
         if usable("lowrank"):
             params.append(Choice("use_lowrank", (False, True)))
             params.append(Choice("lowrank_energy", (0.8, 0.9, 0.95)))
@@ -129,7 +136,10 @@ def assemble_steps(values: Mapping[str, Any], options: SpaceOptions) -> tuple[di
             steps.append({"type": "distill", "width": 0.5, "epochs": DISTILL_EPOCHS})
         structured: list[dict[str, Any]] = []
         if values.get("use_prune_channels"):
-            structured.append({"type": "prune_channels", "ratio": float(values["channel_ratio"])})
+            channels: dict[str, Any] = {"type": "prune_channels", "ratio": float(values["channel_ratio"])}
+            if _attention(options) and float(values.get("head_ratio", 0.0)) > 0:
+                channels["head_ratio"] = float(values["head_ratio"])
+            structured.append(channels)
         if values.get("use_lowrank"):
             structured.append({"type": "lowrank", "energy": float(values["lowrank_energy"])})
         if values.get("torch_order") == "lowrank_then_channels":
@@ -169,6 +179,10 @@ def assemble_steps(values: Mapping[str, Any], options: SpaceOptions) -> tuple[di
             return ()
         steps.append({"type": fallback})
     return tuple(steps)
+
+
+def _attention(options: SpaceOptions) -> bool:
+    return options.has_attention if options.has_attention is not None else options.has_matmul
 
 
 def canonical(steps: Sequence[Mapping[str, Any]]) -> str:

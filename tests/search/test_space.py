@@ -57,3 +57,19 @@ def test_switched_off_parameters_do_not_change_the_recipe_key():
         keys.add(canonical(space.steps(space.sample(fixed(values)))))
     assert len(keys) == 1
     assert canonical([{"b": 1, "type": "x", "a": 2}]) == canonical([{"a": 2, "type": "x", "b": 1}])
+
+
+def test_head_pruning_is_offered_only_for_models_with_attention():
+    base = dict(torch_available=True, has_train_data=True, available_steps=ALL)
+    assert "head_ratio" in _names(SpaceOptions(**base, has_matmul=True))  # a transformer graph
+    assert "head_ratio" not in _names(SpaceOptions(**base, has_matmul=True, has_attention=False))
+    assert "head_ratio" not in _names(SpaceOptions(**base))  # a CNN
+    options = SpaceOptions(**base, has_matmul=True)
+    space = build_space(options)
+    values = {"use_prune_channels": True, "channel_ratio": 0.3, "head_ratio": 0.25}
+    steps = space.steps(space.sample(fixed(values)))
+    assert steps[0] == {"type": "prune_channels", "ratio": 0.3, "head_ratio": 0.25}
+    built = recipe_from_steps(steps).validate(torch_available=True, has_data=True, has_train_data=True)
+    assert built[0].head_fraction == 0.25
+    no_heads = space.steps(space.sample(fixed({**values, "head_ratio": 0.0})))
+    assert "head_ratio" not in no_heads[0]
