@@ -4,7 +4,8 @@ Teacher: the reference model the engine hands over (``ctx.teacher``): the origin
 model named by ``teacher = "package.module:factory"`` / a TorchScript file (``--distill-from``),
 which the engine loads before running anything.
 Student, first match wins:
-- ``student = "package.module:factory"``: built by the factory, then initialised from the teacher's
+- ``student = "package.module:factory"``: built by the factory under the run's seed (same seed, same
+  random initialisation; torch's global RNG is left as it was), then initialised from the teacher's
   weights wherever names and shapes match;
 - ``width = 0.5``: the current model made narrower by removing ``1 - width`` of the channels of every
   layer but the classifier (Torch-Pruning, keeping the largest-magnitude channels: the student
@@ -149,7 +150,7 @@ class DistillStep:
         student = state.torch_module
         params_before = _count(student)
         if self.student is not None:
-            student = load_torch_source(self.student, state.inputs)
+            student = _seeded_student(self.student, state.inputs, ctx.seed)
             facts["initialised_from_teacher"] = len(load_matching_weights(student, teacher))
         elif self.width is not None:
             student = narrower(student, self.width, state.inputs)
@@ -162,6 +163,16 @@ class DistillStep:
         facts.update({"params_before": params_before, "params_after": _count(student),
                       "fine_tune": dataclasses.asdict(stats)})
         return dataclasses.replace(state, torch_module=student), StepRecord(self.name, dataclasses.asdict(self), facts)
+
+
+def _seeded_student(source: str, inputs: Sequence[InputSpec], seed: int) -> Any:
+    """The factory's student built under ``seed``: without it a randomly initialised student depends
+    on whatever ran before, and a distilled and a label-only run could not start from the same weights."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return load_torch_source(source, inputs)
 
 
 def _count(module: Any) -> int:
