@@ -30,6 +30,9 @@ DISTILL_EPOCHS = 8
 KEEP_FLOAT_TARGET_COSINE = 0.9999
 HEAD_RATIOS = (0.0, 0.25, 0.5)  # fraction of attention heads removed with prune_channels
 CALIBRATIONS = ("minmax", "entropy", "percentile")
+# int8 weight storage and rounding: uint8 (asymmetric per column) suits smoothed, skewed weights;
+# GPTQ re-rounds them against the calibration data (builder.compression.gptq).
+WEIGHT_FORMATS = ("int8", "uint8", "uint8+gptq")
 
 
 @dataclass(frozen=True)
@@ -116,9 +119,10 @@ def build_space(options: SpaceOptions) -> SearchSpace:
         params.append(Choice("calibration", CALIBRATIONS))
         params.append(Choice("per_channel", (True, False)))
         params.append(Choice("keep_float", options.keep_float_counts))
+        params.append(Choice("weights", WEIGHT_FORMATS))
         if "smooth" in have and options.has_matmul:
             params.append(Choice("use_smooth", (False, True)))
-            params.append(Choice("smooth_alpha", (0.5, 0.8)))
+            params.append(Choice("smooth_alpha", (0.5, 0.7, 0.85)))
     return SearchSpace(options=options, parameters=tuple(params))
 
 
@@ -163,6 +167,11 @@ def assemble_steps(values: Mapping[str, Any], options: SpaceOptions) -> tuple[di
         if values.get("use_smooth"):
             steps.append({"type": "smooth", "alpha": float(values["smooth_alpha"])})
         quant: dict[str, Any] = {"type": "quantize", "mode": mode, "per_channel": bool(values.get("per_channel", True))}
+        weights = str(values.get("weights", "int8"))
+        if weights != "int8":  # the step's defaults (int8, nearest) stay implicit: same cache key as before
+            quant["weight_type"] = "uint8"
+        if weights.endswith("+gptq"):
+            quant["weight_rounding"] = "gptq"
         if mode == "static":
             quant["calibration"] = str(values.get("calibration", "minmax"))
         if int(values.get("keep_float", 0)) > 0:

@@ -73,3 +73,22 @@ def test_head_pruning_is_offered_only_for_models_with_attention():
     assert built[0].head_fraction == 0.25
     no_heads = space.steps(space.sample(fixed({**values, "head_ratio": 0.0})))
     assert "head_ratio" not in no_heads[0]
+
+
+def test_weight_format_choice_reaches_the_quantize_step():
+    options = SpaceOptions(torch_available=False, has_train_data=False, available_steps=ALL, has_matmul=True)
+    space = build_space(options)
+    assert "weights" in _names(options)
+    base = {"use_prune": False, "graph": "none", "quant_mode": "dynamic", "per_channel": True, "keep_float": 0,
+            "use_smooth": False}
+
+    def quantize_step(weights: str, mode: str = "dynamic") -> dict:
+        steps = space.steps({**base, "quant_mode": mode, "weights": weights})
+        return next(s for s in steps if s["type"] == "quantize")
+
+    assert "weight_type" not in quantize_step("int8") and "weight_rounding" not in quantize_step("int8")
+    assert quantize_step("uint8")["weight_type"] == "uint8" and "weight_rounding" not in quantize_step("uint8")
+    gptq = quantize_step("uint8+gptq")
+    assert (gptq["weight_type"], gptq["weight_rounding"]) == ("uint8", "gptq")
+    assert quantize_step("uint8+gptq", mode="fp16") == {"type": "quantize", "mode": "fp16"}
+    recipe_from_steps([gptq]).validate(torch_available=False, has_data=True, has_train_data=False)
