@@ -67,15 +67,31 @@ def synthetic_batches(inputs: Sequence[InputSpec], samples: int = 16, seed: int 
     return [batch]
 
 
+def uniform_batches(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The same samples in batches of one size (the gcd of the sizes given).
+
+    ORT's Entropy and Percentile calibrators stack every batch's outputs into one array and fail
+    ("inhomogeneous shape") when the last batch is shorter than the others.
+    """
+    import math
+
+    sizes = [len(next(iter(b.values()))) for b in batches if b]
+    if len(set(sizes)) <= 1:
+        return batches
+    size = math.gcd(*sizes)
+    return [{k: v[start:start + size] for k, v in batch.items()}
+            for batch, count in zip(batches, sizes) for start in range(0, count, size)]
+
+
 class BatchReader:
-    """``onnxruntime.quantization.CalibrationDataReader`` over in-memory batches."""
+    """``onnxruntime.quantization.CalibrationDataReader`` over in-memory batches (made uniform)."""
 
     def __init__(self, batches: list[dict[str, np.ndarray]], input_names: set[str]) -> None:
         from onnxruntime.quantization import CalibrationDataReader
 
         class _Reader(CalibrationDataReader):  # the base class is abstract; subclass it lazily
             def __init__(inner) -> None:
-                inner._iter = iter([{k: v for k, v in b.items() if k in input_names} for b in batches])
+                inner._iter = iter([{k: v for k, v in b.items() if k in input_names} for b in uniform_batches(batches)])
 
             def get_next(inner) -> Optional[dict[str, np.ndarray]]:
                 return next(inner._iter, None)

@@ -233,3 +233,14 @@ def test_minilm_fused_smoothed_dynamic_int8_keeps_embeddings(minilm_loaded, tmp_
     assert {"QAttention", "MatMulInteger"} <= ops and not non_portable_ops(model)
     assert record.facts["cosine_mean"] > 0.99
     assert state.onnx_path.stat().st_size < 23e6
+
+
+@pytest.mark.parametrize("calibration", ["entropy", "percentile"])
+def test_histogram_calibration_takes_a_short_last_batch(calibration, digits_loaded, digits_test_data, tmp_path: Path) -> None:
+    """ORT's histogram calibrators fail on batches of unequal size; the step evens them out."""
+    batches = list(digits_test_data.batches(64))[:2]
+    batches.append({k: v[:10] for k, v in batches[0].items()})
+    ctx = StepContext(workdir=workdir(tmp_path, "q"), calibration_batches=lambda: iter(batches), task="classify")
+    step = QuantizeStep(mode="static", calibration=calibration, check_latency=False)
+    _, record = step.apply(digits_state(digits_loaded), ctx)
+    assert record.facts["mode"] == "static" and record.facts["cosine_mean"] > 0.9
