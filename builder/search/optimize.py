@@ -45,7 +45,7 @@ from builder.search.objectives import (
     objective_values,
     score,
 )
-from builder.search.space import SearchSpace, build_space, canonical, describe
+from builder.search.space import SearchSpace, build_space, canonical, describe, starting_points
 
 log = logging.getLogger(__name__)
 
@@ -425,6 +425,9 @@ def run_search(config: SearchConfig, on_progress: Optional[Callable[[Progress], 
             config = dataclasses.replace(config, study_name=default_study_name(evaluator, config, space))
         assert config.study_name is not None
         study = _load_study(config, config.study_name, 0)
+        if not study.get_trials(deepcopy=False):  # a new study (not a resumed or joined one)
+            for point in starting_points(space):
+                study.enqueue_trial(point, skip_if_exists=True)
         baseline = evaluator.baseline
 
         def on_trial(study: Any, _trial: Any) -> None:

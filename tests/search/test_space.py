@@ -92,3 +92,25 @@ def test_weight_format_choice_reaches_the_quantize_step():
     assert (gptq["weight_type"], gptq["weight_rounding"]) == ("uint8", "gptq")
     assert quantize_step("uint8+gptq", mode="fp16") == {"type": "quantize", "mode": "fp16"}
     recipe_from_steps([gptq]).validate(torch_available=False, has_data=True, has_train_data=False)
+
+
+def test_starting_points_are_valid_recipes_one_per_quantization_mode():
+    from builder.search.space import starting_points
+
+    options = SpaceOptions(torch_available=True, has_train_data=False, available_steps=ALL, has_matmul=True)
+    space = build_space(options)
+    points = starting_points(space)
+    names = {p.name for p in space.parameters}
+    assert len(points) == len(next(p.choices for p in space.parameters if p.name == "quant_mode"))
+    recipes = [space.steps(space.sample(fixed(point))) for point in points]
+    for point, steps in zip(points, recipes):
+        assert set(point) == names  # every parameter pinned: the first trials are exactly these
+        assert not {s["type"] for s in steps} & {"prune_channels", "lowrank", "prune", "cluster", "distill"}
+        recipe_from_steps(steps).validate(torch_available=True, has_data=True, has_train_data=False)
+    dynamic = next(steps for point, steps in zip(points, recipes) if point["quant_mode"] == "dynamic")
+    assert [s["type"] for s in dynamic] == ["optimize_graph", "smooth", "quantize"]
+    assert dynamic[-1]["weight_rounding"] == "gptq"
+    cnn = build_space(SpaceOptions(torch_available=True, has_train_data=False, available_steps=ALL, has_matmul=False))
+    for point in starting_points(cnn):  # no MatMuls: fold, no smoothing, int8 weights
+        steps = cnn.steps(cnn.sample(fixed(point)))
+        assert steps[0]["type"] == "fold" and "smooth" not in {s["type"] for s in steps}
