@@ -121,8 +121,8 @@ def test_fine_tuning_distils_the_pruned_embedder_towards_the_original(tmp_path: 
     cosine = {}
     for epochs in (0, 3):
         ctx = context(tmp_path, train=train, teacher=teacher, task="embed")
-        state, record = ChannelPruneStep(ratio=0.5, head_ratio=0.5, epochs=epochs, lr=1e-3).apply(
-            torch_state(copy.deepcopy(teacher), INPUTS), ctx)
+        step = ChannelPruneStep(ratio=0.5, head_ratio=0.5, importance="magnitude", epochs=epochs, lr=1e-3)
+        state, record = step.apply(torch_state(copy.deepcopy(teacher), INPUTS), ctx)
         cosine[epochs] = float((embed(state.torch_module, held_out) * embed(teacher, held_out)).sum(axis=1).mean())
     assert record.facts["fine_tune"][0]["last_loss"] < record.facts["fine_tune"][0]["first_loss"]
     assert 1 - cosine[3] < 0.7 * (1 - cosine[0])  # distance to the original's embeddings down by 30 %+
@@ -175,3 +175,34 @@ def test_half_width_student_of_a_bert_keeps_its_embedding_size(tmp_path: Path) -
     student = narrower(tiny_bert_embedder(), 0.5, INPUTS)
     assert [a.num_attention_heads for a in hf_self_attention_modules(student)] == [2, 2]
     assert embed(student, token_batch(2, seed=7)).shape == (2, HIDDEN)
+
+
+def test_activation_importance_removes_a_constant_unit_without_changing_outputs(tmp_path: Path) -> None:
+    """A unit whose output never moves carries no information: activation importance removes it
+    first, and its constant contribution is folded into the next layer's bias (outputs unchanged)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).eval()
+    with torch.no_grad():
+        model[0].weight[4] = 0.0
+        model[0].bias[4] = 2.0  # unit 4 outputs tanh(2) whatever the input
+    inputs = (InputSpec("x", (1, 3)),)
+    x = np.random.default_rng(0).standard_normal((64, 3)).astype(np.float32)
+    before = model(torch.from_numpy(x)).detach().numpy()
+    ctx = context(tmp_path, calibration=DataSource.from_arrays({"x": x}, None, inputs, "x"))
+    state, record = ChannelPruneStep(ratio=1 / 6, importance="activation", epochs=0).apply(
+        torch_state(model, inputs), ctx)
+    assert state.torch_module[0].out_features == 5 and record.facts["bias_compensated"] == 1
+    np.testing.assert_allclose(state.torch_module(torch.from_numpy(x)).detach().numpy(), before, atol=1e-5)
+
+
+def test_activation_importance_keeps_a_pruned_bert_closer_than_magnitude(tmp_path: Path) -> None:
+    teacher = tiny_bert_embedder()
+    calibration = DataSource.from_arrays(token_batch(64, seed=8), None, INPUTS, "tokens")
+    held_out = token_batch(64, seed=9)
+    distance = {}
+    for importance in ("magnitude", "activation"):
+        state, record = ChannelPruneStep(ratio=0.5, head_ratio=0.5, importance=importance, epochs=0).apply(
+            torch_state(copy.deepcopy(teacher), INPUTS), context(tmp_path, calibration=calibration))
+        distance[importance] = 1 - float((embed(state.torch_module, held_out) * embed(teacher, held_out)).sum(1).mean())
+    assert record.facts["importance"] == "activation" and record.facts["bias_compensated"] > 0
+    assert distance["activation"] < 0.8 * distance["magnitude"]
