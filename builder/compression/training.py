@@ -4,6 +4,10 @@ distillation).
 Loss: with labels, cross-entropy; with a teacher too, Hinton's mix
 ``alpha * CE + (1 - alpha) * T^2 * KL(softmax(t/T) || softmax(s/T))``; without labels, the teacher's
 outputs are the target (KL for classifiers, ``1 - cosine`` or MSE for embedding models).
+An embedding model is trained in eval mode (no dropout, norm statistics frozen): matching the
+teacher's embeddings is a regression on its exact outputs, and dropout noise swamped that signal
+(MiniLM, 25 % of heads and FFN units pruned, 10 distillation steps: cosine to the original 0.896 ->
+0.888 with dropout, 0.898 without).
 """
 from __future__ import annotations
 
@@ -105,7 +109,7 @@ def fine_tune(module: Any, ctx: StepContext, inputs: Sequence[InputSpec], *, epo
     step = 0
     first = last = float("nan")
     for _ in range(epochs):
-        module.train()
+        module.train(task != "embed")
         for batch, labels in ctx.train_batches():
             batch = trim_padding(batch)
             if on_step is not None:
