@@ -29,6 +29,9 @@ DISTILL_MODES = ("off", "recover", "student")
 DISTILL_EPOCHS = 8
 KEEP_FLOAT_TARGET_COSINE = 0.9999
 HEAD_RATIOS = (0.0, 0.25, 0.5)  # fraction of attention heads removed with prune_channels
+# distill's default lr (3e-3) suits small CNNs; Adam at that rate wrecks a pretrained transformer
+# (prune_channels' DEFAULT_TRANSFORMER_LR, measured on MiniLM).
+TRANSFORMER_DISTILL_LR = 3e-4
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 # int8 weight storage and rounding: uint8 (asymmetric per column) suits smoothed, skewed weights;
 # GPTQ re-rounds them against the calibration data (builder.compression.gptq).
@@ -173,8 +176,9 @@ def assemble_steps(values: Mapping[str, Any], options: SpaceOptions) -> tuple[di
     steps: list[dict[str, Any]] = []
     if options.torch_available:
         distill = values.get("distill", "off")
+        distill_lr = {"lr": TRANSFORMER_DISTILL_LR} if _attention(options) else {}
         if distill == "student":
-            steps.append({"type": "distill", "width": 0.5, "epochs": DISTILL_EPOCHS})
+            steps.append({"type": "distill", "width": 0.5, "epochs": DISTILL_EPOCHS, **distill_lr})
         structured: list[dict[str, Any]] = []
         if values.get("use_prune_channels"):
             channels: dict[str, Any] = {"type": "prune_channels", "ratio": float(values["channel_ratio"])}
@@ -187,7 +191,7 @@ def assemble_steps(values: Mapping[str, Any], options: SpaceOptions) -> tuple[di
             structured.reverse()
         steps += structured
         if distill == "recover" and structured:
-            steps.append({"type": "distill", "epochs": DISTILL_EPOCHS})
+            steps.append({"type": "distill", "epochs": DISTILL_EPOCHS, **distill_lr})
         if values.get("use_prune"):
             steps.append({"type": "prune", "final_sparsity": float(values["sparsity"])})
         if values.get("use_cluster"):

@@ -73,6 +73,8 @@ def test_head_pruning_is_offered_only_for_models_with_attention():
     assert built[0].head_fraction == 0.25
     no_heads = space.steps(space.sample(fixed({**values, "head_ratio": 0.0})))
     assert "head_ratio" not in no_heads[0]
+    recovered = space.steps(space.sample(fixed({**values, "distill": "recover"})))
+    assert recovered[1]["type"] == "distill" and recovered[1]["lr"] < 1e-3  # a transformer's fine-tuning rate
 
 
 def test_weight_format_choice_reaches_the_quantize_step():
