@@ -403,7 +403,7 @@ def run_minilm(work: Path, log: logging.Logger) -> str:
             folder = work / f"minilm-q{index}"
             folder.mkdir()
             ctx = StepContext(workdir=folder, calibration_batches=lambda: iter(batches), task="embed")
-            state, record = QuantizeStep(**QUANTIZE, **extra).apply(result.final_state, ctx)
+            state, record = QuantizeStep(**{**QUANTIZE, **extra}).apply(result.final_state, ctx)
             models.append((label, state.onnx_path))
             gptq = (f"; GPTQ re-rounded {record.facts['gptq_changed_fraction'] * 100:.0f}% of the weights of "
                     f"{record.facts['gptq_rounded']} layers, layer output error x{record.facts['gptq_layer_error_ratio']}"
