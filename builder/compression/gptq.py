@@ -178,8 +178,10 @@ def round_weights(quantized_path: Path, hessians: Hessians, damp: float = DEFAUL
             report.skipped[weight_name] = f"layout {weight.shape} / scale {scale.shape} not [K, N] per column"
             continue
         hessian = hessians.matrices[activation]
-        info = np.iinfo(q_old.dtype)
-        q_new = gptq_quantize(weight, hessian, scale.reshape(-1), zero_point.reshape(-1), info.min, info.max, damp)
+        # The levels ORT used (e.g. -127..127 symmetric, -64..64 with reduce_range, 0..255 uint8):
+        # per-column scales put each column's extreme exactly on a limit, so the tensor's range is it.
+        low, high = int(q_old.min()), int(q_old.max())
+        q_new = gptq_quantize(weight, hessian, scale.reshape(-1), zero_point.reshape(-1), low, high, damp)
         report.error_nearest += _layer_error(weight, q_old, scale, zero_point, hessian)
         report.error_gptq += _layer_error(weight, q_new, scale, zero_point, hessian)
         changed += int((q_new != q_old).sum())
