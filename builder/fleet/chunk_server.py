@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +25,7 @@ from typing import Any, Callable
 from agent import protocol as proto
 from agent.errors import ProtocolError
 from agent.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
+from builder.atomic_files import atomic_write_bytes
 from builder.errors import FleetError
 
 log = logging.getLogger(__name__)
@@ -185,12 +184,8 @@ class ChunkServer:
             return cached.read_bytes()
         data = compress_payload(path, self.zstd_level)
         if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            # A temporary name of its own: two threads (two devices' first requests) may compress at once.
-            fd, tmp = tempfile.mkstemp(prefix=f".{cached.name}.", suffix=".tmp", dir=cached.parent)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, cached)
+            # Its own temporary name per write: two threads (two devices' first requests) may compress at once.
+            atomic_write_bytes(cached, data, make_parents=True)
         return data
 
 
