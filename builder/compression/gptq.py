@@ -63,13 +63,16 @@ class Hessians:
     def __init__(self, float_path: Path, batches: Iterable[dict[str, np.ndarray]]) -> None:
         import onnx
 
-        self.float_path = Path(float_path)
-        model = onnx.load(str(self.float_path))
-        inits = {i.name for i in model.graph.initializer}
+        from onnx import numpy_helper
+
+        model = onnx.load(str(float_path))
+        inits = {i.name: i for i in model.graph.initializer}
         self.layer_inputs: dict[str, str] = {}  # weight initializer -> activation tensor
+        self.weights: dict[str, np.ndarray] = {}  # the float weights GPTQ rounds (read once, not per candidate)
         for node in model.graph.node:
             if node.op_type in GPTQ_OPS and len(node.input) > 1 and node.input[1] in inits:
                 self.layer_inputs[node.input[1]] = node.input[0]
+                self.weights[node.input[1]] = numpy_helper.to_array(inits[node.input[1]])
         self.matrices: dict[str, np.ndarray] = {}
         self._collect(model, list(batches))
 
@@ -160,7 +163,6 @@ def round_weights(quantized_path: Path, hessians: Hessians, damp: float = DEFAUL
 
     from builder.atomic_files import atomic_write_bytes
 
-    floats = {i.name: i for i in onnx.load(str(hessians.float_path)).graph.initializer}
     model = onnx.load(str(quantized_path))
     inits = {i.name: i for i in model.graph.initializer}
     report = RoundingReport()
@@ -170,7 +172,7 @@ def round_weights(quantized_path: Path, hessians: Hessians, damp: float = DEFAUL
         if q_init is None:
             report.skipped[weight_name] = "kept in float"
             continue
-        weight = numpy_helper.to_array(floats[weight_name])
+        weight = hessians.weights[weight_name]
         q_old = numpy_helper.to_array(q_init)
         scale = numpy_helper.to_array(inits[weight_name + "_scale"]).astype(np.float64)
         zero_point = numpy_helper.to_array(inits[weight_name + "_zero_point"]).astype(np.float64)
