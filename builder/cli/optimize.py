@@ -95,7 +95,10 @@ def register(app: typer.Typer) -> None:
         elif broker is not None:
             raise UsageError("--broker is for --measure-on DEVICE; pass both or neither")
         if ladder or measure is not None:
-            _require_signing_key(home, "--measure-on sends candidates" if measure is not None else "the ladder is built")
+            if measure is not None:
+                _require_signing_key(home, "--measure-on sends candidates")
+            else:
+                _require_signing_key(home, "the ladder is built", alternative=" or pass --no-ladder")
         out.mkdir(parents=True, exist_ok=True)
         setup = EvaluationSetup(model=model, device=device, data=data, input_shapes=input_shape, train_data=train_data,
                                 profiles_dir=str(profiles_dir) if profiles_dir else None, threads=threads, seed=seed,
@@ -150,15 +153,14 @@ def register(app: typer.Typer) -> None:
             console.print(f"  wrote {path}")
 
 
-def _require_signing_key(home: Path, why: str = "the ladder is built") -> None:
+def _require_signing_key(home: Path, why: str, alternative: str = "") -> None:
     from builder.artifacts.signing import key_paths
     from builder.errors import UsageError
     from builder.targets.profile_build import default_key_dir
 
     if not key_paths(default_key_dir(home)).private.is_file():
         raise UsageError(f"{why} as signed artifacts but there is no signing key in {default_key_dir(home)}; "
-                         "run `builder keys init` (same --registry-dir)"
-                         + (" or pass --no-ladder" if why == "the ladder is built" else ""))
+                         f"run `builder keys init` (same --registry-dir){alternative}")
 
 
 def _console() -> "Console":
