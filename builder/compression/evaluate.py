@@ -245,22 +245,43 @@ def interleaved_median_ms(paths: Sequence[Path], feed: dict[str, np.ndarray], th
                           min_round_s: float) -> list[float]:
     """Median ms of each model at ``paths``; every round runs each model in turn for ``min_round_s``
     (time-boxed rounds, so a tiny and a large model each get enough runs), after 3 warm-up runs."""
+    per_round = interleaved_round_times(paths, feed, threads, rounds, min_round_s)
+    return [float(np.median([t for one in model for t in one])) for model in per_round]
+
+
+def paired_ratio(baseline: Path, candidate: Path, feed: dict[str, np.ndarray], threads: int, rounds: int,
+                 min_round_s: float) -> float:
+    """Candidate / baseline latency as the median over rounds of each round's ratio of medians.
+
+    A load burst on a shared machine lasts longer than a short round and so lands in few rounds;
+    pooling all runs first lets one burst that hit one model's turns decide the ratio (measured in
+    CI: a model 0.6x its input read 1.43x slower in one pooled measurement).
+    """
+    base, cand = interleaved_round_times([baseline, candidate], feed, threads, rounds, min_round_s)
+    return float(np.median([np.median(c) / max(float(np.median(b)), 1e-9) for b, c in zip(base, cand)]))
+
+
+def interleaved_round_times(paths: Sequence[Path], feed: dict[str, np.ndarray], threads: int, rounds: int,
+                            min_round_s: float) -> list[list[list[float]]]:
+    """ms of every run, as ``[model][round][run]``; rounds alternate the models after 3 warm-up runs."""
     sessions = [make_session(p, threads) for p in paths]
     feeds = [{k: v for k, v in feed.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
     for session, f in zip(sessions, feeds):
         for _ in range(3):
             session.run(None, f)
-    times: list[list[float]] = [[] for _ in sessions]
+    times: list[list[list[float]]] = [[] for _ in sessions]
     for _ in range(rounds):
         for session, f, out in zip(sessions, feeds, times):
+            run_times: list[float] = []
             start_round = time.perf_counter()
             while True:
                 start = time.perf_counter()
                 session.run(None, f)
-                out.append((time.perf_counter() - start) * 1000.0)
+                run_times.append((time.perf_counter() - start) * 1000.0)
                 if time.perf_counter() - start_round >= min_round_s:
                     break
-    return [float(np.median(t)) for t in times]
+            out.append(run_times)
+    return times
 
 
 def measure_interleaved(sessions: Sequence[Any], feed: dict[str, np.ndarray], warmup_runs: int,

@@ -128,12 +128,11 @@ def fidelity(reference: np.ndarray, path: Path, batches: list[dict[str, np.ndarr
 
 
 def latency_ratio(baseline: Path, candidate: Path, feed: dict[str, np.ndarray], threads: int = 1,
-                  rounds: int = 5, min_round_s: float = 0.15) -> tuple[float, float]:
-    """(baseline median ms, candidate median ms), measured interleaved so machine noise hits both."""
-    from builder.compression.evaluate import interleaved_median_ms
+                  rounds: int = 15, min_round_s: float = 0.05) -> float:
+    """Candidate latency / baseline latency at batch 1, from short interleaved rounds (see paired_ratio)."""
+    from builder.compression.evaluate import paired_ratio
 
-    baseline_ms, candidate_ms = interleaved_median_ms([baseline, candidate], feed, threads, rounds, min_round_s)
-    return baseline_ms, candidate_ms
+    return paired_ratio(baseline, candidate, feed, threads, rounds, min_round_s)
 
 
 # ---- quantizers ------------------------------------------------------------------------------------
@@ -252,6 +251,7 @@ class QuantizeStep:
     min_agreement: float = 0.8
     max_latency_ratio: float = 1.15  # int8 slower than input x this is refused (noise margin)
     check_latency: bool = True
+    latency_confirmations: int = 2  # re-measurements before a slowdown is believed (shared machines are noisy)
     preprocess: bool = True
     calibration_samples: int = 256
     eval_samples: int = 128
@@ -278,8 +278,9 @@ class QuantizeStep:
             raise UsageError("weight_rounding = 'gptq' rounds int8 weights; use it with mode 'dynamic' or 'static'")
         if not 0.0 < self.gptq_damp < 1.0:
             raise UsageError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
-        if self.max_kept < 0 or self.eval_samples < 2 or self.calibration_samples < 1:
-            raise UsageError("max_kept must be >= 0, eval_samples >= 2, calibration_samples >= 1")
+        if self.max_kept < 0 or self.eval_samples < 2 or self.calibration_samples < 1 or self.latency_confirmations < 0:
+            raise UsageError("max_kept and latency_confirmations must be >= 0, eval_samples >= 2, "
+                             "calibration_samples >= 1")
 
     def requires_data(self) -> bool:
         return (self.mode == "static" or self.target_cosine is not None or self.target_agreement is not None
@@ -385,8 +386,15 @@ class QuantizeStep:
         cos_mean, cos_min, agreement = fidelity(reference, out, evals, task)
         ratio = 1.0
         if self.check_latency:
-            base_ms, cand_ms = latency_ratio(source, out, feed, threads=self.threads)
-            ratio = cand_ms / max(base_ms, 1e-9)
+            ratio = latency_ratio(source, out, feed, threads=self.threads)
+            for _ in range(self.latency_confirmations):
+                if ratio <= self.max_latency_ratio:
+                    break
+                # Noise only ever needs one lucky measurement to pass; a real slowdown (ConvInteger
+                # at 5x) fails every one. Refusing takes every measurement agreeing.
+                again = latency_ratio(source, out, feed, threads=self.threads)
+                log.info("%s quantization read %.2fx the input's latency; measured again: %.2fx", mode, ratio, again)
+                ratio = min(ratio, again)
         return Measurement(cos_mean, cos_min, agreement, ratio)
 
     def _trap(self, measured: Measurement, mode: str) -> Optional[str]:
