@@ -158,15 +158,20 @@ def _quant_type(name: str) -> Any:
 def quantize_to(mode: str, source: Path, out: Path, *, per_channel: bool, exclude: Sequence[str],
                 calibration: str = "minmax", activation_type: str = "uint8", weight_type: str = "int8",
                 calibration_batches: Optional[list[dict[str, np.ndarray]]] = None,
-                op_types: Sequence[str] = ()) -> Path:
-    """Write ``source`` quantized in ``mode`` to ``out``; library errors become CompressionError."""
+                op_types: Sequence[str] = (), weight_types: Optional[dict[str, str]] = None) -> Path:
+    """Write ``source`` quantized in ``mode`` to ``out``; library errors become CompressionError.
+
+    ``weight_types`` (dynamic only) overrides ``weight_type`` per op type, e.g. ``{"Attention": "uint8"}``.
+    """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static
 
     # DefaultTensorType: contrib ops (Attention, SkipLayerNormalization) defeat ONNX type inference.
     extra: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     try:
-        if mode == "dynamic":
+        if mode == "dynamic" and weight_types:
+            _dynamic_by_weight_type(source, out, per_channel, weight_type, weight_types, exclude, op_types, extra)
+        elif mode == "dynamic":
             quantize_dynamic(str(source), str(out), per_channel=per_channel, weight_type=_quant_type(weight_type),
                              nodes_to_exclude=list(exclude), op_types_to_quantize=list(op_types) or None,
                              extra_options=extra)
@@ -202,6 +207,33 @@ def quantize_to(mode: str, source: Path, out: Path, *, per_channel: bool, exclud
     except Exception as exc:  # onnxruntime.quantization raises many library types
         raise CompressionError(f"{mode} quantization failed: {exc}") from exc
     return out
+
+
+def _dynamic_by_weight_type(source: Path, out: Path, per_channel: bool, weight_type: str,
+                            weight_types: dict[str, str], exclude: Sequence[str], op_types: Sequence[str],
+                            extra: dict[str, Any]) -> None:
+    """``quantize_dynamic`` once per weight type, each pass on its own op types.
+
+    ORT takes one weight type per call, but the best storage differs by kernel: on AVX2 without
+    VNNI the fused QAttention loses least accuracy with uint8 weights while MatMulInteger with uint8
+    weights runs the U8U8 kernels, 17% slower than U8S8 (measured on MiniLM, bench/RESULTS.md).
+    A pass turns its ops into quantized ones (QAttention, MatMulInteger), which later passes leave alone.
+    """
+    import tempfile
+
+    from onnxruntime.quantization import quantize_dynamic
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+    groups: dict[str, list[str]] = {}
+    for op in list(op_types) or list(IntegerOpsRegistry):
+        groups.setdefault(weight_types.get(op, weight_type), []).append(op)
+    current = Path(source)
+    with tempfile.TemporaryDirectory(dir=Path(out).parent, prefix=".weight-types-") as tmp:
+        for index, (wtype, ops) in enumerate(sorted(groups.items())):
+            target = Path(out) if index == len(groups) - 1 else Path(tmp) / f"pass{index}.onnx"
+            quantize_dynamic(str(current), str(target), per_channel=per_channel, weight_type=_quant_type(wtype),
+                             nodes_to_exclude=list(exclude), op_types_to_quantize=ops, extra_options=dict(extra))
+            current = target
 
 
 def weighted_nodes(path: Path) -> list[str]:
@@ -243,6 +275,8 @@ class QuantizeStep:
     calibration: str = "minmax"
     activation_type: str = "uint8"  # static only; uint8 measured better on CNNs (FACTS.md)
     weight_type: str = "int8"
+    # per op type, dynamic mode only: {Attention = "uint8"} keeps weight_type for every other op
+    weight_types: dict[str, str] = dataclasses.field(default_factory=dict)
     keep_float: tuple[str, ...] = ()  # node names always kept in float
     target_cosine: Optional[float] = None  # mixed-precision budget; None = no sensitivity search
     target_agreement: Optional[float] = None
@@ -271,6 +305,12 @@ class QuantizeStep:
             raise UsageError(f"calibration {self.calibration!r} is unknown; use one of {', '.join(CALIBRATIONS)}")
         if self.activation_type not in INT8_TYPES or self.weight_type not in INT8_TYPES:
             raise UsageError("activation_type and weight_type must be 'uint8' or 'int8'")
+        object.__setattr__(self, "weight_types", dict(self.weight_types))
+        if any(t not in INT8_TYPES for t in self.weight_types.values()):
+            raise UsageError("weight_types maps op types to 'uint8' or 'int8', e.g. {Attention = \"uint8\"}")
+        if self.weight_types and self.mode not in ("dynamic", "auto"):
+            raise UsageError(f"weight_types applies to mode 'dynamic' (ORT's static QDQ takes one weight_type); "
+                             f"use weight_type with mode {self.mode!r}")
         if self.weight_rounding not in WEIGHT_ROUNDINGS:
             raise UsageError(f"weight_rounding {self.weight_rounding!r} is unknown; use one of "
                              f"{', '.join(WEIGHT_ROUNDINGS)}")
@@ -374,7 +414,8 @@ class QuantizeStep:
         """``quantize_to`` with this step's settings, then GPTQ rounding when ``hessians`` are given."""
         quantize_to(mode, prepared, out, per_channel=self.per_channel, exclude=exclude,
                     calibration=self.calibration, activation_type=self.activation_type,
-                    weight_type=self.weight_type, calibration_batches=calib, op_types=self.op_types)
+                    weight_type=self.weight_type, calibration_batches=calib, op_types=self.op_types,
+                    weight_types=self.weight_types if mode == "dynamic" else None)
         if hessians is None or mode == "fp16":
             return None
         from builder.compression.gptq import round_weights

@@ -47,6 +47,33 @@ def test_dynamic_int8_stays_close_to_float(digits_loaded, digits_test_data, tmp_
     assert accuracy(state.onnx_path, digits_test_data) >= accuracy(digits_loaded.onnx_path, digits_test_data) - 0.02
 
 
+def weight_dtypes(path: Path) -> dict[str, set]:
+    """op type -> numpy dtypes of its constant weight input (input 1), over the quantized graph."""
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i).dtype for i in model.graph.initializer}
+    out: dict[str, set] = {}
+    for node in model.graph.node:
+        if len(node.input) > 1 and node.input[1] in inits:
+            out.setdefault(node.op_type, set()).add(inits[node.input[1]])
+    return out
+
+
+def test_weight_types_store_each_op_type_in_its_own_int8_format(digits_loaded, digits_test_data, tmp_path) -> None:
+    step = QuantizeStep(mode="dynamic", weight_type="int8", weight_types={"Conv": "uint8"}, check_latency=False)
+    state, record = step.apply(digits_state(digits_loaded), context(workdir(tmp_path, "q"), calibration=digits_test_data))
+    dtypes = weight_dtypes(state.onnx_path)
+    assert dtypes["ConvInteger"] == {np.dtype(np.uint8)} and dtypes["MatMulInteger"] == {np.dtype(np.int8)}
+    assert record.facts["cosine_mean"] > 0.99
+    assert not list(Path(state.onnx_path).parent.glob(".weight-types-*"))  # the intermediate pass is gone
+    plain, _ = QuantizeStep(mode="dynamic", weight_type="int8", check_latency=False).apply(
+        digits_state(digits_loaded), context(workdir(tmp_path, "p"), calibration=digits_test_data))
+    assert weight_dtypes(plain.onnx_path)["ConvInteger"] == {np.dtype(np.int8)}
+    with pytest.raises(UsageError, match="weight_types applies to mode 'dynamic'"):
+        QuantizeStep(mode="static", weight_types={"Conv": "uint8"})
+    with pytest.raises(UsageError, match="weight_types"):
+        QuantizeStep(weight_types={"Conv": "int4"})
+
+
 @pytest.mark.parametrize("calibration", ["minmax", "entropy", "percentile"])
 def test_static_qdq_per_channel_stays_close_to_float(calibration, digits_loaded, digits_test_data, tmp_path: Path) -> None:
     step = QuantizeStep(mode="static", calibration=calibration, check_latency=False, calibration_samples=128)
