@@ -93,6 +93,13 @@ def test_weight_format_choice_reaches_the_quantize_step():
     gptq = quantize_step("uint8+gptq")
     assert (gptq["weight_type"], gptq["weight_rounding"]) == ("uint8", "gptq")
     assert quantize_step("uint8+gptq", mode="fp16") == {"type": "quantize", "mode": "fp16"}
+    mixed = quantize_step("attention-uint8+gptq")
+    assert mixed["weight_types"] == {"Attention": "uint8"} and "weight_type" not in mixed
+    assert mixed["weight_rounding"] == "gptq"
+    assert "weight_types" not in quantize_step("attention-uint8+gptq", mode="static")  # QDQ: one weight type
+    recipe_from_steps([mixed]).validate(torch_available=False, has_data=True, has_train_data=False)
+    cnn = SpaceOptions(torch_available=False, has_train_data=False, available_steps=ALL, has_matmul=False)
+    assert "attention-uint8+gptq" not in next(p.choices for p in build_space(cnn).parameters if p.name == "weights")
     recipe_from_steps([gptq]).validate(torch_available=False, has_data=True, has_train_data=False)
 
 
@@ -103,15 +110,17 @@ def test_starting_points_are_valid_recipes_one_per_quantization_mode():
     space = build_space(options)
     points = starting_points(space)
     names = {p.name for p in space.parameters}
-    assert len(points) == len(next(p.choices for p in space.parameters if p.name == "quant_mode"))
+    # one per mode, and dynamic twice on MatMul models (all-uint8 and attention-only uint8 weights)
+    assert len(points) == len(next(p.choices for p in space.parameters if p.name == "quant_mode")) + 1
     recipes = [space.steps(space.sample(fixed(point))) for point in points]
     for point, steps in zip(points, recipes):
         assert set(point) == names  # every parameter pinned: the first trials are exactly these
         assert not {s["type"] for s in steps} & {"prune_channels", "lowrank", "prune", "cluster", "distill"}
         recipe_from_steps(steps).validate(torch_available=True, has_data=True, has_train_data=False)
-    dynamic = next(steps for point, steps in zip(points, recipes) if point["quant_mode"] == "dynamic")
-    assert [s["type"] for s in dynamic] == ["optimize_graph", "smooth", "quantize"]
-    assert dynamic[-1]["weight_rounding"] == "gptq"
+    dynamic = [steps for point, steps in zip(points, recipes) if point["quant_mode"] == "dynamic"]
+    assert all([s["type"] for s in d] == ["optimize_graph", "smooth", "quantize"] for d in dynamic)
+    assert all(d[-1]["weight_rounding"] == "gptq" for d in dynamic)
+    assert [d[-1].get("weight_types") for d in dynamic] == [None, {"Attention": "uint8"}]
     cnn = build_space(SpaceOptions(torch_available=True, has_train_data=False, available_steps=ALL, has_matmul=False))
     for point in starting_points(cnn):  # no MatMuls: fold, no smoothing, int8 weights
         steps = cnn.steps(cnn.sample(fixed(point)))
