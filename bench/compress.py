@@ -38,11 +38,16 @@ MB = 1e6
 
 # ---- timing ---------------------------------------------------------------------------------------
 def interleaved_latency_ms(paths: list[Path], feed: dict[str, np.ndarray], threads: int, rounds: int,
-                           min_round_s: float) -> list[float]:
-    """Median latency of each model; every round runs each model in turn for ``min_round_s``."""
-    from builder.compression.evaluate import interleaved_median_ms
+                           min_round_s: float) -> tuple[list[float], list[float]]:
+    """(median ms of each model, its speed-up over ``paths[0]``); every round runs each model in turn
+    for ``min_round_s``. The speed-up is the median over rounds of each round's ratio, so a load burst
+    that hits a few rounds (this VM is shared) moves it less than it moves the pooled medians."""
+    from builder.compression.evaluate import interleaved_round_times
 
-    return interleaved_median_ms(paths, feed, threads, rounds, min_round_s)
+    times = interleaved_round_times(paths, feed, threads, rounds, min_round_s)
+    medians = [float(np.median([t for one in model for t in one])) for model in times]
+    speed = [float(np.median([np.median(b) / np.median(m) for b, m in zip(times[0], model)])) for model in times]
+    return medians, speed
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -68,6 +73,7 @@ class DigitsRow:
     file_bytes: int = 0
     download_bytes: int = 0
     latency_ms: float = float("nan")
+    speed: float = float("nan")  # × the fp32 baseline, paired per round
     note: str = ""
     flags: tuple[str, ...] = ()
 
@@ -83,6 +89,12 @@ DIGITS_RECIPES: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("prune", {"final_sparsity": 0.8, "scope": "global", "epochs": 6}),
         ("cluster", {"clusters": 16, "epochs": 4}),
         ("quantize", {"mode": "static", "calibration": "minmax"})],
+    # int8 on the channel-pruned CNN (~30 µs): the step's latency guard decides whether QDQ overhead
+    # outweighs the int8 arithmetic at this size; the fold-only row is the same model without int8.
+    "combined: channels 50% + cluster 16 + fold": [
+        ("prune_channels", {"ratio": 0.5, "epochs": 6}),
+        ("cluster", {"clusters": 16, "epochs": 3}),
+        ("fold", {})],
     "combined: channels 50% + cluster 16 + int8": [
         ("prune_channels", {"ratio": 0.5, "epochs": 6}),
         ("cluster", {"clusters": 16, "epochs": 3}),
@@ -282,9 +294,10 @@ def run_digits(work: Path, log: logging.Logger) -> str:
 
     timed = [r for r in rows if r.path is not None]
     feed = {"input": split.x_test[:1]}
-    for row, ms in zip(timed, interleaved_latency_ms([r.path for r in timed], feed, threads=1, rounds=7,
-                                                     min_round_s=0.25)):
-        row.latency_ms = ms
+    # Many short rounds: the digits models run for tens of microseconds, so 0.05 s is ~1,000 runs.
+    for row, ms, speed in zip(timed, *interleaved_latency_ms([r.path for r in timed], feed, threads=1, rounds=36,
+                                                            min_round_s=0.05)):
+        row.latency_ms, row.speed = ms, speed
 
     base = rows[0]
     headers = ["technique", "accuracy", "Δ points", "params", "non-zero", "MACs", "MACs ÷", "file KB",
@@ -299,7 +312,7 @@ def run_digits(work: Path, log: logging.Logger) -> str:
             f"{r.nonzero:,}", f"{r.macs:,}" if r.macs else "?",
             f"{base.macs / r.macs:.2f}" if r.macs and base.macs else "?",
             f"{r.file_bytes / 1e3:.1f}", f"{r.download_bytes / 1e3:.1f}", f"{base.download_bytes / r.download_bytes:.1f}",
-            f"{r.latency_ms * 1e3:.0f}", f"{base.latency_ms / r.latency_ms:.2f}",
+            f"{r.latency_ms * 1e3:.0f}", f"{r.speed:.2f}",
             "; ".join(x for x in (r.note, ",".join(r.flags)) if x)])
     out = [table(headers, body), ""]
     by_name = {r.name: r for r in rows}
@@ -314,7 +327,7 @@ def run_digits(work: Path, log: logging.Logger) -> str:
                    f"{drop(combined):.2f} points (target ≤ 1): {check(ratio >= 8 and drop(combined) <= 1)}")
     channels = by_name["prune channels 50% (Torch-Pruning)"]
     if channels.path is not None and channels.macs and base.macs:
-        mac_ratio, speed = base.macs / channels.macs, base.latency_ms / channels.latency_ms
+        mac_ratio, speed = base.macs / channels.macs, channels.speed
         out.append(f"- structured pruning: {mac_ratio:.2f}× fewer MACs (target ≥ 2×), {speed:.2f}× speed "
                    f"(target > 1), drop {drop(channels):.2f} points (target ≤ 1): "
                    f"{check(mac_ratio >= 2 and speed > 1.0 and drop(channels) <= 1)}")
@@ -336,6 +349,10 @@ GRAPH_STEPS: list[tuple[str, dict[str, Any]]] = [
 ]
 QUANTIZE = {"mode": "dynamic", "per_channel": True, "weight_type": "uint8", "weight_rounding": "gptq",
             "eval_samples": 100, "calibration_samples": 100}
+# uint8 weights only for the fused attention; the other MatMuls keep int8 weights and with them ORT's
+# U8S8 kernels, 17% faster than U8U8 on AVX2 without VNNI.
+FASTER = ("faster: same, uint8 weights only for the fused attention, int8 for the other MatMuls, GPTQ",
+          {"weight_type": "int8", "weight_types": {"Attention": "uint8"}})
 ABLATIONS = (("ablation: same, round-to-nearest", {"weight_rounding": "nearest"}),
              ("ablation: same, int8 weights, round-to-nearest (last run's best)",
               {"weight_type": "int8", "weight_rounding": "nearest"}))
@@ -397,8 +414,8 @@ def run_minilm(work: Path, log: logging.Logger) -> str:
         notes.append(f"fusions: {result.steps[0].record.facts.get('fused_ops')}; smoothed tensors: "
                      f"{result.steps[1].record.facts.get('smoothed_tensors')}")
         batches = list(calib.batches(25))
-        variants = (("best: BERT fusions + smooth 0.85 + per-channel dynamic int8, uint8 weights, GPTQ", {}),
-                    *ABLATIONS)
+        variants = (("most faithful: BERT fusions + smooth 0.85 + per-channel dynamic int8, uint8 weights, GPTQ", {}),
+                    FASTER, *ABLATIONS)
         for index, (label, extra) in enumerate(variants):
             folder = work / f"minilm-q{index}"
             folder.mkdir()
@@ -417,8 +434,10 @@ def run_minilm(work: Path, log: logging.Logger) -> str:
     reference = embed_all(fp32, eval_feeds)
     fid = {name: compare_outputs(reference, embed_all(path, eval_feeds), "embed") for name, path in models}
     feed = {k: v[:1] for k, v in eval_feeds.items()}
-    lat = {threads: interleaved_latency_ms([p for _, p in models], feed, threads, rounds=7, min_round_s=0.6)
-           for threads in (1, 2)}
+    timings = {threads: interleaved_latency_ms([p for _, p in models], feed, threads, rounds=7, min_round_s=0.6)
+               for threads in (1, 2)}
+    lat = {threads: ms for threads, (ms, _) in timings.items()}
+    fast = {threads: speed for threads, (_, speed) in timings.items()}  # × fp32, paired per round
 
     headers = ["model", "file MB", "download MB", "cosine mean", "cosine min", "NN agreement",
                "1 thread ms", "× fp32", "2 threads ms", "× fp32"]
@@ -427,17 +446,22 @@ def run_minilm(work: Path, log: logging.Logger) -> str:
         f = fid[name]
         body.append([name, f"{path.stat().st_size / MB:.2f}", f"{download_size(path) / MB:.2f}",
                      f"{f.cosine_mean:.4f}", f"{f.cosine_min:.4f}", f"{f.agreement * 100:.1f}%",
-                     f"{lat[1][i]:.1f}", f"{lat[1][0] / lat[1][i]:.2f}", f"{lat[2][i]:.1f}", f"{lat[2][0] / lat[2][i]:.2f}"])
+                     f"{lat[1][i]:.1f}", f"{fast[1][i]:.2f}", f"{lat[2][i]:.1f}", f"{fast[2][i]:.2f}"])
     out = [table(headers, body), "", recipe_note]
+    recipes = range(first_recipe, first_recipe + 2)  # the best and the faster recipe; ablations after
+    meets = [i for i in recipes if i < len(models) and models[i][1].stat().st_size / MB <= 23
+             and fid[models[i][0]].cosine_mean >= 0.995 and fid[models[i][0]].agreement >= 0.95]
     if len(models) > first_recipe:
-        best = models[first_recipe][1]
-        f, size = fid[models[first_recipe][0]], best.stat().st_size / MB
-        speed, plain_speed = lat[1][0] / lat[1][first_recipe], lat[1][0] / lat[1][1]
+        # The recipe judged: the fastest of the two that meets the size and fidelity targets.
+        chosen = max(meets, key=lambda i: fast[1][i]) if meets else first_recipe
+        name, best = models[chosen]
+        f, size = fid[name], best.stat().st_size / MB
+        speed, plain_speed = fast[1][chosen], fast[1][1]
         domains = sorted({n.domain or "ai.onnx" for n in onnx.load(str(best), load_external_data=False).graph.node})
-        out += ["", "Targets for the best recipe (1 thread):",
+        out += ["", f"Targets, judged on the fastest recipe that meets the fidelity targets ({name}; 1 thread):",
                 f"- speed {speed:.2f}× fp32 (target ≥ 2.2×): {check(speed >= 2.2)}; in the same rounds plain "
                 f"quantize_dynamic, whose default int8 kernels are the ceiling for dynamic int8 here, reached "
-                f"{plain_speed:.2f}× (best recipe = {lat[1][1] / lat[1][first_recipe]:.2f}× its speed). "
+                f"{plain_speed:.2f}× (this recipe = {speed / plain_speed:.2f}× its speed). "
                 f"CPU int8 dot-product support: {int8_dot_product_support()}",
                 f"- size {size:.2f} MB (target ≤ 23 MB): {check(size <= 23)}",
                 f"- mean cosine {f.cosine_mean:.4f} (target ≥ 0.995): {check(f.cosine_mean >= 0.995)}",
