@@ -138,12 +138,15 @@ def register(app: typer.Typer) -> None:
         model_name = None
         if ladder and rungs:
             console.print(f"building the ladder: {len(rungs)} rungs (compress, build, verify, sign, register)")
-            model_name, ids = outputs.register_ladder(
+            ladder_build = outputs.register_ladder(
                 rungs, outcome, model=model, profile=device, input_shapes=input_shape, data=data, registry_dir=home,
                 model_name=None, out_dir=out, threads=threads, profiles_dir=profiles_dir,
                 on_stage=lambda text: console.print(f"  {text}"))
-            artifact_ids = list(ids)
-            report["ladder"] = {"registry": str(home), "model_name": model_name, "artifact_ids": ids}
+            model_name, rungs, artifact_ids = ladder_build.model_name, list(ladder_build.rungs), list(ladder_build.artifact_ids)
+            for skip in ladder_build.skipped:
+                console.print(f"[yellow]ladder: left off[/yellow] {skip['recipe']}: {skip['reason']}")
+            report["ladder"] = {"registry": str(home), "model_name": model_name, "artifact_ids": artifact_ids,
+                                "skipped": list(ladder_build.skipped)}
         else:
             report["ladder"] = {"registry": None, "reason": "--no-ladder" if not ladder else "empty front"}
         written.append(outputs.write_ladder(out, rungs, outcome, device, model_name or model, artifact_ids))

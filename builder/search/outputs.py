@@ -6,12 +6,12 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from builder.atomic_files import atomic_write_bytes
-from builder.errors import SearchError
+from builder.errors import CompressionError, SearchError, TargetError, VerificationError
 from builder.search.measure import latency_source
 from builder.search.objectives import (
     OBJECTIVE_NAMES,
@@ -198,35 +198,62 @@ def write_ladder(out_dir: Path, rungs: Sequence[ScoredCandidate], outcome: Searc
     return atomic_write_bytes(Path(out_dir) / "ladder.json", json.dumps(document, indent=2).encode(), make_parents=True)
 
 
+@dataclass(frozen=True)
+class LadderBuild:
+    """The rungs that built and were registered (in ladder order), and those dropped, with why."""
+
+    model_name: str
+    rungs: tuple[ScoredCandidate, ...]
+    artifact_ids: tuple[str, ...]
+    skipped: tuple[dict[str, str], ...] = ()
+
+
+# A rung's rebuild runs the engine's own checks again (fidelity, the int8 latency guard, output
+# verification); one that fails them now is left off the ladder rather than losing the search.
+_RUNG_FAILURES = (CompressionError, TargetError, VerificationError)
+
+
 def register_ladder(rungs: Sequence[ScoredCandidate], outcome: SearchOutcome, *, model: str, profile: str,
                     input_shapes: Optional[str], data: str, registry_dir: Optional[Path], model_name: Optional[str],
                     out_dir: Path, threads: int, profiles_dir: Optional[Path],
-                    on_stage: Any = None) -> tuple[str, list[str]]:
+                    on_stage: Any = None) -> LadderBuild:
     """Build, verify, sign and register each rung (``builder build --recipe``), then store the ladder.
 
-    Returns (the registry's model name, artifact ids in rung order). Errors from the build (no
-    signing key, a rung failing verification) propagate: a ladder with unverified rungs is not kept.
+    A rung whose build fails the engine's checks is skipped and reported (a ladder never holds an
+    unverified rung); other errors (no signing key, a broken registry) propagate, and so does the
+    case where no rung builds at all.
     """
     from builder.artifacts.registry import Registry
     from builder.targets.profile_build import build_for_profile
 
     recipes_dir = Path(out_dir) / "ladder-recipes"
-    ids: list[str] = []
+    built: list[tuple[ScoredCandidate, str]] = []
+    skipped: list[dict[str, str]] = []
     name: Optional[str] = model_name
-    for index, c in enumerate(rungs):
-        recipe_path = write_recipe(recipes_dir / f"rung-{index}.toml", c, name=f"ladder-rung-{index}")
-        result = build_for_profile(model, profile, recipe=recipe_path, input_shapes=input_shapes, data=data,
-                                   registry_dir=registry_dir, name=model_name, threads=threads,
-                                   profiles_dirs=[profiles_dir] if profiles_dir else None, on_stage=on_stage)
-        ids.append(result.artifact_id)
+    for c in rungs:
+        recipe_path = write_recipe(recipes_dir / f"rung-{len(built)}.toml", c, name=f"ladder-rung-{len(built)}")
+        try:
+            result = build_for_profile(model, profile, recipe=recipe_path, input_shapes=input_shapes, data=data,
+                                       registry_dir=registry_dir, name=model_name, threads=threads,
+                                       profiles_dirs=[profiles_dir] if profiles_dir else None, on_stage=on_stage)
+        except _RUNG_FAILURES as exc:
+            recipe_path.unlink(missing_ok=True)
+            skipped.append({"recipe": describe(c.steps), "reason": str(exc)})
+            log.warning("ladder: rung %s left off: %s", describe(c.steps), exc)
+            continue
+        built.append((c, result.artifact_id))
         name = result.manifest.model_name
+    if not built:
+        reasons = "; ".join(f"{s['recipe']}: {s['reason']}" for s in skipped)
+        raise SearchError(f"no rung of the ladder built ({reasons}); the search's outputs are kept, "
+                          "rerun with --no-ladder or build a recipe with `builder build --recipe`")
     registry = Registry(registry_dir)
     assert name is not None
     registry.clear_ladder(name, profile)
-    for index, (c, artifact_id) in enumerate(zip(rungs, ids)):
+    for index, (c, artifact_id) in enumerate(built):
         search_args = {"source": model, "input_shape": input_shapes, "data": data}
         registry.add_ladder_rung(name, profile, index, artifact_id, rung_metrics(c, outcome, index, search_args))
-    return name, ids
+    return LadderBuild(name, tuple(c for c, _ in built), tuple(i for _, i in built), tuple(skipped))
 
 
 def log_tensorboard(log_dir: Path, outcome: SearchOutcome, front: Sequence[ScoredCandidate],
