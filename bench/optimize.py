@@ -42,6 +42,7 @@ class Row:
     quality: float = float("nan")
     download_bytes: int = 0
     host_ms: float = float("nan")
+    host_speed: float = float("nan")  # × the first row, paired per round
     device_ms: float = float("nan")
     note: str = ""
 
@@ -121,9 +122,9 @@ def run_part(label: str, setup_kw: dict[str, Any], targets: Any, handwritten: li
                 _measure(evaluator, row, reference)
         timed = [r for r in rows if r.path is not None]
         feed = evaluator.data.sample(1)
-        for row, ms in zip(timed, interleaved_latency_ms([r.path for r in timed], feed, threads=1, rounds=5,
-                                                         min_round_s=0.3)):
-            row.host_ms = ms
+        for row, ms, speed in zip(timed, *interleaved_latency_ms([r.path for r in timed], feed, threads=1, rounds=15,
+                                                                min_round_s=0.1)):
+            row.host_ms, row.host_speed = ms, speed
     finally:
         evaluator.close()
 
@@ -137,7 +138,7 @@ def run_part(label: str, setup_kw: dict[str, Any], targets: Any, handwritten: li
             body.append([r.name] + ["—"] * 7 + [r.note])
             continue
         body.append([r.name, f"{r.quality:.4f}", f"{r.download_bytes / 1e6:.3f}", f"{base.download_bytes / r.download_bytes:.2f}",
-                     f"{r.host_ms:.3f}", f"{base.host_ms / r.host_ms:.2f}", f"{r.device_ms:.3f}",
+                     f"{r.host_ms:.3f}", f"{r.host_speed:.2f}", f"{r.device_ms:.3f}",
                      f"{base.device_ms / r.device_ms:.2f}", r.note])
     lines = [f"### {label}", "", f"Target: {targets.describe()}. Search: {search_s:.0f} s wall "
              f"(budget {budget_s / 60:.0f} min, {jobs} worker process(es)), {outcome.trials_total} trials "
