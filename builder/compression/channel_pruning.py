@@ -173,6 +173,7 @@ class StructuredPruner:
 
         multihead = [m for m in module.modules() if isinstance(m, nn.MultiheadAttention)]
         hf_attention = hf_self_attention_modules(module)
+        refuse_factorised_attention(module)
         keep = keep_hidden if keep_hidden is not None else bool(hf_attention)
         ignored = list(ignored or []) + (residual_layers(module, example) if keep else [])
         # Torch-Pruning needs the head counts of every attention module, head pruning or not.
@@ -243,6 +244,21 @@ def hf_self_attention_modules(module: Any) -> list[Any]:
         if isinstance(heads, int) and all(isinstance(p, nn.Linear) for p in projections):
             found.append(candidate)
     return found
+
+
+def refuse_factorised_attention(module: Any) -> None:
+    """HF-style attention whose query/key/value are no longer single Linears (``lowrank`` factorised
+    them) reshapes by a head size that channel pruning cannot see: it would cut through heads and
+    leave a model whose forward fails (measured: "shape '[1, 128, -1, 32]' is invalid")."""
+    from torch import nn
+
+    for candidate in module.modules():
+        if not isinstance(getattr(candidate, "num_attention_heads", None), int):
+            continue
+        projections = [getattr(candidate, name, None) for name in ("query", "key", "value")]
+        if all(p is not None for p in projections) and not all(isinstance(p, nn.Linear) for p in projections):
+            raise CompressionError("prune_channels cannot prune attention whose query/key/value projections are "
+                                   "factorised (lowrank ran first); put prune_channels before lowrank")
 
 
 def residual_layers(module: Any, example: tuple[Any, ...]) -> list[Any]:

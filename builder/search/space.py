@@ -193,7 +193,8 @@ def assemble_steps(values: Mapping[str, Any], options: SpaceOptions) -> tuple[di
             structured.append(channels)
         if values.get("use_lowrank"):
             structured.append({"type": "lowrank", "energy": float(values["lowrank_energy"])})
-        if values.get("torch_order") == "lowrank_then_channels":
+        # Attention models prune before factorising: prune_channels refuses factorised q/k/v.
+        if values.get("torch_order") == "lowrank_then_channels" and not _attention(options):
             structured.reverse()
         steps += structured
         if distill == "recover" and structured:

@@ -206,3 +206,16 @@ def test_activation_importance_keeps_a_pruned_bert_closer_than_magnitude(tmp_pat
         distance[importance] = 1 - float((embed(state.torch_module, held_out) * embed(teacher, held_out)).sum(1).mean())
     assert record.facts["importance"] == "activation" and record.facts["bias_compensated"] > 0
     assert distance["activation"] < 0.8 * distance["magnitude"]
+
+
+def test_channel_pruning_after_lowrank_on_attention_is_refused_clearly(tmp_path: Path) -> None:
+    """lowrank factorises q/k/v into two Linears; pruning through them used to cut across heads and
+    leave a model whose forward failed ("shape '[1, 128, -1, 32]' is invalid") deep in a search trial."""
+    from builder.compression.lowrank import LowRankStep
+    from builder.errors import CompressionError
+
+    factorised, record = LowRankStep(energy=0.8).apply(torch_state(tiny_bert_embedder(), INPUTS), context(tmp_path / "l"))
+    attention = factorised.torch_module.encoder.encoder.layer[0].attention.self
+    assert not isinstance(attention.query, torch.nn.Linear)  # the precondition: lowrank did factorise q/k/v
+    with pytest.raises(CompressionError, match="put prune_channels before lowrank"):
+        ChannelPruneStep(ratio=0.25, head_ratio=0.25, epochs=0).apply(factorised, context(tmp_path / "p"))

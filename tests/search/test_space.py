@@ -75,6 +75,11 @@ def test_head_pruning_is_offered_only_for_models_with_attention():
     assert "head_ratio" not in no_heads[0]
     recovered = space.steps(space.sample(fixed({**values, "distill": "recover"})))
     assert recovered[1]["type"] == "distill" and recovered[1]["lr"] < 1e-3  # a transformer's fine-tuning rate
+    # prune_channels refuses factorised q/k/v, so an attention model prunes before lowrank in either order
+    both = {**values, "use_lowrank": True, "lowrank_energy": 0.9, "torch_order": "lowrank_then_channels"}
+    assert [s["type"] for s in space.steps(space.sample(fixed(both)))][:2] == ["prune_channels", "lowrank"]
+    cnn = build_space(SpaceOptions(**base))
+    assert [s["type"] for s in cnn.steps(cnn.sample(fixed(both)))][:2] == ["lowrank", "prune_channels"]
 
 
 def test_weight_format_choice_reaches_the_quantize_step():
