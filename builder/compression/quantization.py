@@ -83,6 +83,59 @@ def uniform_batches(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.n
             for batch, count in zip(batches, sizes) for start in range(0, count, size)]
 
 
+# ORT's Entropy/Percentile calibrators keep every intermediate tensor of every calibration sample in
+# memory before building histograms, then copy them while merging (~3x). A 30-minute MiniLM search
+# was OOM-killed at 22 GB by one such trial (static, percentile, 256 samples). The samples are capped
+# so that this stays within a share of the memory available.
+HISTOGRAM_MEMORY_SHARE = 0.25
+HISTOGRAM_COPIES = 3
+
+
+def activation_bytes_per_sample(source: Path, batch: dict[str, np.ndarray]) -> Optional[int]:
+    """Bytes of every node output for one sample (what a histogram calibrator stores per sample);
+    None when it cannot be measured (e.g. a model over protobuf's 2 GB limit)."""
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        model = onnx.load(str(source))
+        present = {o.name for o in model.graph.output}
+        for node in model.graph.node:
+            for name in node.output:
+                if name and name not in present:
+                    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+                    present.add(name)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        names = {i.name for i in session.get_inputs()}
+        return int(sum(o.nbytes for o in session.run(None, {k: v[:1] for k, v in batch.items() if k in names})
+                       if isinstance(o, np.ndarray)))
+    except Exception as exc:  # noqa: BLE001 - an estimate; without it the samples stay as given
+        log.info("could not measure activation memory per sample (%s)", exc)
+        return None
+
+
+def fit_histogram_memory(source: Path, batches: list[dict[str, np.ndarray]],
+                         available_bytes: Optional[int] = None) -> list[dict[str, np.ndarray]]:
+    """``batches`` cut to the samples whose activations a histogram calibrator can hold in memory."""
+    import psutil
+
+    if not batches:
+        return batches
+    per_sample = activation_bytes_per_sample(source, batches[0])
+    if not per_sample:
+        return batches
+    available = psutil.virtual_memory().available if available_bytes is None else available_bytes
+    fits = max(1, int(available * HISTOGRAM_MEMORY_SHARE / (per_sample * HISTOGRAM_COPIES)))
+    total = sum(len(next(iter(b.values()))) for b in batches)
+    if total <= fits:
+        return batches
+    log.warning("histogram calibration: %d of %d samples (%.0f MB of activations each, %.1f GB available)",
+                fits, total, per_sample / 1e6, available / 1e9)
+    return limit_samples(batches, fits)
+
+
 class BatchReader:
     """``onnxruntime.quantization.CalibrationDataReader`` over in-memory batches (made uniform)."""
 
@@ -188,6 +241,8 @@ def quantize_to(mode: str, source: Path, out: Path, *, per_channel: bool, exclud
                       "percentile": CalibrationMethod.Percentile}[calibration]
             if calibration == "percentile":
                 extra["CalibPercentile"] = 99.99
+            if calibration in ("entropy", "percentile"):
+                calibration_batches = fit_histogram_memory(Path(source), calibration_batches)
             quantize_static(str(source), str(out), BatchReader(calibration_batches, names).reader,
                             quant_format=QuantFormat.QDQ, per_channel=per_channel,
                             activation_type=_quant_type(activation_type), weight_type=_quant_type(weight_type),

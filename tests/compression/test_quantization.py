@@ -293,3 +293,18 @@ def test_histogram_calibration_takes_a_short_last_batch(calibration, digits_load
     step = QuantizeStep(mode="static", calibration=calibration, check_latency=False)
     _, record = step.apply(digits_state(digits_loaded), ctx)
     assert record.facts["mode"] == "static" and record.facts["cosine_mean"] > 0.9
+
+
+def test_histogram_calibration_samples_fit_the_memory_available(tmp_path: Path) -> None:
+    """Entropy/Percentile keep every activation of every sample; the samples are cut to fit."""
+    from builder.compression.quantization import (HISTOGRAM_COPIES, HISTOGRAM_MEMORY_SHARE, activation_bytes_per_sample,
+                                                  fit_histogram_memory)
+
+    model = outlier_model(tmp_path / "m.onnx", slow_padding=4)
+    batches = outlier_batches(4)  # 128 samples
+    per_sample = activation_bytes_per_sample(model, batches[0])
+    assert per_sample == 4 * 8 * 6  # node outputs y0, p0..p3 and y: 8 float32 each per sample
+    room_for_10 = int(10 * per_sample * HISTOGRAM_COPIES / HISTOGRAM_MEMORY_SHARE)
+    cut = fit_histogram_memory(model, batches, available_bytes=room_for_10)
+    assert sum(len(b["x"]) for b in cut) == 10
+    assert fit_histogram_memory(model, batches, available_bytes=10**12) is batches  # plenty: unchanged
