@@ -42,12 +42,10 @@ def interleaved_latency_ms(paths: list[Path], feed: dict[str, np.ndarray], threa
     """(median ms of each model, its speed-up over ``paths[0]``); every round runs each model in turn
     for ``min_round_s``. The speed-up is the median over rounds of each round's ratio, so a load burst
     that hits a few rounds (this VM is shared) moves it less than it moves the pooled medians."""
-    from builder.compression.evaluate import interleaved_round_times
+    from builder.compression.evaluate import interleaved_round_times, pooled_medians, round_paired_ratio
 
     times = interleaved_round_times(paths, feed, threads, rounds, min_round_s)
-    medians = [float(np.median([t for one in model for t in one])) for model in times]
-    speed = [float(np.median([np.median(b) / np.median(m) for b, m in zip(times[0], model)])) for model in times]
-    return medians, speed
+    return pooled_medians(times), [round_paired_ratio(times, 0, i) for i in range(len(times))]
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Optional
+from typing import Any, ClassVar, Iterable, Iterator, Optional
 
 from builder.compression._torch_layers import check_fraction, last_linear_name, weight_layers
 from builder.compression.base import ModelForm, ModelState, StepContext, StepRecord
@@ -233,17 +233,22 @@ def _batches(ctx: StepContext) -> Iterable[dict[str, Any]]:
     return ctx.calibration_batches() if ctx.calibration_batches is not None else ()
 
 
+def _hf_attention_candidates(module: Any) -> Iterator[tuple[Any, list[Any]]]:
+    """(module, its query/key/value children) for every module with an int ``num_attention_heads``
+    and all three children present, whatever their type."""
+    for candidate in module.modules():
+        if isinstance(getattr(candidate, "num_attention_heads", None), int):
+            projections = [getattr(candidate, name, None) for name in ("query", "key", "value")]
+            if all(p is not None for p in projections):
+                yield candidate, projections
+
+
 def hf_self_attention_modules(module: Any) -> list[Any]:
     """HF-style self-attention: ``query``/``key``/``value`` Linear children and an int ``num_attention_heads``."""
     from torch import nn
 
-    found = []
-    for candidate in module.modules():
-        heads = getattr(candidate, "num_attention_heads", None)
-        projections = [getattr(candidate, name, None) for name in ("query", "key", "value")]
-        if isinstance(heads, int) and all(isinstance(p, nn.Linear) for p in projections):
-            found.append(candidate)
-    return found
+    return [candidate for candidate, projections in _hf_attention_candidates(module)
+            if all(isinstance(p, nn.Linear) for p in projections)]
 
 
 def refuse_factorised_attention(module: Any) -> None:
@@ -252,11 +257,8 @@ def refuse_factorised_attention(module: Any) -> None:
     leave a model whose forward fails (measured: "shape '[1, 128, -1, 32]' is invalid")."""
     from torch import nn
 
-    for candidate in module.modules():
-        if not isinstance(getattr(candidate, "num_attention_heads", None), int):
-            continue
-        projections = [getattr(candidate, name, None) for name in ("query", "key", "value")]
-        if all(p is not None for p in projections) and not all(isinstance(p, nn.Linear) for p in projections):
+    for _, projections in _hf_attention_candidates(module):
+        if not all(isinstance(p, nn.Linear) for p in projections):
             raise CompressionError("prune_channels cannot prune attention whose query/key/value projections are "
                                    "factorised (lowrank ran first); put prune_channels before lowrank")
 

@@ -245,20 +245,29 @@ def interleaved_median_ms(paths: Sequence[Path], feed: dict[str, np.ndarray], th
                           min_round_s: float) -> list[float]:
     """Median ms of each model at ``paths``; every round runs each model in turn for ``min_round_s``
     (time-boxed rounds, so a tiny and a large model each get enough runs), after 3 warm-up runs."""
-    per_round = interleaved_round_times(paths, feed, threads, rounds, min_round_s)
-    return [float(np.median([t for one in model for t in one])) for model in per_round]
+    return pooled_medians(interleaved_round_times(paths, feed, threads, rounds, min_round_s))
 
 
 def paired_ratio(baseline: Path, candidate: Path, feed: dict[str, np.ndarray], threads: int, rounds: int,
                  min_round_s: float) -> float:
-    """Candidate / baseline latency as the median over rounds of each round's ratio of medians.
+    """Candidate / baseline latency, paired per round (see round_paired_ratio)."""
+    return round_paired_ratio(interleaved_round_times([baseline, candidate], feed, threads, rounds, min_round_s), 1, 0)
+
+
+def pooled_medians(times: Sequence[Sequence[Sequence[float]]]) -> list[float]:
+    """Median ms of each model over all its runs (``times`` as ``interleaved_round_times`` gives them)."""
+    return [float(np.median([t for one in model for t in one])) for model in times]
+
+
+def round_paired_ratio(times: Sequence[Sequence[Sequence[float]]], numerator: int, denominator: int) -> float:
+    """Median over rounds of (model ``numerator``'s median / model ``denominator``'s median) in that round.
 
     A load burst on a shared machine lasts longer than a short round and so lands in few rounds;
     pooling all runs first lets one burst that hit one model's turns decide the ratio (measured in
     CI: a model 0.6x its input read 1.43x slower in one pooled measurement).
     """
-    base, cand = interleaved_round_times([baseline, candidate], feed, threads, rounds, min_round_s)
-    return float(np.median([np.median(c) / max(float(np.median(b)), 1e-9) for b, c in zip(base, cand)]))
+    return float(np.median([np.median(n) / max(float(np.median(d)), 1e-9)
+                            for n, d in zip(times[numerator], times[denominator])]))
 
 
 def interleaved_round_times(paths: Sequence[Path], feed: dict[str, np.ndarray], threads: int, rounds: int,
@@ -282,6 +291,22 @@ def interleaved_round_times(paths: Sequence[Path], feed: dict[str, np.ndarray], 
                     break
             out.append(run_times)
     return times
+
+
+def session_with_outputs(model: Any, names: Iterable[str]) -> Any:
+    """An unoptimised CPU session of ``model`` that also returns the tensors ``names`` (added as graph
+    outputs; ``model`` is changed). Unoptimised: fused kernels would hide the intermediate tensors."""
+    import onnx
+    import onnxruntime as ort
+
+    present = {o.name for o in model.graph.output}
+    for name in names:
+        if name and name not in present:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            present.add(name)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def measure_interleaved(sessions: Sequence[Any], feed: dict[str, np.ndarray], warmup_runs: int,

@@ -77,20 +77,12 @@ class Hessians:
         self._collect(model, list(batches))
 
     def _collect(self, model: Any, batches: list[dict[str, np.ndarray]]) -> None:
-        import onnx
-        import onnxruntime as ort
+        from builder.compression.evaluate import session_with_outputs
 
         if not batches:
             raise CompressionError("GPTQ rounding needs calibration data; pass --data")
         wanted = sorted(set(self.layer_inputs.values()))
-        present = {o.name for o in model.graph.output}
-        for name in wanted:
-            if name not in present:
-                model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-        options = ort.SessionOptions()
-        # Unoptimised: fused kernels would hide the intermediate tensors asked for as outputs.
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = session_with_outputs(model, wanted)
         names = [o.name for o in session.get_outputs()]
         input_names = {i.name for i in session.get_inputs()}
         sums: dict[str, np.ndarray] = {}

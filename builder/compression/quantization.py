@@ -95,19 +95,12 @@ def activation_bytes_per_sample(source: Path, batch: dict[str, np.ndarray]) -> O
     """Bytes of every node output for one sample (what a histogram calibrator stores per sample);
     None when it cannot be measured (e.g. a model over protobuf's 2 GB limit)."""
     import onnx
-    import onnxruntime as ort
+
+    from builder.compression.evaluate import session_with_outputs
 
     try:
         model = onnx.load(str(source))
-        present = {o.name for o in model.graph.output}
-        for node in model.graph.node:
-            for name in node.output:
-                if name and name not in present:
-                    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-                    present.add(name)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = session_with_outputs(model, [name for node in model.graph.node for name in node.output])
         names = {i.name for i in session.get_inputs()}
         return int(sum(o.nbytes for o in session.run(None, {k: v[:1] for k, v in batch.items() if k in names})
                        if isinstance(o, np.ndarray)))
