@@ -234,8 +234,6 @@ def quantize_to(mode: str, source: Path, out: Path, *, per_channel: bool, exclud
                       "percentile": CalibrationMethod.Percentile}[calibration]
             if calibration == "percentile":
                 extra["CalibPercentile"] = 99.99
-            if calibration in ("entropy", "percentile"):
-                calibration_batches = fit_histogram_memory(Path(source), calibration_batches)
             quantize_static(str(source), str(out), BatchReader(calibration_batches, names).reader,
                             quant_format=QuantFormat.QDQ, per_channel=per_channel,
                             activation_type=_quant_type(activation_type), weight_type=_quant_type(weight_type),
@@ -418,6 +416,9 @@ class QuantizeStep:
             from builder.compression.gptq import Hessians
 
             hessians = Hessians(prepared, calib)
+        if "static" in order and self.calibration in ("entropy", "percentile") and calib:
+            # Once per step, not per quantize call: mixed precision quantizes again for every probe.
+            calib = fit_histogram_memory(prepared, calib)
         rejected: list[dict[str, Any]] = []
         for mode in order:
             out = workdir / f"{mode}.onnx"
