@@ -23,8 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from builder.analysis.op_costs import INTEGER_OPS, LINEAR_OPS, op_cost
-from builder.analysis.shapes import TensorInfo, dtype_bytes, infer_tensor_infos
+from builder.analysis.op_costs import INTEGER_OPS, LINEAR_OPS, OpCost, op_cost
+from builder.analysis.shapes import TensorInfo, infer_tensor_infos
+from builder.analysis.weights import graph_weights, integer_scalars, iter_all_weights
 
 VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout"})
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -71,6 +72,7 @@ class GraphStats:
     macs_by_precision: Mapping[str, int]
     node_count: int
     unresolved_tensors: tuple[str, ...] = field(default_factory=tuple)
+    notes: tuple[str, ...] = field(default_factory=tuple)  # how subgraphs were counted, normalisation...
 
     @property
     def flops(self) -> int:
@@ -92,43 +94,95 @@ class GraphStats:
         data["op_histogram"] = dict(self.op_histogram)
         data["macs_by_precision"] = dict(self.macs_by_precision)
         data["unresolved_tensors"] = list(self.unresolved_tensors)
+        data["notes"] = list(self.notes)
         data["flops"] = self.flops
         return data
 
 
-def analyze_onnx(path: Path | str, input_shapes: Mapping[str, Sequence[int]]) -> GraphStats:
+def analyze_onnx(path: Path | str, input_shapes: Mapping[str, Sequence[int]],
+                 input_values: Mapping[str, Any] | None = None) -> GraphStats:
     """Load ``path`` and analyse it at ``input_shapes`` ({input name: concrete dims})."""
     import onnx
 
     model = onnx.load(str(path))
-    return analyze_model(model, input_shapes)
+    return analyze_model(model, input_shapes, input_values)
 
 
-def analyze_model(model: Any, input_shapes: Mapping[str, Sequence[int]]) -> GraphStats:
-    """Analyse an in-memory ``onnx.ModelProto`` at ``input_shapes``."""
-    infos, _ = infer_tensor_infos(model, input_shapes)
-    return analyze_graph(model.graph, infos, input_shapes)
+def analyze_model(model: Any, input_shapes: Mapping[str, Sequence[int]],
+                  input_values: Mapping[str, Any] | None = None) -> GraphStats:
+    """Analyse an in-memory ``onnx.ModelProto`` at ``input_shapes``.
+
+    ``input_values`` (arrays by input name, e.g. a sample rate) let ``If`` conditions that depend on
+    input values be evaluated; the branch taken is counted (``branches``). Totals of parameters and
+    weight bytes cover every weight in the file, untaken branches included (they are loaded too).
+    """
+    import dataclasses
+
+    stats = _analyze_branches(model, input_shapes, input_values, [MAX_BRANCH_VARIANTS])
+    notes = list(stats.notes)
+    everywhere = list(iter_all_weights(model.graph))
+    params = sum(w.elements for w in everywhere)
+    if params != stats.params:
+        notes.append(f"{params - stats.params:,} of the {params:,} parameters sit in branches not counted")
+    return dataclasses.replace(stats, params=params, weight_bytes=sum(w.stored_bytes for w in everywhere),
+                               fp32_weight_bytes=4 * params, notes=tuple(notes))
+
+
+MAX_BRANCH_VARIANTS = 8  # whole-graph analyses spent on Ifs whose condition is unknown
+
+
+def _analyze_branches(model: Any, input_shapes: Mapping[str, Sequence[int]], input_values: Mapping[str, Any] | None,
+                      budget: list[int]) -> GraphStats:
+    """Inline the branches the inputs select; for a top-level If whose condition needs a value not
+    given, analyse the graph with each branch inlined and keep the one with more MACs."""
+    import copy
+    import dataclasses
+
+    from builder.analysis.branches import inline_branch, resolve_branches
+
+    flat, notes = resolve_branches(model, input_shapes, input_values)
+    pending = next((i for i, node in enumerate(flat.graph.node) if node.op_type == "If"), None)
+    if pending is not None and budget[0] >= 2:
+        budget[0] -= 2
+        results = {}
+        for branch in ("then_branch", "else_branch"):
+            variant = copy.deepcopy(flat)
+            inline_branch(variant, pending, branch)
+            results[branch] = _analyze_branches(variant, input_shapes, input_values, budget)
+        best = max(results, key=lambda b: results[b].macs)
+        node = flat.graph.node[pending]
+        figures = ", ".join(f"{b.split('_')[0]} {results[b].macs:,} MACs" for b in results)
+        choice = [f"If '{node.name or node.input[0]}': counted the larger branch ({figures})"]
+        kept = [n for n in notes if not n.startswith(f"If '{node.name}': its condition")]
+        missing = [n for n in notes if n not in kept]
+        return dataclasses.replace(results[best], notes=tuple(kept + missing + choice) + results[best].notes)
+    infos, _ = infer_tensor_infos(flat, input_shapes, input_values=input_values)
+    stats = analyze_graph(flat.graph, infos, input_shapes)
+    return dataclasses.replace(stats, notes=tuple(notes) + stats.notes)
 
 
 def analyze_graph(graph: Any, infos: Mapping[str, TensorInfo], input_shapes: Mapping[str, Sequence[int]]) -> GraphStats:
     """The pure part: a ``GraphProto`` plus the shape/dtype of its tensors -> ``GraphStats``."""
-    initializers = {init.name: init for init in graph.initializer}
-    init_elements = {name: _elements(init.dims) for name, init in initializers.items()}
-    init_bytes = {name: init_elements[name] * dtype_bytes(infos[name].dtype if name in infos else "float32")
-                  for name in initializers}
+    weights = graph_weights(graph)
+    init_elements = {name: w.elements for name, w in weights.items()}
+    init_bytes = {name: w.stored_bytes for name, w in weights.items()}
+    initializers = {init.name for init in graph.initializer}
     nodes = list(graph.node)
 
-    # Static tensors and the initializers / DequantizeLinear behind each.
-    sources: dict[str, frozenset[str]] = {name: frozenset([name]) for name in initializers}
+    # Static tensors and the weights (initializers, weight Constants) / DequantizeLinear behind each.
+    sources: dict[str, frozenset[str]] = {name: frozenset([name]) for name in weights}
     dequantized: set[str] = set()
     static_nodes: set[int] = set()
     for index, node in enumerate(nodes):
         inputs = [name for name in node.input if name]
         is_static = (node.op_type == "Constant" or node.op_type in SHAPE_OPS
-                     or (inputs and node.op_type not in NONDETERMINISTIC and all(name in sources for name in inputs)))
+                     or (inputs and node.op_type not in NONDETERMINISTIC and not _has_subgraph(node)
+                         and all(name in sources for name in inputs)))
         if not is_static:
             continue
         static_nodes.add(index)
+        if node.op_type == "Constant" and node.output and node.output[0] in weights:
+            continue  # a weight of its own
         merged = frozenset().union(*(sources[name] for name in inputs)) if inputs and node.op_type not in SHAPE_OPS else frozenset()
         via_dq = node.op_type == "DequantizeLinear" or any(name in dequantized for name in inputs)
         for out in node.output:
@@ -156,6 +210,7 @@ def analyze_graph(graph: Any, infos: Mapping[str, TensorInfo], input_shapes: Map
                 consumers.setdefault(name, []).append(index)
 
     assigned: set[str] = set()
+    notes: list[str] = []
     layers: list[LayerStats] = []
     unresolved: list[str] = []
     for index, node in enumerate(nodes):
@@ -163,11 +218,16 @@ def analyze_graph(graph: Any, infos: Mapping[str, TensorInfo], input_shapes: Map
             continue
         dynamic_inputs = [name for name in node.input if name and name not in sources]
         static_inputs = [name for name in node.input if name and name in sources]
-        weights = sorted({init for name in static_inputs for init in sources[name]} - assigned)
-        assigned.update(weights)
-        params = sum(init_elements[w] for w in weights)
-        weight_bytes = sum(init_bytes[w] for w in weights)
-        cost = op_cost(node, infos)
+        node_weights = sorted({init for name in static_inputs for init in sources[name]} - assigned)
+        assigned.update(node_weights)
+        params = sum(init_elements[w] for w in node_weights)
+        weight_bytes = sum(init_bytes[w] for w in node_weights)
+        if _has_subgraph(node):
+            cost, inner_params, inner_bytes = _subgraph_cost(node, infos, integer_scalars(graph), notes)
+            params += inner_params
+            weight_bytes += inner_bytes
+        else:
+            cost = op_cost(node, infos)
         outputs = [name for name in node.output if name]
         for name in outputs:
             if info(name).shape is None:
@@ -193,28 +253,76 @@ def analyze_graph(graph: Any, infos: Mapping[str, TensorInfo], input_shapes: Map
         if layer.macs:
             macs_by_precision[layer.precision] += layer.macs
     histogram = Counter(node.op_type for node in nodes)
-    total_params = sum(init_elements.values())
+    everywhere = list(iter_all_weights(graph))
+    total_params = sum(w.elements for w in everywhere)
     return GraphStats(
         input_shapes={name: tuple(int(d) for d in shape) for name, shape in input_shapes.items()},
         layers=tuple(layers),
         params=total_params,
         macs=sum(layer.macs for layer in layers),
         other_ops=sum(layer.other_ops for layer in layers),
-        weight_bytes=sum(init_bytes.values()),
+        weight_bytes=sum(w.stored_bytes for w in everywhere),
         fp32_weight_bytes=4 * total_params,
         peak_activation_bytes=_peak_activation_bytes(nodes, static_nodes, sources, graph_inputs, graph_outputs, info),
         op_histogram=dict(histogram.most_common()),
         macs_by_precision=dict(macs_by_precision),
         node_count=len(nodes),
         unresolved_tensors=tuple(unresolved),
+        notes=tuple(notes),
     )
 
 
-def _elements(dims: Sequence[int]) -> int:
-    count = 1
-    for dim in dims:
-        count *= int(dim)
-    return count
+def _has_subgraph(node: Any) -> bool:
+    from onnx import AttributeProto
+
+    return any(attr.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for attr in node.attribute)
+
+
+def _subgraph_cost(node: Any, infos: Mapping[str, TensorInfo], scalars: Mapping[str, int],
+                   notes: list[str]) -> tuple[OpCost, int, int]:
+    """(cost, params, weight bytes) of a node with subgraphs left in the graph (an ``If`` whose
+    condition could not be evaluated, a ``Loop``, a ``Scan``): weights are all those inside; MACs
+    are the larger branch for ``If`` and body x iterations for ``Loop``/``Scan``."""
+    from onnx import AttributeProto
+
+    bodies = {attr.name: analyze_graph(attr.g, infos, {}) for attr in node.attribute if attr.type == AttributeProto.GRAPH}
+    params = sum(b.params for b in bodies.values())
+    weight_bytes = sum(b.weight_bytes for b in bodies.values())
+    label = node.name or node.op_type
+    for body in bodies.values():
+        notes.extend(body.notes)
+    if node.op_type == "If" and bodies:
+        branch = max(bodies, key=lambda name: bodies[name].macs)
+        chosen = bodies[branch]
+        notes.append(f"{node.op_type} '{label}': condition unknown, counted the larger branch ({branch})")
+        return OpCost(chosen.macs, chosen.other_ops), params, weight_bytes
+    body = bodies.get("body")
+    if body is None:
+        return OpCost(0, 0), params, weight_bytes
+    iterations = _iterations(node, infos, scalars)
+    if iterations is None:
+        notes.append(f"{node.op_type} '{label}': iteration count unknown, body counted once")
+        iterations = 1
+    return OpCost(body.macs * iterations, body.other_ops * iterations), params, weight_bytes
+
+
+def _iterations(node: Any, infos: Mapping[str, TensorInfo], scalars: Mapping[str, int]) -> int | None:
+    """Trip count of a Loop (its ``M`` input, when a known value) or the scan length of a Scan."""
+    from onnx import helper
+
+    if node.op_type == "Scan":
+        count = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "num_scan_inputs"), 0)
+        axes = next((list(helper.get_attribute_value(a)) for a in node.attribute if a.name == "scan_input_axes"), [])
+        scanned = list(node.input)[-count:] if count else []
+        if scanned:
+            shape = infos.get(scanned[0], TensorInfo(None, "unknown")).shape
+            axis = axes[0] if axes else 0
+            if shape is not None and len(shape) > abs(axis):
+                return int(shape[axis])
+        return None
+    if node.op_type == "Loop" and node.input and node.input[0]:
+        return scalars.get(node.input[0])
+    return None
 
 
 def _int8_bytes(names: Sequence[str], info: Any) -> int:

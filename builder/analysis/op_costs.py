@@ -7,6 +7,12 @@ MACs are counted for the linear-algebra ops only (bias additions not included), 
 * ConvTranspose: ``in elements x (C_out / group) x kernel`` = in elements x prod(W.shape[1:]).
 * Gemm / QGemm: ``M x N x K``; MatMul / MatMulInteger / QLinearMatMul and ORT's fused variants:
   ``out elements x K`` (batched and broadcast matmuls, so attention's QK^T and AV too).
+* LSTM / GRU / RNN (and ORT's DynamicQuantizeLSTM): ``seq x batch x directions x gates x hidden x
+  (input + hidden)`` with gates = 4 / 3 / 1 — every step multiplies the input by W and the previous
+  hidden state by R for every gate, which is ``W.shape[1] x (W.shape[2] + R.shape[2])`` per direction
+  (W is ``[directions, gates x hidden, input]``, R ``[directions, gates x hidden, hidden]``);
+  ``layout = 1`` puts batch first in X. Their gate activations and state updates are
+  ``other_ops``: ``(gates + 3) x hidden`` per step, direction and sample.
 * ORT's fused Attention / QAttention: the Q/K/V projection (``B x S x W.shape[0] x W.shape[1]``) plus
   ``2 x B x S x S x hidden`` for QK^T and AV; MultiHeadAttention: the latter only.
 
@@ -51,11 +57,12 @@ MATMUL_OPS = {"MatMul": 0, "MatMulInteger": 0, "QLinearMatMul": 0, "FusedMatMul"
               "DynamicQuantizeMatMul": 0, "MatMulIntegerToFloat": 0, "MatMulNBits": 0}
 GEMM_OPS = {"Gemm": 0, "QGemm": 0, "FusedGemm": 0}
 ATTENTION_OPS = frozenset({"Attention", "QAttention", "MultiHeadAttention"})
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1, "DynamicQuantizeLSTM": 4}
 LINEAR_OPS = (frozenset(CONV_OPS) | frozenset(MATMUL_OPS) | frozenset(GEMM_OPS) | ATTENTION_OPS
-              | {"ConvTranspose"})
+              | frozenset(RECURRENT_GATES) | {"ConvTranspose"})
 # Ops ONNX Runtime runs as integer kernels.
 INTEGER_OPS = frozenset({"ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul", "QGemm", "QAttention",
-                         "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "QLinearAdd",
+                         "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "DynamicQuantizeLSTM", "QLinearAdd",
                          "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearAveragePool",
                          "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSoftmax"})
 
@@ -79,10 +86,12 @@ REDUCTIONS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "Q
 
 
 def op_cost(node: Any, infos: Mapping[str, TensorInfo]) -> OpCost:
-    """MACs and other ops of one node; 0 where a needed shape is unknown."""
+    """MACs and other ops of one node; 0 where a needed shape is unknown (never negative)."""
     def shape(name: str) -> tuple[int, ...] | None:
         info = infos.get(name) if name else None
-        return info.shape if info is not None else None
+        if info is None or info.shape is None or any(d < 0 for d in info.shape):
+            return None
+        return info.shape
 
     def input_shape(index: int) -> tuple[int, ...] | None:
         return shape(node.input[index]) if len(node.input) > index else None
@@ -110,7 +119,22 @@ def op_cost(node: Any, infos: Mapping[str, TensorInfo]) -> OpCost:
             macs = out_elements * a[-1]
     elif op in ATTENTION_OPS:
         macs = _attention_macs(op, input_shape, out)
-    return OpCost(macs=macs, other_ops=_other_ops(node, op, out_elements, input_shape))
+    elif op in RECURRENT_GATES:
+        return _recurrent_cost(node, op, input_shape)
+    return OpCost(macs=max(0, macs), other_ops=max(0, _other_ops(node, op, out_elements, input_shape)))
+
+
+def _recurrent_cost(node: Any, op: str, input_shape: Callable[[int], tuple[int, ...] | None]) -> OpCost:
+    """LSTM / GRU / RNN: see the module docstring for the formula."""
+    x, w, r = input_shape(0), input_shape(1), input_shape(2)
+    if x is None or w is None or len(x) != 3 or len(w) != 3:
+        return OpCost(0, 0)
+    seq, batch = (x[1], x[0]) if _attr(node, "layout", 0) == 1 else (x[0], x[1])
+    directions, gate_rows, input_size = w
+    gates = RECURRENT_GATES[op]
+    hidden = r[2] if r is not None and len(r) == 3 else gate_rows // gates
+    steps = seq * batch * directions
+    return OpCost(macs=steps * gate_rows * (input_size + hidden), other_ops=steps * (gates + 3) * hidden)
 
 
 def _attention_macs(op: str, input_shape: Callable[[int], tuple[int, ...] | None],

@@ -67,10 +67,46 @@ def _value_info(value: Any) -> TensorInfo:
         return TensorInfo(None, dtype)
     dims = []
     for dim in tensor_type.shape.dim:
-        if not dim.HasField("dim_value"):
+        # -1 (written by some exporters for "unknown") is no size: resolved by measuring instead.
+        if not dim.HasField("dim_value") or dim.dim_value < 0:
             return TensorInfo(None, dtype)
         dims.append(int(dim.dim_value))
     return TensorInfo(tuple(dims), dtype)
+
+
+def all_graphs(graph: Any) -> list[Any]:
+    """``graph`` and every subgraph below it (If branches, Loop/Scan bodies), outermost first."""
+    from onnx import AttributeProto
+
+    graphs = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                graphs.extend(all_graphs(attr.g))
+            elif attr.type == AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    graphs.extend(all_graphs(sub))
+    return graphs
+
+
+def constant_array(node: Any) -> Any:
+    """The tensor a ``Constant`` node holds as a numpy array (``value``, ``value_float(s)``,
+    ``value_int(s)``); None for sparse or string constants."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    for attr in node.attribute:
+        if attr.name == "value" and attr.HasField("t"):
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.asarray(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.asarray(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.asarray(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.asarray(list(attr.ints), dtype=np.int64)
+    return None
 
 
 def with_concrete_inputs(model: Any, input_shapes: Mapping[str, Sequence[int]]) -> Any:
@@ -89,10 +125,12 @@ def with_concrete_inputs(model: Any, input_shapes: Mapping[str, Sequence[int]]) 
 
 
 def infer_tensor_infos(model: Any, input_shapes: Mapping[str, Sequence[int]],
-                       measure_missing: bool = True) -> tuple[dict[str, TensorInfo], Any]:
-    """``({tensor name: TensorInfo}, inferred model)`` for every tensor of the main graph."""
+                       measure_missing: bool = True,
+                       input_values: Mapping[str, Any] | None = None) -> tuple[dict[str, TensorInfo], Any]:
+    """``({tensor name: TensorInfo}, inferred model)`` for every tensor of the main graph and its
+    subgraphs. ``input_values`` (given arrays by input name) feed the measuring run; other inputs get
+    placeholders."""
     import onnx
-    from onnx import numpy_helper
 
     fixed = with_concrete_inputs(model, input_shapes)
     try:
@@ -103,25 +141,27 @@ def infer_tensor_infos(model: Any, input_shapes: Mapping[str, Sequence[int]],
     infos: dict[str, TensorInfo] = {}
     for init in inferred.graph.initializer:
         infos[init.name] = TensorInfo(tuple(int(d) for d in init.dims), _np_name(init.data_type))
-    for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        info = _value_info(value)
-        if value.name not in infos or infos[value.name].shape is None:
-            infos[value.name] = info
-    for node in inferred.graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            for attr in node.attribute:
-                if attr.name == "value" and attr.HasField("t"):
-                    array = numpy_helper.to_array(attr.t)
+    for graph in all_graphs(inferred.graph):  # subgraphs of If/Loop/Scan too (their names are their own)
+        for init in graph.initializer:
+            infos.setdefault(init.name, TensorInfo(tuple(int(d) for d in init.dims), _np_name(init.data_type)))
+        for value in list(graph.input) + list(graph.value_info) + list(graph.output):
+            info = _value_info(value)
+            if value.name not in infos or infos[value.name].shape is None:
+                infos[value.name] = info
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                array = constant_array(node)
+                if array is not None:
                     infos[node.output[0]] = TensorInfo(tuple(array.shape), array.dtype.name)
     missing = [out for node in inferred.graph.node for out in node.output
                if out and (out not in infos or infos[out].shape is None)]
     if missing and measure_missing:
-        infos.update(_measure(fixed, missing, input_shapes, infos))
+        infos.update(_measure(fixed, missing, input_shapes, infos, input_values or {}))
     return infos, inferred
 
 
 def _measure(model: Any, names: list[str], input_shapes: Mapping[str, Sequence[int]],
-             known: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
+             known: Mapping[str, TensorInfo], input_values: Mapping[str, Any]) -> dict[str, TensorInfo]:
     """Run the graph once in ONNX Runtime to read the shapes inference could not give."""
     import numpy as np
     import onnx
@@ -140,7 +180,9 @@ def _measure(model: Any, names: list[str], input_shapes: Mapping[str, Sequence[i
         info = _value_info(value)
         shape = tuple(input_shapes.get(value.name, info.shape or ()))
         dtype = info.dtype if info.dtype != "unknown" else "float32"
-        feeds[value.name] = np.ones(shape, dtype=np.dtype(dtype))
+        given = input_values.get(value.name)
+        feeds[value.name] = (np.asarray(given, dtype=np.dtype(dtype)) if given is not None
+                             else np.ones(shape, dtype=np.dtype(dtype)))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = 1

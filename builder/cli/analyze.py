@@ -31,22 +31,67 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print the whole analysis as JSON."),
         top: int = typer.Option(25, "--top", help="Rows of the layer table: the layers with most MACs (0 = all)."),
         opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset for exporting PyTorch models (default 17)."),
+        data: Optional[Path] = typer.Option(
+            None, "--data", help="An .npz of input values by name (first sample of each); values decide If "
+                                 "branches, e.g. a 0-d sample rate sr=16000."),
     ) -> None:
         """Analyse a model: parameters, MACs, memory, and estimated latency/energy/fit per device."""
         from builder.analysis import analyze_loaded
         from builder.analysis.report import analysis_report
+        from builder.analysis.tflite_stats import is_tflite
         from builder.loading import load_model
         from builder.profiles import get_profile, load_profiles
 
         profiles = [get_profile(device, profiles_dir)] if device else list(load_profiles(profiles_dir).values())
-        with tempfile.TemporaryDirectory(prefix="edgefleet-analyze-") as workdir:
-            loaded = load_model(model, input_shape, workdir=Path(workdir), opset=opset)
-            stats = analyze_loaded(loaded)
+        values = input_values_from_npz(data) if data is not None else None
+        if Path(model).is_file() and is_tflite(model):
+            loaded, stats = _analyze_tflite(Path(model))
+        else:
+            with tempfile.TemporaryDirectory(prefix="edgefleet-analyze-") as workdir:
+                loaded = load_model(model, input_shape, workdir=Path(workdir), opset=opset, input_values=values)
+                stats = analyze_loaded(loaded, values)
         estimates = estimates_for(stats, profiles)
         if as_json:
             print(json.dumps(analysis_report(model_facts(loaded), stats, estimates), indent=2))
             return
         render_analysis(wide_console(), loaded, stats, profiles, top)
+
+
+def input_values_from_npz(path: Path) -> dict[str, Any]:
+    """Input values by name from an ``.npz``: 0-d arrays as they are, others their first sample
+    (axis 0), so a compress data file works too."""
+    import numpy as np
+
+    from builder.errors import DataError
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: (archive[name] if archive[name].ndim == 0 else archive[name][:1]) for name in archive.files}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"--data {path}: not a readable .npz ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+
+
+def _analyze_tflite(path: Path) -> tuple[Any, "GraphStats"]:
+    """A ``.tflite`` file: read from its flatbuffer (``builder.analysis.tflite_stats``)."""
+    from dataclasses import dataclass, field
+
+    from builder.analysis.tflite_stats import analyze_tflite, tflite_inputs
+    from builder.loading import InputSpec
+
+    @dataclass(frozen=True)
+    class TfliteFacts:  # what the tables and model_facts read from a LoadedModel
+        name: str
+        source: str
+        inputs: tuple
+        output_names: tuple = ()
+        source_kind: str = "tflite"
+        opset: int = 0
+        export_max_abs_diff: Optional[float] = None
+        normalisation: Any = None
+        extra: dict = field(default_factory=dict)
+
+    inputs = tuple(InputSpec(name=n, shape=shape, dtype=dtype, dynamic_axes={}) for n, shape, dtype in tflite_inputs(path))
+    return TfliteFacts(name=path.stem, source=str(path), inputs=inputs), analyze_tflite(path)
 
 
 def wide_console() -> "Console":
@@ -68,6 +113,7 @@ def model_facts(loaded: "LoadedModel") -> dict[str, Any]:
                    for s in loaded.inputs],
         "outputs": list(loaded.output_names),
         "export_max_abs_diff": loaded.export_max_abs_diff,
+        "normalisation": loaded.normalisation.as_dict() if getattr(loaded, "normalisation", None) else None,
     }
 
 
@@ -107,6 +153,8 @@ def render_analysis(console: "Console", loaded: "LoadedModel", stats: "GraphStat
 
     shapes = ", ".join(f"{s.name}={'x'.join(map(str, s.shape))}:{s.dtype}" for s in loaded.inputs)
     console.print(f"[bold]{loaded.name}[/bold] ({loaded.source_kind}: {loaded.source}) at {shapes}")
+    if getattr(loaded, "normalisation", None) is not None:
+        console.print(loaded.normalisation.summary(), markup=False)
     shown = top_layers(stats, top)
     counted = sum(1 for layer in stats.layers if not layer.fused)
     title = f"Layers ({len(shown)} of {counted} with most MACs)" if len(shown) < counted else f"Layers ({counted})"
@@ -132,6 +180,8 @@ def render_analysis(console: "Console", loaded: "LoadedModel", stats: "GraphStat
     if stats.unresolved_tensors:
         totals.add_row("tensors of unknown shape", str(len(stats.unresolved_tensors)))
     console.print(totals)
+    for note in stats.notes:
+        console.print(f"note: {note}", markup=False)
 
     histogram = Table(title="Op types")
     histogram.add_column("op")

@@ -72,6 +72,10 @@ def _run(model: str, plan: "object", shortcuts: Optional[dict], data: str, train
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as workdir:
         loaded = load_model(model, input_shape, workdir=Path(workdir), opset=opset)
+        if loaded.normalisation is not None:
+            from rich.markup import escape
+
+            console.print(f"[dim]{escape(loaded.normalisation.summary())}[/dim]", highlight=False)
         if shortcuts is not None and loaded.torch_module is None:
             plan = Recipe.from_shortcuts(**shortcuts, torch_available=False)
         plan.validate(torch_available=loaded.torch_module is not None, has_data=True,

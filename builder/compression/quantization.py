@@ -184,15 +184,37 @@ def latency_ratio(baseline: Path, candidate: Path, feed: dict[str, np.ndarray], 
 # ---- quantizers ------------------------------------------------------------------------------------
 def preprocess(source: Path, out: Path) -> tuple[Path, Optional[str]]:
     """ORT's quantization pre-processing (symbolic shape inference + basic optimisation); falls back
-    to the input (with the reason) when it cannot handle the graph."""
+    to the input (with the reason, logged as a warning) when it cannot handle the graph.
+
+    It runs inside a scratch folder next to ``out``: on failure ORT's symbolic shape inference
+    writes ``sym_shape_infer_temp.onnx`` and its external data into the current directory.
+    """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from builder.loading.scratch import scratch_cwd
+
+    source, out = Path(source).resolve(), Path(out).resolve()
     try:
-        quant_pre_process(str(source), str(out), skip_symbolic_shape=False)
+        with scratch_cwd(out.parent, prefix="quant-pre-process-"):
+            quant_pre_process(str(source), str(out), skip_symbolic_shape=False)
         return out, None
     except Exception as exc:  # noqa: BLE001 - pre-processing is an optimisation, not a requirement
-        log.info("quant_pre_process failed (%s); quantizing the model as it is", exc)
-        return source, f"pre-processing skipped: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}"
+        reason = str(exc).splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        lost = _preprocess_losses(source)
+        log.warning("quant_pre_process failed (%s); quantizing the model as it is, without %s", reason, lost)
+        return source, f"pre-processing skipped ({reason}): quantized without {lost}"
+
+
+def _preprocess_losses(source: Path) -> str:
+    """What quantizing without ORT's pre-processing gives up, for the warning."""
+    import onnx
+
+    model = onnx.load(str(source), load_external_data=False)
+    opset = next((imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")), 0)
+    lost = "shape information and ORT's basic graph fusions (e.g. Conv+BatchNorm) before quantization"
+    if opset < 13:
+        lost += f"; per-channel scales need opset >= 13 and this graph is opset {opset}"
+    return lost
 
 
 def _quant_type(name: str) -> Any:

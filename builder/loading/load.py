@@ -4,10 +4,11 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from builder.errors import ModelLoadError, UsageError
 from builder.loading.input_shapes import reconcile_with_graph
+from builder.loading.normalise import normalise_onnx
 from builder.loading.onnx_file import check_onnx, default_opset, graph_inputs, read_onnx
 from builder.loading.pytorch_export import DEFAULT_OPSET, export_to_onnx
 from builder.loading.torch_sources import is_factory_reference, is_torch_zip, load_factory, load_torchscript
@@ -19,13 +20,17 @@ TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".torchscript", ".ptl")
 
 
 def load_model(source: str | Path, input_shapes: Sequence[InputSpec] | str | None = None,
-               workdir: Path | None = None, opset: int | None = None) -> LoadedModel:
+               workdir: Path | None = None, opset: int | None = None,
+               input_values: Mapping[str, Any] | None = None) -> LoadedModel:
     """Load an ONNX file, a TorchScript file or ``package.module:factory``.
 
     ``input_shapes`` (``InputSpec``s or ``--input-shape`` text) is required for PyTorch sources and
     gives concrete values for an ONNX file's dynamic dims. PyTorch models are exported to
     ``workdir/<name>.onnx`` (a new temporary directory when None: the caller owns it) and checked
-    against PyTorch. Errors: ModelLoadError / UnsupportedOpError / UsageError, each one line.
+    against PyTorch. ONNX files are normalised into ``workdir`` (``normalise``: weight Constants to
+    initializers, opset >= 13, shape inference), checked against the original on generated inputs
+    (``input_values`` by input name are used where given). Errors: ModelLoadError /
+    UnsupportedOpError / UsageError, each one line.
     """
     from builder.loading.input_shapes import parse_input_shapes, specs_given_names
 
@@ -46,7 +51,7 @@ def load_model(source: str | Path, input_shapes: Sequence[InputSpec] | str | Non
         if path.suffix.lower() in TORCHSCRIPT_SUFFIXES or (path.suffix.lower() != ".onnx" and is_torch_zip(path)):
             module = load_torchscript(path)
             return _from_torch(module, text, "torchscript", path.stem, specs, workdir, opset)
-        return _from_onnx(path, specs, named)
+        return _from_onnx(path, specs, named, workdir, input_values)
     if is_factory_reference(text) and not text.lower().endswith((".onnx",) + TORCHSCRIPT_SUFFIXES):
         module = load_factory(text)
         module_name, attr = text.split(":", 1)
@@ -56,12 +61,17 @@ def load_model(source: str | Path, input_shapes: Sequence[InputSpec] | str | Non
                          f"package.module:factory")
 
 
-def _from_onnx(path: Path, specs: tuple[InputSpec, ...] | None, named: bool) -> LoadedModel:
+def _from_onnx(path: Path, specs: tuple[InputSpec, ...] | None, named: bool, workdir: Path | None,
+               input_values: Mapping[str, Any] | None) -> LoadedModel:
     model = read_onnx(path)
     check_onnx(model, path)
     inputs = reconcile_with_graph(graph_inputs(model), specs, named)
-    return LoadedModel(name=path.stem, source=str(path), source_kind="onnx", onnx_path=path, inputs=inputs,
-                       output_names=tuple(o.name for o in model.graph.output), opset=default_opset(model))
+    workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="edgefleet-load-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    normalised, record = normalise_onnx(path, inputs, workdir, input_values)
+    return LoadedModel(name=path.stem, source=str(path), source_kind="onnx", onnx_path=normalised, inputs=inputs,
+                       output_names=tuple(o.name for o in model.graph.output), opset=record.opset_to,
+                       normalisation=record)
 
 
 def _from_torch(module: object, source: str, kind: str, name: str, specs: tuple[InputSpec, ...] | None,

@@ -35,3 +35,4 @@ class LoadedModel:
     torch_module: Optional[Any] = None  # torch.nn.Module; typed Any so this module never imports torch
     opset: int = 17
     export_max_abs_diff: Optional[float] = None  # PyTorch vs ONNX Runtime on the check input
+    normalisation: Optional[Any] = None  # builder.loading.normalise.Normalisation for ONNX files
