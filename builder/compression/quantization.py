@@ -194,15 +194,24 @@ def preprocess(source: Path, out: Path) -> tuple[Path, Optional[str]]:
     from builder.loading.scratch import scratch_cwd
 
     source, out = Path(source).resolve(), Path(out).resolve()
-    try:
-        with scratch_cwd(out.parent, prefix="quant-pre-process-"):
-            quant_pre_process(str(source), str(out), skip_symbolic_shape=False)
-        return out, None
-    except Exception as exc:  # noqa: BLE001 - pre-processing is an optimisation, not a requirement
-        reason = str(exc).splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        lost = _preprocess_losses(source)
-        log.warning("quant_pre_process failed (%s); quantizing the model as it is, without %s", reason, lost)
-        return source, f"pre-processing skipped ({reason}): quantized without {lost}"
+    reasons = []
+    # Symbolic shape inference fails on many exported graphs (Paddle OCR models): then ONNX shape
+    # inference + ORT's basic optimisation still run, and only the symbolic shapes are lost.
+    for skip_symbolic in (False, True):
+        try:
+            with scratch_cwd(out.parent, prefix="quant-pre-process-"):
+                quant_pre_process(str(source), str(out), skip_symbolic_shape=skip_symbolic)
+        except Exception as exc:  # noqa: BLE001 - pre-processing is an optimisation, not a requirement
+            reasons.append(str(exc).splitlines()[0][:160] if str(exc).strip() else type(exc).__name__)
+            continue
+        if not skip_symbolic:
+            return out, None
+        log.warning("quant_pre_process: symbolic shape inference failed (%s); pre-processed with ONNX shape "
+                    "inference instead", reasons[0])
+        return out, f"pre-processing without symbolic shape inference ({reasons[0]})"
+    lost = _preprocess_losses(source)
+    log.warning("quant_pre_process failed (%s); quantizing the model as it is, without %s", reasons[-1], lost)
+    return source, f"pre-processing skipped ({reasons[-1]}): quantized without {lost}"
 
 
 def _preprocess_losses(source: Path) -> str:
