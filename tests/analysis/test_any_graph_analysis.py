@@ -173,22 +173,18 @@ def test_conv_integer_with_minus_one_dims_in_value_info_is_never_negative() -> N
 def test_analyze_cli_takes_branch_values_from_data(tmp_path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture) -> None:
     import json
-    import sys
 
-    from builder.cli.main import app
+    from tests.support.cli import run_builder
 
     model, _, _ = if_lstm_model()
     path = tmp_path / "vad_like.onnx"
     onnx.save(model, path)
     data = tmp_path / "rate.npz"
     np.savez(data, sr=np.array(8000, dtype=np.int64))
-    monkeypatch.setattr(sys, "argv", ["builder", "analyze", str(path), "--input-shape", f"x={SEQ}x1x{INPUT}",
-                                      "--data", str(data), "--json"])
-    try:
-        app()
-    except SystemExit as exc:
-        assert exc.code in (0, None), capsys.readouterr().err
-    report = json.loads(capsys.readouterr().out)
+    code, out, err = run_builder(monkeypatch, capsys, "analyze", str(path), "--input-shape", f"x={SEQ}x1x{INPUT}",
+                                 "--data", str(data), "--json")
+    assert code == 0, err
+    report = json.loads(out)
     assert report["totals"]["macs"] == lstm_macs(16, INPUT)
     assert any("sr=8000" in note for note in report["totals"]["notes"])
     assert report["model"]["normalisation"]["checked"] is True

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -55,16 +54,14 @@ def test_tflite_params_and_macs_match_an_independent_count(tmp_path: Path) -> No
 
 def test_analyze_cli_reads_a_tflite_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture) -> None:
-    from builder.cli.main import app
+    from tests.support.cli import run_builder
 
     path = tmp_path / "tiny.tflite"
     weights = write_tiny_tflite(path)
-    monkeypatch.setattr(sys, "argv", ["builder", "analyze", str(path), "--json"])
-    try:
-        app()
-    except SystemExit as exc:
-        assert exc.code in (0, None), capsys.readouterr().err
-    report = json.loads(capsys.readouterr().out)
+    code, out, err = run_builder(monkeypatch, capsys, "analyze", str(path), "--json")
+    assert code == 0, err
+    assert "TorchScript" not in err
+    report = json.loads(out)
     assert report["model"]["source_kind"] == "tflite"
     assert report["totals"]["params"] == sum(w.size for w in weights.values() if w.dtype == np.float32)
     assert report["totals"]["macs"] == 7776 + 2592 + 1440 + 168

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+from tests.support.cli import run_builder
 
 
 def symbolic_inference_breaker(path: Path) -> None:
@@ -64,19 +65,6 @@ def test_quant_pre_process_scratch_stays_out_of_the_cwd(model_and_data, tmp_path
     assert sorted(os.listdir(work)) == ["pre.onnx"]
 
 
-def _builder(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    from builder.cli.main import app
-
-    monkeypatch.setattr(sys, "argv", ["builder", *args])
-    code = 0
-    try:
-        app()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_compress_and_analyze_leave_a_clean_cwd_empty(model_and_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture) -> None:
     model, data = model_and_data
@@ -84,7 +72,7 @@ def test_compress_and_analyze_leave_a_clean_cwd_empty(model_and_data, tmp_path: 
     clean.mkdir()
     monkeypatch.chdir(clean)
     out = tmp_path / "out"
-    code, stdout, stderr = _builder(monkeypatch, capsys, "compress", str(model), "--data", str(data),
+    code, stdout, stderr = run_builder(monkeypatch, capsys, "compress", str(model), "--data", str(data),
                                     "--quantize", "int8", "--latency-runs", "5", "--out", str(out))
     assert os.listdir(clean) == [], stderr
     assert "normalised:" in stderr
@@ -92,7 +80,7 @@ def test_compress_and_analyze_leave_a_clean_cwd_empty(model_and_data, tmp_path: 
         assert (out / "model.onnx").exists()
     else:
         assert stderr.strip().splitlines()[-1].startswith("builder: error:")
-    code, stdout, stderr = _builder(monkeypatch, capsys, "analyze", str(model), "--input-shape", "x=2x4,z=2x4",
+    code, stdout, stderr = run_builder(monkeypatch, capsys, "analyze", str(model), "--input-shape", "x=2x4,z=2x4",
                                     "--top", "3")
     assert code == 0, stderr
     assert "normalised:" in stdout
