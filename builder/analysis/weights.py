@@ -5,9 +5,10 @@ inside the subgraphs of ``If``/``Loop``/``Scan`` (a model whose branches are who
 a voice-activity RNN with one branch per sample rate). Conventions:
 
 * every initializer is a weight (its element count is a parameter), as before;
-* a ``Constant`` is a weight when it holds a numeric tensor of more than one element that is not a
-  shape or index (int64/int32/bool): the small int64 constants Paddle writes for Reshape targets and
-  axes are not parameters, its float kernels are.
+* a ``Constant`` is a weight when it holds a numeric tensor that is not a shape or index
+  (int64/int32/bool): the int64 constants Paddle writes for Reshape targets and axes are not
+  parameters, its float kernels (and float scalars, as scalar initializers would be) are. So a
+  model counts the same whether its weights are initializers or Constants.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def is_weight_constant(node: Any) -> bool:
     if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
         return False
     array = constant_array(node)
-    return array is not None and array.size > 1 and array.dtype.name not in NON_WEIGHT_DTYPES
+    return array is not None and array.dtype.name not in NON_WEIGHT_DTYPES
 
 
 def graph_weights(graph: Any) -> dict[str, WeightTensor]:

@@ -329,13 +329,18 @@ _SHAPE_DTYPES = {7, 6}  # int64, int32 tensors are shapes/indices, not weights (
 
 
 def count_params(model: Any) -> tuple[int, int]:
-    """(parameters, non-zero parameters) over numeric initializers and Constant tensors."""
+    """(parameters, non-zero parameters) over numeric initializers and Constant tensors, in the
+    main graph and in If/Loop/Scan subgraphs."""
     from onnx import numpy_helper
 
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            tensors.extend(attr.t for attr in node.attribute if attr.name == "value")
+    from builder.analysis.shapes import all_graphs
+
+    tensors = []
+    for graph in all_graphs(model.graph):
+        tensors.extend(graph.initializer)
+        for node in graph.node:
+            if node.op_type == "Constant":
+                tensors.extend(attr.t for attr in node.attribute if attr.name == "value")
     total = nonzero = 0
     for tensor in tensors:
         if tensor.data_type in _SHAPE_DTYPES:

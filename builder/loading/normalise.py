@@ -177,7 +177,8 @@ def constants_to_initializers(model: Any) -> tuple[Any, int]:
         outputs = {v.name for v in graph.output}
         kept = []
         for node in graph.node:
-            if is_weight_constant(node) and node.output[0] not in outputs:
+            # Scalars stay Constants: quantizers need tensors as initializers, not a Mul's 0.5.
+            if is_weight_constant(node) and constant_array(node).size > 1 and node.output[0] not in outputs:
                 graph.initializer.append(numpy_helper.from_array(constant_array(node), node.output[0]))
                 count += 1
             else:
