@@ -6,8 +6,15 @@ Pure over (graph, tensor infos); ``analyze_onnx`` adds the file and shape-infere
   from ``Shape``/``Size`` (weight preparation such as DequantizeLinear of an int8 weight, and the
   shape arithmetic PyTorch exports with dynamic axes). Static nodes are not layers: they cost nothing
   and their initializers count towards the layer that consumes them.
-* ``params`` of the model = the element count of every initializer (quantized ones included); each
-  initializer is attributed to its first consuming layer.
+* ``params`` of the model = the element count of every weight (``weights.py``: every initializer,
+  quantized ones included, and every numeric non-index ``Constant``) in the main graph and in every
+  subgraph, untaken ``If`` branches included (they are loaded too); each weight is attributed to its
+  first consuming layer.
+* Subgraphs: ``analyze_model`` first inlines the ``If`` branches the inputs select (``branches.py``);
+  a top-level ``If`` whose condition needs a value not given is analysed both ways and the branch
+  with more MACs kept; what is left (``If`` inside ``Loop`` bodies...) counts as one layer: its
+  weights, the larger branch's MACs, or a ``Loop``/``Scan`` body times its iterations. ``notes``
+  say which choice was made.
 * Peak activation memory: walk the layers in graph order (a sequential schedule), allocate each
   output, free a tensor after its last consumer; graph inputs are live from the start and graph outputs
   to the end. No in-place reuse or aliasing is assumed (conservative).
