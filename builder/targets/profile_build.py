@@ -128,6 +128,8 @@ def build_for_profile(model: str, profile: str, *, recipe: Path | None = None, q
         _limit_threads(threads)
         stage(f"loading {model}")
         loaded = load_model(model, input_shapes, workdir=work / "load")
+        if loaded.normalisation is not None:
+            stage(loaded.normalisation.summary())
         samples, source = _load_samples(data, loaded, verify_samples)
         recipe_obj = None
         if has_recipe or choice.implicit_quantize:
