@@ -125,8 +125,17 @@ def analyze_model(model: Any, input_shapes: Mapping[str, Sequence[int]],
     """
     import dataclasses
 
-    stats = _analyze_branches(model, input_shapes, input_values, [MAX_BRANCH_VARIANTS])
-    notes = list(stats.notes)
+    import numpy as np
+
+    values, ignored = {}, []
+    for name, value in (input_values or {}).items():
+        if name in input_shapes and tuple(np.shape(value)) == tuple(int(d) for d in input_shapes[name]):
+            values[name] = value
+        elif name in input_shapes:
+            ignored.append(f"the value given for {name} has shape {tuple(np.shape(value))}, not the analysed "
+                           f"{tuple(input_shapes[name])}: not used")
+    stats = _analyze_branches(model, input_shapes, values, [MAX_BRANCH_VARIANTS])
+    notes = ignored + list(stats.notes)
     everywhere = list(iter_all_weights(model.graph))
     params = sum(w.elements for w in everywhere)
     if params != stats.params:

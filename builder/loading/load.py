@@ -68,7 +68,7 @@ def _from_onnx(path: Path, specs: tuple[InputSpec, ...] | None, named: bool, wor
     inputs = reconcile_with_graph(graph_inputs(model), specs, named)
     workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="edgefleet-load-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    normalised, record = normalise_onnx(path, inputs, workdir, input_values)
+    normalised, record = normalise_onnx(path, inputs, workdir, input_values, model=model)
     return LoadedModel(name=path.stem, source=str(path), source_kind="onnx", onnx_path=normalised, inputs=inputs,
                        output_names=tuple(o.name for o in model.graph.output), opset=record.opset_to,
                        normalisation=record)

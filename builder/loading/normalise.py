@@ -66,13 +66,14 @@ class Normalisation:
 
 
 def normalise_onnx(source: Path, inputs: Sequence[InputSpec], workdir: Path,
-                   input_values: Mapping[str, Any] | None = None) -> tuple[Path, Normalisation]:
-    """Write the normalised model to ``workdir/<name>.onnx``; return its path and what was done."""
+                   input_values: Mapping[str, Any] | None = None, model: Any = None) -> tuple[Path, Normalisation]:
+    """Write the normalised model to ``workdir/<name>.onnx``; return its path and what was done.
+    ``model``: the file already loaded (with its external data), to save reading it again."""
     import onnx
 
     from builder.loading.onnx_file import default_opset
 
-    original = onnx.load(str(source))
+    original = model if model is not None else onnx.load(str(source))
     opset_from = default_opset(original)
     feeds = sample_feeds(inputs, input_values or {})
     reference, why_not = _run(original, feeds)
@@ -237,7 +238,7 @@ def sample_feeds(inputs: Sequence[InputSpec], values: Mapping[str, Any]) -> dict
     feeds = {}
     for spec in inputs:
         dtype = np.dtype(spec.dtype)
-        if spec.name in values:
+        if spec.name in values and np.shape(values[spec.name]) == tuple(spec.shape):
             feeds[spec.name] = np.asarray(values[spec.name], dtype=dtype)
         elif dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(spec.shape).astype(dtype)
