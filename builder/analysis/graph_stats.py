@@ -75,7 +75,7 @@ class GraphStats:
     weight_bytes: int  # stored size of all initializers
     fp32_weight_bytes: int  # params x 4
     peak_activation_bytes: int
-    op_histogram: Mapping[str, int]  # every node of the main graph, static ones included
+    op_histogram: Mapping[str, int]  # every node of the analysed graph (taken If branches inlined), static ones included
     macs_by_precision: Mapping[str, int]
     node_count: int
     unresolved_tensors: tuple[str, ...] = field(default_factory=tuple)

@@ -188,3 +188,26 @@ def test_analyze_cli_takes_branch_values_from_data(tmp_path, monkeypatch: pytest
     assert report["totals"]["macs"] == lstm_macs(16, INPUT)
     assert any("sr=8000" in note for note in report["totals"]["notes"])
     assert report["model"]["normalisation"]["checked"] is True
+
+
+def test_scan_body_is_counted_per_scanned_slice() -> None:
+    steps, k = 6, 3
+    weight = np.random.default_rng(0).standard_normal((k, k)).astype(np.float32)
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["row", "SW"], ["row_out"], name="per_row"),
+         helper.make_node("Add", ["acc_in", "row_out"], ["acc_out"])],
+        "body",
+        [helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [1, k]),
+         helper.make_tensor_value_info("row", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [1, k]),
+         helper.make_tensor_value_info("row_out", TensorProto.FLOAT, [1, k])],
+        initializer=[numpy_helper.from_array(weight, "SW")])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [steps, 1, k])
+    init = helper.make_tensor_value_info("init", TensorProto.FLOAT, [1, k])
+    outs = [helper.make_tensor_value_info("acc", TensorProto.FLOAT, [1, k]),
+            helper.make_tensor_value_info("rows", TensorProto.FLOAT, [steps, 1, k])]
+    scan = helper.make_node("Scan", ["init", "x"], ["acc", "rows"], name="scan", body=body, num_scan_inputs=1)
+    model = helper.make_model(helper.make_graph([scan], "g", [init, x], outs), opset_imports=[helper.make_opsetid("", 17)])
+    stats = analyze_model(model, {"init": (1, k), "x": (steps, 1, k)})
+    assert stats.macs == steps * k * k
+    assert stats.params == weight.size
