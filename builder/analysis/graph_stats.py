@@ -167,7 +167,9 @@ def _analyze_branches(model: Any, input_shapes: Mapping[str, Sequence[int]], inp
             results[branch] = _analyze_branches(variant, input_shapes, input_values, budget)
         best = max(results, key=lambda b: results[b].macs)
         node = flat.graph.node[pending]
-        figures = ", ".join(f"{b.split('_')[0]} {results[b].macs:,} MACs" for b in results)
+        figures = ", ".join(f"{b.split('_')[0]} {results[b].macs:,} MACs"
+                            + (f" with {len(results[b].unresolved_tensors)} tensors of unknown shape"
+                               if results[b].unresolved_tensors else "") for b in results)
         choice = [f"If '{node.name or node.input[0]}': counted the larger branch ({figures})"]
         kept = [n for n in notes if not n.startswith(f"If '{node.name}': its condition")]
         missing = [n for n in notes if n not in kept]
