@@ -4,7 +4,10 @@ Public API:
 - ``parse_input_shapes(text) -> tuple[InputSpec, ...]``: ``"1x3x224x224"`` or
   ``"input_ids=1xseq@128:int64,attention_mask=1xseq@128:int64"`` (``NAME@N`` keeps an axis dynamic;
   axis 0 is always the dynamic ``batch`` axis unless named).
-- ``load_model(source, input_shapes=None, workdir=None, opset=None) -> LoadedModel``.
+- ``load_model(source, input_shapes=None, workdir=None, opset=None, input_values=None) -> LoadedModel``;
+  ONNX files are normalised into ``workdir`` (``normalise.normalise_onnx``: weight Constants to
+  initializers, opset >= 13, shape inference, checked against the original); ``.normalisation``
+  says what was done.
 - ``export_to_onnx(module, inputs, path, opset=None) -> float``: single-file ONNX with a dynamic batch
   axis, checked against PyTorch with ONNX Runtime; returns the max abs difference.
 """
