@@ -72,10 +72,6 @@ def _run(model: str, plan: "object", shortcuts: Optional[dict], data: str, train
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as workdir:
         loaded = load_model(model, input_shape, workdir=Path(workdir), opset=opset)
-        if loaded.normalisation is not None:
-            from rich.markup import escape
-
-            console.print(f"[dim]{escape(loaded.normalisation.summary())}[/dim]", highlight=False)
         if shortcuts is not None and loaded.torch_module is None:
             plan = Recipe.from_shortcuts(**shortcuts, torch_available=False)
         plan.validate(torch_available=loaded.torch_module is not None, has_data=True,
@@ -93,6 +89,8 @@ def _run(model: str, plan: "object", shortcuts: Optional[dict], data: str, train
         result = run_recipe(loaded, plan, data=eval_data, train_data=train, out_dir=out, threads=threads,
                             eval_config=EvalConfig(threads=threads, task=task, timed_runs=timed_runs),
                             on_report=progress)
+    if loaded.normalisation is not None:  # after the run: an error stays the only line on stderr
+        print(loaded.normalisation.summary())
     Console(width=180).print(report_table(rows))
     print(f"wrote {result.model_path} and {result.report_path}")
     if result.flags:
