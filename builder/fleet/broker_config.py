@@ -147,6 +147,8 @@ def add_password(password_file: Path, user: str, password: str, mosquitto_passwd
     """Add or replace ONE user in an existing password file (``mosquitto_passwd -b`` on a copy, then
     ``os.replace``), without knowing the other users' passwords. Send the broker SIGHUP to reload."""
     tool = mosquitto_passwd or shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    if not Path(tool).exists():
+        raise FleetError("mosquitto_passwd not found; install mosquitto (apt-get install mosquitto) or omit --broker-config-dir")
     if ":" in user or not user:
         raise FleetError(f"MQTT username {user!r} is invalid (empty or contains ':')")
     password_file = Path(password_file)
@@ -159,3 +161,25 @@ def add_password(password_file: Path, user: str, password: str, mosquitto_passwd
     os.chmod(tmp, 0o644)
     os.replace(tmp, password_file)
     return password_file
+
+
+def remove_password(password_file: Path, user: str, mosquitto_passwd: str | None = None) -> bool:
+    """Delete ONE user from a password file (``mosquitto_passwd -D`` on a copy, then ``os.replace``).
+    Returns False when the user was not there. Send the broker SIGHUP to reload."""
+    password_file = Path(password_file)
+    try:
+        lines = password_file.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return False
+    if not any(line.split(":", 1)[0] == user for line in lines):
+        return False
+    tool = mosquitto_passwd or shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    tmp = password_file.with_name(password_file.name + ".tmp")
+    shutil.copyfile(password_file, tmp)
+    result = subprocess.run([tool, "-D", str(tmp), user], capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise FleetError(f"mosquitto_passwd -D failed for {user}: {result.stderr.strip() or result.stdout.strip()}")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, password_file)
+    return True

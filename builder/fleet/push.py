@@ -197,6 +197,9 @@ class Pusher:
         record = self.registry.get(artifact_id)
         artifact_id = record.artifact_id
         device = self.store.device(device_id)
+        if not device.registered:
+            raise UsageError(f"{device_id} is not registered (it connected without `builder fleet add-device`); "
+                             f"register it with `builder fleet add-device {device_id} --profile P` or remove it")
         compat_notes = check_runs_on(record, device)
         self.watch.require_serve()
         status = self.watch.status(device_id)

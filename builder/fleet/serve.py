@@ -276,6 +276,11 @@ class FleetServer:
                                 machine=hello.machine, runtimes=tuple(hello.runtimes),
                                 execution_providers=tuple(hello.execution_providers),
                                 active_artifact_id=hello.active_artifact_id)
+        known = self.store.find_device(device_id)
+        if known is not None and not known.registered:
+            log.warning("%s is not registered (no `builder fleet add-device %s`): listed as unregistered, pushes refuse it",
+                        device_id, device_id)
+            return
         self._resend_desired(device_id, hello.active_artifact_id)
 
     def _on_status(self, topic: str, payload: bytes) -> None:
