@@ -143,29 +143,39 @@ def write_broker_config(dest_dir: Path, *, port: int, devices: Mapping[str, str]
                         port=port, tls_port=tls_port)
 
 
-def add_password(password_file: Path, user: str, password: str, mosquitto_passwd: str | None = None) -> Path:
-    """Add or replace ONE user in an existing password file (``mosquitto_passwd -b`` on a copy, then
-    ``os.replace``), without knowing the other users' passwords. Send the broker SIGHUP to reload."""
+def _passwd_tool(mosquitto_passwd: str | None) -> str:
     tool = mosquitto_passwd or shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
     if not Path(tool).exists():
         raise FleetError("mosquitto_passwd not found; install mosquitto (apt-get install mosquitto) or omit --broker-config-dir")
+    return tool
+
+
+def _edit_password_file(password_file: Path, user: str, args: list[str], mosquitto_passwd: str | None) -> None:
+    """Run ``mosquitto_passwd ARGS`` on a copy of the file, then replace it (readable by Mosquitto)."""
+    tool = _passwd_tool(mosquitto_passwd)
+    tmp = password_file.with_name(password_file.name + ".tmp")
+    shutil.copyfile(password_file, tmp) if password_file.exists() else tmp.write_text("", encoding="utf-8")
+    result = subprocess.run([tool, *args[:1], str(tmp), *args[1:]], capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise FleetError(f"mosquitto_passwd {args[0]} failed for {user}: {result.stderr.strip() or result.stdout.strip()}")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, password_file)
+
+
+def add_password(password_file: Path, user: str, password: str, mosquitto_passwd: str | None = None) -> Path:
+    """Add or replace ONE user in an existing password file, without knowing the other users'
+    passwords. Send the broker SIGHUP to reload."""
     if ":" in user or not user:
         raise FleetError(f"MQTT username {user!r} is invalid (empty or contains ':')")
     password_file = Path(password_file)
-    tmp = password_file.with_name(password_file.name + ".tmp")
-    shutil.copyfile(password_file, tmp) if password_file.exists() else tmp.write_text("", encoding="utf-8")
-    result = subprocess.run([tool, "-b", str(tmp), user, password], capture_output=True, text=True, timeout=30)
-    if result.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise FleetError(f"mosquitto_passwd failed for {user}: {result.stderr.strip() or result.stdout.strip()}")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, password_file)
+    _edit_password_file(password_file, user, ["-b", user, password], mosquitto_passwd)
     return password_file
 
 
 def remove_password(password_file: Path, user: str, mosquitto_passwd: str | None = None) -> bool:
-    """Delete ONE user from a password file (``mosquitto_passwd -D`` on a copy, then ``os.replace``).
-    Returns False when the user was not there. Send the broker SIGHUP to reload."""
+    """Delete ONE user from a password file. Returns False when the user was not there. Send the
+    broker SIGHUP to reload."""
     password_file = Path(password_file)
     try:
         lines = password_file.read_text(encoding="utf-8").splitlines()
@@ -173,13 +183,5 @@ def remove_password(password_file: Path, user: str, mosquitto_passwd: str | None
         return False
     if not any(line.split(":", 1)[0] == user for line in lines):
         return False
-    tool = mosquitto_passwd or shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
-    tmp = password_file.with_name(password_file.name + ".tmp")
-    shutil.copyfile(password_file, tmp)
-    result = subprocess.run([tool, "-D", str(tmp), user], capture_output=True, text=True, timeout=30)
-    if result.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise FleetError(f"mosquitto_passwd -D failed for {user}: {result.stderr.strip() or result.stdout.strip()}")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, password_file)
+    _edit_password_file(password_file, user, ["-D", user], mosquitto_passwd)
     return True
