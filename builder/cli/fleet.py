@@ -49,6 +49,7 @@ def register(app: typer.Typer) -> None:
         tls_port: Optional[int] = typer.Option(None, help="NEW Mosquitto config: TLS listener port (needs --tls-cert/--tls-key/--ca-file)."),
         tls_cert: Optional[Path] = typer.Option(None, help="Broker TLS certificate (NEW config)."),
         tls_key: Optional[Path] = typer.Option(None, help="Broker TLS key (NEW config)."),
+        tls_listen: str = typer.Option("0.0.0.0", help="NEW Mosquitto config: address of the TLS listener devices dial."),
         ca_file: Optional[Path] = typer.Option(None, help="CA the device trusts for mqtts://."),
         trusted_key: Optional[Path] = typer.Option(None, help="Public signing key the agent trusts (default DATA_DIR/keys/signing_key.pub.pem)."),
         agent_data_dir: str = typer.Option("/var/lib/edgefleet", help="data_dir written into agent.toml (on the device)."),
@@ -69,7 +70,7 @@ def register(app: typer.Typer) -> None:
         if tls_port is not None:
             if not (tls_cert and tls_key and ca_file):
                 raise UsageError("--tls-port needs --tls-cert, --tls-key and --ca-file")
-            tls = BrokerTls(tls_port, ca_file, tls_cert, tls_key)
+            tls = BrokerTls(tls_port, ca_file, tls_cert, tls_key, listen=tls_listen)
         added = do_add(data_dir_or_default(data_dir), device_id, profile, group=group_name, broker_url=broker_url,
                        broker_config_dir=broker_config_dir, broker_port=broker_port, tls=tls, agent_ca_file=ca_file,
                        trusted_key=trusted_key, agent_data_dir=agent_data_dir, agent_toml=out,

@@ -78,12 +78,14 @@ def write_password_file(path: Path, users: Mapping[str, str], mosquitto_passwd: 
 def write_broker_config(dest_dir: Path, *, port: int, devices: Mapping[str, str], builder_password: str,
                         builder_user: str = BUILDER_USER, bind_address: str = "127.0.0.1",
                         tls: TlsFiles | None = None, tls_port: int | None = None,
-                        allow_plain_listener: bool = True, persistence_dir: Path | None = None,
+                        allow_plain_listener: bool = True, tls_bind_address: str | None = None,
+                        persistence_dir: Path | None = None,
                         log_file: Path | None = None, extra_lines: tuple[str, ...] = ()) -> BrokerConfig:
     """Write ``mosquitto.conf``, ``passwd`` and ``acl`` into ``dest_dir`` for these devices.
 
     ``devices`` maps device id -> password. ``tls`` adds a TLS listener on ``tls_port`` (with client
-    certificates required when ``tls.require_client_cert``). Re-run to add devices: files are
+    certificates required when ``tls.require_client_cert``) on ``tls_bind_address`` (default
+    ``bind_address``; "0.0.0.0" for devices on the LAN while the plain listener stays on loopback). Re-run to add devices: files are
     rewritten atomically; send the broker SIGHUP to reload them.
     """
     dest_dir = Path(dest_dir)
@@ -129,7 +131,7 @@ def write_broker_config(dest_dir: Path, *, port: int, devices: Mapping[str, str]
     if tls is not None:
         if tls_port is None:
             raise FleetError("a TLS listener needs tls_port")
-        lines += [f"listener {tls_port} {bind_address}", f"cafile {tls.ca_file}", f"certfile {tls.cert_file}",
+        lines += [f"listener {tls_port} {tls_bind_address or bind_address}", f"cafile {tls.ca_file}", f"certfile {tls.cert_file}",
                   f"keyfile {tls.key_file}", "tls_version tlsv1.2"]
         if tls.require_client_cert:
             lines += ["require_certificate true"]

@@ -45,6 +45,7 @@ class BrokerTls:
     cert_file: Path
     key_file: Path
     require_client_cert: bool = False
+    listen: str = "0.0.0.0"  # devices dial it over the LAN; the plain listener stays on 127.0.0.1
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,8 @@ def add_device(data_dir: Path, device_id: str, profile: str, *, group: str | Non
             tls_files = (TlsFiles(tls.ca_file, tls.cert_file, tls.key_file, tls.require_client_cert) if tls else None)
             config = write_broker_config(broker_config_dir, port=broker_port, devices={device_id: password},
                                          builder_password=builder_password, tls=tls_files,
-                                         tls_port=tls.port if tls else None)
+                                         tls_port=tls.port if tls else None,
+                                         tls_bind_address=tls.listen if tls else None)
             save_builder_credentials(data_dir, BUILDER_USER, builder_password, public_url, tls.ca_file if tls else None)
             config_file = config.config_file
         else:

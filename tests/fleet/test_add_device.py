@@ -93,3 +93,22 @@ def test_cli_add_device_twice_is_one_line_and_remove_device_works(tmp_path: Path
     out = builder_cli("fleet", "remove-device", "pi-02", home=tmp_path).stdout
     assert "removed pi-02" in out
     assert not (tmp_path / "devices" / "pi-02").exists()
+
+
+def test_add_device_with_tls_opens_the_tls_listener_to_the_lan_and_keeps_plain_on_loopback(tmp_path: Path) -> None:
+    import shutil
+
+    from builder.fleet.devices import BrokerTls
+    from tests.support.broker import make_test_certs
+
+    if shutil.which("mosquitto_passwd") is None:
+        pytest.skip("mosquitto_passwd not installed")
+    _keys(tmp_path)
+    certs = make_test_certs(tmp_path / "certs")
+    added = add_device(tmp_path, "pi-01", "raspberry-pi-4", broker_config_dir=tmp_path / "broker", broker_port=1883,
+                       tls=BrokerTls(8883, certs.ca_file, certs.server_cert, certs.server_key),
+                       broker_url="mqtts://builder.local:8883")
+    conf = added.broker_config_file.read_text().splitlines()
+    assert "listener 1883 127.0.0.1" in conf and "listener 8883 0.0.0.0" in conf
+    assert tomllib.loads(added.agent_toml.read_text())["ca_file"] == "ca.pem"
+    assert (added.agent_toml.parent / "ca.pem").read_bytes() == certs.ca_file.read_bytes()

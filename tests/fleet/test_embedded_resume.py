@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.agent.conftest import make_artifact
-from tests.fleet.conftest import CHILD_ENV, PY, REPO, builder_cli, free_port, start_agent, store_status, wait_for
+from tests.fleet.conftest import CHILD_ENV, PY, REPO, slow_serve_with_one_agent, start_agent, wait_for
 
 pytest.importorskip("iotcore")
 
@@ -27,15 +27,8 @@ def test_agent_killed_mid_download_resumes_on_the_embedded_broker(tmp_path: Path
     # ~64 chunks of 128 KiB of random weights (incompressible); 0.1 s per chunk: a 6 s download to interrupt
     big = make_artifact(tmp_path / "big", fleet_home.private_key, seed=5, cols=262144)
     record, _ = fleet_home.registry.add_artifact(big)
-    port = free_port()
-    processes.start("serve", [PY, "-m", "builder.cli.main", "serve", "--port", str(port), "--data-dir", str(home),
-                              "--chunk-delay-s", "0.1", "--no-loop"])
-    wait_for(lambda: (home / "serve.json").is_file(), 30, "builder serve to start: " + processes.log("serve"))
     data_dir = tmp_path / "agent-data"
-    builder_cli("fleet", "add-device", "host-01", "--profile", "x86-64-host", "--agent-data-dir", str(data_dir), home=home)
-    toml = home / "devices" / "host-01" / "agent.toml"
-    agent = start_agent(processes, "agent", toml, data_dir)
-    wait_for(lambda: store_status(home).get("host-01", {}).get("online"), 60, "agent online: " + processes.log("agent"))
+    toml, agent = slow_serve_with_one_agent(processes, home, "host-01", "x86-64-host", data_dir)
 
     push_log = open(tmp_path / "push.log", "wb")
     push = subprocess.Popen([PY, "-m", "builder.cli.main", "push", "--device", "host-01", "--artifact", record.artifact_id,

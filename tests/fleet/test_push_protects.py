@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.agent.conftest import make_artifact
-from tests.fleet.conftest import (CHILD_ENV, PY, REPO, agent_http_url, builder_cli, free_port, start_agent,
-                                  store_status, wait_for)
+from tests.fleet.conftest import CHILD_ENV, PY, REPO, agent_http_url, builder_cli, slow_serve_with_one_agent, wait_for
 
 pytest.importorskip("iotcore")
 
@@ -30,14 +29,8 @@ def _health(data_dir: Path) -> dict:
 @pytest.mark.timeout(400)
 def test_push_refuses_other_profiles_takes_precision_and_ctrl_c_withdraws(tmp_path: Path, fleet_home, processes) -> None:
     home = fleet_home.root
-    port = free_port()
-    processes.start("serve", [PY, "-m", "builder.cli.main", "serve", "--port", str(port), "--data-dir", str(home),
-                              "--chunk-delay-s", "0.1", "--no-loop"])
-    wait_for(lambda: (home / "serve.json").is_file(), 30, "builder serve to start: " + processes.log("serve"))
     data_dir = tmp_path / "pi-data"
-    builder_cli("fleet", "add-device", "pi-01", "--profile", "raspberry-pi-4", "--agent-data-dir", str(data_dir), home=home)
-    start_agent(processes, "agent", home / "devices" / "pi-01" / "agent.toml", data_dir)
-    wait_for(lambda: store_status(home).get("pi-01", {}).get("online"), 60, "agent online: " + processes.log("agent"))
+    slow_serve_with_one_agent(processes, home, "pi-01", "raspberry-pi-4", data_dir)
 
     # 1. a Jetson build to a Pi: refused before anything is published; --force pushes it
     jetson = fleet_home.artifact("jetson-orin-nano")
