@@ -93,20 +93,26 @@ class SilentObserver:
         log.debug("%s: %s %.0f%%", device_id, progress.state, progress.percent)
 
 
+def is_portable_build(record: Any) -> bool:
+    """A plain ONNX file for ONNX Runtime's CPU provider at fp32 or int8 runs the same on every
+    profile. Artifact ids name content, so such a file built for two profiles is ONE artifact whose
+    registry row names the first profile: for it a profile difference is only a note."""
+    return record.runtime == "onnxruntime" and record.format == "onnx" and record.precision in ("fp32", "int8")
+
+
 def check_runs_on(record: Any, device: Any, allow_other_profile: bool = False) -> tuple[str, ...]:
     """Refuse an artifact whose runtime the device does not have, or one built for another profile
-    (a Jetson's TensorRT fp16 build, an Android LiteRT build on a Pi) unless ``allow_other_profile``
-    (--force, or a build made for this device's profile by the push itself: artifact ids name
-    content, so one file built for two profiles is one artifact whose registry row names the first).
-    """
+    that is not a portable CPU ONNX build (a Jetson's TensorRT fp16 build or an Android LiteRT build
+    on a Pi) unless ``allow_other_profile`` (--force)."""
     needed = "litert" if record.runtime == "litert" else "onnxruntime"
     if device.runtimes and needed not in device.runtimes:
         raise UsageError(f"artifact {record.artifact_id[:12]} needs {record.runtime} but {device.device_id} has "
                          f"{', '.join(device.runtimes)}; build it for {device.profile or 'its profile'}")
     if device.profile and record.profile != device.profile:
-        if not allow_other_profile:
-            raise UsageError(f"artifact {record.artifact_id[:12]} was built for {record.profile}, but {device.device_id} "
-                             f"is a {device.profile}; push --model to build it for {device.profile}, or pass --force")
+        if not allow_other_profile and not is_portable_build(record):
+            raise UsageError(f"artifact {record.artifact_id[:12]} was built for {record.profile} ({record.runtime}, "
+                             f"{record.precision}, {record.format}), but {device.device_id} is a {device.profile}; "
+                             f"push --model to build it for {device.profile}, or pass --force")
         return (f"artifact registered for profile {record.profile}, device is {device.profile}",)
     return ()
 

@@ -32,8 +32,11 @@ def test_push_refuses_other_profiles_takes_precision_and_ctrl_c_withdraws(tmp_pa
     data_dir = tmp_path / "pi-data"
     slow_serve_with_one_agent(processes, home, "pi-01", "raspberry-pi-4", data_dir)
 
-    # 1. a Jetson build to a Pi: refused before anything is published; --force pushes it
-    jetson = fleet_home.artifact("jetson-orin-nano")
+    # 1. a Jetson build (TensorRT, fp16) to a Pi: refused before anything is published; --force pushes it
+    from builder.targets.profile_build import build_for_profile
+
+    jetson = str(build_for_profile(str(fleet_home._digits_onnx(8)), "jetson-orin-nano", registry_dir=home).artifact_id)
+    assert fleet_home.registry.get(jetson).runtime == "onnxruntime-tensorrt"
     refused = builder_cli("push", "--device", "pi-01", "--artifact", jetson, "--benchmark-runs", "0", home=home, check=False)
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode != 0 and len(lines) == 1 and "Traceback" not in refused.stderr, refused.stderr
