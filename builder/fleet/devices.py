@@ -187,7 +187,7 @@ def add_device(data_dir: Path, device_id: str, profile: str, *, group: str | Non
     _write_private(folder / PUBLIC_KEY_FILE, key_source.read_bytes(), mode=0o644)
     if ca_source is not None:
         _write_private(folder / CA_FILE, ca_source.read_bytes(), mode=0o644)
-    _write_private(folder / DEVICE_FILE, json.dumps({
+    _write_private(device_dir(data_dir, device_id) / DEVICE_FILE, json.dumps({
         "device_id": device_id, "agent_toml": str(path),
         "broker_config_dir": str(broker_config_dir) if broker_config_dir is not None else None}, indent=1))
     _write_private(path, agent_toml_text(settings))
@@ -229,8 +229,9 @@ def remove_device(data_dir: Path, device_id: str, broker_config_dir: Path | None
         config_file = config_dir / "mosquitto.conf"
     agent_toml = Path(record["agent_toml"]) if record.get("agent_toml") else None
     if agent_toml is not None and agent_toml.parent != folder and agent_toml.exists():
-        agent_toml.unlink()  # written with --out elsewhere
-        removed.append(str(agent_toml))
+        for name in (agent_toml.name, PASSWORD_FILE, PUBLIC_KEY_FILE, CA_FILE):  # written with --out elsewhere
+            (agent_toml.parent / name).unlink(missing_ok=True)
+        removed.append(f"{agent_toml} and the files beside it")
     if folder.exists():
         shutil.rmtree(folder)
         removed.append(f"device folder {folder}")

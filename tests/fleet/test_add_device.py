@@ -80,6 +80,12 @@ def test_add_device_refuses_an_existing_id_unless_forced_and_remove_device_forge
         remove_device(tmp_path, "pi-01")
     add_device(tmp_path, "pi-01", "raspberry-pi-4", broker_url="mqtt://10.0.0.2:1883")  # free again
 
+    elsewhere = add_device(tmp_path, "pi-03", "raspberry-pi-4", broker_url="mqtt://10.0.0.2:1883",
+                           agent_toml=tmp_path / "out" / "agent.toml")
+    assert (tmp_path / "out" / "signing_key.pub.pem").is_file()
+    remove_device(tmp_path, "pi-03")
+    assert not elsewhere.agent_toml.exists() and not (tmp_path / "out" / "signing_key.pub.pem").exists()
+
 
 def test_cli_add_device_twice_is_one_line_and_remove_device_works(tmp_path: Path) -> None:
     from tests.fleet.conftest import builder_cli
