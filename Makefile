@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 EXTRAS ?= builder,litert,broker,dev,convert-litert
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench dist clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ test-fast: venv
 bench: venv
 	$(BIN)/python bench/compress.py
 	$(BIN)/python bench/agent.py
+
+# The wheel a device installs: pip install 'edgefleet-<version>-py3-none-any.whl[agent]' (deploy/README.md).
+# --no-build-isolation: built with the venv's setuptools, no download.
+dist: venv
+	rm -rf build dist/edgefleet-*.whl
+	$(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation -w dist .
+	@ls dist/edgefleet-*.whl
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -44,6 +44,9 @@ def run(config: Path = CONFIG_OPTION, log_level: str = typer.Option("INFO", help
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     cfg = load_config(config)
     agent = Agent(cfg).start()
+    scheme = "mqtts" if cfg.broker.tls else "mqtt"
+    print(f"agent {cfg.device_id} ({agent.profile}): broker {scheme}://{cfg.broker.host}:{cfg.broker.port}, "
+          f"endpoint {agent.endpoint.url if agent.endpoint else '-'}, data dir {cfg.data_dir}", flush=True)
     stopping = {"flag": False}
 
     def _stop(signum, frame) -> None:  # noqa: ARG001
@@ -139,7 +142,8 @@ def bench(model: str = typer.Option("active", "--model", "-m", help="a .onnx/.or
 
 
 @typer_app.command("status")
-def status(config: Path = CONFIG_OPTION) -> None:
+def status(config: Path = CONFIG_OPTION,
+           as_json: bool = typer.Option(False, "--json", help="print the status as JSON")) -> None:
     """Show the active and previous models, and whether the agent is running (asks its local endpoint)."""
     import urllib.error
     import urllib.request
@@ -168,8 +172,34 @@ def status(config: Path = CONFIG_OPTION) -> None:
         info["health"] = json.loads(exc.read() or b"{}")
     except (OSError, ValueError):
         pass
-    for key, value in info.items():
-        print(f"{key}: {value}")
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"agent {cfg.device_id}", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    for label, value in status_rows(info):
+        table.add_row(label, value)
+    Console().print(table)
+
+
+def status_rows(info: dict) -> list[tuple[str, str]]:
+    """`agent status` as (label, text) rows: ids shortened, the health answer spelled out."""
+    def slot(name: str) -> str:
+        artifact = info.get(f"{name}_artifact_id")
+        return f"slot {info[f'{name}_slot']}: {artifact[:12]}" if artifact else "—"
+
+    health = info.get("health") or {}
+    rows = [("running", "yes" if info.get("running") else "no"), ("data dir", str(info["data_dir"])),
+            ("active model", slot("active")), ("previous model", slot("previous"))]
+    if health:
+        serving = (f"{health.get('model') or str(health.get('artifact_id', ''))[:12]} ({health.get('backend', '?')})"
+                   if health.get("ok") else f"nothing: {health.get('reason', 'unhealthy')}")
+        rows.append(("serving", serving))
+    return rows
 
 
 @typer_app.command("detect")

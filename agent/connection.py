@@ -4,6 +4,13 @@ retained status with a last will "offline".
 
 Its own thread drives ``client.loop()`` so the backoff (with jitter, which paho's built-in
 reconnect lacks) is under our control. Handlers are registered per topic before ``start()``.
+
+All socket I/O happens in that one thread. Without ``loop_start()`` paho 2.x writes a publish
+straight to the socket from the *calling* thread (``_packet_queue`` -> ``loop_write``) while the
+MQTT thread may be reading it; on a TLS connection that is two threads in one OpenSSL ``SSL``
+object at once, which OpenSSL does not allow (heap corruption: a glibc "free(): corrupted unsorted
+chunks" abort of an idle TLS agent fits). A ``on_socket_register_write`` callback makes paho only
+queue the packet and wake the MQTT thread's ``select`` through its socket pair.
 """
 from __future__ import annotations
 
@@ -71,6 +78,8 @@ class MqttConnection:
         if self.will_topic:
             client.will_set(self.will_topic, self.will_payload, qos=1, retain=True)
         client.max_inflight_messages_set(32)
+        # Only queue writes from other threads; the MQTT thread's loop() sends them (see module doc).
+        client.on_socket_register_write = lambda client, userdata, sock: None
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -105,12 +114,13 @@ class MqttConnection:
             except (RuntimeError, ValueError):
                 pass
         self._stop.set()
-        try:
-            self.client.disconnect()
-        except Exception:  # noqa: BLE001 - best effort on shutdown
-            pass
         if self._thread is not None:
             self._thread.join(timeout=5)
+        try:  # the MQTT thread is gone: this thread may now do the socket I/O itself
+            self.client.disconnect()
+            self.client.loop_write()
+        except Exception:  # noqa: BLE001 - best effort on shutdown
+            pass
 
     def _connect_once(self, first: bool) -> None:
         s = self.settings

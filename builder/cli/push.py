@@ -69,6 +69,8 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = typer.Option(None, "--model", help="Model to build for the device's profile (file or package.module:factory)."),
         input_shape: Optional[list[str]] = typer.Option(None, "--input-shape", help="name=1x3x224x224 (for models without static shapes)."),
         recipe: Optional[Path] = typer.Option(None, "--recipe", help="Compression recipe TOML applied before building."),
+        precision: Optional[str] = typer.Option(None, "--precision", help="With --model: fp32 | fp16 | int8 (default: the profile's)."),
+        force: bool = typer.Option(False, "--force", help="Push an artifact built for another profile anyway."),
         canary: str = typer.Option("0", "--canary", help="With --group: percentage of devices that go first, e.g. 10%."),
         max_latency_ratio: float = typer.Option(1.25, help="Canary fails if its p95 exceeds the previous model's by this factor."),
         soak_s: float = typer.Option(0.0, help="Canaries serve real traffic this long before they are judged."),
@@ -104,11 +106,12 @@ def register(app: typer.Typer) -> None:
         home = data_dir_or_default(data_dir)
         registry = Registry(home)
         chooser = ArtifactChooser(registry, home, artifact=artifact, model=model, input_shapes=list(input_shape or []),
-                                  recipe=recipe)
+                                  recipe=recipe, precision=precision)
         endpoint = resolve_endpoint(home, broker, username, read_password_file(password_file), ca_file)
         console = Console(stderr=as_json)
         chooser.on_stage = lambda text: console.print(f"[dim]build: {text}[/]")
-        options = PushOptions(timeout_s=timeout_s, benchmark_runs=benchmark_runs, soak_s=soak_s)
+        options = PushOptions(timeout_s=timeout_s, benchmark_runs=benchmark_runs, soak_s=soak_s,
+                              allow_other_profile=force or chooser.builds)
         with open_store(home) as store, FleetLink(endpoint).connect() as link:
             with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(),
                           console=console, transient=False) as progress:

@@ -33,6 +33,28 @@ def read_password_file(path: Optional[Path]) -> Optional[str]:
         raise UsageError(f"cannot read --password-file {path}: {exc.strerror}") from exc
 
 
+def refuse_open_embedded_broker(listen: str, broker: Optional[str]) -> None:
+    """The embedded broker (rumqttd) has no authentication and no ACLs: on a LAN address any device
+    could publish a deployment for any other. Devices on a LAN need Mosquitto with the config
+    `builder fleet add-device --broker-config-dir` writes."""
+    import ipaddress
+
+    from builder.errors import UsageError
+
+    if broker:
+        if listen != "127.0.0.1":
+            raise UsageError("--listen sets the embedded broker's address; with --broker the broker listens where it is configured")
+        return
+    try:
+        loopback = listen == "localhost" or ipaddress.ip_address(listen).is_loopback
+    except ValueError as exc:
+        raise UsageError(f"--listen {listen!r} is not an IP address") from exc
+    if not loopback:
+        raise UsageError(f"the embedded broker has no passwords or ACLs, so it listens on loopback only, not {listen}; "
+                         "for devices on the LAN run Mosquitto with the config `builder fleet add-device "
+                         "--broker-config-dir DIR` writes and pass --broker (see deploy/README.md)")
+
+
 def _telemetry_hooks(data_dir: Path, loop: bool, loop_dry_run: bool) -> list[Any]:
     """Callables ``(device_id, TelemetryReport) -> None`` run after each stored report: the
     re-compression loop (it acts only for devices with a policy: `builder fleet policy set`)."""
@@ -52,6 +74,7 @@ def register(app: typer.Typer) -> None:
         ca_file: Optional[Path] = typer.Option(None, help="CA certificate for mqtts:// brokers."),
         data_dir: Optional[Path] = DataDirOption,
         port: int = typer.Option(1883, help="Port of the embedded broker (0: any free port)."),
+        listen: str = typer.Option("127.0.0.1", "--listen", help="Address of the embedded broker: loopback only (it has no authentication or ACLs)."),
         chunk_delay_s: float = typer.Option(0.0, help="Pause between chunks (simulates a slow link; demos)."),
         loop: bool = typer.Option(True, "--loop/--no-loop", help="Run the re-compression loop for devices that have a policy."),
         loop_dry_run: bool = typer.Option(False, help="The loop logs its decisions but pushes nothing."),
@@ -66,11 +89,12 @@ def register(app: typer.Typer) -> None:
 
         logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        refuse_open_embedded_broker(listen, broker)
         home = data_dir_or_default(data_dir)
         endpoint = None
         if broker:
             endpoint = resolve_endpoint(home, broker, username, read_password_file(password_file), ca_file)
-        settings = ServeSettings(data_dir=home, broker=endpoint, embedded=EmbeddedBrokerSettings(port=port),
+        settings = ServeSettings(data_dir=home, broker=endpoint, embedded=EmbeddedBrokerSettings(host=listen, port=port),
                                  chunk_delay_s=chunk_delay_s)
         server = FleetServer(settings, telemetry_hooks=_telemetry_hooks(home, loop, loop_dry_run))
         signal.signal(signal.SIGTERM, lambda signum, frame: server.request_stop())

@@ -78,12 +78,14 @@ def write_password_file(path: Path, users: Mapping[str, str], mosquitto_passwd: 
 def write_broker_config(dest_dir: Path, *, port: int, devices: Mapping[str, str], builder_password: str,
                         builder_user: str = BUILDER_USER, bind_address: str = "127.0.0.1",
                         tls: TlsFiles | None = None, tls_port: int | None = None,
-                        allow_plain_listener: bool = True, persistence_dir: Path | None = None,
+                        allow_plain_listener: bool = True, tls_bind_address: str | None = None,
+                        persistence_dir: Path | None = None,
                         log_file: Path | None = None, extra_lines: tuple[str, ...] = ()) -> BrokerConfig:
     """Write ``mosquitto.conf``, ``passwd`` and ``acl`` into ``dest_dir`` for these devices.
 
     ``devices`` maps device id -> password. ``tls`` adds a TLS listener on ``tls_port`` (with client
-    certificates required when ``tls.require_client_cert``). Re-run to add devices: files are
+    certificates required when ``tls.require_client_cert``) on ``tls_bind_address`` (default
+    ``bind_address``; "0.0.0.0" for devices on the LAN while the plain listener stays on loopback). Re-run to add devices: files are
     rewritten atomically; send the broker SIGHUP to reload them.
     """
     dest_dir = Path(dest_dir)
@@ -129,7 +131,7 @@ def write_broker_config(dest_dir: Path, *, port: int, devices: Mapping[str, str]
     if tls is not None:
         if tls_port is None:
             raise FleetError("a TLS listener needs tls_port")
-        lines += [f"listener {tls_port} {bind_address}", f"cafile {tls.ca_file}", f"certfile {tls.cert_file}",
+        lines += [f"listener {tls_port} {tls_bind_address or bind_address}", f"cafile {tls.ca_file}", f"certfile {tls.cert_file}",
                   f"keyfile {tls.key_file}", "tls_version tlsv1.2"]
         if tls.require_client_cert:
             lines += ["require_certificate true"]
@@ -143,19 +145,45 @@ def write_broker_config(dest_dir: Path, *, port: int, devices: Mapping[str, str]
                         port=port, tls_port=tls_port)
 
 
-def add_password(password_file: Path, user: str, password: str, mosquitto_passwd: str | None = None) -> Path:
-    """Add or replace ONE user in an existing password file (``mosquitto_passwd -b`` on a copy, then
-    ``os.replace``), without knowing the other users' passwords. Send the broker SIGHUP to reload."""
+def _passwd_tool(mosquitto_passwd: str | None) -> str:
     tool = mosquitto_passwd or shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    if not Path(tool).exists():
+        raise FleetError("mosquitto_passwd not found; install mosquitto (apt-get install mosquitto) or omit --broker-config-dir")
+    return tool
+
+
+def _edit_password_file(password_file: Path, user: str, args: list[str], mosquitto_passwd: str | None) -> None:
+    """Run ``mosquitto_passwd ARGS`` on a copy of the file, then replace it (readable by Mosquitto)."""
+    tool = _passwd_tool(mosquitto_passwd)
+    tmp = password_file.with_name(password_file.name + ".tmp")
+    shutil.copyfile(password_file, tmp) if password_file.exists() else tmp.write_text("", encoding="utf-8")
+    result = subprocess.run([tool, *args[:1], str(tmp), *args[1:]], capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise FleetError(f"mosquitto_passwd {args[0]} failed for {user}: {result.stderr.strip() or result.stdout.strip()}")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, password_file)
+
+
+def add_password(password_file: Path, user: str, password: str, mosquitto_passwd: str | None = None) -> Path:
+    """Add or replace ONE user in an existing password file, without knowing the other users'
+    passwords. Send the broker SIGHUP to reload."""
     if ":" in user or not user:
         raise FleetError(f"MQTT username {user!r} is invalid (empty or contains ':')")
     password_file = Path(password_file)
-    tmp = password_file.with_name(password_file.name + ".tmp")
-    shutil.copyfile(password_file, tmp) if password_file.exists() else tmp.write_text("", encoding="utf-8")
-    result = subprocess.run([tool, "-b", str(tmp), user, password], capture_output=True, text=True, timeout=30)
-    if result.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise FleetError(f"mosquitto_passwd failed for {user}: {result.stderr.strip() or result.stdout.strip()}")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, password_file)
+    _edit_password_file(password_file, user, ["-b", user, password], mosquitto_passwd)
     return password_file
+
+
+def remove_password(password_file: Path, user: str, mosquitto_passwd: str | None = None) -> bool:
+    """Delete ONE user from a password file. Returns False when the user was not there. Send the
+    broker SIGHUP to reload."""
+    password_file = Path(password_file)
+    try:
+        lines = password_file.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return False
+    if not any(line.split(":", 1)[0] == user for line in lines):
+        return False
+    _edit_password_file(password_file, user, ["-D", user], mosquitto_passwd)
+    return True

@@ -138,7 +138,7 @@ class FleetDemo:
         for device, profile in DEVICES.items():
             data_dir = self.out_dir / "agents" / device
             added = add_device(self.home, device, profile, group="demo", agent_data_dir=str(data_dir),
-                               telemetry_interval_s=2.0, http_port=0,
+                               telemetry_interval_s=2.0, http_port=0, force=True,
                                extra_agent_settings={"threads": 1, "reconnect_min_s": 0.2, "reconnect_max_s": 2.0})
             (data_dir / "agent.json").unlink(missing_ok=True)
             self.children.start(device, [sys.executable, "-c", "import sys; from agent.cli import app; sys.argv[0] = 'agent'; app()",

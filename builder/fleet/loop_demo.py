@@ -326,7 +326,7 @@ class LoopDemo:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         added = add_device(self.home, DEMO_DEVICE, PROFILE, agent_data_dir=str(self.out_dir / "agent"),
-                           telemetry_interval_s=1.0, http_port=port,
+                           telemetry_interval_s=1.0, http_port=port, force=True,
                            extra_agent_settings={"threads": 1, "reconnect_min_s": 0.2, "reconnect_max_s": 2.0})
         self.children.start("agent", [sys.executable, "-c", "import sys; from agent.cli import app; sys.argv[0] = 'agent'; app()",
                              "run", "--config", str(added.agent_toml)])

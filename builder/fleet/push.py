@@ -37,6 +37,7 @@ FAILED_STATES = ("failed", "rejected", "rolled_back", "timeout", "error")
 class PushOptions:
     timeout_s: float = 900.0  # whole deployment, per device
     stall_timeout_s: float = 120.0  # no progress message for this long: give up
+    allow_other_profile: bool = False  # --force, or artifacts built here for each device's profile
     benchmark_runs: int = 30
     benchmark_warmup: int = 3
     benchmark_timeout_s: float = 180.0
@@ -92,19 +93,34 @@ class SilentObserver:
         log.debug("%s: %s %.0f%%", device_id, progress.state, progress.percent)
 
 
-def check_runs_on(record: Any, device: Any) -> tuple[str, ...]:
-    """Refuse an artifact whose runtime the device does not have; note a different build profile.
+def is_portable_build(record: Any) -> bool:
+    """A plain ONNX file for ONNX Runtime's CPU provider at fp32 or int8 runs the same on every
+    profile. Artifact ids name content, so such a file built for two profiles is ONE artifact whose
+    registry row names the first profile: for it a profile difference is only a note."""
+    return record.runtime == "onnxruntime" and record.format == "onnx" and record.precision in ("fp32", "int8")
 
-    Artifact ids name content, so one ONNX file built for two profiles is one artifact whose registry
-    row names the first profile: a profile difference alone is not an error.
-    """
+
+def check_runs_on(record: Any, device: Any, allow_other_profile: bool = False) -> tuple[str, ...]:
+    """Refuse an artifact whose runtime the device does not have, or one built for another profile
+    that is not a portable CPU ONNX build (a Jetson's TensorRT fp16 build or an Android LiteRT build
+    on a Pi) unless ``allow_other_profile`` (--force)."""
     needed = "litert" if record.runtime == "litert" else "onnxruntime"
     if device.runtimes and needed not in device.runtimes:
         raise UsageError(f"artifact {record.artifact_id[:12]} needs {record.runtime} but {device.device_id} has "
                          f"{', '.join(device.runtimes)}; build it for {device.profile or 'its profile'}")
     if device.profile and record.profile != device.profile:
+        if not allow_other_profile and not is_portable_build(record):
+            raise UsageError(f"artifact {record.artifact_id[:12]} was built for {record.profile} ({record.runtime}, "
+                             f"{record.precision}, {record.format}), but {device.device_id} is a {device.profile}; "
+                             f"push --model to build it for {device.profile}, or pass --force")
         return (f"artifact registered for profile {record.profile}, device is {device.profile}",)
     return ()
+
+
+class PushCancelled(FleetError):
+    """The user interrupted a push (Ctrl-C): the desired deployment was withdrawn."""
+
+    exit_code = 130
 
 
 class DeviceWatch:
@@ -190,6 +206,7 @@ class Pusher:
         self.observer: PushObserver = observer or SilentObserver()
         self.dirs = ArtifactDirectories(registry, Path(data_dir) / "serve-cache")
         self.watch = DeviceWatch(link)
+        self._cancel = threading.Event()  # Ctrl-C during a group push: every device's wait stops
 
     # -- one device -------------------------------------------------------------------------
     def push(self, device_id: str, artifact_id: str) -> DeviceOutcome:
@@ -197,7 +214,10 @@ class Pusher:
         record = self.registry.get(artifact_id)
         artifact_id = record.artifact_id
         device = self.store.device(device_id)
-        compat_notes = check_runs_on(record, device)
+        if not device.registered:
+            raise UsageError(f"{device_id} is not registered (it connected without `builder fleet add-device`); "
+                             f"register it with `builder fleet add-device {device_id} --profile P` or remove it")
+        compat_notes = check_runs_on(record, device, self.options.allow_other_profile)
         self.watch.require_serve()
         status = self.watch.status(device_id)
         online = status is not None and status.state == "online"
@@ -224,7 +244,14 @@ class Pusher:
                 return DeviceOutcome(state="pending", deployment_id=deployment_id, before=before,
                                      seconds=time.monotonic() - start,
                                      notes=compat_notes + ("device offline; the retained desired deployment waits for it",), **base)
-            final = self._wait_final(device_id, progress_q, online)
+            try:
+                final = self._wait_final(device_id, progress_q, online)
+            except (KeyboardInterrupt, PushCancelled) as exc:
+                self._restore_desired(device_id, previous)
+                self.store.add_event(DeploymentEvent(device_id, time.time(), "cancelled", deployment_id, artifact_id,
+                                                     {"restored": previous}))
+                raise PushCancelled(f"push cancelled: desired deployment {deployment_id} withdrawn, {device_id} keeps "
+                                    + (f"{previous_model or previous[:12]}" if previous else "what it runs")) from exc
         finally:
             self.watch.unfollow(deployment_id)
         if final is None:
@@ -280,6 +307,8 @@ class Pusher:
         stall = self.options.stall_timeout_s if online else max(self.options.offline_wait_s, 0.1)
         last_message = time.monotonic()
         while time.monotonic() < deadline:
+            if self._cancel.is_set():
+                raise PushCancelled("push cancelled")
             try:
                 progress = progress_q.get(timeout=0.25)
             except queue.Empty:
@@ -353,6 +382,8 @@ class Pusher:
         canaries, rest = split_canaries(online, canary_percent)
         rest = rest + sorted(offline)
         artifacts = {d.device_id: artifact_for(d.profile or "") for d in devices}
+        for d in devices:  # refuse before anything is pushed, not after the canaries installed it
+            check_runs_on(self.registry.get(artifacts[d.device_id]), d, self.options.allow_other_profile)
         verdict: CanaryVerdict | None = None
         canary_outcomes: list[DeviceOutcome] = []
         if canaries:
@@ -382,8 +413,20 @@ class Pusher:
             except BuilderError as exc:
                 return DeviceOutcome(device_id, artifacts[device_id], "error", error=str(exc))
 
-        with ThreadPoolExecutor(max_workers=max(1, min(8, len(device_ids)))) as pool:
-            return list(pool.map(one, device_ids))
+        pool = ThreadPoolExecutor(max_workers=max(1, min(8, len(device_ids))))
+        futures = [pool.submit(one, device_id) for device_id in device_ids]
+        try:
+            return [future.result() for future in futures]
+        except KeyboardInterrupt:
+            self._cancel.set()  # each device's push withdraws its desired deployment
+            for future in futures:
+                try:
+                    future.result(timeout=30)
+                except (PushCancelled, TimeoutError):
+                    pass
+            raise PushCancelled("push cancelled: desired deployments withdrawn; each device keeps its previous model")
+        finally:
+            pool.shutdown(wait=True)
 
     def _evidence(self, outcome: DeviceOutcome) -> CanaryEvidence:
         previous_field = (self.store.latest_field_telemetry_for(outcome.device_id, outcome.previous_artifact_id)

@@ -12,13 +12,16 @@ from builder.fleet.store import DeviceRecord
 
 class ArtifactChooser:
     def __init__(self, registry: Any, data_dir: Path, *, artifact: str | None = None, model: str | None = None,
-                 input_shapes: list[str] | None = None, recipe: Path | None = None) -> None:
+                 input_shapes: list[str] | None = None, recipe: Path | None = None, precision: str | None = None) -> None:
         self.registry = registry
         self.data_dir = Path(data_dir)
         self.artifact = registry.resolve(artifact) if artifact else None
         self.model = model
         self.input_shapes = list(input_shapes or [])
         self.recipe = recipe
+        self.precision = precision  # None: the profile's preferred precision
+        if precision is not None and model is None:
+            raise UsageError("--precision applies to --model builds; a registered --artifact already has one")
         self._built: dict[str, str] = {}
         self.on_stage = lambda text: None  # set by the CLI to show build stages
 
@@ -27,6 +30,11 @@ class ArtifactChooser:
             raise UsageError(f"{device.device_id} has no profile yet; register it with `builder fleet add-device "
                              f"{device.device_id} --profile P` or let its agent say hello first")
         return self.for_profile(device.profile)
+
+    @property
+    def builds(self) -> bool:
+        """True when artifacts are built here for each device's profile (so they match it)."""
+        return self.artifact is None
 
     def for_profile(self, profile: str) -> str:
         if self.artifact is not None:
@@ -43,5 +51,5 @@ class ArtifactChooser:
                              "checkout lacks; build first and push with --artifact ID") from exc
         shapes = ",".join(self.input_shapes) if self.input_shapes else None
         result = build_for_profile(str(self.model), profile, recipe=self.recipe, input_shapes=shapes,
-                                   registry_dir=self.data_dir, on_stage=self.on_stage)
+                                   registry_dir=self.data_dir, precision=self.precision, on_stage=self.on_stage)
         return str(result.artifact_id)

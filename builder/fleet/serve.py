@@ -176,18 +176,35 @@ class FleetServer:
         """Retained desired deployments live in the broker's memory: the embedded broker (and a
         Mosquitto without persistence) forgets them on restart. Publish each device's last one again,
         same deployment id, so a device that comes back still finds what it must run."""
+        assert self.store is not None and self.link is not None
+        for device_id, event in self.store.latest_desired().items():
+            message = self._last_desired_message(device_id, event)
+            if message is not None:
+                self.link.publish(proto.device_topic(device_id, proto.Down.DESIRED), message.to_json(), retain=True)
+
+    def _last_desired_message(self, device_id: str, event: DeploymentEvent) -> proto.DesiredDeployment | None:
         from builder.fleet.chunk_server import desired_message
 
-        assert self.store is not None and self.link is not None and self.chunk_server is not None
-        lookup = self.chunk_server.lookup
-        for device_id, event in self.store.latest_desired().items():
-            directory = lookup(event.artifact_id) if event.artifact_id else None
-            if directory is None:
-                log.warning("cannot restore %s's desired deployment: artifact %s is not in the registry",
-                            device_id, (event.artifact_id or "?")[:12])
-                continue
-            message = desired_message(directory, event.deployment_id)
-            self.link.publish(proto.device_topic(device_id, proto.Down.DESIRED), message.to_json(), retain=True)
+        directory = self.chunk_server.lookup(event.artifact_id) if event.artifact_id else None
+        if directory is None:
+            log.warning("cannot restore %s's desired deployment: artifact %s is not in the registry",
+                        device_id, (event.artifact_id or "?")[:12])
+            return None
+        return desired_message(directory, event.deployment_id)
+
+    def _resend_desired(self, device_id: str, running_artifact: str | None) -> None:
+        """A device that says hello gets its desired deployment again unless it already runs it: a
+        broker need not resend retained messages to a reconnecting persistent session (rumqttd does
+        not), so an agent killed mid-download would otherwise never learn what to resume."""
+        if self.store is None or self.link is None:
+            return
+        event = self.store.latest_desired().get(device_id)
+        if event is None or event.artifact_id == running_artifact:
+            return
+        message = self._last_desired_message(device_id, event)
+        if message is not None:  # network thread: publish without waiting for the PUBACK
+            self.link.client.publish(proto.device_topic(device_id, proto.Down.DESIRED), message.to_json(), qos=1, retain=True)
+            log.info("%s: desired deployment %s sent again", device_id, event.deployment_id)
 
     def stop(self) -> None:
         if self._stopped.is_set():
@@ -259,6 +276,12 @@ class FleetServer:
                                 machine=hello.machine, runtimes=tuple(hello.runtimes),
                                 execution_providers=tuple(hello.execution_providers),
                                 active_artifact_id=hello.active_artifact_id)
+        known = self.store.find_device(device_id)
+        if known is not None and not known.registered:
+            log.warning("%s is not registered (no `builder fleet add-device %s`): listed as unregistered, pushes refuse it",
+                        device_id, device_id)
+            return
+        self._resend_desired(device_id, hello.active_artifact_id)
 
     def _on_status(self, topic: str, payload: bytes) -> None:
         device_id = self._device(topic)

@@ -30,6 +30,7 @@ class DeviceStatusRow:
     temperature_c: float | None
     last_seen: float | None
     last_seen_age_s: float | None
+    registered: bool = True  # False: it connected without `builder fleet add-device`
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +61,7 @@ def status_rows(devices: Sequence[DeviceRecord], field_telemetry: Mapping[str, T
             temperature_c=latest.temperature_c if latest else None,
             last_seen=device.last_seen,
             last_seen_age_s=(max(0.0, now - device.last_seen) if device.last_seen is not None else None),
+            registered=device.registered,
         ))
     return rows
 
@@ -97,7 +99,7 @@ def status_cells(row: DeviceStatusRow) -> tuple[str, ...]:
     model = row.model or (row.artifact_id[:12] if row.artifact_id else DASH)
     return (
         row.device_id,
-        "online" if row.online else "offline",
+        ("online" if row.online else "offline") if row.registered else "unregistered",
         row.profile or DASH,
         model,
         _ms(row.field_p50_ms),

@@ -112,7 +112,11 @@ class DeviceRecord:
     active_artifact_id: str | None = None
     active_model: str | None = None
     previous_artifact_id: str | None = None
-    registered_at: float = 0.0
+    registered_at: float = 0.0  # 0: never registered with `builder fleet add-device` (it only connected)
+
+    @property
+    def registered(self) -> bool:
+        return self.registered_at > 0
 
 
 @dataclass(frozen=True)
@@ -255,18 +259,24 @@ class FleetStore:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO devices (device_id, profile, group_name, registered_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(device_id) DO UPDATE SET profile = excluded.profile, group_name = excluded.group_name",
+                "ON CONFLICT(device_id) DO UPDATE SET profile = excluded.profile, group_name = excluded.group_name, "
+                "registered_at = CASE WHEN devices.registered_at > 0 THEN devices.registered_at "
+                "ELSE excluded.registered_at END",
                 (device_id, profile, group, now))
         return self.device(device_id)
 
     def remove_device(self, device_id: str) -> None:
+        """Forget a device: its row, telemetry, benchmarks and deployment events (so `builder serve`
+        does not publish its last desired deployment again)."""
         with self._tx() as db:
-            db.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
+            for table in ("devices", "telemetry", "benchmarks", "events"):
+                db.execute(f"DELETE FROM {table} WHERE device_id = ?", (device_id,))
 
     def record_hello(self, device_id: str, *, agent_version: str | None, profile: str | None, machine: str,
                      runtimes: tuple[str, ...], execution_providers: tuple[str, ...],
                      active_artifact_id: str | None, ts: float | None = None) -> None:
-        """A device announced itself: it is online; unknown devices are added (profile as announced)."""
+        """A device announced itself: it is online; unknown devices are added as *unregistered*
+        (profile as announced) so `fleet status` shows them, marked, but pushes refuse them."""
         now = ts or time.time()
         with self._tx() as db:
             db.execute(
@@ -278,7 +288,7 @@ class FleetStore:
                 "online = 1, last_seen = excluded.last_seen, "
                 "active_artifact_id = COALESCE(excluded.active_artifact_id, devices.active_artifact_id)",
                 (device_id, profile, machine, _json(list(runtimes)), _json(list(execution_providers)), agent_version,
-                 now, active_artifact_id, now))
+                 now, active_artifact_id, 0.0))  # announced, not registered
 
     def record_status(self, device_id: str, *, online: bool, active_artifact_id: str | None = None,
                       active_model: str | None = None, previous_artifact_id: str | None = None,
@@ -299,7 +309,7 @@ class FleetStore:
                 "previous_artifact_id = CASE WHEN excluded.online = 1 THEN excluded.previous_artifact_id "
                 "ELSE COALESCE(excluded.previous_artifact_id, devices.previous_artifact_id) END",
                 (device_id, profile, agent_version, int(online), now, active_artifact_id, active_model,
-                 previous_artifact_id, now))
+                 previous_artifact_id, 0.0))  # announced, not registered
 
     def touch(self, device_id: str, ts: float | None = None) -> None:
         """Any message from a device proves it is alive."""

@@ -61,7 +61,7 @@ def build_linear_onnx(path: Path, seed: int, cols: int = 16, rows: int = 8) -> N
 
 
 def make_artifact(dest: Path, private_key: Any, *, seed: int = 0, cols: int = 16, version: str = "1",
-                  expected_scale: float = 1.0) -> Path:
+                  expected_scale: float = 1.0, profile: str = "x86-64-host") -> Path:
     """Package a signed artifact (model + sample.npz with the model's real outputs) with the builder's
     own packaging. ``expected_scale != 1`` ships wrong expected outputs (fails the health check)."""
     import onnxruntime as ort
@@ -80,7 +80,7 @@ def make_artifact(dest: Path, private_key: Any, *, seed: int = 0, cols: int = 16
     np.savez(work / "sample.npz", **{"in:x": x, "out:y": (y * expected_scale).astype(np.float32)})
     package_artifact(dest, {"model.onnx": (model_path, "model"), "sample.npz": (work / "sample.npz", "sample")},
                      model_name="linear", model_version=version,
-                     target=Target(profile="x86-64-host", runtime="onnxruntime",
+                     target=Target(profile=profile, runtime="onnxruntime",
                                    execution_providers=("CPUExecutionProvider",), precision="fp32", format="onnx",
                                    runtime_options={"intra_op_num_threads": 1}),
                      inputs=[TensorSpec("x", (1, 8), "float32")], outputs=[TensorSpec("y", (1, cols), "float32")],

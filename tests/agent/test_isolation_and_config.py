@@ -1,6 +1,8 @@
 """agent.toml validation, reconnect backoff, one-line CLI errors."""
 from __future__ import annotations
 
+import json
+import os
 import random
 import subprocess
 import sys
@@ -76,10 +78,41 @@ def test_agent_status_cli_shows_active_model_when_agent_is_not_running(tmp_path,
     shutil.copytree(art, tmp_path / "incoming")
     loaded = Installer(tmp_path / "data", load_public_key(pub), threads=1).install(tmp_path / "incoming")
     config = agent_toml(tmp_path / "agent.toml", "mqtt://127.0.0.1:1", "dev1", "pw", pub, tmp_path / "data")
-    out = subprocess.run([sys.executable, "-c", "from agent.cli import app; app()", "status", "--config", str(config)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    status = [sys.executable, "-c", "from agent.cli import app; app()", "status", "--config", str(config)]
+    out = subprocess.run(status, capture_output=True, text=True, cwd=ROOT, timeout=60, env={**os.environ, "COLUMNS": "80"})
     assert out.returncode == 0, out.stderr
-    assert f"active_artifact_id: {loaded.manifest.artifact_id}" in out.stdout and "running: False" in out.stdout
+    table = out.stdout
+    assert loaded.manifest.artifact_id[:12] in table and loaded.manifest.artifact_id not in table  # short ids
+    assert "running" in table and "no" in table and "{" not in table and "None" not in table  # no Python reprs
+    assert all(len(line) <= 80 for line in table.splitlines())
+    info = json.loads(subprocess.run(status + ["--json"], capture_output=True, text=True, cwd=ROOT, timeout=60).stdout)
+    assert info["active_artifact_id"] == loaded.manifest.artifact_id and info["running"] is False
+
+
+def test_second_agent_on_one_host_says_its_port_is_taken_in_one_line(tmp_path, signing_key):
+    """`agent run` prints one start-up line; a second agent on the same http_port exits with one
+    line naming the port and the fix, not an OSError traceback."""
+    from tests.agent.conftest import agent_toml
+    from tests.support.broker import free_port
+
+    _, pub = signing_key
+    port = free_port()
+    run = [sys.executable, "-c", "from agent.cli import app; app()", "run", "--config"]
+    first_toml = agent_toml(tmp_path / "a1.toml", "mqtt://127.0.0.1:1", "dev1", "pw", pub, tmp_path / "d1", http_port=port)
+    second_toml = agent_toml(tmp_path / "a2.toml", "mqtt://127.0.0.1:1", "dev2", "pw", pub, tmp_path / "d2", http_port=port)
+    first = subprocess.Popen(run + [str(first_toml)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        line = first.stdout.readline()
+        assert line.startswith("agent dev1 (x86-64-host): broker mqtt://127.0.0.1:1, endpoint http://127.0.0.1:") \
+            and str(port) in line, line
+        second = subprocess.run(run + [str(second_toml)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"http_port {port}" in lines[0] and "in use" in lines[0] and "--http-port" in lines[0]
+    finally:
+        first.terminate()
+        first.wait(60)
 
 
 def test_mqtt5_falls_back_to_311_when_the_broker_drops_v5_connects():

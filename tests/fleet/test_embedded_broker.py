@@ -114,3 +114,14 @@ def test_embedded_broker_port_in_use_is_a_clear_error() -> None:
     with EmbeddedBroker(EmbeddedBrokerSettings(port=0)) as first:
         with pytest.raises(FleetError, match="--port"):
             EmbeddedBroker(EmbeddedBrokerSettings(port=first.port)).start()
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0", "192.168.1.10", "::"])
+def test_serve_refuses_to_open_the_embedded_broker_to_the_lan(tmp_path, listen: str) -> None:
+    from tests.fleet.conftest import builder_cli
+
+    result = builder_cli("serve", "--listen", listen, "--port", "0", home=tmp_path, check=False, timeout_s=60)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no passwords or ACLs" in lines[0] and "--broker-config-dir" in lines[0]
+    assert not (tmp_path / "serve.json").exists()  # nothing started

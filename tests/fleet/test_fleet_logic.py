@@ -222,3 +222,24 @@ def test_push_result_table_renders_every_outcome() -> None:
                                  DeviceOutcome("pi-03", "a" * 64, "rejected", error="bad signature")], "Push result"))
     text = console.export_text()
     assert "pi-01" in text and "pending" in text and "rejected: bad signature" in text
+
+
+def test_push_refuses_builds_for_other_profiles_unless_portable_or_forced() -> None:
+    from builder.artifacts.registry import ArtifactRecord
+    from builder.fleet.push import check_runs_on
+    from builder.fleet.store import DeviceRecord
+
+    pi = DeviceRecord("pi-01", profile="raspberry-pi-4", runtimes=("onnxruntime", "litert"))
+
+    def record(profile: str, runtime: str, precision: str, fmt: str) -> ArtifactRecord:
+        return ArtifactRecord("a" * 64, "m", "1", profile, runtime, precision, fmt, 1, 0.0)
+
+    for foreign in (record("jetson-orin-nano", "onnxruntime-tensorrt", "fp16", "onnx"),
+                    record("android-arm64", "litert", "int8", "tflite"),
+                    record("x86-64-host", "onnxruntime", "int8", "ort")):  # .ort files carry platform-specific optimisations
+        with pytest.raises(UsageError, match=f"built for {foreign.profile}.*raspberry-pi-4.*--force"):
+            check_runs_on(foreign, pi)
+        assert check_runs_on(foreign, pi, allow_other_profile=True)  # --force: pushed, with a note
+    assert check_runs_on(record("raspberry-pi-4", "litert", "int8", "tflite"), pi) == ()
+    # one CPU ONNX file built for two profiles is one artifact (content id): a note, not an error
+    assert check_runs_on(record("jetson-orin-nano", "onnxruntime", "fp32", "onnx"), pi)

@@ -75,6 +75,7 @@ def world(tmp_path_factory: pytest.TempPathFactory):
     hook = ServeLoopHook(home)
     server = FleetServer(ServeSettings(data_dir=home, broker=BrokerEndpoint(broker.url, "builder", "pw-builder")),
                          telemetry_hooks=[hook]).start()
+    server.store.register_device(DEVICE, "x86-64-host")  # as `builder fleet add-device` does: pushes refuse unknown devices
     port = free_port()
     agent_dir = root / "agent"
     toml = root / "agent.toml"
