@@ -69,10 +69,10 @@ class LiteRtConversionError(UnsupportedOpError):
 def import_onnx2torch() -> Any:
     """``onnx2torch``, imported even where torchvision is absent (its NMS/RoiAlign converters
     import it at module level; those ops are refused before conversion, see TFLITE_UNSUPPORTED)."""
-    if "onnx2torch" in sys.modules:
+    if sys.modules.get("onnx2torch") is not None:
         return sys.modules["onnx2torch"]
     placeholder = None
-    if importlib.util.find_spec("torchvision") is None:
+    if "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is None:
         placeholder = _torchvision_placeholder()
     try:
         return importlib.import_module("onnx2torch")
