@@ -31,7 +31,7 @@ MODELS: dict[str, tuple[str, str | None, str | None]] = {
                              "input_ids=1x64:int64,attention_mask=1x64:int64", "paraphrase_minilm_l3"),
     # the zoo's silero data has its state batched on axis 1 and a 0-d sr: synthetic inputs here
     "silero_vad_lstm": ("silero_vad/silero_vad_16k_sequence.onnx", "input=4x576,h=1x1x128,c=1x1x128", None),
-    "silero_vad": ("silero_vad/silero_vad.onnx", None, None),
+    "silero_vad": ("silero_vad/silero_vad.onnx", "input=1x576,state=2x1x128", None),
 }
 
 
@@ -53,6 +53,7 @@ def build_one(name: str, precision: str, home: Path) -> dict[str, object]:
         m, report = result.manifest, result.report
         worst = report.worst if report else None
         row.update(outcome=f"{m.target.runtime}/{m.target.format}", fallback=result.fallback,
+                   why=result.warnings[0] if result.fallback else "",
                    max_abs_diff=worst.max_abs_diff if worst else None, min_cosine=worst.min_cosine if worst else None,
                    samples=report.num_samples if report else None, size_bytes=m.metrics.get("size_bytes"),
                    host_latency_ms=m.metrics.get("host_latency_ms"))

@@ -156,6 +156,7 @@ def onnx_to_torch(onnx_path: Path, samples: Mapping[str, np.ndarray]) -> tuple[A
     graph = importlib.import_module("onnx2torch.onnx_graph").OnnxGraph(folded.graph)
     op_types = {name: node.operation_type for name, node in graph.nodes.items()}
     inline_small_constants(module)
+    bind_constant_slices(module)
     return module.eval(), names, op_types
 
 
@@ -202,6 +203,67 @@ def inline_small_constants(module: Any, max_elements: int = INLINE_MAX_ELEMENTS)
     return replaced
 
 
+def bind_constant_slices(module: Any) -> int:
+    """Replace onnx2torch ``Slice`` modules whose starts/ends/axes/steps are inlined literals by a
+    module holding the Python slices: onnx2torch computes them with ``.numpy()``, which fake
+    tensors refuse (".numpy() is not supported for tensor subclasses", PP-OCRv4's recogniser).
+    Returns how many were bound."""
+    import torch
+
+    slice_mod = importlib.import_module("onnx2torch.node_converters.slice")
+    graph = module.graph
+    bound = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(module.get_submodule(node.target), slice_mod.OnnxSlice):
+            continue
+        params = list(node.args[1:])
+        if not all(isinstance(p, torch.fx.Node) and p.op == "call_function" and p.target is torch.tensor for p in params):
+            continue
+        values = [torch.tensor(p.args[0], **p.kwargs) for p in params] + [None] * (4 - len(params))
+        flip_dims, pos, neg = slice_mod._get_slices(*values)  # the converter's own arithmetic, run once here
+        static = _StaticSlice([int(d) for d in flip_dims], _plain_slices(pos), _plain_slices(neg))
+        module.add_submodule(node.target, static)
+        node.args = (node.args[0],)
+        bound += 1
+    graph.eliminate_dead_code()
+    module.recompile()
+    return bound
+
+
+def _plain_slices(items: Sequence[Any]) -> list[Any]:
+    def plain(value: Any) -> Any:
+        return None if value is None else int(value)
+
+    return [item if not isinstance(item, slice) else slice(plain(item.start), plain(item.stop), plain(item.step))
+            for item in items]
+
+
+def _static_slice_class() -> type:
+    import torch
+
+    class StaticSlice(torch.nn.Module):
+        """ONNX Slice with constant starts/ends/axes/steps, as Python slices."""
+
+        def __init__(self, flip_dims: list[int], pos: list[Any], neg: list[Any]) -> None:
+            super().__init__()
+            self.flip_dims, self.pos, self.neg = flip_dims, pos, neg
+
+        def forward(self, x: Any) -> Any:
+            if self.flip_dims:
+                x = torch.flip(x, dims=self.flip_dims)
+            if self.pos:
+                x = x[tuple(self.pos)]
+            if self.neg:
+                x = x[tuple(self.neg)]
+            return x
+
+    return StaticSlice
+
+
+def _StaticSlice(flip_dims: list[int], pos: list[Any], neg: list[Any]) -> Any:  # noqa: N802 - a factory
+    return _static_slice_class()(flip_dims, pos, neg)
+
+
 @contextlib.contextmanager
 def constant_propagation_for_export(max_elements: int = INLINE_MAX_ELEMENTS) -> Iterator[None]:
     """Let fake tensors carry the values of inlined constants up to ``max_elements`` (torch keeps
@@ -238,5 +300,5 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-__all__ = ["LiteRtConversionError", "UnconvertibleOp", "constant_propagation_for_export", "first_unconvertible",
+__all__ = ["LiteRtConversionError", "UnconvertibleOp", "bind_constant_slices", "constant_propagation_for_export", "first_unconvertible",
            "freeze_and_fold", "import_onnx2torch", "inline_small_constants", "node_of_failure", "onnx_to_torch"]

@@ -161,6 +161,34 @@ def test_small_constants_are_inlined_so_torch_export_sees_their_values(tmp_path)
         assert torch.allclose(program.module()(x), plain(x), atol=1e-6)
 
 
+def test_slices_with_tensor_arguments_export_and_match_onnxruntime(tmp_path):
+    """onnx2torch computes Slice bounds with .numpy(), which torch.export's fake tensors refuse
+    (PP-OCRv4's recogniser); bound as Python slices they export, negative steps included."""
+    import torch
+
+    from builder.targets.onnx_to_torch import constant_propagation_for_export, onnx_to_torch
+    from builder.targets.onnxruntime_target import run_ort
+
+    ints = lambda name, values: numpy_helper.from_array(np.array(values, np.int64), name)  # noqa: E731
+    nodes = [helper.make_node("Slice", ["x", "s0", "e0", "a0"], ["y0"], name="crop"),
+             helper.make_node("Slice", ["y0", "s1", "e1", "a1", "st1"], ["y"], name="reverse_every_other")]
+    inits = [ints("s0", [1, 2]), ints("e0", [5, 100]), ints("a0", [2, 3]),
+             ints("s1", [-1]), ints("e1", [-100]), ints("a1", [3]), ints("st1", [-2])]
+    graph = helper.make_graph(nodes, "slices", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 6, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    path = tmp_path / "slices.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    x = np.random.default_rng(3).random((1, 2, 6, 9)).astype(np.float32)
+    module, names, _ = onnx_to_torch(path, {"x": x})
+    with constant_propagation_for_export():
+        program = torch.export.export(module, (torch.from_numpy(x),))
+    expected = run_ort(path, [{"x": x}])[0]["y"]
+    with torch.no_grad():
+        got = program.module()(torch.from_numpy(x)).numpy()
+    assert names == ["x"] and got.shape == expected.shape == (1, 2, 4, 4)
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_first_unconvertible_names_op_and_node(tmp_path):
     from builder.targets.onnx_to_torch import first_unconvertible
 
