@@ -130,6 +130,18 @@ def freeze_and_fold(model: Any, shapes: Mapping[str, tuple[int, ...]]) -> Any:
         return model
 
 
+def drop_trailing_empty_inputs(model: Any) -> int:
+    """Remove trailing ``""`` inputs (an omitted optional input, the same as leaving it out):
+    onnx2torch looks ``""`` up as a constant and refuses, e.g. a ``Clip(x, min, "")`` from
+    torch.clamp(min=...) in MiniLM's mean pooling ("Dynamic value of min/max is not implemented")."""
+    dropped = 0
+    for node in model.graph.node:
+        while len(node.input) and node.input[-1] == "":
+            node.input.pop()
+            dropped += 1
+    return dropped
+
+
 def onnx_to_torch(onnx_path: Path, samples: Mapping[str, np.ndarray]) -> tuple[Any, list[str], Mapping[str, str]]:
     """(module, input names in positional order, torch submodule name -> ONNX op type).
 
@@ -145,6 +157,7 @@ def onnx_to_torch(onnx_path: Path, samples: Mapping[str, np.ndarray]) -> tuple[A
     init_names = {i.name for i in model.graph.initializer}
     names = [i.name for i in model.graph.input if i.name not in init_names]
     folded = freeze_and_fold(model, {n: tuple(np.shape(samples[n])) for n in names if n in samples})
+    drop_trailing_empty_inputs(folded)
     onnx2torch = import_onnx2torch()
     try:
         module = onnx2torch.convert(folded)

@@ -189,6 +189,24 @@ def test_slices_with_tensor_arguments_export_and_match_onnxruntime(tmp_path):
     np.testing.assert_array_equal(got, expected)
 
 
+def test_clip_with_an_omitted_max_converts(tmp_path):
+    """torch.clamp(min=...) exports as Clip(x, min, ""): onnx2torch refused the empty name."""
+    import torch
+
+    from builder.targets.onnx_to_torch import onnx_to_torch
+
+    lo = numpy_helper.from_array(np.array(0.25, np.float32), "lo")
+    graph = helper.make_graph([helper.make_node("Clip", ["x", "lo", ""], ["y"], name="clamp_min")], "clip",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [lo])
+    path = tmp_path / "clip.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    x = np.array([[0.0, 0.5, -1.0], [2.0, 0.2, 0.3]], np.float32)
+    module, _, _ = onnx_to_torch(path, {"x": x})
+    with torch.no_grad():
+        np.testing.assert_array_equal(module(torch.from_numpy(x)).numpy(), np.maximum(x, 0.25))
+
+
 def test_first_unconvertible_names_op_and_node(tmp_path):
     from builder.targets.onnx_to_torch import first_unconvertible
 
