@@ -4,6 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # torch first and pinned: an unpinned or newer torch pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
+ONNX2TORCH := onnx2torch==1.5.15
 EXTRAS ?= builder,litert,broker,dev,convert-litert
 
 .PHONY: venv demo test test-fast bench dist clean
@@ -13,6 +14,9 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]" "$(TORCH)"
+	# ONNX -> PyTorch for LiteRT builds of ONNX models; --no-deps: it requires torchvision, which does
+	# not import beside torch 2.13 (builder/targets/onnx_to_torch.py works without it)
+	$(BIN)/pip install --quiet --no-deps $(ONNX2TORCH)
 	touch $@
 
 venv: $(BIN)/.installed

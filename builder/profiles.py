@@ -60,6 +60,10 @@ class DeviceProfile:
     compute_efficiency: float
     memory_efficiency: float
     per_layer_overhead_us: float
+    # built instead of preferred_runtime when the model cannot convert to it (LiteRT: an op with no
+    # TFLite builtin or no ONNX->PyTorch converter); "" = no fallback, the build fails instead
+    fallback_runtime: str = ""
+    fallback_format: str = ""
     detect: Mapping[str, str] = field(default_factory=dict)
     source_path: str = ""
 
@@ -135,6 +139,8 @@ def parse_profile(raw: Mapping[str, Any], path: Path) -> DeviceProfile:
         compute_efficiency=_get(lat, "compute_efficiency", float, path, "latency_model"),
         memory_efficiency=_get(lat, "memory_efficiency", float, path, "latency_model"),
         per_layer_overhead_us=float(lat.get("per_layer_overhead_us", 0.0)),
+        fallback_runtime=str(pref.get("fallback_runtime", "")),
+        fallback_format=str(pref.get("fallback_format", "")),
         detect={str(k): str(v) for k, v in dict(raw.get("detect", {})).items()},
         source_path=str(path),
     )
@@ -144,6 +150,14 @@ def parse_profile(raw: Mapping[str, Any], path: Path) -> DeviceProfile:
         raise ProfileError(f"{path}: [preferred] format '{profile.preferred_format}' unknown; use one of {', '.join(FORMATS)}")
     if profile.preferred_precision not in PRECISIONS:
         raise ProfileError(f"{path}: [preferred] precision '{profile.preferred_precision}' unknown; use one of {', '.join(PRECISIONS)}")
+    if profile.fallback_runtime:
+        if profile.fallback_runtime not in profile.runtimes or profile.fallback_runtime == profile.preferred_runtime:
+            raise ProfileError(f"{path}: [preferred] fallback_runtime '{profile.fallback_runtime}' must be another of "
+                               f"[runtimes] available ({', '.join(profile.runtimes)})")
+        if profile.fallback_format and profile.fallback_format not in FORMATS:
+            raise ProfileError(f"{path}: [preferred] fallback_format '{profile.fallback_format}' unknown; use one of {', '.join(FORMATS)}")
+    elif profile.fallback_format:
+        raise ProfileError(f"{path}: [preferred] fallback_format needs a fallback_runtime")
     for key in ("cores", "clock_ghz", "peak_fp32_gflops", "ram_mb", "bandwidth_gbps"):
         if getattr(profile, key) <= 0:
             raise ProfileError(f"{path}: '{key}' must be positive")

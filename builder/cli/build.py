@@ -84,6 +84,8 @@ def register(app: typer.Typer) -> None:
                                        runtime=runtime, precision=precision, fmt=fmt, name=name, version=version,
                                        out_dir=out, profiles_dirs=profiles_dir, verify_samples=samples,
                                        use_cache=not no_cache, on_stage=lambda text: status.update(text))
+        if result.fallback:  # the one line saying which runtime was built instead, and why
+            print(result.fallback, file=sys.stderr if as_json else sys.stdout)
         if as_json:
             print(json.dumps(result.manifest.to_dict(), indent=2, sort_keys=True))
             return

@@ -1,14 +1,17 @@
 """LiteRT (TFLite) target for Android, and Raspberry Pi as an alternative to ONNX Runtime.
 
-Converts the *PyTorch* module with ``litert-torch`` (no TensorFlow needed) and quantizes the float
+Converts a PyTorch module with ``litert-torch`` (no TensorFlow needed) and quantizes the float
 ``.tflite`` with ``ai-edge-quantizer``: fp16 = fp16 weights (float casting), int8 = int8 weights
 with dynamic int8 activations (inputs/outputs stay float, so the agent feeds the same arrays).
-Verification runs each file in ``ai-edge-litert``'s interpreter (tflite-runtime 2.14 rejects newer
-op versions, see FACTS.md). An ONNX-only model has no PyTorch module to convert: that is reported
-with the alternatives (the onnxruntime runtime, or onnx2tf in its own environment).
+An ONNX-only model is first turned into a PyTorch module by ``onnx_to_torch`` (onnx2torch on the
+graph frozen to the sample shapes); a node that cannot convert raises ``LiteRtConversionError``
+naming it, and ``profile_build`` takes the profile's fallback runtime. Verification runs each file
+in ``ai-edge-litert``'s interpreter (tflite-runtime 2.14 rejects newer op versions, see
+docs/android.md) against the ONNX model's outputs.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
@@ -30,17 +33,19 @@ from builder.targets.base import (
     count_ops,
     predictions_of,
 )
+from builder.targets.onnx_to_torch import (
+    TFLITE_UNSUPPORTED,
+    LiteRtConversionError,
+    UnconvertibleOp,
+    constant_propagation_for_export,
+    node_of_failure,
+    onnx_to_torch,
+)
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install -e '.[convert-litert]'"
 SIGNATURE = "serving_default"
-# ONNX ops with no TFLite builtin equivalent (litert-torch would need Flex ops the runtime lacks).
-TFLITE_UNSUPPORTED = {"NonMaxSuppression", "RoiAlign", "Loop", "Scan", "If", "Unique", "StringNormalizer",
-                      "TfIdfVectorizer", "Col2Im", "DeformConv", "GridSample", "STFT", "Einsum"}
-ONNX2TF_HINT = ("an ONNX-only model has no PyTorch module for litert-torch: build for the 'onnxruntime' runtime instead, "
-                "or convert with onnx2tf in its own environment (python -m venv .venv-onnx2tf && .venv-onnx2tf/bin/pip install "
-                "onnx2tf==1.29.* tensorflow; pass it a copy of the .onnx)")
 
 
 def _require(module: str) -> Any:
@@ -138,33 +143,34 @@ class LiteRtTarget:
                 options: Mapping[str, Any], workdir: Path) -> CompiledPayloads:
         if precision not in self.precisions:
             raise TargetError(f"LiteRT target builds {', '.join(self.precisions)}, not '{precision}'")
-        module = options.get("torch_module")
-        if module is None:
-            raise TargetError(f"LiteRT needs the PyTorch model: {ONNX2TF_HINT}")
         litert_torch = _require("litert_torch")
         _require("ai_edge_litert.interpreter")
         import torch
 
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        example = options.get("example_inputs") or {}
-        kwargs = {}
-        for spec in inputs:
-            if spec.name in example:
-                arr = np.asarray(example[spec.name])
-            else:
-                shape = tuple(d if isinstance(d, int) else 1 for d in spec.shape)
-                arr = np.zeros(shape, dtype=spec.dtype)
-            kwargs[spec.name] = torch.from_numpy(np.ascontiguousarray(arr))
+        example = _example_arrays(inputs, options.get("example_inputs") or {})
+        module = options.get("torch_module")
+        source = "PyTorch"
+        names = [s.name for s in inputs]
+        op_types: Mapping[str, str] = {}
+        if module is None:  # an ONNX-only model: onnx2torch first (raises LiteRtConversionError naming the node)
+            module, names, op_types = onnx_to_torch(Path(model_onnx_path), example)
+            source = "ONNX via onnx2torch"
+        kwargs = {n: torch.from_numpy(np.ascontiguousarray(example[n])) for n in names}
         float_path = workdir / "model_fp32.tflite"
         try:
-            edge = litert_torch.convert(_NamedInputs.wrap(module, [s.name for s in inputs]), sample_kwargs=kwargs)
+            with constant_propagation_for_export() if op_types else contextlib.nullcontext():
+                edge = litert_torch.convert(_NamedInputs.wrap(module, names), sample_kwargs=kwargs)
             edge.export(str(float_path))
         except Exception as exc:
-            raise TargetError(f"litert-torch could not convert the model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+            if op_types:
+                node = node_of_failure(exc, module, op_types)
+                raise LiteRtConversionError(node or UnconvertibleOp("?", "?", "", f"litert-torch: {_first_line(exc)}")) from exc
+            raise TargetError(f"litert-torch could not convert the model: {_first_line(exc)}; "
                               "build for the onnxruntime runtime instead") from exc
         out = workdir / "model.tflite"
-        notes = [f"converted from PyTorch with litert-torch {getattr(litert_torch, '__version__', '?')}"]
+        notes = [f"converted from {source} with litert-torch {getattr(litert_torch, '__version__', '?')}"]
         if precision == "fp32":
             float_path.replace(out)
         else:
@@ -190,6 +196,22 @@ class LiteRtTarget:
         return VerificationReport(self.name, payloads.precision, tolerance, tuple(checks),
                                   f"{f.name} ran in ai-edge-litert's interpreter (XNNPACK, 1 thread) on the host",
                                   len(sample_inputs), latency, predictions_of(outputs))
+
+
+def _example_arrays(inputs: Sequence[TensorSpec], example: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One sample per input, from the verification samples or zeros of the static shape."""
+    arrays = {}
+    for spec in inputs:
+        if spec.name in example:
+            arrays[spec.name] = np.asarray(example[spec.name])
+        else:
+            shape = tuple(d if isinstance(d, int) else 1 for d in spec.shape)
+            arrays[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    return arrays
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def quantize_tflite(float_path: Path, out: Path, precision: str) -> None:

@@ -85,6 +85,7 @@ class BuildResult:
     warnings: tuple[str, ...] = ()
     exported_to: Path | None = None
     seconds: float = 0.0
+    fallback: str = ""  # why the profile's fallback runtime was built instead of its preferred one
 
 
 def samples_from_arrays(arrays: Mapping[str, np.ndarray], labels: np.ndarray | None, limit: int,

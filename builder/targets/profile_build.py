@@ -4,6 +4,7 @@ compress with the engine when a recipe is given, then ``pipeline.build_artifact`
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -14,6 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 from agent.manifest import TensorSpec
 from builder.errors import BuilderError, TargetError, UsageError
 from builder.targets import TARGETS
+from builder.targets.onnx_to_torch import LiteRtConversionError
 from builder.targets.pipeline import (
     DEFAULT_VERIFY_SAMPLES,
     BuildModel,
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 KEY_DIR_NAME = "keys"
 # What each runtime writes when the profile prefers another runtime's format.
 DEFAULT_FORMAT = {"onnxruntime": "onnx", "onnxruntime-tensorrt": "onnx", "litert": "tflite"}
+RUNTIME_TITLES = {"onnxruntime": "ONNX Runtime", "onnxruntime-tensorrt": "ONNX Runtime (TensorRT)", "litert": "LiteRT"}
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,8 @@ def build_for_profile(model: str, profile: str, *, recipe: Path | None = None, q
     prof = get_profile(profile, list(profiles_dirs) if profiles_dirs else None)
     has_recipe = recipe is not None or quantize is not None or prune is not None
     choice = choose_target(prof, runtime, precision, fmt, has_recipe, data is not None)
+    # only a runtime the profile chose falls back; one the user named is built or refused
+    may_fall_back = choice.runtime == "litert" and runtime is None and fmt is None and bool(prof.fallback_runtime)
     if choice.runtime == "litert" and has_recipe:
         raise TargetError("LiteRT builds convert the PyTorch model, and a compression recipe ends as ONNX: build litert "
                           "without --recipe/--quantize/--prune (use --precision int8|fp16: ai-edge-quantizer quantizes the "
@@ -130,6 +135,8 @@ def build_for_profile(model: str, profile: str, *, recipe: Path | None = None, q
         loaded = load_model(model, input_shapes, workdir=work / "load")
         if loaded.normalisation is not None:
             stage(loaded.normalisation.summary())
+        if may_fall_back and loaded.torch_module is None:
+            refuse_unconvertible(loaded.onnx_path)  # before the minutes litert-torch would spend
         samples, source = _load_samples(data, loaded, verify_samples)
         recipe_obj = None
         if has_recipe or choice.implicit_quantize:
@@ -173,8 +180,48 @@ def build_for_profile(model: str, profile: str, *, recipe: Path | None = None, q
         stage(f"building {choice.runtime}/{request.precision}/{choice.format} for {prof.name}")
         return build_artifact(build_model, request, samples, registry=registry, private_key=private_key,
                               workdir=work / "build", out_dir=out_dir, use_cache=False, key=key)
+    except LiteRtConversionError as exc:
+        if not may_fall_back:
+            raise
+        failure = exc
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    fallback = fallback_choice(prof, choice, failure)
+    line = (f"LiteRT: {failure.op.describe()} does not convert: building {RUNTIME_TITLES[fallback.runtime]} "
+            f".{fallback.format} for {prof.name} instead")
+    stage(line)
+    try:
+        result = build_for_profile(model, profile, recipe=recipe, quantize=quantize, prune=prune, input_shapes=input_shapes,
+                                   data=data, registry_dir=registry_dir, key_dir=key_dir, runtime=fallback.runtime,
+                                   precision=fallback.precision, fmt=fallback.format, name=name, version=version,
+                                   out_dir=out_dir, profiles_dirs=profiles_dirs, verify_samples=verify_samples,
+                                   threads=threads, use_cache=use_cache, options=options, on_stage=on_stage)
+    except BuilderError as exc:  # say that it was the fallback that failed
+        raise type(exc)(f"{line}; {exc}") from exc
+    why = f"LiteRT refused {failure.op.describe()}: {failure.op.reason}"
+    if fallback.runtime == "onnxruntime":
+        why += f"; on the device the .{fallback.format} runs with execution providers {', '.join(prof.onnxruntime_providers)}"
+    return dataclasses.replace(result, fallback=line, warnings=(why,) + result.warnings)
+
+
+def refuse_unconvertible(onnx_path: Path) -> None:
+    """Raise ``LiteRtConversionError`` for the first node an ONNX-only model cannot take to LiteRT."""
+    import onnx
+
+    from builder.targets.onnx_to_torch import first_unconvertible
+
+    found = first_unconvertible(onnx.load(str(onnx_path), load_external_data=False))
+    if found is not None:
+        raise LiteRtConversionError(found)
+
+
+def fallback_choice(profile: Any, failed: TargetChoice, failure: LiteRtConversionError) -> TargetChoice:
+    """The profile's fallback runtime/format at the precision the LiteRT build was asked for; a
+    precision the fallback cannot build is refused with both reasons, never silently changed."""
+    if failed.precision == "fp16" and profile.fallback_runtime == "onnxruntime":
+        raise UsageError(f"LiteRT: {failure.op.describe()} does not convert, and the fallback ONNX Runtime gains nothing "
+                         "from fp16 on the CPU: use --precision fp32 or int8")
+    return choose_target(profile, profile.fallback_runtime, failed.precision, profile.fallback_format or None, False)
 
 
 def _limit_threads(threads: int) -> None:

@@ -84,6 +84,6 @@ def test_bad_inputs_are_one_line_errors(home_with_build, tmp_path):
     assert "unknown device profile 'toaster'" in one_line_error(builder(home, "build", str(model), "-p", "toaster"))
     assert "keys init" in one_line_error(builder(tmp_path / "nokeys", "build", str(model), "-p", "raspberry-pi-4",
                                                  "--precision", "fp32"))
-    assert "LiteRT needs the PyTorch model" in one_line_error(builder(home, "build", str(model), "-p", "jetson-orin-nano",
-                                                                     "--runtime", "litert"))
+    assert "cannot write format 'tflite'" in one_line_error(builder(home, "build", str(model), "-p", "raspberry-pi-4",
+                                                                   "--runtime", "onnxruntime", "--format", "tflite"))
     assert "unknown runtime" in one_line_error(builder(home, "build", str(model), "-p", "raspberry-pi-4", "--runtime", "tvm"))

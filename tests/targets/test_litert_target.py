@@ -1,4 +1,4 @@
-"""LiteRT target: fp32/fp16/int8 .tflite from the PyTorch module, run in ai-edge-litert's interpreter."""
+"""LiteRT target: fp32/fp16/int8 .tflite from the PyTorch module (or the ONNX model), run in ai-edge-litert's interpreter."""
 from __future__ import annotations
 
 import sys
@@ -37,12 +37,24 @@ def test_tflite_builds_and_verifies_in_the_litert_interpreter(digits, digits_sam
         assert size < 0.6 * loaded.onnx_path.stat().st_size
 
 
-def test_onnx_only_model_says_litert_needs_pytorch_and_names_alternatives(digits, tmp_path):
+@pytest.mark.slow
+def test_onnx_only_model_converts_through_onnx2torch(digits, digits_samples, tmp_path):
+    pytest.importorskip("litert_torch")
     loaded, _ = digits
-    with pytest.raises(TargetError) as info:
+    target = get_target("litert")
+    compiled = target.compile(loaded.onnx_path, input_specs(loaded), "fp32",
+                              {"example_inputs": digits_samples.inputs[0]}, tmp_path)
+    assert any("ONNX via onnx2torch" in note for note in compiled.notes)
+    report = target.verify(compiled, digits_samples.inputs, reference(loaded, digits_samples), TOLERANCES["fp32"])
+    assert report.passed and report.worst.top1_agreement == 1.0, report.summary()
+
+
+def test_missing_onnx2torch_names_how_to_install_it(digits, tmp_path, monkeypatch):
+    pytest.importorskip("litert_torch")
+    loaded, _ = digits
+    monkeypatch.setitem(sys.modules, "onnx2torch", None)  # import now raises ImportError
+    with pytest.raises(TargetError, match=r"pip install --no-deps onnx2torch==1\.5\.15"):
         get_target("litert").compile(loaded.onnx_path, input_specs(loaded), "fp32", {}, tmp_path)
-    message = str(info.value)
-    assert "PyTorch" in message and "onnxruntime" in message and "onnx2tf" in message
 
 
 def test_missing_converter_names_the_extra_to_install(digits, tmp_path, monkeypatch):
