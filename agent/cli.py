@@ -21,9 +21,31 @@ typer_app = typer.Typer(name="agent", help="EdgeFleet on-device agent.", no_args
 CONFIG_OPTION = typer.Option(Path("/etc/edgefleet/agent.toml"), "--config", "-c", help="agent.toml path")
 
 
+# Native libraries (LiteRT/TensorFlow, glog) read these at import: errors only unless --verbose.
+QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "GLOG_minloglevel": "2", "ABSL_MIN_LOG_LEVEL": "2"}
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from agent import __version__
+
+        print(f"agent {__version__}")
+        raise typer.Exit()
+
+
 @typer_app.callback()
-def main() -> None:
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show library logs and warnings (LiteRT, ONNX Runtime)."),
+         version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
     """EdgeFleet on-device agent: pulls models over MQTT, serves and benchmarks them, reports telemetry."""
+    if not verbose:
+        import os
+        import warnings
+
+        for key, value in QUIET_ENV.items():
+            os.environ.setdefault(key, value)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 @typer_app.command("version")
@@ -59,7 +81,9 @@ def run(config: Path = CONFIG_OPTION, log_level: str = typer.Option("INFO", help
 
 
 @typer_app.command("bench")
-def bench(model: str = typer.Option("active", "--model", "-m", help="a .onnx/.ort/.tflite file, an artifact dir, or 'active'"),
+def bench(model_arg: Optional[str] = typer.Argument(None, metavar="[MODEL]",
+                                                   help="a .onnx/.ort/.tflite file, an artifact dir, or 'active' (default)"),
+          model_opt: Optional[str] = typer.Option(None, "--model", "-m", help="same as MODEL"),
           runs: int = typer.Option(50, "--runs", "-n", min=1), warmup: int = typer.Option(5, "--warmup", min=0),
           config: Optional[Path] = typer.Option(None, "--config", "-c", help="agent.toml (for 'active' and the profile)"),
           threads: int = typer.Option(0, help="runtime threads (0 = runtime default)"),
@@ -72,6 +96,9 @@ def bench(model: str = typer.Option("active", "--model", "-m", help="a .onnx/.or
     from agent.runtime.base import synthetic_feeds
     from agent.sensors import power_sensors_for
 
+    if model_arg is not None and model_opt is not None and model_arg != model_opt:
+        raise ConfigError(f"MODEL {model_arg} and --model {model_opt} disagree; give one")
+    model = model_arg or model_opt or "active"
     profile = None
     feeds = None
     artifact_id = None
@@ -139,7 +166,8 @@ def bench(model: str = typer.Option("active", "--model", "-m", help="a .onnx/.or
 
 
 @typer_app.command("status")
-def status(config: Path = CONFIG_OPTION) -> None:
+def status(config: Path = CONFIG_OPTION,
+           as_json: bool = typer.Option(False, "--json", help="print the status as JSON")) -> None:
     """Show the active and previous models, and whether the agent is running (asks its local endpoint)."""
     import urllib.error
     import urllib.request
@@ -168,12 +196,31 @@ def status(config: Path = CONFIG_OPTION) -> None:
         info["health"] = json.loads(exc.read() or b"{}")
     except (OSError, ValueError):
         pass
-    for key, value in info.items():
-        print(f"{key}: {value}")
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    print(_status_text(info))
+
+
+def _status_text(info: dict) -> str:
+    """Readable lines (no Python reprs): the slots, and the live endpoint's health when running."""
+    def slot(name: str) -> str:
+        slot_name, artifact = info.get(f"{name}_slot"), info.get(f"{name}_artifact_id")
+        return "none" if slot_name is None else f"slot {slot_name}, artifact {artifact or 'unknown'}"
+
+    lines = [f"device:   {info['device_id']}", f"data dir: {info['data_dir']}",
+             f"active:   {slot('active')}", f"previous: {slot('previous')}",
+             f"running:  {'yes' if info['running'] else 'no (no live local endpoint)'}"]
+    health = info.get("health")
+    if isinstance(health, dict):
+        lines += [f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}"
+                  for key, value in health.items()]
+    return "\n".join(lines)
 
 
 @typer_app.command("detect")
-def detect(root: Path = typer.Option(Path("/"), help="filesystem root to inspect (fixtures in tests)")) -> None:
+def detect(root: Path = typer.Option(Path("/"), help="filesystem root to inspect (fixtures in tests)"),
+           as_json: bool = typer.Option(False, "--json", help="print the result as JSON")) -> None:
     """Print the detected device profile, power sensors and temperature."""
     from agent.detect import detect_device
     from agent.sensors import power_sensors_for, read_power, read_temperature
@@ -181,6 +228,12 @@ def detect(root: Path = typer.Option(Path("/"), help="filesystem root to inspect
     device = detect_device(root)
     power = read_power(power_sensors_for(device.profile, root))
     temp = read_temperature(root)
+    if as_json:
+        print(json.dumps({"profile": device.profile, "description": device.description, "source": device.source,
+                          "power_w": power.watts if power.available else None,
+                          "power_source": power.source if power.available else None,
+                          "temperature_c": temp.celsius if temp.available else None}, indent=2))
+        return
     print(f"profile: {device.profile}")
     print(f"description: {device.description}")
     print(f"detected from: {device.source}")

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import typer
 
+from builder.cli.options import INPUT_SHAPE_HELP, HiddenAlias, InputShapeOption, ProfileOption, merged_input_shapes, resolve_alias
+
 if TYPE_CHECKING:  # heavy or not needed for `builder --help`
     from rich.console import Console
 
@@ -22,11 +24,10 @@ def register(app: typer.Typer) -> None:
     @app.command("analyze")
     def analyze(
         model: str = typer.Argument(..., help="An .onnx file, a TorchScript file, or package.module:factory."),
-        input_shape: Optional[str] = typer.Option(
-            None, "--input-shape", "-s",
-            help="Input shapes, e.g. 1x3x224x224 or input_ids=1xseq@128:int64,attention_mask=1xseq@128:int64 "
-                 "(NAME@N keeps an axis dynamic in the export). Needed for PyTorch models and dynamic ONNX dims."),
-        device: Optional[str] = typer.Option(None, "--device", "-d", help="Only this device profile (default: all)."),
+        input_shape: Optional[list[str]] = InputShapeOption(
+            INPUT_SHAPE_HELP + " Needed for PyTorch models and dynamic ONNX dims."),
+        profile: Optional[str] = ProfileOption("Only this device profile (default: all)."),
+        device: Optional[str] = HiddenAlias("--device", "-d"),
         profiles_dir: Optional[list[Path]] = typer.Option(None, "--profiles-dir", help="Extra directory of profile TOML files (also $EDGEFLEET_PROFILES)."),
         as_json: bool = typer.Option(False, "--json", help="Print the whole analysis as JSON."),
         top: int = typer.Option(25, "--top", help="Rows of the layer table: the layers with most MACs (0 = all)."),
@@ -38,9 +39,10 @@ def register(app: typer.Typer) -> None:
         from builder.loading import load_model
         from builder.profiles import get_profile, load_profiles
 
-        profiles = [get_profile(device, profiles_dir)] if device else list(load_profiles(profiles_dir).values())
+        profile = resolve_alias(profile, device, "--profile", "--device", required=False)
+        profiles = [get_profile(profile, profiles_dir)] if profile else list(load_profiles(profiles_dir).values())
         with tempfile.TemporaryDirectory(prefix="edgefleet-analyze-") as workdir:
-            loaded = load_model(model, input_shape, workdir=Path(workdir), opset=opset)
+            loaded = load_model(model, merged_input_shapes(input_shape), workdir=Path(workdir), opset=opset)
             stats = analyze_loaded(loaded)
         estimates = estimates_for(stats, profiles)
         if as_json:
@@ -90,10 +92,9 @@ def _count(value: float) -> str:
 
 
 def _bytes(value: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(value) >= size:
-            return f"{value / size:.2f} {unit}"
-    return f"{int(value)} B"
+    from builder.units import format_bytes
+
+    return format_bytes(value)
 
 
 def render_analysis(console: "Console", loaded: "LoadedModel", stats: "GraphStats",

@@ -1,6 +1,7 @@
 """agent.toml validation, reconnect backoff, one-line CLI errors."""
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -79,7 +80,12 @@ def test_agent_status_cli_shows_active_model_when_agent_is_not_running(tmp_path,
     out = subprocess.run([sys.executable, "-c", "from agent.cli import app; app()", "status", "--config", str(config)],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert f"active_artifact_id: {loaded.manifest.artifact_id}" in out.stdout and "running: False" in out.stdout
+    assert f"artifact {loaded.manifest.artifact_id}" in out.stdout and "running:  no" in out.stdout
+    assert "None" not in out.stdout and "{'" not in out.stdout  # readable text, no Python reprs
+    as_json = subprocess.run([sys.executable, "-c", "from agent.cli import app; app()", "status", "--config", str(config),
+                              "--json"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    info = json.loads(as_json.stdout)
+    assert info["active_artifact_id"] == loaded.manifest.artifact_id and info["running"] is False
 
 
 def test_mqtt5_falls_back_to_311_when_the_broker_drops_v5_connects():

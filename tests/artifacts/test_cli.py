@@ -32,9 +32,9 @@ def home_with_build(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     model = make_onnx(home.parent / "tiny.onnx", 7)
     assert builder(home, "keys", "init").returncode == 0
-    first = builder(home, "build", str(model), "--device-profile", "jetson-orin-nano", "--name", "tiny", "--json")
+    first = builder(home, "build", str(model), "--profile", "jetson-orin-nano", "--name", "tiny", "--json")
     assert first.returncode == 0, first.stderr
-    second = builder(home, "build", str(model), "--device-profile", "jetson-orin-nano", "--name", "tiny")
+    second = builder(home, "build", str(model), "--profile", "jetson-orin-nano", "--name", "tiny")
     return home, model, json.loads(first.stdout), second
 
 
@@ -56,7 +56,7 @@ def test_build_uses_the_profile_defaults_and_rebuild_reuses_the_artifact(home_wi
 
 def test_artifacts_verify_detects_a_flipped_byte_and_a_tampered_manifest(home_with_build, tmp_path):
     home, model, manifest, _ = home_with_build
-    other = builder(home, "build", str(model), "--device-profile", "raspberry-pi-4", "--precision", "fp32", "--json")
+    other = builder(home, "build", str(model), "--profile", "raspberry-pi-4", "--precision", "fp32", "--json")
     assert other.returncode == 0, other.stderr
     ids = [manifest["artifact_id"], json.loads(other.stdout)["artifact_id"]]
     assert builder(home, "artifacts", "verify", ids[0][:12]).returncode == 0

@@ -30,7 +30,7 @@ def _builder(*args: str, home: Path) -> subprocess.CompletedProcess:
 
 
 def _optimize(data: Path, out: Path, home: Path, *extra: str) -> subprocess.CompletedProcess:
-    return _builder("optimize", MODEL, "--input-shape", "1x1x8x8", "--device", "raspberry-pi-4", "--data", str(data),
+    return _builder("optimize", MODEL, "--input-shape", "1x1x8x8", "--profile", "raspberry-pi-4", "--data", str(data),
                     "--trials", "4", "--population", "4", "--eval-samples", "150", "--out", str(out), *extra, home=home)
 
 
