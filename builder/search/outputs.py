@@ -132,9 +132,9 @@ def write_plot(path: Path, outcome: SearchOutcome, front: Sequence[ScoredCandida
         # every candidate: colour = download size; the 4-objective front members edged in blue
         points = ax.scatter([c.objectives[1] for c in candidates], [1 - c.objectives[0] for c in candidates],
                             c=[c.metrics.download_bytes / 1e3 for c in candidates], cmap="viridis", s=45,
-                            edgecolors=["tab:blue" if c.key in four_d else ("tab:red" if not c.feasible else "none")
+                            edgecolors=["tab:red" if not c.feasible else ("tab:blue" if c.key in four_d else "none")
                                         for c in candidates], linewidths=1.2, alpha=0.85, zorder=3,
-                            label="candidates (blue edge: on the 4-objective front; red: infeasible)")
+                            label="candidates (red edge: infeasible; blue: on the 4-objective front)")
         fig.colorbar(points, ax=ax, label="download (kB)")
     shown = latency_quality_front(candidates)
     if shown:

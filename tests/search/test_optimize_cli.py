@@ -66,9 +66,10 @@ def test_optimize_digits_respects_targets_writes_outputs_and_reruns_from_cache(t
     assert qualities == sorted(qualities, reverse=True)  # most accurate first
 
     # Same model, data and recipes in a fresh study: every candidate comes from the cache.
-    second = _optimize(digits_data, tmp_path / "run2", home, "--max-accuracy-drop", "2%", "--no-ladder")
+    second = _optimize(digits_data, tmp_path / "run2", home, "--max-accuracy-drop", "2%", "--no-ladder", "--json")
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads((tmp_path / "run2" / "report.json").read_text())
+    assert json.loads(second.stdout) == again  # --json: the report on stdout, tables on stderr
     assert again["this_run"]["evaluations"] == 0
     assert again["this_run"]["cache_hits"] >= 1
     assert again["chosen"]["key"] == chosen["key"]
