@@ -162,7 +162,7 @@ def render_plot(series: PlotSeries, out_path: Path) -> Path:
         ax_lat.set_title(f"{series.device_id}: field latency and power (marker size = requests in the window)")
         ax_lat.set_ylim(bottom=0)
         ax_pow.set_ylabel("power (W)")
-        ax_pow.set_xlabel("time (s)")
+        _time_axis(ax_pow, series)
         if ax_lat.get_legend_handles_labels()[0]:
             ax_lat.legend(loc="lower left", fontsize=7, ncol=2)
         fig.tight_layout()
@@ -227,6 +227,20 @@ def _draw_marks(ax_lat: "object", ax_pow: "object", marks: Sequence[DeploymentMa
                         xytext=(3, 0), textcoords="offset points", va="top", ha="left", fontsize=7, color=colour,
                         bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
         level += 1
+
+
+def _time_axis(ax: "object", series: PlotSeries) -> None:
+    """Seconds for short sessions, minutes once a session is longer than a quarter of an hour."""
+    span = max([*series.t_s, *series.power_t_s, *(m.t_s for m in series.marks), 0.0])
+    if span <= 900:
+        ax.set_xlabel("time since the first report (s)")  # type: ignore[attr-defined]
+        return
+    from matplotlib.ticker import FuncFormatter, MultipleLocator
+
+    step_min = next((m for m in (1, 2, 5, 10, 15, 30, 60, 120, 240, 720) if span / 60 / m <= 10), 1440)
+    ax.xaxis.set_major_locator(MultipleLocator(60 * step_min))  # type: ignore[attr-defined]
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x / 60:g}"))  # type: ignore[attr-defined]
+    ax.set_xlabel("time since the first report (min)")  # type: ignore[attr-defined]
 
 
 def _short(model: str) -> str:
