@@ -187,3 +187,48 @@ def test_quiet_stderr_silences_native_writes_but_not_our_stream() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "native noise" not in proc.stderr and "python noise" not in proc.stdout
     assert "ours" in proc.stderr and "after" in proc.stderr
+
+
+def test_optimize_warns_when_the_calibration_comes_from_agents_on_another_machine(tmp_path: Path) -> None:
+    from builder.cli.optimize import calibration_host_warning
+    from builder.fleet.store import open_store
+    from builder.search.objectives import Calibration
+
+    learned = Calibration(0.121, 3, "fleet store x (raspberry-pi-4 devices): 3 benchmarks")
+    with open_store(tmp_path) as store:
+        store.record_hello("laptop-pi", agent_version="0.1.0", profile="raspberry-pi-4", machine="x86_64",
+                           runtimes=("onnxruntime",), execution_providers=(), active_artifact_id=None)
+        store.record_hello("real-pi", agent_version="0.1.0", profile="raspberry-pi-4", machine="aarch64",
+                           runtimes=("onnxruntime",), execution_providers=(), active_artifact_id=None)
+    warning = calibration_host_warning(tmp_path, "raspberry-pi-4", learned, None)
+    assert warning is not None and "laptop-pi (x86_64)" in warning and "real-pi" not in warning
+    assert "×0.121" in warning and "--latency-factor" in warning
+    assert calibration_host_warning(tmp_path, "raspberry-pi-4", Calibration(), None) is None  # uncalibrated
+    assert calibration_host_warning(tmp_path, "raspberry-pi-5", learned, None) is None  # no such devices
+
+
+def test_fleet_events_since_takes_a_duration_and_since_s_still_works(tmp_path: Path) -> None:
+    from builder.fleet.store import DeploymentEvent, open_store
+
+    now = time.time()
+    with open_store(tmp_path) as store:
+        store.register_device("pi", "raspberry-pi-4")
+        store.add_event(DeploymentEvent("pi", now - 3600, "loop.step_down", detail={"reason": "old"}))
+        store.add_event(DeploymentEvent("pi", now - 60, "loop.step_down", detail={"reason": "recent"}))
+    recent = run(BUILDER, "fleet", "events", "--device", "pi", "--since", "10m", "--json", "--data-dir", str(tmp_path))
+    assert recent.returncode == 0, recent.stderr
+    assert [e["detail"]["reason"] for e in json.loads(recent.stdout)] == ["recent"]
+    old = run(BUILDER, "fleet", "events", "--device", "pi", "--since-s", "600", "--json", "--data-dir", str(tmp_path))
+    assert json.loads(old.stdout) == json.loads(recent.stdout) and "--since-s N is deprecated" in old.stderr
+
+
+def test_fleet_add_device_has_json(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert run(BUILDER, "keys", "init", "--data-dir", str(home)).returncode == 0
+    proc = run(BUILDER, "fleet", "add-device", "pi-01", "--profile", "raspberry-pi-4", "--group", "kitchen",
+               "--data-dir", str(home), "--agent-data-dir", str(tmp_path / "agent"),
+               "--broker-url", "mqtt://127.0.0.1:1883", "--json")
+    assert proc.returncode == 0, proc.stderr
+    added = json.loads(proc.stdout)
+    assert added["device_id"] == "pi-01" and added["profile"] == "raspberry-pi-4" and added["group"] == "kitchen"
+    assert Path(added["agent_toml"]).is_file()

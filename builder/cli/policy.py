@@ -123,11 +123,10 @@ def add_to_fleet(fleet: typer.Typer) -> None:
                show_all: bool = typer.Option(False, "--all", help="Include deployment events, not only the loop's."),
                as_json: bool = typer.Option(False, "--json"), data_dir: Optional[Path] = DataDirOption) -> None:
         """The re-compression loop's decisions with their reasons and numbers (oldest first)."""
-        from builder.fleet.loop import EVENT_PREFIX
-        from builder.fleet.store import open_store
-
         from builder.cli.fleet import parse_since
         from builder.cli.options import deprecated
+        from builder.fleet.loop import EVENT_PREFIX
+        from builder.fleet.store import open_store
 
         if since_s is not None:
             deprecated("--since-s N", "--since Ns (or 10m, 2h)")
@@ -136,7 +135,7 @@ def add_to_fleet(fleet: typer.Typer) -> None:
             ids = [device] if device else [d.device_id for d in fleet_store.devices()]
             if device:
                 fleet_store.device(device)  # unknown device: one clear error
-            rows = [e for dev in ids for e in fleet_store.events(dev, since=since)
+            rows = [e for dev in ids for e in fleet_store.events(dev, since=start)
                     if show_all or e.kind.startswith(EVENT_PREFIX)]
         rows.sort(key=lambda e: e.ts)
         if as_json:
