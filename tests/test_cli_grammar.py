@@ -180,13 +180,14 @@ def test_library_noise_is_silenced_unless_verbose() -> None:
 
 
 def test_quiet_stderr_silences_native_writes_but_not_our_stream() -> None:
-    code = ("import os, sys\nfrom builder.cli import noise\nnoise.configure(False)\nmine = noise.own_stderr()\n"
-            "with noise.quiet_stderr():\n    os.write(2, b'native noise\\n')\n    print('python noise')\n"
-            "    mine.write('ours\\n'); mine.flush()\nos.write(2, b'after\\n')\n")
+    code = ("import logging, os, sys\nfrom builder.cli import noise\nnoise.configure(False)\n"
+            "with noise.quiet_stderr():\n    os.write(2, b'native noise\\n')\n    print('library print')\n"
+            "    logging.getLogger('builder.x').warning('our warning')\n    print('ours', file=sys.stderr)\n"
+            "os.write(2, b'after\\n')\n")
     proc = run([sys.executable, "-c", code])
     assert proc.returncode == 0, proc.stderr
-    assert "native noise" not in proc.stderr and "python noise" not in proc.stdout
-    assert "ours" in proc.stderr and "after" in proc.stderr
+    assert "native noise" not in proc.stderr and "library print" not in proc.stdout
+    assert "our warning" in proc.stderr and "ours" in proc.stderr and "after" in proc.stderr
 
 
 def test_optimize_warns_when_the_calibration_comes_from_agents_on_another_machine(tmp_path: Path) -> None:

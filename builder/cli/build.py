@@ -8,6 +8,7 @@ import typer
 
 from builder.cli.keys import KeyDirOption, RegistryDirOption
 from builder.cli.options import HiddenAlias, InputShapeOption, ProfileOption, merged_input_shapes, resolve_alias
+from builder.cli import noise
 from builder.cli.progress import stages
 from builder.cli.tables import print_table
 
@@ -57,7 +58,7 @@ def register(app: typer.Typer) -> None:
         quantize: Optional[str] = typer.Option(None, "--quantize", help="Shortcut: int8 | int8-static | fp16."),
         prune: Optional[float] = typer.Option(None, "--prune", help="Shortcut: unstructured sparsity, e.g. 0.5."),
         data: Optional[str] = typer.Option(None, "--data", help=".npz (input arrays by name or 'x', labels 'y') or package.module:function."),
-        out: Optional[Path] = typer.Option(None, "--out", help="Also write the artifact directory here."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the artifact directory here."),
         name: Optional[str] = typer.Option(None, "--name", help="Model name in the manifest (default: from the source)."),
         model_version: Optional[str] = typer.Option(None, "--model-version", help="Model version in the manifest (default 1)."),
         version: Optional[str] = HiddenAlias("--version"),
@@ -82,7 +83,7 @@ def register(app: typer.Typer) -> None:
         recipe_path = resolve_recipe(recipe) if recipe is not None else None
         console = Console(stderr=True)
         logging.getLogger("builder").setLevel(logging.WARNING)
-        with stages(console, "building") as stage:
+        with stages(console, "building") as stage, noise.quiet_stderr():
             result = build_for_profile(model, device_profile, recipe=recipe_path, quantize=quantize, prune=prune,
                                        input_shapes=merged_input_shapes(input_shape), data=data, registry_dir=registry_dir, key_dir=key_dir,
                                        runtime=runtime, precision=precision, fmt=fmt, name=name, version=model_version,

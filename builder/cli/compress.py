@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from builder.cli.options import InputShapeOption, merged_input_shapes, refuse_existing
+from builder.cli import noise
 from builder.cli.progress import stages
 from builder.cli.tables import print_table
 from builder.units import format_bytes
@@ -85,7 +86,7 @@ def _run(model: str, plan: "object", shortcuts: Optional[dict], data: str, train
     torch.set_num_threads(threads)
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as workdir, \
-            stages(console, f"loading {model}") as stage:
+            stages(console, f"loading {model}") as stage, noise.quiet_stderr():
         loaded = load_model(model, input_shape, workdir=Path(workdir), opset=opset)
         if shortcuts is not None and loaded.torch_module is None:
             plan = Recipe.from_shortcuts(**shortcuts, torch_available=False)

@@ -31,6 +31,7 @@ def configure(verbose: bool) -> None:
         os.environ.setdefault(key, value)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    own_stderr()  # dup the real stderr now, before any quiet_stderr() block
     warnings.filterwarnings("ignore", module=QUIET_WARNING_MODULES)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -52,22 +53,27 @@ def own_stderr():  # -> TextIO
 
 @contextlib.contextmanager
 def quiet_stderr() -> Iterator[None]:
-    """Silence what native code (absl, glog, ORT's C++ logger) and chatty Python code write to
-    stderr/stdout during the block; nothing is silenced with ``--verbose``. Our own errors are raised,
-    not printed, so they still reach the user."""
+    """Silence what native code (absl, glog, TensorFlow/LiteRT, ORT's C++ logger) writes to file
+    descriptor 2, and what libraries print to stdout, during the block. Python's ``sys.stderr`` points
+    at :func:`own_stderr` meanwhile, so our progress, log warnings and errors still show. Nothing is
+    silenced with ``--verbose``."""
     if is_verbose():
         yield
         return
+    mine = own_stderr()
     sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved_fd = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
+    saved_stderr = sys.stderr
     try:
         os.dup2(devnull, 2)
-        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # Python-level prints only
+        sys.stderr = mine
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
             yield
     finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
+        sys.stderr = saved_stderr
+        mine.flush()
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
         os.close(devnull)
