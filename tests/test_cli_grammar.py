@@ -233,3 +233,11 @@ def test_fleet_add_device_has_json(tmp_path: Path) -> None:
     added = json.loads(proc.stdout)
     assert added["device_id"] == "pi-01" and added["profile"] == "raspberry-pi-4" and added["group"] == "kitchen"
     assert Path(added["agent_toml"]).is_file()
+
+
+def test_analyze_tables_fit_80_columns_with_every_profile_named(two_input_model: Path) -> None:
+    proc = run(BUILDER, "analyze", str(two_input_model / "relu.onnx"), columns=80)
+    assert proc.returncode == 0, proc.stderr
+    assert_fits(proc.stdout)
+    for name in ("raspberry-pi-4", "raspberry-pi-5", "jetson-orin-nano", "android-arm64", "int8 (preferred)"):
+        assert name in proc.stdout

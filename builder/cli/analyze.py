@@ -52,12 +52,10 @@ def register(app: typer.Typer) -> None:
 
 
 def wide_console() -> "Console":
-    """A Rich console that does not squeeze tables to 80 columns when output is piped."""
-    import sys
+    """The console every table of this command is fitted to (docs/cli.md: width and folding)."""
+    from builder.cli.tables import table_console
 
-    from rich.console import Console
-
-    return Console() if sys.stdout.isatty() else Console(width=150)
+    return table_console()
 
 
 def model_facts(loaded: "LoadedModel") -> dict[str, Any]:
@@ -103,6 +101,7 @@ def render_analysis(console: "Console", loaded: "LoadedModel", stats: "GraphStat
     from rich.table import Table
 
     from builder.analysis.report import top_layers
+    from builder.cli.tables import fit_table
 
     from builder.analysis import estimate_latency
 
@@ -118,7 +117,7 @@ def render_analysis(console: "Console", loaded: "LoadedModel", stats: "GraphStat
         shape = "x".join(map(str, layer.output_shape)) if layer.output_shape is not None else "?"
         table.add_row(layer.name, layer.op_type, f"{layer.params:,}", f"{layer.macs:,}", shape,
                       _bytes(layer.activation_bytes), layer.precision)
-    console.print(table)
+    console.print(fit_table(table, console.width, keep=("op",), drop_order=("precision", "activation", "params")))
 
     totals = Table(title="Totals", show_header=False)
     totals.add_column("what")
@@ -158,4 +157,5 @@ def render_analysis(console: "Console", loaded: "LoadedModel", stats: "GraphStat
                               f"{estimate.compute_bound_layers}/{estimate.memory_bound_layers}",
                               _bytes(estimate.memory_needed_bytes),
                               f"yes ({estimate.ram_fraction:.1%})" if estimate.fits_in_ram else f"NO ({estimate.ram_fraction:.0%})")
-    console.print(estimates)
+    console.print(fit_table(estimates, console.width, keep=("device", "precision"),
+                            drop_order=("bound (compute/memory)", "est. energy", "memory needed")))
