@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
         recipe_path = resolve_recipe(recipe) if recipe is not None else None
         console = Console(stderr=True)
         logging.getLogger("builder").setLevel(logging.WARNING)
-        with stages(console, "building") as stage, noise.quiet_stderr():
+        with stages(console, "starting", log_first=False) as stage, noise.quiet_stderr():
             result = build_for_profile(model, device_profile, recipe=recipe_path, quantize=quantize, prune=prune,
                                        input_shapes=merged_input_shapes(input_shape), data=data, registry_dir=registry_dir, key_dir=key_dir,
                                        runtime=runtime, precision=precision, fmt=fmt, name=name, version=model_version,

@@ -1,10 +1,9 @@
 """Progress for every step that may take more than ~2 s: on a terminal a spinner with the elapsed
-time from the first moment; otherwise (logs, pipes) one line for each stage still running after
-``SLOW_S``. Always on stderr, so stdout stays clean."""
+time from the first moment; otherwise (logs, pipes) one line per finished stage that took ``SLOW_S``
+or more. Always on stderr, so stdout stays clean."""
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -12,12 +11,13 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 
-SLOW_S = 10.0  # not a terminal: stages shorter than this print nothing (logs stay short, errors one line)
+SLOW_S = 2.0  # not a terminal: finished stages shorter than this print nothing
 
 
 @contextlib.contextmanager
-def stages(console: "Console", first: str) -> Iterator[Callable[[str], None]]:
-    """Yields ``update(text)``: the current stage. Each stage's time is shown while it runs."""
+def stages(console: "Console", first: str, log_first: bool = True) -> Iterator[Callable[[str], None]]:
+    """Yields ``update(text)``: the current stage. ``first`` is shown until the first update;
+    ``log_first=False`` when it is only a placeholder (it never gets a log line)."""
     if console.is_terminal:
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -30,24 +30,20 @@ def stages(console: "Console", first: str) -> Iterator[Callable[[str], None]]:
 
             yield update
         return
-    # not a terminal: a stage is logged only once it has run for SLOW_S, so quick commands (and
-    # one-line errors) stay as they were
+    # not a terminal (logs, pipes): one line per finished stage that took SLOW_S or more, written
+    # when the next one starts. A failing stage prints nothing, so a user's mistake stays one line.
     started = time.monotonic()
-    timer: list[threading.Timer] = []
+    current: list = [first if log_first else None, started]  # the running stage and when it began
 
-    def log_line(text: str) -> None:
-        console.print(f"[{time.monotonic() - started:6.1f}s] {text} ...", highlight=False, markup=False)
+    def finish() -> None:
+        text, since = current
+        now = time.monotonic()
+        if text is not None and now - since >= SLOW_S:
+            console.print(f"[{now - started:6.1f}s] {text}: {now - since:.1f} s", highlight=False, markup=False)
 
     def update(text: str) -> None:
-        for old in timer:
-            old.cancel()
-        timer[:] = [threading.Timer(SLOW_S, log_line, (text,))]
-        timer[0].daemon = True
-        timer[0].start()
+        finish()
+        current[:] = [text, time.monotonic()]
 
-    update(first)
-    try:
-        yield update
-    finally:
-        for old in timer:
-            old.cancel()
+    yield update
+    finish()
