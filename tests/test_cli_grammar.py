@@ -241,3 +241,42 @@ def test_analyze_tables_fit_80_columns_with_every_profile_named(two_input_model:
     assert_fits(proc.stdout)
     for name in ("raspberry-pi-4", "raspberry-pi-5", "jetson-orin-nano", "android-arm64", "int8 (preferred)"):
         assert name in proc.stdout
+
+
+def test_push_durations_are_written_like_10m_and_the_seconds_spelling_still_works(capsys) -> None:
+    from builder.cli.options import duration_or_seconds
+    from builder.errors import UsageError
+
+    assert duration_or_seconds("15m", None, "--timeout") == 900.0 and duration_or_seconds("0s", None, "--soak") == 0.0
+    assert duration_or_seconds("15m", 30.0, "--timeout") == 30.0
+    assert "--timeout-s N is deprecated" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="--soak"):
+        duration_or_seconds("soon", None, "--soak")
+
+
+def test_progress_in_a_log_names_the_slow_stages_and_a_failure_prints_nothing(monkeypatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from builder.cli import progress
+
+    monkeypatch.setattr(progress, "SLOW_S", 0.0)
+    log = io.StringIO()
+    with progress.stages(Console(file=log, force_terminal=False, width=80), "starting", log_first=False) as stage:
+        stage("loading model")
+        stage("building litert/int8/tflite")
+    lines = log.getvalue().splitlines()
+    assert [line.split("] ", 1)[1].rsplit(":", 1)[0] for line in lines] == ["loading model", "building litert/int8/tflite"]
+    failed = io.StringIO()
+    with pytest.raises(RuntimeError):
+        with progress.stages(Console(file=failed, force_terminal=False, width=80), "loading") as stage:
+            stage("building")
+            raise RuntimeError("conversion failed")
+    assert failed.getvalue() == ""
+    shown = io.StringIO()  # a terminal gets a live spinner from the first moment
+    with progress.stages(Console(file=shown, force_terminal=True, width=80), "loading model") as stage:
+        time.sleep(0.3)
+        stage("building")
+        time.sleep(0.3)
+    assert "loading model" in shown.getvalue() or "building" in shown.getvalue()

@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
     @group.command("add-device")
     def add_device(
         device_id: str = typer.Argument(..., help="Device id (also its MQTT username)."),
-        profile: str = typer.Option(..., "--profile", help="Device profile (see `builder profiles list`)."),
+        profile: str = typer.Option(..., "--profile", "-p", help="Device profile (see `builder profiles list`)."),
         group_name: Optional[str] = typer.Option(None, "--group", help="Group for group pushes."),
         broker_config_dir: Optional[Path] = typer.Option(None, help="Mosquitto config dir: creates/extends passwd + ACL there."),
         broker_port: int = typer.Option(1883, help="Listener port written into a NEW Mosquitto config."),

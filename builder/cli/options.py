@@ -55,6 +55,19 @@ def resolve_alias(value: Optional[str], alias_value: Optional[str], new: str, ol
     return value
 
 
+def duration_or_seconds(text: str, old_seconds: Optional[float], option: str) -> float:
+    """``--timeout 15m`` style durations (``0s`` allowed); the old ``--timeout-s N`` still wins
+    when given, with a deprecation warning."""
+    from builder.search.objectives import parse_duration_s
+
+    if old_seconds is not None:
+        deprecated(f"{option}-s N", f"{option} Ns (or 10m, 2h)")
+        return float(old_seconds)
+    if text.strip().lower() in ("0", "0s"):  # "no soak" is a valid duration here
+        return 0.0
+    return parse_duration_s(text.strip(), option)
+
+
 def refuse_existing(path: Path, force: bool) -> None:
     """Refuse to overwrite an existing ``path`` unless ``--force`` was given (no silent overwrite)."""
     from builder.errors import UsageError

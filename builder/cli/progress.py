@@ -1,6 +1,6 @@
 """Progress for every step that may take more than ~2 s: on a terminal a spinner with the elapsed
-time from the first moment; otherwise (logs, pipes) one line per finished stage that took ``SLOW_S``
-or more. Always on stderr, so stdout stays clean."""
+time from the first moment; otherwise (logs, pipes), once the work succeeded, one line per stage that
+took ``SLOW_S`` or more. Always on stderr, so stdout stays clean."""
 from __future__ import annotations
 
 import contextlib
@@ -30,16 +30,17 @@ def stages(console: "Console", first: str, log_first: bool = True) -> Iterator[C
 
             yield update
         return
-    # not a terminal (logs, pipes): one line per finished stage that took SLOW_S or more, written
-    # when the next one starts. A failing stage prints nothing, so a user's mistake stays one line.
+    # not a terminal (logs, pipes): after success, one line per stage that took SLOW_S or more. A
+    # failed command prints only its error, so a user's mistake stays one line.
     started = time.monotonic()
     current: list = [first if log_first else None, started]  # the running stage and when it began
+    finished: list[tuple[str, float, float]] = []
 
     def finish() -> None:
         text, since = current
         now = time.monotonic()
         if text is not None and now - since >= SLOW_S:
-            console.print(f"[{now - started:6.1f}s] {text}: {now - since:.1f} s", highlight=False, markup=False)
+            finished.append((text, now - started, now - since))
 
     def update(text: str) -> None:
         finish()
@@ -47,3 +48,5 @@ def stages(console: "Console", first: str, log_first: bool = True) -> Iterator[C
 
     yield update
     finish()
+    for text, at_s, took_s in finished:
+        console.print(f"[{at_s:6.1f}s] {text}: {took_s:.1f} s", highlight=False, markup=False)

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from builder.cli.options import InputShapeOption
+from builder.cli.options import InputShapeOption, duration_or_seconds
 from builder.cli.tables import fit_table, table_console
 from builder.cli.serve import BrokerOption, DataDirOption, data_dir_or_default, read_password_file
 
@@ -76,9 +76,11 @@ def register(app: typer.Typer) -> None:
         recipe: Optional[str] = typer.Option(None, "--recipe", help="Compression recipe TOML (or a packaged recipe's name) applied before building."),
         canary: str = typer.Option("0", "--canary", help="With --group: percentage of devices that go first, e.g. 10%."),
         max_latency_ratio: float = typer.Option(1.25, help="Canary fails if its p95 exceeds the previous model's by this factor."),
-        soak_s: float = typer.Option(0.0, help="Canaries serve real traffic this long before they are judged."),
+        soak: str = typer.Option("0s", "--soak", help="Canaries serve real traffic this long before they are judged, e.g. 2m."),
+        soak_s: Optional[float] = typer.Option(None, "--soak-s", hidden=True),
         benchmark_runs: int = typer.Option(30, help="On-device benchmark runs after install (0: skip)."),
-        timeout_s: float = typer.Option(900.0, help="Give up on a device after this long."),
+        timeout: str = typer.Option("15m", "--timeout", help="Give up on a device after this long, e.g. 15m."),
+        timeout_s: Optional[float] = typer.Option(None, "--timeout-s", hidden=True),
         broker: Optional[str] = BrokerOption,
         username: Optional[str] = typer.Option(None, help="Broker username (default: saved builder credentials)."),
         password_file: Optional[Path] = typer.Option(None, help="File holding the broker password."),
@@ -114,7 +116,8 @@ def register(app: typer.Typer) -> None:
         endpoint = resolve_endpoint(home, broker, username, read_password_file(password_file), ca_file)
         console = table_console(stderr=as_json)
         chooser.on_stage = lambda text: console.print(f"[dim]build: {text}[/]")
-        options = PushOptions(timeout_s=timeout_s, benchmark_runs=benchmark_runs, soak_s=soak_s)
+        options = PushOptions(timeout_s=duration_or_seconds(timeout, timeout_s, "--timeout"),
+                              benchmark_runs=benchmark_runs, soak_s=duration_or_seconds(soak, soak_s, "--soak"))
         with open_store(home) as store, FleetLink(endpoint).connect() as link:
             with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(),
                           console=console, transient=False) as progress:
