@@ -21,9 +21,31 @@ typer_app = typer.Typer(name="agent", help="EdgeFleet on-device agent.", no_args
 CONFIG_OPTION = typer.Option(Path("/etc/edgefleet/agent.toml"), "--config", "-c", help="agent.toml path")
 
 
+# Native libraries (LiteRT/TensorFlow, glog) read these at import: errors only unless --verbose.
+QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "GLOG_minloglevel": "2", "ABSL_MIN_LOG_LEVEL": "2"}
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from agent import __version__
+
+        print(f"agent {__version__}")
+        raise typer.Exit()
+
+
 @typer_app.callback()
-def main() -> None:
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show library logs and warnings (LiteRT, ONNX Runtime)."),
+         version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
     """EdgeFleet on-device agent: pulls models over MQTT, serves and benchmarks them, reports telemetry."""
+    if not verbose:
+        import os
+        import warnings
+
+        for key, value in QUIET_ENV.items():
+            os.environ.setdefault(key, value)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 @typer_app.command("version")
@@ -62,7 +84,9 @@ def run(config: Path = CONFIG_OPTION, log_level: str = typer.Option("INFO", help
 
 
 @typer_app.command("bench")
-def bench(model: str = typer.Option("active", "--model", "-m", help="a .onnx/.ort/.tflite file, an artifact dir, or 'active'"),
+def bench(model_arg: Optional[str] = typer.Argument(None, metavar="[MODEL]",
+                                                   help="a .onnx/.ort/.tflite file, an artifact dir, or 'active' (default)"),
+          model_opt: Optional[str] = typer.Option(None, "--model", "-m", help="same as MODEL"),
           runs: int = typer.Option(50, "--runs", "-n", min=1), warmup: int = typer.Option(5, "--warmup", min=0),
           config: Optional[Path] = typer.Option(None, "--config", "-c", help="agent.toml (for 'active' and the profile)"),
           threads: int = typer.Option(0, help="runtime threads (0 = runtime default)"),
@@ -75,6 +99,9 @@ def bench(model: str = typer.Option("active", "--model", "-m", help="a .onnx/.or
     from agent.runtime.base import synthetic_feeds
     from agent.sensors import power_sensors_for
 
+    if model_arg is not None and model_opt is not None and model_arg != model_opt:
+        raise ConfigError(f"MODEL {model_arg} and --model {model_opt} disagree; give one")
+    model = model_arg or model_opt or "active"
     profile = None
     feeds = None
     artifact_id = None
@@ -203,7 +230,8 @@ def status_rows(info: dict) -> list[tuple[str, str]]:
 
 
 @typer_app.command("detect")
-def detect(root: Path = typer.Option(Path("/"), help="filesystem root to inspect (fixtures in tests)")) -> None:
+def detect(root: Path = typer.Option(Path("/"), help="filesystem root to inspect (fixtures in tests)"),
+           as_json: bool = typer.Option(False, "--json", help="print the result as JSON")) -> None:
     """Print the detected device profile, power sensors and temperature."""
     from agent.detect import detect_device
     from agent.sensors import power_sensors_for, read_power, read_temperature
@@ -211,6 +239,12 @@ def detect(root: Path = typer.Option(Path("/"), help="filesystem root to inspect
     device = detect_device(root)
     power = read_power(power_sensors_for(device.profile, root))
     temp = read_temperature(root)
+    if as_json:
+        print(json.dumps({"profile": device.profile, "description": device.description, "source": device.source,
+                          "power_w": power.watts if power.available else None,
+                          "power_source": power.source if power.available else None,
+                          "temperature_c": temp.celsius if temp.available else None}, indent=2))
+        return
     print(f"profile: {device.profile}")
     print(f"description: {device.description}")
     print(f"detected from: {device.source}")

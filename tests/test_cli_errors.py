@@ -54,7 +54,7 @@ CASES = [
     (["dynamic.onnx"], "dynamic dims"),
     (["relu.onnx", "--input-shape", "1x4x4"], "expects 2"),
     (["relu.onnx", "--input-shape", "1xx4"], "cannot read dims"),
-    (["relu.onnx", "--device", "pi-9"], "unknown device profile 'pi-9'"),
+    (["relu.onnx", "--profile", "pi-9"], "unknown device profile 'pi-9'"),
     (["no_such_pkg.models:make", "--input-shape", "1x4"], "cannot import module 'no_such_pkg.models'"),
     (["userfactories:nothing", "--input-shape", "1x4"], "has no attribute 'nothing'"),
     (["userfactories:not_a_model", "--input-shape", "1x4"], "returned int, not a torch.nn.Module"),

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import typer
 
+from builder.cli.options import INPUT_SHAPE_HELP, HiddenAlias, InputShapeOption, ProfileOption, merged_input_shapes, resolve_alias
+
 if TYPE_CHECKING:  # heavy or not needed for `builder --help`
     from rich.console import Console
 
@@ -22,11 +24,10 @@ def register(app: typer.Typer) -> None:
     @app.command("analyze")
     def analyze(
         model: str = typer.Argument(..., help="An .onnx file, a TorchScript file, or package.module:factory."),
-        input_shape: Optional[str] = typer.Option(
-            None, "--input-shape", "-s",
-            help="Input shapes, e.g. 1x3x224x224 or input_ids=1xseq@128:int64,attention_mask=1xseq@128:int64 "
-                 "(NAME@N keeps an axis dynamic in the export). Needed for PyTorch models and dynamic ONNX dims."),
-        device: Optional[str] = typer.Option(None, "--device", "-d", help="Only this device profile (default: all)."),
+        input_shape: Optional[list[str]] = InputShapeOption(
+            INPUT_SHAPE_HELP + " Needed for PyTorch models and dynamic ONNX dims."),
+        profile: Optional[str] = ProfileOption("Only this device profile (default: all)."),
+        device: Optional[str] = HiddenAlias("--device", "-d"),
         profiles_dir: Optional[list[Path]] = typer.Option(None, "--profiles-dir", help="Extra directory of profile TOML files (also $EDGEFLEET_PROFILES)."),
         as_json: bool = typer.Option(False, "--json", help="Print the whole analysis as JSON."),
         top: int = typer.Option(25, "--top", help="Rows of the layer table: the layers with most MACs (0 = all)."),
@@ -42,13 +43,15 @@ def register(app: typer.Typer) -> None:
         from builder.loading import load_model
         from builder.profiles import get_profile, load_profiles
 
-        profiles = [get_profile(device, profiles_dir)] if device else list(load_profiles(profiles_dir).values())
+        profile = resolve_alias(profile, device, "--profile", "--device", required=False)
+        profiles = [get_profile(profile, profiles_dir)] if profile else list(load_profiles(profiles_dir).values())
         values = input_values_from_npz(data) if data is not None else None
         if Path(model).is_file() and is_tflite(model):
             loaded, stats = _analyze_tflite(Path(model))
         else:
             with tempfile.TemporaryDirectory(prefix="edgefleet-analyze-") as workdir:
-                loaded = load_model(model, input_shape, workdir=Path(workdir), opset=opset, input_values=values)
+                loaded = load_model(model, merged_input_shapes(input_shape), workdir=Path(workdir), opset=opset,
+                                    input_values=values)
                 stats = analyze_loaded(loaded, values)
         estimates = estimates_for(stats, profiles)
         if as_json:
@@ -95,12 +98,10 @@ def _analyze_tflite(path: Path) -> tuple[Any, "GraphStats"]:
 
 
 def wide_console() -> "Console":
-    """A Rich console that does not squeeze tables to 80 columns when output is piped."""
-    import sys
+    """The console every table of this command is fitted to (docs/cli.md: width and folding)."""
+    from builder.cli.tables import table_console
 
-    from rich.console import Console
-
-    return Console() if sys.stdout.isatty() else Console(width=150)
+    return table_console()
 
 
 def model_facts(loaded: "LoadedModel") -> dict[str, Any]:
@@ -136,10 +137,9 @@ def _count(value: float) -> str:
 
 
 def _bytes(value: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(value) >= size:
-            return f"{value / size:.2f} {unit}"
-    return f"{int(value)} B"
+    from builder.units import format_bytes
+
+    return format_bytes(value)
 
 
 def render_analysis(console: "Console", loaded: "LoadedModel", stats: "GraphStats",
@@ -148,6 +148,7 @@ def render_analysis(console: "Console", loaded: "LoadedModel", stats: "GraphStat
     from rich.table import Table
 
     from builder.analysis.report import top_layers
+    from builder.cli.tables import fit_table
 
     from builder.analysis import estimate_latency
 
@@ -165,7 +166,7 @@ def render_analysis(console: "Console", loaded: "LoadedModel", stats: "GraphStat
         shape = "x".join(map(str, layer.output_shape)) if layer.output_shape is not None else "?"
         table.add_row(layer.name, layer.op_type, f"{layer.params:,}", f"{layer.macs:,}", shape,
                       _bytes(layer.activation_bytes), layer.precision)
-    console.print(table)
+    console.print(fit_table(table, console.width, keep=("op",), drop_order=("precision", "activation", "params")))
 
     totals = Table(title="Totals", show_header=False)
     totals.add_column("what")
@@ -207,4 +208,5 @@ def render_analysis(console: "Console", loaded: "LoadedModel", stats: "GraphStat
                               f"{estimate.compute_bound_layers}/{estimate.memory_bound_layers}",
                               _bytes(estimate.memory_needed_bytes),
                               f"yes ({estimate.ram_fraction:.1%})" if estimate.fits_in_ram else f"NO ({estimate.ram_fraction:.0%})")
-    console.print(estimates)
+    console.print(fit_table(estimates, console.width, keep=("device", "precision"),
+                            drop_order=("bound (compute/memory)", "est. energy", "memory needed")))

@@ -33,16 +33,16 @@ def register(app: typer.Typer) -> None:
     @group.command("list")
     def list_artifacts(registry_dir: Optional[Path] = RegistryDirOption,
                        model: Optional[str] = typer.Option(None, "--model"),
-                       profile: Optional[str] = typer.Option(None, "--profile"),
+                       profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Only this device profile."),
                        as_json: bool = typer.Option(False, "--json")) -> None:
         """List registered artifacts."""
         import json
         from dataclasses import asdict
 
-        from rich.console import Console
         from rich.table import Table
 
         from builder.artifacts.registry import Registry
+        from builder.units import format_bytes
 
         records = Registry(registry_dir).list(model, profile)
         if as_json:
@@ -54,10 +54,10 @@ def register(app: typer.Typer) -> None:
         for r in records:
             host = r.metrics.get("host_latency_ms")
             table.add_row(r.artifact_id[:12], r.model_name, r.model_version, r.profile, r.runtime, r.precision, r.format,
-                          f"{r.size_bytes / 1024:.1f} KiB", "-" if host is None else f"{host:.3f}")
-        import sys
+                          format_bytes(r.size_bytes), "-" if host is None else f"{host:.3f}")
+        from builder.cli.tables import print_table
 
-        (Console() if sys.stdout.isatty() else Console(width=160)).print(table)
+        print_table(table, keep=("artifact", "profile"), drop_order=("format", "runtime", "host ms", "version"))
 
     @group.command("show")
     def show(artifact_id: str, registry_dir: Optional[Path] = RegistryDirOption) -> None:
@@ -70,11 +70,19 @@ def register(app: typer.Typer) -> None:
 
     @group.command("verify")
     def verify(artifact_id: str, registry_dir: Optional[Path] = RegistryDirOption, key_dir: Optional[Path] = KeyDirOption,
-               public_key: Optional[Path] = PublicKeyOption) -> None:
+               public_key: Optional[Path] = PublicKeyOption,
+               as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
         """Check the manifest signature and every payload's size and sha256; non-zero exit on any mismatch."""
         from builder.artifacts.registry import Registry
 
         manifest = Registry(registry_dir).verify(artifact_id, _public_key(key_dir, registry_dir, public_key))
+        if as_json:
+            import json
+
+            print(json.dumps({"artifact_id": manifest.artifact_id, "signature": "valid",
+                              "payloads": [{"name": p.name, "size_bytes": p.size_bytes, "sha256": p.sha256}
+                                           for p in manifest.payloads]}, indent=2))
+            return
         print(f"ok: {manifest.artifact_id} signature valid, {len(manifest.payloads)} payloads match")
 
     @group.command("rm")

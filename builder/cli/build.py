@@ -1,22 +1,23 @@
 """`builder build`: cross-compile a model for a device profile, verify, sign, register."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
 from builder.cli.keys import KeyDirOption, RegistryDirOption
+from builder.cli.options import HiddenAlias, InputShapeOption, ProfileOption, merged_input_shapes, resolve_alias
+from builder.cli import noise
+from builder.cli.progress import stages
+from builder.cli.tables import print_table
 
 
 def _size(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    from builder.units import format_bytes
+
+    return format_bytes(n)
 
 
 def result_table(result: Any) -> Any:
@@ -48,18 +49,20 @@ def register(app: typer.Typer) -> None:
     @app.command("build")
     def build(
         model: str = typer.Argument(..., help="ONNX file, TorchScript file, or package.module:factory."),
-        device_profile: str = typer.Option(..., "--device-profile", "-p", help="Device profile name (`builder profiles list`)."),
-        input_shape: Optional[str] = typer.Option(None, "--input-shape", help="e.g. 1x1x8x8 or input_ids=1x128:int64,attention_mask=1x128:int64"),
+        profile: Optional[str] = ProfileOption("Device profile name (`builder profiles list`); required."),
+        device_profile: Optional[str] = HiddenAlias("--device-profile"),
+        input_shape: Optional[list[str]] = InputShapeOption(),
         runtime: Optional[str] = typer.Option(None, "--runtime", help="onnxruntime | onnxruntime-tensorrt | litert (default: the profile's)."),
         precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | fp16 | int8 (default: the profile's)."),
         fmt: Optional[str] = typer.Option(None, "--format", help="onnx | ort | tflite (default: the profile's)."),
-        recipe: Optional[Path] = typer.Option(None, "--recipe", help="Compression recipe TOML."),
+        recipe: Optional[str] = typer.Option(None, "--recipe", help="Compression recipe TOML, or a packaged recipe's name."),
         quantize: Optional[str] = typer.Option(None, "--quantize", help="Shortcut: int8 | int8-static | fp16."),
         prune: Optional[float] = typer.Option(None, "--prune", help="Shortcut: unstructured sparsity, e.g. 0.5."),
         data: Optional[str] = typer.Option(None, "--data", help=".npz (input arrays by name or 'x', labels 'y') or package.module:function."),
-        out: Optional[Path] = typer.Option(None, "--out", help="Also write the artifact directory here."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the artifact directory here."),
         name: Optional[str] = typer.Option(None, "--name", help="Model name in the manifest (default: from the source)."),
-        version: str = typer.Option("1", "--version", help="Model version in the manifest."),
+        model_version: Optional[str] = typer.Option(None, "--model-version", help="Model version in the manifest (default 1)."),
+        version: Optional[str] = HiddenAlias("--version"),
         samples: int = typer.Option(16, "--verify-samples", help="Samples used to verify against the reference."),
         no_cache: bool = typer.Option(False, "--no-cache", help="Rebuild even when an identical build is registered."),
         registry_dir: Optional[Path] = RegistryDirOption,
@@ -70,27 +73,29 @@ def register(app: typer.Typer) -> None:
         """Build a verified, signed artifact for one device profile and register it."""
         import json
         import logging
-        import sys
 
         from rich.console import Console
 
+        from builder.compression.recipe import resolve_recipe
         from builder.targets.profile_build import build_for_profile
 
+        device_profile = resolve_alias(profile, device_profile, "--profile", "--device-profile")
+        model_version = resolve_alias(model_version, version, "--model-version", "--version", required=False) or "1"
+        recipe_path = resolve_recipe(recipe) if recipe is not None else None
         console = Console(stderr=True)
         logging.getLogger("builder").setLevel(logging.WARNING)
-        with console.status("building") as status:
-            result = build_for_profile(model, device_profile, recipe=recipe, quantize=quantize, prune=prune,
-                                       input_shapes=input_shape, data=data, registry_dir=registry_dir, key_dir=key_dir,
-                                       runtime=runtime, precision=precision, fmt=fmt, name=name, version=version,
+        with stages(console, "starting", log_first=False) as stage, noise.quiet_stderr():
+            result = build_for_profile(model, device_profile, recipe=recipe_path, quantize=quantize, prune=prune,
+                                       input_shapes=merged_input_shapes(input_shape), data=data, registry_dir=registry_dir, key_dir=key_dir,
+                                       runtime=runtime, precision=precision, fmt=fmt, name=name, version=model_version,
                                        out_dir=out, profiles_dirs=profiles_dir, verify_samples=samples,
-                                       use_cache=not no_cache, on_stage=lambda text: status.update(text))
+                                       use_cache=not no_cache, on_stage=stage)
         if result.fallback:  # the one line saying which runtime was built instead, and why
             print(result.fallback, file=sys.stderr if as_json else sys.stdout)
         if as_json:
             print(json.dumps(result.manifest.to_dict(), indent=2, sort_keys=True))
             return
-        out = Console() if sys.stdout.isatty() else Console(width=160)
-        out.print(result_table(result))
+        print_table(result_table(result), keep=("artifact",), drop_order=("est. device latency", "files"))
         if result.reused:
             print("[reused] identical build found in the registry (same model, recipe, profile, data, builder version)")
         if result.report is not None:

@@ -2,10 +2,17 @@
 write ``OUT/model.onnx`` and ``OUT/report.json``."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
+
+from builder.cli.options import InputShapeOption, merged_input_shapes, refuse_existing
+from builder.cli import noise
+from builder.cli.progress import stages
+from builder.cli.tables import print_table
+from builder.units import format_bytes
 
 if TYPE_CHECKING:  # heavy or not needed for `builder --help`
     from rich.table import Table
@@ -22,9 +29,9 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option(..., "--data", help="Evaluation/calibration data: .npz (inputs by name or x, "
                                  "optional labels y) or package.module:function returning batches."),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder for model.onnx and report.json."),
-        input_shape: Optional[str] = typer.Option(None, "--input-shape", "-s",
-                                                  help="Input shapes, e.g. 1x1x8x8 (needed for PyTorch models)."),
-        recipe: Optional[Path] = typer.Option(None, "--recipe", help="A recipe TOML ([[step]] tables)."),
+        input_shape: Optional[list[str]] = InputShapeOption(),
+        recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipe TOML ([[step]] tables) or the name of a "
+                                             "packaged one (e.g. sparse-clustered; see docs/cli.md)."),
         quantize: Optional[str] = typer.Option(None, "--quantize", help="int8 | int8-static | fp16"),
         prune: Optional[float] = typer.Option(None, "--prune", help="Unstructured sparsity, e.g. 0.5."),
         prune_channels: Optional[float] = typer.Option(None, "--prune-channels", help="Fraction of channels removed."),
@@ -37,10 +44,16 @@ def register(app: typer.Typer) -> None:
         task: str = typer.Option("auto", "--task", help="auto | classify | embed (how fidelity is measured)."),
         timed_runs: int = typer.Option(50, "--latency-runs", min=1, help="Timed runs per latency measurement."),
         opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset for exporting PyTorch models."),
+        max_accuracy_drop: str = typer.Option("5%", "--max-accuracy-drop",
+                                              help="Exit non-zero (output kept, flagged) when accuracy falls more than this "
+                                                   "below the input model's (needs labels), e.g. 1%."),
+        force: bool = typer.Option(False, "--force", help="Overwrite an existing OUT/model.onnx."),
+        as_json: bool = typer.Option(False, "--json", help="Print the step reports as JSON instead of a table."),
     ) -> None:
         """Compress a model with a recipe or shortcut flags; evaluate after every step."""
-        from builder.compression.recipe import Recipe
+        from builder.compression.recipe import Recipe, resolve_recipe
         from builder.errors import UsageError
+        from builder.search.objectives import parse_accuracy_drop
 
         shortcuts = dict(quantize=quantize, prune=prune, prune_channels=prune_channels, cluster=cluster,
                          lowrank=lowrank, distill_from=distill_from)
@@ -49,14 +62,16 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"give either --recipe or shortcut flags ({', '.join(given)}), not both")
         if task not in ("auto", "classify", "embed"):
             raise UsageError(f"--task must be auto, classify or embed, got '{task}'")
-        plan = Recipe.from_toml(recipe) if recipe is not None else Recipe.from_shortcuts(**shortcuts)
+        plan = Recipe.from_toml(resolve_recipe(recipe)) if recipe is not None else Recipe.from_shortcuts(**shortcuts)
         plan.build_steps()  # bad step names / parameters fail before the (possibly slow) model load
-        _run(model, plan, shortcuts if recipe is None else None, data, train_data, out, input_shape, threads,
-             task, timed_runs, opset)
+        refuse_existing(out / "model.onnx", force)
+        _run(model, plan, shortcuts if recipe is None else None, data, train_data, out, merged_input_shapes(input_shape),
+             threads, task, timed_runs, opset, parse_accuracy_drop(max_accuracy_drop), as_json)
 
 
 def _run(model: str, plan: "object", shortcuts: Optional[dict], data: str, train_data: Optional[str], out: Path,
-         input_shape: Optional[str], threads: int, task: str, timed_runs: int, opset: Optional[int]) -> None:
+         input_shape: Optional[str], threads: int, task: str, timed_runs: int, opset: Optional[int],
+         max_accuracy_drop: float, as_json: bool) -> None:
     import tempfile
 
     import torch
@@ -70,7 +85,8 @@ def _run(model: str, plan: "object", shortcuts: Optional[dict], data: str, train
 
     torch.set_num_threads(threads)
     console = Console(stderr=True)
-    with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as workdir, \
+            stages(console, f"loading {model}") as stage, noise.quiet_stderr():
         loaded = load_model(model, input_shape, workdir=Path(workdir), opset=opset)
         if shortcuts is not None and loaded.torch_module is None:
             plan = Recipe.from_shortcuts(**shortcuts, torch_available=False)
@@ -79,23 +95,34 @@ def _run(model: str, plan: "object", shortcuts: Optional[dict], data: str, train
         eval_data = DataSource.from_arg(data, loaded.inputs)
         train = DataSource.from_arg(train_data, loaded.inputs) if train_data else None
         rows: list["StepReport"] = []
+        names = [step.name for step in plan.build_steps()]
 
         def progress(report: "StepReport") -> None:
             rows.append(report)
             e = report.evaluation
             console.print(f"[dim]{report.index}. {report.step}: {report.seconds:.1f}s, "
-                          f"p50 {e.latency_p50_ms:.3f} ms, download {_size(e.download_bytes)}[/dim]")
+                          f"p50 {e.latency_p50_ms:.3f} ms, download {format_bytes(e.download_bytes)}[/dim]")
+            if report.index < len(names):
+                stage(f"step {report.index + 1}/{len(names)}: {names[report.index]} (then evaluate)")
+            else:
+                stage("writing model.onnx and report.json")
 
+        stage("evaluating the input model (reference outputs, latency)")
         result = run_recipe(loaded, plan, data=eval_data, train_data=train, out_dir=out, threads=threads,
-                            eval_config=EvalConfig(threads=threads, task=task, timed_runs=timed_runs),
+                            eval_config=EvalConfig(threads=threads, task=task, timed_runs=timed_runs,
+                                                   max_accuracy_drop=max_accuracy_drop),
                             on_report=progress)
     if loaded.normalisation is not None:  # after the run: an error stays the only line on stderr
-        print(loaded.normalisation.summary())
-    Console(width=180).print(report_table(rows))
-    print(f"wrote {result.model_path} and {result.report_path}")
-    if result.flags:
-        console.print(f"[bold red]warning:[/bold red] the final model is flagged: {', '.join(result.flags)} "
-                      f"(see {result.report_path})")
+        print(loaded.normalisation.summary(), file=sys.stderr if as_json else sys.stdout)
+    if as_json:
+        import json
+
+        print(json.dumps({"model": str(result.model_path), "report": str(result.report_path),
+                          "flags": list(result.flags), "steps": [_report_json(r) for r in rows]}, indent=2, default=str))
+    else:
+        print_table(report_table(rows), keep=("step",), drop_order=COMPRESS_DROP_ORDER)
+        print(f"wrote {result.model_path} and {result.report_path}")
+    _refuse_collapse(result, rows, max_accuracy_drop)
 
 
 def report_table(rows: "list[StepReport]") -> "Table":
@@ -116,8 +143,8 @@ def report_table(rows: "list[StepReport]") -> "Table":
             str(row.index), row.step,
             f"{_count(e.params)} ({_count(e.nonzero_params)})",
             f"{_count(e.macs)}{_ratio(base.macs if base else None, e.macs)}" if e.macs is not None else "?",
-            f"{_size(e.file_bytes)}{_ratio(base.file_bytes if base else None, e.file_bytes)}",
-            f"{_size(e.download_bytes)}{_ratio(base.download_bytes if base else None, e.download_bytes)}",
+            f"{format_bytes(e.file_bytes)}{_ratio(base.file_bytes if base else None, e.file_bytes)}",
+            f"{format_bytes(e.download_bytes)}{_ratio(base.download_bytes if base else None, e.download_bytes)}",
             f"{e.latency_p50_ms:.3f} / {e.latency_p95_ms:.3f}"
             + (f" ({e.speedup_vs_input:.2f}x)" if e.speedup_vs_input is not None else ""),
             f"{e.accuracy:.4f}" if e.accuracy is not None else "-",
@@ -125,6 +152,34 @@ def report_table(rows: "list[StepReport]") -> "Table":
             ", ".join(e.flags) or "-",
         )
     return table
+
+
+COMPRESS_DROP_ORDER = ("MACs", "size", "params (non-zero)", "flags", "fidelity")
+
+
+def _report_json(report: "StepReport") -> dict:
+    import dataclasses
+
+    e = report.evaluation
+    return {"index": report.index, "step": report.step, "seconds": report.seconds,
+            "evaluation": dataclasses.asdict(e) if dataclasses.is_dataclass(e) else str(e)}
+
+
+def _refuse_collapse(result: "object", rows: "list[StepReport]", max_accuracy_drop: float) -> None:
+    """The output stays written and flagged; an accuracy collapse still exits non-zero (one line)."""
+    from builder.errors import CompressionError
+
+    flags = list(getattr(result, "flags", ()))
+    if not flags:
+        return
+    base, final = rows[0].evaluation, rows[-1].evaluation
+    if "accuracy_drop" in flags and base.accuracy is not None and final.accuracy is not None:
+        raise CompressionError(f"accuracy fell from {base.accuracy:.3f} to {final.accuracy:.3f}, more than "
+                               f"--max-accuracy-drop {max_accuracy_drop:.1%}; the model was still written to "
+                               f"{getattr(result, 'model_path')} and flagged in its report (pass a larger "
+                               f"--max-accuracy-drop to accept it)")
+    print(f"warning: the final model is flagged: {', '.join(flags)} (see {getattr(result, 'report_path')})",
+          file=sys.stderr)
 
 
 def _ratio(base: Optional[int], value: Optional[int]) -> str:
@@ -140,10 +195,3 @@ def _count(value: Optional[int]) -> str:
         if value >= size:
             return f"{value / size:.2f}{unit}"
     return str(value)
-
-
-def _size(value: int) -> str:
-    for unit, size in (("MB", 1 << 20), ("KB", 1 << 10)):
-        if value >= size:
-            return f"{value / size:.1f} {unit}"
-    return f"{value} B"

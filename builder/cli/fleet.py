@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from builder.cli.options import deprecated
+from builder.cli.tables import print_table
 from builder.cli.serve import BrokerOption, DataDirOption, data_dir_or_default, read_password_file
 
 
@@ -41,7 +43,7 @@ def register(app: typer.Typer) -> None:
     @group.command("add-device")
     def add_device(
         device_id: str = typer.Argument(..., help="Device id (also its MQTT username)."),
-        profile: str = typer.Option(..., "--profile", help="Device profile (see `builder profiles list`)."),
+        profile: str = typer.Option(..., "--profile", "-p", help="Device profile (see `builder profiles list`)."),
         group_name: Optional[str] = typer.Option(None, "--group", help="Group for group pushes."),
         broker_config_dir: Optional[Path] = typer.Option(None, help="Mosquitto config dir: creates/extends passwd + ACL there."),
         broker_port: int = typer.Option(1883, help="Listener port written into a NEW Mosquitto config."),
@@ -58,6 +60,7 @@ def register(app: typer.Typer) -> None:
         http_port: Optional[int] = typer.Option(None, "--http-port", help="Local inference endpoint port on the device (default 8765; 0 = any free port; set it for a second agent on one host)."),
         force: bool = typer.Option(False, "--force", help="Replace an already registered device (new password and agent.toml)."),
         data_dir: Optional[Path] = DataDirOption,
+        as_json: bool = typer.Option(False, "--json", help="Print what was registered and written as JSON."),
     ) -> None:
         """Register a device, create its broker credentials (Mosquitto: password + pattern ACL) and write its agent.toml."""
         from rich.console import Console
@@ -75,6 +78,13 @@ def register(app: typer.Typer) -> None:
                        broker_config_dir=broker_config_dir, broker_port=broker_port, tls=tls, agent_ca_file=ca_file,
                        trusted_key=trusted_key, agent_data_dir=agent_data_dir, agent_toml=out,
                        telemetry_interval_s=telemetry_interval_s, http_port=http_port, force=force)
+        if as_json:
+            print(json.dumps({"device_id": added.device_id, "profile": added.profile, "group": added.group,
+                              "agent_toml": str(added.agent_toml), "broker_url": added.broker_url,
+                              "credentials": str(added.credentials),
+                              "broker_config_file": None if added.broker_config_file is None else str(added.broker_config_file)},
+                             indent=2))
+            return
         console = Console()
         console.print(f"registered [bold]{added.device_id}[/] ({added.profile}"
                       + (f", group {added.group}" if added.group else "") + ")")
@@ -102,14 +112,19 @@ def register(app: typer.Typer) -> None:
     def status(
         group_name: Optional[str] = typer.Option(None, "--group", help="Only this group."),
         as_json: bool = typer.Option(False, "--json"),
-        verbose: bool = typer.Option(False, "--verbose", "-v", help="Also the loop's latency factor (field / estimate)."),
+        show_factors: bool = typer.Option(False, "--factors", help="Also the loop's latency factor (field / estimate)."),
+        old_verbose: bool = typer.Option(False, "--verbose", "-v", hidden=True),
         data_dir: Optional[Path] = DataDirOption,
     ) -> None:
         """One row per device: online, profile, model, field p50/p95, requests, power, temperature, last seen."""
         from rich.console import Console
         from rich.table import Table
 
-        from builder.fleet.status import STATUS_COLUMNS, collect_status, status_cells
+        if old_verbose:
+            deprecated("fleet status --verbose", "fleet status --factors (-v before the command shows library logs)")
+        verbose = show_factors or old_verbose
+
+        from builder.fleet.status import STATUS_COLUMNS, STATUS_DROP_ORDER, collect_status, status_cells
         from builder.fleet.store import open_store
 
         home = data_dir_or_default(data_dir)
@@ -134,7 +149,7 @@ def register(app: typer.Typer) -> None:
         for row in rows:
             extra = (f"×{factors[row.device_id]:.2f}" if row.device_id in factors else "—",) if verbose else ()
             table.add_row(*status_cells(row), *extra, style=None if row.online else "dim")
-        Console().print(table)
+        print_table(table, keep=("device", "profile"), drop_order=STATUS_DROP_ORDER + ("latency factor",))
         if not rows:
             Console().print("no devices yet: `builder fleet add-device ID --profile P`, then start its agent")
 
@@ -149,7 +164,6 @@ def register(app: typer.Typer) -> None:
         """A device's telemetry reports: field latency per window, requests, power, temperature."""
         from dataclasses import asdict
 
-        from rich.console import Console
         from rich.table import Table
 
         from builder.fleet.status import DASH, format_power
@@ -171,7 +185,7 @@ def register(app: typer.Typer) -> None:
                           format_power(r.power_w, r.power_source),
                           DASH if r.temperature_c is None else f"{r.temperature_c:.0f} °C",
                           DASH if r.cpu_percent is None else f"{r.cpu_percent:.0f}")
-        Console().print(table)
+        print_table(table, keep=("time (UTC)", "artifact"), drop_order=("CPU %", "errors", "temp", "event", "power"))
 
     @group.command("plot")
     def plot(

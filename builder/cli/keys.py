@@ -6,8 +6,9 @@ from typing import Optional
 
 import typer
 
-KeyDirOption = typer.Option(None, "--key-dir", help="Key directory (default: <data dir>/keys; data dir = --registry-dir or $EDGEFLEET_HOME).")
-RegistryDirOption = typer.Option(None, "--registry-dir", help="Data directory of the registry (default: $EDGEFLEET_HOME or the user data dir).")
+KeyDirOption = typer.Option(None, "--key-dir", help="Key directory (default: <data dir>/keys; data dir = --data-dir or $EDGEFLEET_HOME).")
+# --registry-dir: the old name of --data-dir, still accepted (docs/cli.md)
+RegistryDirOption = typer.Option(None, "--data-dir", "--registry-dir", help="EdgeFleet data directory: registry, keys, fleet store (default: $EDGEFLEET_HOME or the user data dir).")
 
 
 def register(app: typer.Typer) -> None:
@@ -29,7 +30,8 @@ def register(app: typer.Typer) -> None:
         print(f"key id:      {public_key_id(load_public_key(paths.public))}")
 
     @group.command("show")
-    def show(key_dir: Optional[Path] = KeyDirOption, registry_dir: Optional[Path] = RegistryDirOption) -> None:
+    def show(key_dir: Optional[Path] = KeyDirOption, registry_dir: Optional[Path] = RegistryDirOption,
+             as_json: bool = typer.Option(False, "--json", help="Print the path and key id as JSON.")) -> None:
         """Print the public key path and id."""
         from agent.errors import AgentError
         from agent.manifest import load_public_key, public_key_id
@@ -42,4 +44,9 @@ def register(app: typer.Typer) -> None:
             key = load_public_key(paths.public)
         except AgentError as exc:
             raise UsageError(f"no public key at {paths.public}; run `builder keys init`") from exc
+        if as_json:
+            import json
+
+            print(json.dumps({"public_key": str(paths.public), "key_id": public_key_id(key)}, indent=2))
+            return
         print(f"public key: {paths.public}\nkey id:     {public_key_id(key)}")

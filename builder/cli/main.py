@@ -6,6 +6,7 @@ import typer
 
 from builder.cli import analyze, artifacts, build, compress, fleet, keys, optimize, profiles, push, serve
 from builder.cli import policy as fleet_policy  # after fleet: adds `fleet policy` and `fleet events`
+from builder.cli import noise
 from builder.cli.errors import run_app
 from builder.errors import BuilderError
 
@@ -16,6 +17,25 @@ typer_app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from builder import __version__
+
+        typer.echo(f"builder {__version__}")
+        raise typer.Exit()
+
+
+@typer_app.callback()
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show library logs and warnings (torch, ONNX Runtime, LiteRT...)."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """EdgeFleet builder: analyse, compress, cross-compile and deploy models to edge devices."""
+    noise.configure(verbose)
+
 
 for module in (profiles, analyze, compress, build, artifacts, keys, optimize, serve, push, fleet, fleet_policy):
     module.register(typer_app)

@@ -1,11 +1,15 @@
 """`builder optimize`: search compression recipes against targets; Pareto front, chosen recipe, ladder."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import typer
+
+from builder.cli.options import HiddenAlias, InputShapeOption, ProfileOption, merged_input_shapes, resolve_alias
+from builder.cli.tables import fit_table, table_console
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -20,8 +24,9 @@ def register(app: typer.Typer) -> None:
     @app.command("optimize")
     def optimize(
         model: str = typer.Argument(..., help="An .onnx file, a TorchScript file, or package.module:factory."),
-        input_shape: Optional[str] = typer.Option(None, "--input-shape", "-s", help="Input shapes, as for `builder analyze`."),
-        device: str = typer.Option(..., "--device", "--profile", "-d", help="Device profile the latency is estimated for."),
+        input_shape: Optional[list[str]] = InputShapeOption(),
+        profile: Optional[str] = ProfileOption("Device profile the latency is estimated for; required."),
+        device_alias: Optional[str] = HiddenAlias("--device", "-d"),
         data: str = typer.Option(..., "--data", help="Evaluation/calibration data: .npz (inputs, optional labels y) or package.module:function."),
         train_data: Optional[str] = typer.Option(None, "--train-data", help="Training data: enables fine-tuning and distillation in the space."),
         max_latency: Optional[str] = typer.Option(None, "--max-latency", help="Estimated device latency target, e.g. 20ms."),
@@ -51,6 +56,7 @@ def register(app: typer.Typer) -> None:
         ladder: bool = typer.Option(True, "--ladder/--no-ladder", help="Build, sign and register the front as the model's ladder in the registry."),
         ladder_rungs: int = typer.Option(5, "--ladder-rungs", help="At most this many rungs (evenly over the front)."),
         profiles_dir: Optional[Path] = typer.Option(None, "--profiles-dir", help="Extra directory of profile TOML files."),
+        as_json: bool = typer.Option(False, "--json", help="Print report.json to stdout (tables and progress go to stderr)."),
     ) -> None:
         """Search compression recipes for MODEL on a device against targets (optuna, multi-objective)."""
         import logging
@@ -63,6 +69,8 @@ def register(app: typer.Typer) -> None:
         from builder.search.pareto import explain_infeasible, front_of, recommend
 
         logging.basicConfig(level=logging.WARNING)
+        device = resolve_alias(profile, device_alias, "--profile", "--device")
+        input_shape = merged_input_shapes(input_shape)  # type: ignore[assignment]
         targets = obj.Targets(
             max_latency_ms=obj.parse_latency_ms(max_latency) if max_latency else None,
             max_download_bytes=obj.parse_size_bytes(max_size) if max_size else None,
@@ -107,10 +115,13 @@ def register(app: typer.Typer) -> None:
                               cache_path=str(cache or home / "search-cache.sqlite"), storage=storage, study_name=study,
                               trials=trials, time_budget_s=budget_s, jobs=jobs, sampler=sampler,
                               population_size=population, seed=seed, calibration=calibration, measure=measure)
-        console = _console()
+        console = table_console(stderr=as_json)
         console.print(f"[bold]builder optimize[/bold] {model} on {device}: {targets.describe()}; "
                       f"latency calibration ×{calibration.factor:.3g} ({calibration.source})"
                       + (f"; measuring candidates on {measure_on}" if measure_on else ""))
+        host_warning = calibration_host_warning(home, device, calibration, profiles_dir)
+        if host_warning:
+            typer.echo(f"warning: {host_warning}", err=True)
         outcome = _run_with_progress(config, console)
         candidates = list(outcome.candidates)
         front = front_of(candidates)
@@ -122,6 +133,8 @@ def register(app: typer.Typer) -> None:
         extra = {"model": model, "device": device, "data": data, "train_data": train_data,
                  "measure_on": measure_on, "command": " ".join(sys.argv)}
         report = outputs.build_report(outcome, targets, front, chosen, explanation, extra)
+        if host_warning:
+            report["calibration_warning"] = host_warning
         written = [outputs.write_plot(out / "front.png", outcome, front, chosen, targets, device)]
         if tensorboard is not None:
             written.append(outputs.log_tensorboard(tensorboard, outcome, front, chosen))
@@ -129,6 +142,8 @@ def register(app: typer.Typer) -> None:
             outputs.write_report(out / "report.json", report)
             _print_infeasible(console, explanation, outcome)
             console.print(f"report: {out / 'report.json'}")
+            if as_json:
+                print(json.dumps(report, indent=2, default=str))
             raise SearchError(explanation.summary)
         assert chosen is not None
         if chosen.steps:
@@ -154,6 +169,8 @@ def register(app: typer.Typer) -> None:
         console.print(f"[green]chosen[/green]: {_describe(chosen)}")
         for path in written:
             console.print(f"  wrote {path}")
+        if as_json:
+            print(json.dumps(report, indent=2, default=str))
 
 
 def _require_signing_key(home: Path, why: str, alternative: str = "") -> None:
@@ -163,13 +180,30 @@ def _require_signing_key(home: Path, why: str, alternative: str = "") -> None:
 
     if not key_paths(default_key_dir(home)).private.is_file():
         raise UsageError(f"{why} as signed artifacts but there is no signing key in {default_key_dir(home)}; "
-                         f"run `builder keys init` (same --registry-dir){alternative}")
+                         f"run `builder keys init` (same --data-dir){alternative}")
 
 
-def _console() -> "Console":
-    from rich.console import Console
+_SAME_ARCH = {"aarch64": "arm64", "arm64": "arm64", "x86_64": "x86_64", "amd64": "x86_64"}
 
-    return Console() if sys.stdout.isatty() else Console(width=160)
+
+def calibration_host_warning(home: Path, profile: str, calibration: Any, profiles_dir: Optional[Path]) -> Optional[str]:
+    """A calibration learned from agents whose machine is not the profile's architecture (agents
+    posing as a Pi on a laptop) scales estimates to that host: say so on its own line."""
+    if calibration.samples == 0 or not str(calibration.source).startswith("fleet store"):
+        return None
+    from builder.fleet.store import open_store
+    from builder.profiles import get_profile
+
+    arch = get_profile(profile, [profiles_dir] if profiles_dir else None).arch.lower()
+    with open_store(home) as store:
+        others = sorted({(d.device_id, d.machine) for d in store.devices() if d.profile == profile and d.machine
+                         and _SAME_ARCH.get(d.machine.lower(), d.machine.lower()) != _SAME_ARCH.get(arch, arch)})
+    if not others:
+        return None
+    hosts = ", ".join(f"{device_id} ({machine})" for device_id, machine in others[:4])
+    return (f"the {profile} latency calibration ×{calibration.factor:.3g} was learned from agents that run on "
+            f"{hosts}, not on {arch} hardware: device latencies are scaled to that machine, not to a real {profile}; "
+            "pass --latency-factor F to override")
 
 
 def _describe(c: "ScoredCandidate") -> str:
@@ -221,7 +255,7 @@ def _print_front(console: "Console", outcome: "SearchOutcome", front: Sequence["
                       f"{quality_of(m, outcome.use_accuracy):.4f}", _latency_cell(m, outcome),
                       format_bytes(m.download_bytes), f"{m.host_latency_ms:.3f} ms", f"{c.objectives[3]:.3f} mJ",
                       "yes" if c.feasible else "no: " + ", ".join(n for n, v in c.violations.items() if v > 0))
-    console.print(table)
+    console.print(fit_table(table, console.width, keep=("trial",), drop_order=("energy", "host p50", "download")))
     console.print(f"latency: {outcome.estimate_source}; calibration ×{outcome.calibration.factor:.3g} "
                   f"({outcome.calibration.source}); trials: {outcome.trials_by_state}")
     if outcome.measure_on is not None:
@@ -249,10 +283,10 @@ def _print_infeasible(console: "Console", explanation: Any, outcome: "SearchOutc
         console.print(f"  {line}")
     table = Table(title="closest candidates")
     for header in ("trial", "recipe", "quality", "device latency", "download", "total violation"):
-        table.add_column(header, overflow="fold")
+        table.add_column(header)
     for c in explanation.closest:
         m = c.metrics
         table.add_row(str(c.trial_number), _describe(c), f"{quality_of(m, outcome.use_accuracy):.4f}",
                       _latency_cell(m, outcome), format_bytes(m.download_bytes),
                       f"{c.total_violation:.3f}")
-    console.print(table)
+    console.print(fit_table(table, console.width, keep=("trial",), drop_order=("total violation", "download")))

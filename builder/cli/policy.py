@@ -118,27 +118,33 @@ def add_to_fleet(fleet: typer.Typer) -> None:
 
     @fleet.command("events")
     def events(device: Optional[str] = typer.Option(None, "--device", help="Only this device."),
-               since_s: Optional[float] = typer.Option(None, "--since-s", help="Only the last N seconds."),
+               since: Optional[str] = typer.Option(None, "--since", help="Only since then: 30s, 10m, 2h, 1d or an ISO time."),
+               since_s: Optional[float] = typer.Option(None, "--since-s", hidden=True),
                show_all: bool = typer.Option(False, "--all", help="Include deployment events, not only the loop's."),
                as_json: bool = typer.Option(False, "--json"), data_dir: Optional[Path] = DataDirOption) -> None:
         """The re-compression loop's decisions with their reasons and numbers (oldest first)."""
+        from builder.cli.fleet import parse_since
+        from builder.cli.options import deprecated
         from builder.fleet.loop import EVENT_PREFIX
         from builder.fleet.store import open_store
 
-        since = time.time() - since_s if since_s is not None else None
+        if since_s is not None:
+            deprecated("--since-s N", "--since Ns (or 10m, 2h)")
+        start = parse_since(since) if since else (time.time() - since_s if since_s is not None else None)
         with open_store(_data_dir(data_dir)) as fleet_store:
             ids = [device] if device else [d.device_id for d in fleet_store.devices()]
             if device:
                 fleet_store.device(device)  # unknown device: one clear error
-            rows = [e for dev in ids for e in fleet_store.events(dev, since=since)
+            rows = [e for dev in ids for e in fleet_store.events(dev, since=start)
                     if show_all or e.kind.startswith(EVENT_PREFIX)]
         rows.sort(key=lambda e: e.ts)
         if as_json:
             typer.echo(json.dumps([{"device_id": e.device_id, "ts": e.ts, "kind": e.kind, "artifact_id": e.artifact_id,
                                     "detail": dict(e.detail)} for e in rows], indent=2, default=str))
             return
-        from rich.console import Console
         from rich.table import Table
+
+        from builder.cli.tables import print_table
 
         table = Table(title="Fleet events" if show_all else "Re-compression loop events")
         for col in ("time (UTC)", "device", "event", "artifact", "reason / numbers"):
@@ -146,7 +152,7 @@ def add_to_fleet(fleet: typer.Typer) -> None:
         for e in rows:
             table.add_row(_dt.datetime.fromtimestamp(e.ts, _dt.timezone.utc).strftime("%H:%M:%S.%f")[:-3], e.device_id,
                           e.kind, (e.artifact_id or "")[:12], _describe(e.detail))
-        Console().print(table)
+        print_table(table, keep=("time (UTC)", "device"), drop_order=("artifact",))
 
 
 def _describe(detail: Any) -> str:

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from builder.cli.tables import print_table
 from builder.profiles import PROFILES_ENV, get_profile, load_profiles
 
 ProfilesDirOption = typer.Option(None, "--profiles-dir", help=f"Extra directory of profile TOML files (also ${PROFILES_ENV}).")
@@ -30,8 +30,8 @@ def register(app: typer.Typer) -> None:
             table.add_column(col)
         for p in profiles.values():
             table.add_row(p.name, p.arch, str(p.cores), f"{p.peak_fp32_gflops:g}", f"{p.peak_int8_gops:g}", str(p.ram_mb),
-                          f"{p.bandwidth_gbps:g}", p.accelerator_kind, f"{p.preferred_runtime}/{p.preferred_format}/{p.preferred_precision}")
-        Console().print(table)
+                          f"{p.bandwidth_gbps:g}", p.accelerator_kind, f"{p.preferred_runtime} / {p.preferred_format} / {p.preferred_precision}")
+        print_table(table, keep=("name",), drop_order=("BW GB/s", "cores", "accelerator", "arch", "int8 GOP/s"))
 
     @group.command("show")
     def show_profile(name: str, profiles_dir: Optional[list[Path]] = ProfilesDirOption) -> None:

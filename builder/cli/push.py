@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 import typer
 
+from builder.cli.options import InputShapeOption, duration_or_seconds
+from builder.cli.tables import fit_table, table_console
 from builder.cli.serve import BrokerOption, DataDirOption, data_dir_or_default, read_password_file
 
 
@@ -60,6 +62,9 @@ def outcome_table(outcomes: list[Any], title: str) -> Any:
     return table
 
 
+PUSH_FIT = {"keep": ("device", "artifact"), "drop_order": ("power", "size", "p50 ms")}
+
+
 def register(app: typer.Typer) -> None:
     @app.command("push")
     def push(
@@ -67,15 +72,17 @@ def register(app: typer.Typer) -> None:
         group: Optional[str] = typer.Option(None, "--group", help="Deploy to every device of this group."),
         artifact: Optional[str] = typer.Option(None, "--artifact", help="Registered artifact id (or unique prefix)."),
         model: Optional[str] = typer.Option(None, "--model", help="Model to build for the device's profile (file or package.module:factory)."),
-        input_shape: Optional[list[str]] = typer.Option(None, "--input-shape", help="name=1x3x224x224 (for models without static shapes)."),
-        recipe: Optional[Path] = typer.Option(None, "--recipe", help="Compression recipe TOML applied before building."),
+        input_shape: Optional[list[str]] = InputShapeOption(),
+        recipe: Optional[str] = typer.Option(None, "--recipe", help="Compression recipe TOML (or a packaged recipe's name) applied before building."),
         precision: Optional[str] = typer.Option(None, "--precision", help="With --model: fp32 | fp16 | int8 (default: the profile's)."),
         force: bool = typer.Option(False, "--force", help="Push an artifact built for another profile anyway."),
         canary: str = typer.Option("0", "--canary", help="With --group: percentage of devices that go first, e.g. 10%."),
         max_latency_ratio: float = typer.Option(1.25, help="Canary fails if its p95 exceeds the previous model's by this factor."),
-        soak_s: float = typer.Option(0.0, help="Canaries serve real traffic this long before they are judged."),
+        soak: str = typer.Option("0s", "--soak", help="Canaries serve real traffic this long before they are judged, e.g. 2m."),
+        soak_s: Optional[float] = typer.Option(None, "--soak-s", hidden=True),
         benchmark_runs: int = typer.Option(30, help="On-device benchmark runs after install (0: skip)."),
-        timeout_s: float = typer.Option(900.0, help="Give up on a device after this long."),
+        timeout: str = typer.Option("15m", "--timeout", help="Give up on a device after this long, e.g. 15m."),
+        timeout_s: Optional[float] = typer.Option(None, "--timeout-s", hidden=True),
         broker: Optional[str] = BrokerOption,
         username: Optional[str] = typer.Option(None, help="Broker username (default: saved builder credentials)."),
         password_file: Optional[Path] = typer.Option(None, help="File holding the broker password."),
@@ -85,7 +92,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Build (or reuse) the model for the device's profile, deploy it, follow it live and compare it
         with the previous model. Exits non-zero when a device refused, failed or rolled back."""
-        from rich.console import Console
         from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn
 
         from builder.artifacts.registry import Registry
@@ -105,12 +111,15 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--canary applies to --group pushes only")
         home = data_dir_or_default(data_dir)
         registry = Registry(home)
+        from builder.compression.recipe import resolve_recipe
+
         chooser = ArtifactChooser(registry, home, artifact=artifact, model=model, input_shapes=list(input_shape or []),
-                                  recipe=recipe, precision=precision)
+                                  recipe=resolve_recipe(recipe) if recipe is not None else None, precision=precision)
         endpoint = resolve_endpoint(home, broker, username, read_password_file(password_file), ca_file)
-        console = Console(stderr=as_json)
+        console = table_console(stderr=as_json)
         chooser.on_stage = lambda text: console.print(f"[dim]build: {text}[/]")
-        options = PushOptions(timeout_s=timeout_s, benchmark_runs=benchmark_runs, soak_s=soak_s,
+        options = PushOptions(timeout_s=duration_or_seconds(timeout, timeout_s, "--timeout"),
+                              benchmark_runs=benchmark_runs, soak_s=duration_or_seconds(soak, soak_s, "--soak"),
                               allow_other_profile=force or chooser.builds)
         with open_store(home) as store, FleetLink(endpoint).connect() as link:
             with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(),
@@ -130,12 +139,12 @@ def register(app: typer.Typer) -> None:
                               "canary": None if verdict is None else {"proceed": verdict.proceed, "reasons": list(verdict.reasons)},
                               "rolled_back": [outcome_summary(o) for o in rolled]}, indent=2))
         else:
-            console.print(outcome_table(outcomes, "Push result"))
+            console.print(fit_table(outcome_table(outcomes, "Push result"), console.width, **PUSH_FIT))
             if verdict is not None:
                 console.print(("[green]canary held[/]" if verdict.proceed else "[red]canary did not hold[/]")
                               + "".join(f"\n  - {r}" for r in verdict.reasons))
             if rolled:
-                console.print(outcome_table(rolled, "Canaries rolled back"))
+                console.print(fit_table(outcome_table(rolled, "Canaries rolled back"), console.width, **PUSH_FIT))
             for outcome in outcomes:
                 for note in outcome.notes:
                     console.print(f"[dim]{outcome.device_id}: {note}[/]")

@@ -11,6 +11,7 @@ Everything is checked against the model's ``InputSpec``s up front and reported a
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
@@ -19,6 +20,8 @@ import numpy as np
 
 from builder.errors import DataError
 from builder.loading.types import InputSpec
+
+log = logging.getLogger(__name__)
 
 LABEL_KEY = "y"
 SINGLE_INPUT_KEY = "x"
@@ -179,8 +182,10 @@ def _check_array(arr: np.ndarray, spec: InputSpec, origin: str) -> np.ndarray:
     want = np.dtype(spec.dtype)
     if arr.dtype == want:
         return arr
-    if want.kind == arr.dtype.kind or (want.kind in "iu" and arr.dtype.kind in "iu") \
-            or (want.kind == "f" and arr.dtype.kind in "iu" and spec.dtype != "bool"):
+    # within one kind (float64 -> float32, int32 -> int64) the cast is safe enough: do it, and say so;
+    # across kinds (ints for a float input, floats for token ids) the data is probably the wrong array
+    if want.kind == arr.dtype.kind or (want.kind in "iu" and arr.dtype.kind in "iu"):
+        log.warning("warning: %s: input '%s' is %s, cast to the model's %s", origin, spec.name, arr.dtype, spec.dtype)
         return arr.astype(want)
     raise DataError(f"{origin}: input '{spec.name}' is {arr.dtype}, the model expects {spec.dtype}; "
-                    "convert the array")
+                    f"convert the array (e.g. arr.astype(np.{spec.dtype}), scaled as the model was trained)")

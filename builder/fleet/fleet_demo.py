@@ -103,7 +103,7 @@ class FleetDemo:
         return str(self.minilm_onnx) if self.minilm_onnx else MINILM
 
     def _build(self, source: str, profile: str, *extra: str, timeout_s: float = 900) -> str:
-        out = self.builder("build", source, "--device-profile", profile, "--input-shape", MINILM_SHAPES,
+        out = self.builder("build", source, "--profile", profile, "--input-shape", MINILM_SHAPES,
                            "--verify-samples", "4", *extra, capture=True, timeout_s=timeout_s)
         artifact_id = next(line.split()[-1] for line in out.stdout.splitlines() if line.startswith("artifact id:"))
         summary = [line for line in out.stdout.splitlines() if line.startswith(("verified:", "worst:"))]

@@ -599,7 +599,7 @@ class OptimizeLauncher:
         if not profile:
             raise UsageError(f"cannot search for {device_id}: the device has no profile")
         out = self.data_dir / "loop-searches" / f"{device_id}-{int(time.time())}"
-        cmd = [sys.executable, "-m", "builder.cli.main", "optimize", request.model, "--device", profile,
+        cmd = [sys.executable, "-m", "builder.cli.main", "optimize", request.model, "--profile", profile,
                "--data", request.data, "--max-latency", f"{request.objective_ms:g}ms",
                "--latency-factor", f"{request.latency_factor:.4g}", "--trials", str(request.trials),
                "--data-dir", str(self.data_dir), "--out", str(out)]

@@ -343,7 +343,7 @@ class LoopDemo:
             store.close()
         self.say("\nthe loop's decisions (reasons and numbers in --json):")
         self.builder("fleet", "events", "--device", DEMO_DEVICE)
-        self.builder("fleet", "status", "--verbose")
+        self.builder("fleet", "status", "--factors")
         (self.out_dir / "loop-events.json").write_text(self.builder("fleet", "events", "--device", DEMO_DEVICE, "--json",
                                                                     show=False), encoding="utf-8")
         self.summary = {**result, "changes": count_changes(events),

@@ -10,10 +10,9 @@ OUTCOME_COLUMNS = ("device", "state", "artifact", "size", "p50 ms", "p95 ms", "p
 def format_bytes(size: int) -> str:
     if size <= 0:
         return DASH
-    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return f"{size} B"
+    from builder.units import format_bytes as _format
+
+    return _format(size)
 
 
 def _ms(value: float | None) -> str:

@@ -92,6 +92,8 @@ def format_power(power_w: float | None, source: str) -> str:
 
 
 STATUS_COLUMNS = ("device", "state", "profile", "model", "p50 ms", "p95 ms", "requests", "power", "temp", "last seen")
+# what a narrow terminal leaves out first (`--json` has everything)
+STATUS_DROP_ORDER = ("temp", "power", "requests", "p50 ms", "last seen")
 
 
 def status_cells(row: DeviceStatusRow) -> tuple[str, ...]:

@@ -316,11 +316,9 @@ def violation_text(name: str, metrics: CandidateMetrics, targets: Targets, basel
 
 
 def format_bytes(n: float) -> str:
-    n = float(n)
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
+    from builder.units import format_bytes as _format
+
+    return _format(n)
 
 
 @dataclass(frozen=True)

@@ -101,33 +101,50 @@ def write_recipe(path: Path, chosen: ScoredCandidate, name: str) -> Path:
     return recipe_from_steps(chosen.steps, name=name).write_toml(path)
 
 
+def latency_quality_front(candidates: Sequence[ScoredCandidate]) -> list[ScoredCandidate]:
+    """The 2-D non-dominated front of the two plotted objectives (device latency, quality loss),
+    feasible candidates only when there are any, sorted by latency: latency and quality both rise
+    along it, so it draws as a step line (the 4-objective front projected on two axes zig-zags)."""
+    pool = [c for c in candidates if c.feasible] or list(candidates)
+    front: list[ScoredCandidate] = []
+    best_loss = float("inf")
+    for c in sorted(pool, key=lambda c: (c.objectives[1], c.objectives[0])):
+        if c.objectives[0] < best_loss:
+            front.append(c)
+            best_loss = c.objectives[0]
+    return front
+
+
 def write_plot(path: Path, outcome: SearchOutcome, front: Sequence[ScoredCandidate],
                chosen: Optional[ScoredCandidate], targets: Targets, device: str) -> Path:
-    """Quality vs calibrated device latency; marker area ∝ download size; front joined, chosen circled."""
+    """Quality vs calibrated device latency: the 2-D front as a step line, every candidate coloured by
+    download size, the 4-objective front edged, chosen circled; latency axis from zero."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     label = "accuracy" if outcome.use_accuracy else "fidelity"
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
-    sizes = [c.metrics.download_bytes for c in outcome.candidates] or [1]
-    biggest = max(sizes)
-
-    def area(c: ScoredCandidate) -> float:
-        return 30 + 400 * c.metrics.download_bytes / biggest
-
-    others = [c for c in outcome.candidates if c.key not in {f.key for f in front}]
-    ax.scatter([c.objectives[1] for c in others], [1 - c.objectives[0] for c in others],
-               s=[area(c) for c in others], c=["tab:gray" if c.feasible else "tab:red" for c in others],
-               alpha=0.45, label="other candidates (red: infeasible)")
-    ordered = sorted(front, key=lambda c: c.objectives[1])
-    ax.plot([c.objectives[1] for c in ordered], [1 - c.objectives[0] for c in ordered], "-", color="tab:blue", lw=1)
-    ax.scatter([c.objectives[1] for c in ordered], [1 - c.objectives[0] for c in ordered],
-               s=[area(c) for c in ordered], color="tab:blue", alpha=0.8, label="Pareto front")
+    fig, ax = plt.subplots(figsize=(8.5, 5.5), dpi=110)
+    candidates = list(outcome.candidates)
+    four_d = {f.key for f in front}
+    if candidates:
+        # every candidate: colour = download size; the 4-objective front members edged in blue
+        points = ax.scatter([c.objectives[1] for c in candidates], [1 - c.objectives[0] for c in candidates],
+                            c=[c.metrics.download_bytes / 1e3 for c in candidates], cmap="viridis", s=45,
+                            edgecolors=["tab:red" if not c.feasible else ("tab:blue" if c.key in four_d else "none")
+                                        for c in candidates], linewidths=1.2, alpha=0.85, zorder=3,
+                            label="candidates (red edge: infeasible; blue: on the 4-objective front)")
+        fig.colorbar(points, ax=ax, label="download (kB)")
+    shown = latency_quality_front(candidates)
+    if shown:
+        xs = [c.objectives[1] for c in shown]
+        ys = [1 - c.objectives[0] for c in shown]
+        ax.plot(xs, ys, drawstyle="steps-post", color="tab:blue", lw=1.5, zorder=2,
+                label=f"{label} vs latency front (non-dominated in these two)")
     if chosen is not None:
-        ax.scatter([chosen.objectives[1]], [1 - chosen.objectives[0]], s=area(chosen) + 250, facecolors="none",
-                   edgecolors="tab:green", linewidths=2.5, label="chosen")
+        ax.scatter([chosen.objectives[1]], [1 - chosen.objectives[0]], s=260, facecolors="none",
+                   edgecolors="tab:green", linewidths=2.5, label="chosen", zorder=4)
     base_quality = outcome.baseline.accuracy if outcome.use_accuracy and outcome.baseline.accuracy is not None else 1.0
     ax.scatter([outcome.baseline.device_latency_ms * outcome.calibration.factor], [base_quality], marker="*",
                s=200, color="black", label="original model")
@@ -148,8 +165,8 @@ def write_plot(path: Path, outcome: SearchOutcome, front: Sequence[ScoredCandida
     else:
         ax.set_xlabel(f"estimated latency on {device} (ms, calibration ×{outcome.calibration.factor:.3g})")
     ax.set_ylabel(label)
-    ax.set_title(f"builder optimize: {len(outcome.candidates)} candidates, {len(front)} on the front "
-                 "(marker size = download size)")
+    ax.set_title(f"builder optimize: {len(outcome.candidates)} candidates, {len(front)} on the 4-objective front")
+    ax.set_xlim(left=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

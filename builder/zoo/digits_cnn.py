@@ -139,3 +139,14 @@ def write_npz(path: Path, split: DigitsSplit | None = None, part: str = "test") 
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, x=x, y=y)
     return path
+
+
+def write_onnx(path: Path) -> Path:
+    """Export the trained model to ONNX (input ``input``, 1x1x8x8): an ONNX-only model for examples."""
+    from builder.compression._export import export_module
+    from builder.loading.types import InputSpec
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_module(trained(), (InputSpec("input", INPUT_SHAPE),), path)
+    return path

@@ -32,9 +32,9 @@ def home_with_build(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     model = make_onnx(home.parent / "tiny.onnx", 7)
     assert builder(home, "keys", "init").returncode == 0
-    first = builder(home, "build", str(model), "--device-profile", "jetson-orin-nano", "--name", "tiny", "--json")
+    first = builder(home, "build", str(model), "--profile", "jetson-orin-nano", "--name", "tiny", "--json")
     assert first.returncode == 0, first.stderr
-    second = builder(home, "build", str(model), "--device-profile", "jetson-orin-nano", "--name", "tiny")
+    second = builder(home, "build", str(model), "--profile", "jetson-orin-nano", "--name", "tiny")
     return home, model, json.loads(first.stdout), second
 
 
@@ -56,10 +56,14 @@ def test_build_uses_the_profile_defaults_and_rebuild_reuses_the_artifact(home_wi
 
 def test_artifacts_verify_detects_a_flipped_byte_and_a_tampered_manifest(home_with_build, tmp_path):
     home, model, manifest, _ = home_with_build
-    other = builder(home, "build", str(model), "--device-profile", "raspberry-pi-4", "--precision", "fp32", "--json")
+    other = builder(home, "build", str(model), "-p", "raspberry-pi-4", "--precision", "fp32", "--model-version", "3",
+                    "--json")
     assert other.returncode == 0, other.stderr
+    assert json.loads(other.stdout)["model_version"] == "3"  # --model-version; --version is the tool's
     ids = [manifest["artifact_id"], json.loads(other.stdout)["artifact_id"]]
     assert builder(home, "artifacts", "verify", ids[0][:12]).returncode == 0
+    verified = json.loads(builder(home, "artifacts", "verify", ids[0][:12], "--json").stdout)
+    assert verified["artifact_id"] == ids[0] and verified["signature"] == "valid" and verified["payloads"]
     exported = builder(home, "artifacts", "export", ids[0][:12], str(tmp_path / "exp"))
     assert exported.returncode == 0 and (tmp_path / "exp" / "manifest.sig").is_file()
     from builder.artifacts.registry import Registry

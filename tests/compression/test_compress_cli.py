@@ -50,16 +50,42 @@ def onnx_model_and_data(digits_model, digits_split, tmp_path: Path) -> tuple[Pat
     return model, data
 
 
-def test_onnx_model_with_prune_shortcut_prints_table_and_writes_report(_builder, onnx_model_and_data, tmp_path: Path) -> None:
+def test_onnx_model_with_prune_shortcut_prints_table_and_writes_report(_builder, onnx_model_and_data, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     model, data = onnx_model_and_data
     out = tmp_path / "out"
-    proc = _builder(str(model), "--data", str(data), "--prune", "0.5", "--out", str(out), "--latency-runs", "5")
+    monkeypatch.setenv("COLUMNS", "80")
+    proc = _builder(str(model), "--data", str(data), "--prune", "0.2", "--out", str(out), "--latency-runs", "5")
     assert proc.returncode == 0, proc.stderr
     assert "prune_onnx" in proc.stdout and "download" in proc.stdout
+    table = [line for line in proc.stdout.splitlines() if not line.startswith("wrote ")]
+    assert max(len(line) for line in table) <= 80, proc.stdout  # the table fits 80 columns
+    assert "MiB" not in proc.stdout and "KiB" not in proc.stdout  # one size convention: kB/MB = 10^3/10^6
     report = json.loads((out / "report.json").read_text())
     assert report["steps"][0]["step"] == "prune_onnx"
     assert report["steps"][0]["evaluation"]["nonzero_params"] < report["baseline"]["evaluation"]["nonzero_params"]
     assert (out / "model.onnx").is_file()
+    again = _builder(str(model), "--data", str(data), "--prune", "0.2", "--out", str(out), "--latency-runs", "2",
+                     "--force", "--json")  # --force overwrites; --json is the table as data
+    assert again.returncode == 0, again.stderr
+    steps = json.loads(again.stdout)["steps"]
+    assert [s["step"] for s in steps] == ["input", "prune_onnx"] and steps[1]["evaluation"]["accuracy"] is not None
+
+
+def test_accuracy_collapse_exits_non_zero_and_keeps_the_flagged_output(_builder, onnx_model_and_data,
+                                                                       tmp_path: Path) -> None:
+    """The README's old `--prune 0.5` example: accuracy 0.99 -> ~0.6 used to exit 0."""
+    model, data = onnx_model_and_data
+    out = tmp_path / "out"
+    proc = _builder(str(model), "--data", str(data), "--prune", "0.5", "--out", str(out), "--latency-runs", "2")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("builder: error: accuracy fell from") and "--max-accuracy-drop 5.0%" in last, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert "accuracy_drop" in report["steps"][-1]["evaluation"]["flags"] and (out / "model.onnx").is_file()
+    accepted = _builder(str(model), "--data", str(data), "--prune", "0.5", "--out", str(out), "--latency-runs", "2",
+                        "--force", "--max-accuracy-drop", "90%")
+    assert accepted.returncode == 0, accepted.stderr
 
 
 @pytest.mark.parametrize("extra, fragment", [

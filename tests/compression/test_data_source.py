@@ -50,6 +50,20 @@ def test_mismatched_npz_is_one_clear_data_error(tmp_path: Path, arrays: dict, fr
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
+def test_same_kind_casts_warn_and_int_for_float_is_an_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((4, 1, 8, 8), np.float64))
+    with caplog.at_level("WARNING", logger="builder.compression.data"):
+        assert DataSource.from_arg(str(path), IMAGE).inputs["input"].dtype == np.float32
+    assert "is float64, cast to the model's float32" in caplog.text  # a safe cast, but never a silent one
+    np.savez(path, x=np.zeros((4, 1, 8, 8), np.uint8))  # raw pixels for a float model: wrong array, not a cast
+    with pytest.raises(DataError, match="is uint8, the model expects float32"):
+        DataSource.from_arg(str(path), IMAGE)
+    np.savez(path, input_ids=np.ones((3, 16), np.float32), attention_mask=np.ones((3, 16), np.int64))
+    with pytest.raises(DataError, match="'input_ids' is float32, the model expects int64"):
+        DataSource.from_arg(str(path), TEXT)
+
+
 def test_missing_file_and_bad_factory_are_data_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         DataSource.from_arg(str(tmp_path / "nope.npz"), IMAGE)

@@ -158,14 +158,14 @@ def test_push_table_compares_with_the_previous_model() -> None:
     outcome = DeviceOutcome("d", "new" * 10, "active", model="cnn@2", size_bytes=3 << 20, previous_artifact_id="old",
                             previous_model="cnn@1", before=before, after=after)
     cells = outcome_cells(outcome)
-    assert cells[:6] == ("d", "active", "cnn@2 newnewnewnew", "3.0 MB", "2.00", "4.00")
+    assert cells[:6] == ("d", "active", "cnn@2 newnewnewnew", "3.15 MB", "2.00", "4.00")
     assert cells[7] == "p95 ×0.50 (8.00 → 4.00 ms), power ×0.75"
     first = DeviceOutcome("d", "new", "active", previous_artifact_id=None, after=after)
     assert comparison(first) == "first model on this device"
     failed = DeviceOutcome("d", "new", "failed", error="health check failed, previous model kept")
     assert outcome_cells(failed)[1] == "failed: health check failed, previous model kept" and not failed.ok
     assert DeviceOutcome("d", "new", "pending").ok
-    assert format_bytes(0) == "—" and format_bytes(2048) == "2.0 KB"
+    assert format_bytes(0) == "—" and format_bytes(2048) == "2.05 kB"  # decimal units (docs/cli.md)
 
 
 def test_cli_parses_durations_and_percentages() -> None:

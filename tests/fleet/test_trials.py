@@ -191,7 +191,7 @@ def test_optimize_measure_on_reports_measured_latencies(trial_fleet, digits_npz,
     processes.start("serve", [PY, "-m", "builder.cli.main", "serve", "--broker", trial_fleet["broker"].url,
                               "--no-loop", "--data-dir", str(home)])
     wait_for(lambda: (home / "serve.json").is_file(), 60, "builder serve to start: " + processes.log("serve"))
-    result = _builder("optimize", MODEL, "--input-shape", "1x1x8x8", "--device", PROFILE, "--data", str(digits_npz),
+    result = _builder("optimize", MODEL, "--input-shape", "1x1x8x8", "--profile", PROFILE, "--data", str(digits_npz),
                       "--trials", "2", "--population", "2", "--eval-samples", "100", "--no-ladder", "--out", str(out),
                       "--measure-on", DEVICE, "--trial-runs", "20", home=home)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -226,7 +226,7 @@ def test_optimize_measure_on_unknown_or_offline_device_is_one_line_before_the_se
     for device, words in (("ghost-7", ("unknown device 'ghost-7'", "builder fleet add-device ghost-7")),
                           ("pi-02", ("device 'pi-02' is offline", "agent run"))):
         started = time.monotonic()
-        result = _builder("optimize", MODEL, "--input-shape", "1x1x8x8", "--device", PROFILE, "--data", str(digits_npz),
+        result = _builder("optimize", MODEL, "--input-shape", "1x1x8x8", "--profile", PROFILE, "--data", str(digits_npz),
                           "--trials", "2", "--no-ladder", "--out", str(tmp_path / device), "--measure-on", device,
                           "--broker", trial_fleet["broker"].url, home=home)
         assert result.returncode != 0

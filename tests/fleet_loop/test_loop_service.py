@@ -166,7 +166,7 @@ def test_no_rung_fits_starts_a_search_once_or_says_why_not(fleet: FleetStore, tm
     request = replace(request, model="builder.zoo.digits_cnn:trained", data="digits.npz", input_shape="x=1x1x8x8")
     cmd = launcher.command("pi", "raspberry-pi-4", LADDER, request)
     assert cmd[cmd.index("--max-latency") + 1] == "15ms" and cmd[cmd.index("--latency-factor") + 1] == "20"
-    assert cmd[cmd.index("--device") + 1] == "raspberry-pi-4" and cmd[cmd.index("--min-accuracy") + 1] == "0.9"
+    assert cmd[cmd.index("--profile") + 1] == "raspberry-pi-4" and cmd[cmd.index("--min-accuracy") + 1] == "0.9"
     assert cmd[cmd.index("--data") + 1] == "digits.npz" and cmd[cmd.index("--input-shape") + 1] == "x=1x1x8x8"
     assert cmd[3:5] == ["optimize", "builder.zoo.digits_cnn:trained"]
 

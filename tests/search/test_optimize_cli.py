@@ -30,7 +30,7 @@ def _builder(*args: str, home: Path) -> subprocess.CompletedProcess:
 
 
 def _optimize(data: Path, out: Path, home: Path, *extra: str) -> subprocess.CompletedProcess:
-    return _builder("optimize", MODEL, "--input-shape", "1x1x8x8", "--device", "raspberry-pi-4", "--data", str(data),
+    return _builder("optimize", MODEL, "--input-shape", "1x1x8x8", "--profile", "raspberry-pi-4", "--data", str(data),
                     "--trials", "4", "--population", "4", "--eval-samples", "150", "--out", str(out), *extra, home=home)
 
 
@@ -66,9 +66,10 @@ def test_optimize_digits_respects_targets_writes_outputs_and_reruns_from_cache(t
     assert qualities == sorted(qualities, reverse=True)  # most accurate first
 
     # Same model, data and recipes in a fresh study: every candidate comes from the cache.
-    second = _optimize(digits_data, tmp_path / "run2", home, "--max-accuracy-drop", "2%", "--no-ladder")
+    second = _optimize(digits_data, tmp_path / "run2", home, "--max-accuracy-drop", "2%", "--no-ladder", "--json")
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads((tmp_path / "run2" / "report.json").read_text())
+    assert json.loads(second.stdout) == again  # --json: the report on stdout, tables on stderr
     assert again["this_run"]["evaluations"] == 0
     assert again["this_run"]["cache_hits"] >= 1
     assert again["chosen"]["key"] == chosen["key"]
