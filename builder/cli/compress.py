@@ -37,6 +37,8 @@ def register(app: typer.Typer) -> None:
         task: str = typer.Option("auto", "--task", help="auto | classify | embed (how fidelity is measured)."),
         timed_runs: int = typer.Option(50, "--latency-runs", min=1, help="Timed runs per latency measurement."),
         opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset for exporting PyTorch models."),
+        batch_axis: Optional[list[str]] = typer.Option(None, "--batch-axis",
+                                                       help="NAME=AXIS: an input batched on another axis than 0 (state=1; sr=none)."),
     ) -> None:
         """Compress a model with a recipe or shortcut flags; evaluate after every step."""
         from builder.compression.recipe import Recipe
@@ -51,27 +53,29 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--task must be auto, classify or embed, got '{task}'")
         plan = Recipe.from_toml(recipe) if recipe is not None else Recipe.from_shortcuts(**shortcuts)
         plan.build_steps()  # bad step names / parameters fail before the (possibly slow) model load
+        from builder.loading.input_shapes import parse_batch_axes
+
         _run(model, plan, shortcuts if recipe is None else None, data, train_data, out, input_shape, threads,
-             task, timed_runs, opset)
+             task, timed_runs, opset, parse_batch_axes(batch_axis))
 
 
 def _run(model: str, plan: "object", shortcuts: Optional[dict], data: str, train_data: Optional[str], out: Path,
-         input_shape: Optional[str], threads: int, task: str, timed_runs: int, opset: Optional[int]) -> None:
+         input_shape: Optional[str], threads: int, task: str, timed_runs: int, opset: Optional[int],
+         batch_axes: Optional[dict] = None) -> None:
     import tempfile
 
     import torch
     from rich.console import Console
 
-    from builder.compression.data import DataSource
+    from builder.compression.data import DataSource, load_model_with_data
     from builder.compression.engine import run_recipe
     from builder.compression.evaluate import EvalConfig
     from builder.compression.recipe import Recipe
-    from builder.loading import load_model
 
     torch.set_num_threads(threads)
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as workdir:
-        loaded = load_model(model, input_shape, workdir=Path(workdir), opset=opset)
+        loaded = load_model_with_data(model, input_shape, data, batch_axes=batch_axes, workdir=Path(workdir), opset=opset)
         if shortcuts is not None and loaded.torch_module is None:
             plan = Recipe.from_shortcuts(**shortcuts, torch_available=False)
         plan.validate(torch_available=loaded.torch_module is not None, has_data=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from builder.errors import ModelLoadError, UsageError
 from builder.loading.input_shapes import reconcile_with_graph
@@ -19,11 +19,16 @@ TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".torchscript", ".ptl")
 
 
 def load_model(source: str | Path, input_shapes: Sequence[InputSpec] | str | None = None,
-               workdir: Path | None = None, opset: int | None = None) -> LoadedModel:
+               workdir: Path | None = None, opset: int | None = None,
+               data_shapes: Mapping[str, tuple[int, ...]] | None = None,
+               batch_axes: Mapping[str, int | None] | None = None) -> LoadedModel:
     """Load an ONNX file, a TorchScript file or ``package.module:factory``.
 
     ``input_shapes`` (``InputSpec``s or ``--input-shape`` text) is required for PyTorch sources and
-    gives concrete values for an ONNX file's dynamic dims. PyTorch models are exported to
+    gives concrete values for an ONNX file's dynamic dims; dims it leaves open come from
+    ``data_shapes`` (the ``--data`` arrays, ``builder.compression.data.data_layout``) when given.
+    ``batch_axes`` declares inputs batched on another axis than 0 (``--batch-axis``; see
+    ``input_shapes``). PyTorch models are exported to
     ``workdir/<name>.onnx`` (a new temporary directory when None: the caller owns it) and checked
     against PyTorch. Errors: ModelLoadError / UnsupportedOpError / UsageError, each one line.
     """
@@ -46,7 +51,7 @@ def load_model(source: str | Path, input_shapes: Sequence[InputSpec] | str | Non
         if path.suffix.lower() in TORCHSCRIPT_SUFFIXES or (path.suffix.lower() != ".onnx" and is_torch_zip(path)):
             module = load_torchscript(path)
             return _from_torch(module, text, "torchscript", path.stem, specs, workdir, opset)
-        return _from_onnx(path, specs, named)
+        return _from_onnx(path, specs, named, data_shapes, batch_axes)
     if is_factory_reference(text) and not text.lower().endswith((".onnx",) + TORCHSCRIPT_SUFFIXES):
         module = load_factory(text)
         module_name, attr = text.split(":", 1)
@@ -56,10 +61,16 @@ def load_model(source: str | Path, input_shapes: Sequence[InputSpec] | str | Non
                          f"package.module:factory")
 
 
-def _from_onnx(path: Path, specs: tuple[InputSpec, ...] | None, named: bool) -> LoadedModel:
+def _from_onnx(path: Path, specs: tuple[InputSpec, ...] | None, named: bool,
+               data_shapes: Mapping[str, tuple[int, ...]] | None = None,
+               batch_axes: Mapping[str, int | None] | None = None) -> LoadedModel:
     model = read_onnx(path)
     check_onnx(model, path)
-    inputs = reconcile_with_graph(graph_inputs(model), specs, named)
+    found = graph_inputs(model)
+    shapes = dict(data_shapes or {})
+    if len(found) == 1 and found[0][0] not in shapes and set(shapes) == {"x"}:  # the single-input 'x' key
+        shapes = {found[0][0]: shapes["x"]}
+    inputs = reconcile_with_graph(found, specs, named, shapes, batch_axes)
     return LoadedModel(name=path.stem, source=str(path), source_kind="onnx", onnx_path=path, inputs=inputs,
                        output_names=tuple(o.name for o in model.graph.output), opset=default_opset(model))
 
