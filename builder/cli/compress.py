@@ -34,7 +34,9 @@ def register(app: typer.Typer) -> None:
                                                    help="Teacher (package.module:factory or TorchScript); MODEL is the student."),
         train_data: Optional[str] = typer.Option(None, "--train-data", help="Training data, same formats as --data."),
         threads: int = typer.Option(1, "--threads", min=1, help="ONNX Runtime intra-op threads (and torch threads)."),
-        task: str = typer.Option("auto", "--task", help="auto | classify | embed (how fidelity is measured)."),
+        task: str = typer.Option("auto", "--task", help="auto | classify | embed | dense_map | sequence | regression."),
+        min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Flag fidelity_collapse below this mean cosine (default 0.9)."),
+        min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="...below this task score (default 0.9)."),
         timed_runs: int = typer.Option(50, "--latency-runs", min=1, help="Timed runs per latency measurement."),
         opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset for exporting PyTorch models."),
         batch_axis: Optional[list[str]] = typer.Option(None, "--batch-axis",
@@ -49,19 +51,24 @@ def register(app: typer.Typer) -> None:
         given = [f"--{k.replace('_', '-')}" for k, v in shortcuts.items() if v is not None]
         if recipe is not None and given:
             raise UsageError(f"give either --recipe or shortcut flags ({', '.join(given)}), not both")
-        if task not in ("auto", "classify", "embed"):
-            raise UsageError(f"--task must be auto, classify or embed, got '{task}'")
+        from builder.targets.task_metrics import normalise_task
+
+        try:
+            task = normalise_task(task) or "auto"
+        except ValueError as exc:
+            raise UsageError(f"--task: {exc}") from exc
         plan = Recipe.from_toml(recipe) if recipe is not None else Recipe.from_shortcuts(**shortcuts)
         plan.build_steps()  # bad step names / parameters fail before the (possibly slow) model load
         from builder.loading.input_shapes import parse_batch_axes
 
         _run(model, plan, shortcuts if recipe is None else None, data, train_data, out, input_shape, threads,
-             task, timed_runs, opset, parse_batch_axes(batch_axis))
+             task, timed_runs, opset, parse_batch_axes(batch_axis),
+             {k: v for k, v in (("min_cosine", min_cosine), ("min_agreement", min_agreement)) if v is not None})
 
 
 def _run(model: str, plan: "object", shortcuts: Optional[dict], data: str, train_data: Optional[str], out: Path,
          input_shape: Optional[str], threads: int, task: str, timed_runs: int, opset: Optional[int],
-         batch_axes: Optional[dict] = None) -> None:
+         batch_axes: Optional[dict] = None, floors: Optional[dict] = None) -> None:
     import tempfile
 
     import torch
@@ -91,7 +98,7 @@ def _run(model: str, plan: "object", shortcuts: Optional[dict], data: str, train
                           f"p50 {e.latency_p50_ms:.3f} ms, download {_size(e.download_bytes)}[/dim]")
 
         result = run_recipe(loaded, plan, data=eval_data, train_data=train, out_dir=out, threads=threads,
-                            eval_config=EvalConfig(threads=threads, task=task, timed_runs=timed_runs),
+                            eval_config=EvalConfig(threads=threads, task=task, timed_runs=timed_runs, **(floors or {})),
                             on_report=progress)
     Console(width=180).print(report_table(rows))
     print(f"wrote {result.model_path} and {result.report_path}")
@@ -113,7 +120,9 @@ def report_table(rows: "list[StepReport]") -> "Table":
     for row in rows:
         e = row.evaluation
         fid = e.fidelity
-        metric = "top-1" if e.task == "classify" else "NN"
+        from builder.targets.task_metrics import METRIC_NAMES
+
+        metric = METRIC_NAMES.get(e.task, "score")
         table.add_row(
             str(row.index), row.step,
             f"{_count(e.params)} ({_count(e.nonzero_params)})",

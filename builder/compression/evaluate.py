@@ -1,11 +1,11 @@
 """Measure a model after every step: task metric, fidelity to the original, size, MACs, latency.
 
 - Accuracy when the data has labels ``y``.
-- Fidelity against the reference (the input model's outputs on the same data): for classifiers
-  top-1 agreement and mean logit cosine; for embedding models mean cosine and top-1
-  nearest-neighbour agreement (is each sample's nearest other sample still the same one).
-  The task is detected (labels present -> classifier; L2-normalised 2-D rows or >2-D outputs ->
-  embedding) unless ``EvalConfig.task`` says so.
+- Fidelity against the reference (the input model's outputs on the same data): mean cosine and
+  the task's score (``builder.targets.task_metrics``: top-1 agreement for classifiers,
+  nearest-neighbour agreement for embeddings, map IoU for dense maps, per-step argmax agreement
+  for sequences, 1 - relative error for regression). The task is detected from the outputs
+  (labels present -> classifier) unless ``EvalConfig.task`` says so.
 - Parameters and non-zeros (numeric initializers and Constant tensors, shape tensors excluded),
   MACs at batch 1 (``builder.analysis`` when it imports; else Conv / Gemm / MatMul and their
   quantized forms via ONNX shape inference),
@@ -36,7 +36,7 @@ from builder.loading.types import InputSpec
 
 log = logging.getLogger(__name__)
 
-TASKS = ("auto", "classify", "embed")
+TASKS = ("auto", "classify", "embed", "dense_map", "sequence", "regression")  # builder.targets.task_metrics
 
 
 @dataclass(frozen=True)
@@ -227,12 +227,11 @@ def run_onnx(onnx_path: Path, batches: Iterable[dict[str, np.ndarray]], threads:
 
 
 def detect_task(outputs: np.ndarray, has_labels: bool) -> str:
-    if has_labels:
-        return "classify"
-    if outputs.ndim > 2:
-        return "embed"
-    norms = np.linalg.norm(outputs.astype(np.float64), axis=1)
-    return "embed" if outputs.shape[1] > 1 and np.allclose(norms, 1.0, atol=1e-3) else "classify"
+    """The task of the first output stacked over samples (N, ...): ``task_metrics.detect_task`` of
+    its first sample (a probability map is a dense map, not an embedding)."""
+    from builder.targets.task_metrics import detect_task as detect_sample_task
+
+    return detect_sample_task(outputs[0], has_labels)
 
 
 def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -242,25 +241,15 @@ def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / np.maximum(denom, 1e-12)
 
 
-def _nearest_neighbours(x: np.ndarray) -> np.ndarray:
-    x = x.reshape(x.shape[0], -1).astype(np.float64)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    sim = x @ x.T
-    np.fill_diagonal(sim, -np.inf)
-    return sim.argmax(axis=1)
-
-
 def compare_outputs(reference: np.ndarray, candidate: np.ndarray, task: str) -> Fidelity:
     """Fidelity of ``candidate`` to ``reference`` (same samples, same order)."""
     if reference.shape != candidate.shape:
         raise CompressionError(f"output shape changed from {reference.shape} to {candidate.shape}; "
                                "a step must keep the model's outputs")
+    from builder.targets.task_metrics import task_score
+
     cos = _row_cosine(reference, candidate)
-    if task == "embed":
-        agreement = float((_nearest_neighbours(reference) == _nearest_neighbours(candidate)).mean()) \
-            if reference.shape[0] > 2 else float("nan")
-    else:
-        agreement = float((reference.argmax(axis=1) == candidate.argmax(axis=1)).mean())
+    agreement = task_score(task, list(reference), list(candidate))  # the task's score, see task_metrics
     return Fidelity(agreement=agreement, cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
 
 

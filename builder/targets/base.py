@@ -199,8 +199,8 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     if na == 0.0 and nb == 0.0:
         return 1.0
-    if na == 0.0 or nb == 0.0:
-        return 0.0
+    if na == 0.0 or nb == 0.0:  # an all-zero output (an empty detection map) matches only ~zero
+        return 1.0 if float(np.max(np.abs(a - b))) <= 1e-6 else 0.0
     return float(np.dot(a, b) / (na * nb))
 
 
