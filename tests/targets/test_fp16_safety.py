@@ -87,3 +87,20 @@ def test_topological_sort_orders_appended_nodes():
                               [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])])
     topological_sort(graph)
     assert [n.name for n in graph.node] == ["first", "second"]
+
+
+def test_compress_fp16_output_passes_the_checker_and_keeps_the_overflow_in_float(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from builder.compression.quantization import quantize_to
+
+    source = _bn_model(tmp_path / "bn.onnx")
+    out = quantize_to("fp16", source, tmp_path / "fp16.onnx", per_channel=False, exclude=(),
+                      calibration_batches=_samples(4))
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)  # was: "not topologically sorted"
+    x = _samples(1)[0]
+    ref = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_allclose(got, ref, atol=0.05 * np.abs(ref).max())
