@@ -8,8 +8,10 @@ a weight) whose max |value| exceeds ``FP16_SAFE_MAX`` is kept in float (the conv
 ``node_block_list``, with Casts around it). Half the fp16 range is the limit: the samples do not
 cover every input the device will see.
 
-The converted graph gets unique node names first (a fold-then-fp16 recipe had duplicates, which the
-block list cannot address) and is topologically sorted after (the converter appends its Casts at the
+The converter routes even the edge between two float nodes through fp16 (Cast to fp16, Cast back):
+such round trips are replaced by an Identity. The converted graph gets unique node names first (a
+fold-then-fp16 recipe had duplicates, which the block list cannot address) and is topologically
+sorted after (the converter appends its Casts at the
 end of the node list, which onnx's checker refuses as "not topologically sorted").
 """
 from __future__ import annotations
@@ -90,6 +92,37 @@ def topological_sort(graph: Any) -> None:
     graph.node.extend(ordered)
 
 
+def drop_fp16_round_trips(graph: Any) -> int:
+    """Replace Cast(to fp16) -> Cast(to fp32) chains by an Identity of the fp32 tensor (in place);
+    returns how many. The converter routes every edge through fp16, also the edge between two nodes
+    it keeps in float (a Constant holding a variance of 9.8e7 and its BatchNorm): the round trip
+    turns the value into inf and keeping the nodes in float would fix nothing."""
+    import onnx
+
+    def cast_to(node: Any) -> int | None:
+        if node.op_type != "Cast":
+            return None
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    producer = {o: n for n in graph.node for o in n.output}
+    dropped = 0
+    for node in graph.node:
+        if cast_to(node) != onnx.TensorProto.FLOAT or not node.input:
+            continue
+        first = producer.get(node.input[0])
+        if first is None or cast_to(first) != onnx.TensorProto.FLOAT16 or not first.input:
+            continue
+        node.op_type = "Identity"
+        del node.attribute[:]
+        node.input[0] = first.input[0]
+        dropped += 1
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    unused = [n for n in graph.node if cast_to(n) == onnx.TensorProto.FLOAT16 and not (set(n.output) & used)]
+    for node in unused:
+        graph.node.remove(node)
+    return dropped
+
+
 def tensor_ranges(model: Any, samples: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
     """max |value| of every float tensor the fp32 model computes on ``samples`` (and of its weights)."""
     import onnx
@@ -142,6 +175,7 @@ def convert_to_fp16(model: Any, samples: Sequence[Mapping[str, np.ndarray]] | No
     blocked_ops = sorted(set(op_block_list or ()) | set(DEFAULT_OP_BLOCK_LIST))
     converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=blocked_ops,
                                          node_block_list=sorted(set(kept) | set(node_block_list)) or None)
+    drop_fp16_round_trips(converted.graph)
     topological_sort(converted.graph)
     onnx.checker.check_model(converted)
     return Fp16Conversion(converted, tuple(kept), worst)

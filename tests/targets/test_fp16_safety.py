@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 
-def _bn_model(path: Path, duplicate_names: bool = False) -> Path:
+def _bn_model(path: Path, duplicate_names: bool = False, constant_var: bool = False) -> Path:
     """Conv -> BatchNorm whose variance is 1e8 on two channels (scale 1e4 compensates: the fp32
     output is ordinary, but fp16 turns the variance into inf), like a Paddle text detector."""
     import onnx
@@ -27,6 +27,10 @@ def _bn_model(path: Path, duplicate_names: bool = False) -> Path:
              helper.make_node("Relu", ["bn"], ["r"], name="relu"),
              helper.make_node("Reshape", ["r", "shape"], ["f"], name="relu" if duplicate_names else "reshape"),
              helper.make_node("MatMul", ["f", "fc"], ["logits"])]  # unnamed
+    if constant_var:  # weights in Constant nodes, as Paddle exports them
+        var = next(i for i in inits if i.name == "var")
+        inits.remove(var)
+        nodes.insert(0, helper.make_node("Constant", [], ["var"], value=var, name="var_const"))
     graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
@@ -37,6 +41,21 @@ def _bn_model(path: Path, duplicate_names: bool = False) -> Path:
 
 def _samples(count: int = 8) -> list[dict[str, np.ndarray]]:
     return [{"x": np.random.default_rng(i).random((1, 3, 8, 8)).astype(np.float32)} for i in range(count)]
+
+
+def test_overflowing_constant_weight_survives_the_converters_fp16_round_trip(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from builder.targets.fp16_safety import convert_to_fp16
+
+    path = _bn_model(tmp_path / "bn.onnx", constant_var=True)
+    conversion = convert_to_fp16(onnx.load(str(path)), _samples())
+    assert set(conversion.kept_in_float) == {"var_const", "bn"}
+    x = _samples(1)[0]
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    got = ort.InferenceSession(conversion.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_allclose(got, ref, atol=0.05 * np.abs(ref).max())
 
 
 def test_overflowing_batchnorm_is_kept_in_float_and_the_rest_is_fp16(tmp_path):
