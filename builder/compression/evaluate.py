@@ -248,7 +248,9 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, task: str) -> 
                                "a step must keep the model's outputs")
     from builder.targets.task_metrics import task_score
 
-    cos = _row_cosine(reference, candidate)
+    # dense maps: one cosine over all samples pooled (a nearly empty map's own cosine is noise)
+    cos = _row_cosine(reference.reshape(1, -1), candidate.reshape(1, -1)) if task == "dense_map" \
+        else _row_cosine(reference, candidate)
     agreement = task_score(task, list(reference), list(candidate))  # the task's score, see task_metrics
     return Fidelity(agreement=agreement, cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
 

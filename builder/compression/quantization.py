@@ -168,7 +168,7 @@ def fidelity(reference: np.ndarray, path: Path, batches: list[dict[str, np.ndarr
     from builder.compression.evaluate import compare_outputs
 
     candidate = run_model(path, batches)
-    fid = compare_outputs(reference, candidate.astype(np.float32), "embed" if task == "embed" else "classify")
+    fid = compare_outputs(reference, candidate.astype(np.float32), task)  # the task's own score (task_metrics)
     agreement = fid.agreement if fid.agreement == fid.agreement else 1.0  # NaN (too few samples) -> no signal
     return fid.cosine_mean, fid.cosine_min, agreement
 
