@@ -117,7 +117,7 @@ MIN_INT8_SAMPLES = 64  # int8 / compressed builds are verified on at least this 
 
 def tolerance_for(precision: str, compressed: bool = False) -> Tolerance:
     """The tolerance for an artifact of this precision; a compressed model is judged by agreement."""
-    if precision not in TOLERANCES or (compressed and precision not in ("int8", "fp16")):
+    if precision not in TOLERANCES or (compressed and precision != "int8"):
         return TOLERANCES["lossy"]
     return TOLERANCES[precision]
 

@@ -72,6 +72,13 @@ def provider_options(precision: str, calibration_table: str | None = None) -> di
     }
 
 
+def is_fp16(model: Any) -> bool:
+    """Already converted: fp16 weights (converting twice writes duplicate Cast outputs)."""
+    import onnx
+
+    return any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
+
+
 def is_qdq(model: Any) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
@@ -111,7 +118,9 @@ class TensorRtTarget:
         files: list[PayloadFile] = []
         calibration = None
         verify_files: tuple[PayloadFile, ...] = ()
-        if precision == "fp16" and not is_qdq(model):
+        if precision == "fp16" and is_fp16(model):
+            notes.append("the model is already fp16 (a recipe's quantize step converted it): shipped as-is")
+        elif precision == "fp16" and not is_qdq(model):
             conversion = to_fp16(model, options.get("calibration_samples"))
             model = conversion.model
             notes.append("fp16 weights and compute, fp32 inputs/outputs (onnxruntime.transformers.float16)")
