@@ -123,3 +123,19 @@ def test_compress_fp16_output_passes_the_checker_and_keeps_the_overflow_in_float
     ref = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, x)[0]
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, x)[0]
     np.testing.assert_allclose(got, ref, atol=0.05 * np.abs(ref).max())
+
+
+def test_fold_then_fp16_recipe_builds_for_jetson(tmp_path):
+    from builder.artifacts.signing import init_keys
+    from builder.targets.profile_build import build_for_profile
+
+    model = _bn_model(tmp_path / "bn.onnx")
+    np.savez(tmp_path / "d.npz", x=np.concatenate([s["x"] for s in _samples(16)]))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "fold-fp16"\n[[step]]\ntype = "fold"\n[[step]]\ntype = "quantize"\nmode = "fp16"\n'
+                      'check_latency = false\n')
+    init_keys(tmp_path / "home" / "keys")
+    result = build_for_profile(str(model), "jetson-orin-nano", recipe=recipe, data=tmp_path / "d.npz",
+                               registry_dir=tmp_path / "home")
+    assert result.report.passed and result.manifest.target.precision == "fp16"
+    assert any("already fp16" in note for note in result.warnings)
