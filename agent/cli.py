@@ -87,21 +87,26 @@ def run(config: Path = CONFIG_OPTION, log_level: str = typer.Option("INFO", help
 def bench(model_arg: Optional[str] = typer.Argument(None, metavar="[MODEL]",
                                                    help="a .onnx/.ort/.tflite file, an artifact dir, or 'active' (default)"),
           model_opt: Optional[str] = typer.Option(None, "--model", "-m", help="same as MODEL"),
+          input_shape: Optional[list[str]] = typer.Option(None, "--input-shape", "-s",
+                                                          help="shape to time, repeatable: 1x3x640x640, x=1x3x640x640, sr=scalar:int64"),
+          sample: Optional[Path] = typer.Option(None, "--sample", help="an .npz of inputs by name (or an artifact's sample.npz)"),
           runs: int = typer.Option(50, "--runs", "-n", min=1), warmup: int = typer.Option(5, "--warmup", min=0),
           config: Optional[Path] = typer.Option(None, "--config", "-c", help="agent.toml (for 'active' and the profile)"),
           threads: int = typer.Option(0, help="runtime threads (0 = runtime default)"),
           as_json: bool = typer.Option(False, "--json", help="print the result as JSON")) -> None:
     """Warm up, then time N runs: latency p50/p90/p95/p99, throughput, peak RSS, CPU %, temperature, power."""
     from agent.bench import run_benchmark
+    from agent.bench_feeds import describe_feeds, load_sample_file, parse_shape_options, resolve_feeds
     from agent.detect import detect_device
     from agent.install import load_sample
     from agent.runtime import open_model_file, open_runtime
-    from agent.runtime.base import synthetic_feeds
     from agent.sensors import power_sensors_for
 
     if model_arg is not None and model_opt is not None and model_arg != model_opt:
         raise ConfigError(f"MODEL {model_arg} and --model {model_opt} disagree; give one")
     model = model_arg or model_opt or "active"
+    shapes = parse_shape_options(input_shape or [])
+    sample_feeds = load_sample_file(sample) if sample is not None else None
     profile = None
     feeds = None
     artifact_id = None
@@ -139,11 +144,13 @@ def bench(model_arg: Optional[str] = typer.Argument(None, metavar="[MODEL]",
             raise AgentError(f"model {model} does not exist; pass a model file, an artifact dir or 'active'")
         runtime = open_model_file(path, threads)
     profile = profile or detect_device().profile
-    feeds = feeds or synthetic_feeds(runtime.inputs)
+    if sample_feeds is not None or shapes or feeds is None:
+        feeds = resolve_feeds(runtime.inputs, sample=sample_feeds, shapes=shapes)
+    timed = describe_feeds(feeds)
     result = run_benchmark(runtime.run, feeds, runs=runs, warmup=warmup, backend=runtime.backend,
                            artifact_id=artifact_id, power_sensors=power_sensors_for(profile), profile=profile)
     if as_json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps(result.to_dict() | {"inputs": {k: list(v.shape) for k, v in feeds.items()}}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -166,6 +173,7 @@ def bench(model_arg: Optional[str] = typer.Argument(None, metavar="[MODEL]",
             table.add_row(f"power W (ESTIMATE from profile {profile})", f"{result.estimated_power_w:.2f}")
             table.add_row("energy / inference J (ESTIMATE)", f"{result.estimated_energy_per_inference_j:.6f}")
     Console().print(table)
+    print(f"timed inputs: {timed}")
 
 
 @typer_app.command("status")

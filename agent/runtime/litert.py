@@ -28,6 +28,20 @@ def _interpreter_class():
         raise RuntimeBackendError("no LiteRT runtime installed; pip install ai-edge-litert") from exc
 
 
+def default_threads() -> int:
+    """The thread count ONNX Runtime picks by default (one per physical core), so ``threads=0``
+    means the same on both backends instead of pinning LiteRT to one core."""
+    import os
+
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False)
+    except ImportError:  # psutil is an agent dependency; keep the runtime importable without it
+        physical = None
+    return int(physical or os.cpu_count() or 1)
+
+
 def _shape(detail: Mapping) -> tuple[int | None, ...]:
     """The tensor's shape, a dynamic dimension (-1 in ``shape_signature``) as None."""
     signature = detail.get("shape_signature")
@@ -39,8 +53,9 @@ def _shape(detail: Mapping) -> tuple[int | None, ...]:
 class LiteRtRuntime:
     def __init__(self, model_path: Path, threads: int = 0) -> None:
         interpreter_cls, module = _interpreter_class()
+        self.threads = threads or default_threads()
         try:
-            self._interp = interpreter_cls(model_path=str(model_path), num_threads=threads or 1)
+            self._interp = interpreter_cls(model_path=str(model_path), num_threads=self.threads)
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise RuntimeBackendError(f"{module} cannot load {Path(model_path).name}: {exc}") from exc

@@ -33,8 +33,10 @@ def result_table(result: Any) -> Any:
         table.add_column(col)
     files = "\n".join(f"{p.name} ({p.role}, {_size(p.size_bytes)})" for p in m.payloads)
     fidelity = f"max|Δ| {fid.get('max_abs_diff', float('nan')):.3g}\ncos≥{fid.get('min_cosine', float('nan')):.5f}"
-    if fid.get("top1_agreement") is not None:
-        fidelity += f"\ntop-1 {fid['top1_agreement']:.3f}"
+    if fid.get("task_score") is not None:
+        from builder.targets.task_metrics import METRIC_NAMES
+
+        fidelity += f"\n{METRIC_NAMES.get(fid.get('task', ''), 'score')} {fid['task_score']:.3f} ({fid.get('samples')} samples)"
     if "accuracy" in metrics:
         fidelity += f"\nacc {metrics['accuracy']:.3f} (ref {metrics.get('reference_accuracy', float('nan')):.3f})"
     host = metrics.get("host_latency_ms")
@@ -63,12 +65,18 @@ def register(app: typer.Typer) -> None:
         name: Optional[str] = typer.Option(None, "--name", help="Model name in the manifest (default: from the source)."),
         model_version: Optional[str] = typer.Option(None, "--model-version", help="Model version in the manifest (default 1)."),
         version: Optional[str] = HiddenAlias("--version"),
-        samples: int = typer.Option(16, "--verify-samples", help="Samples used to verify against the reference."),
+        samples: Optional[int] = typer.Option(None, "--verify-samples",
+                                              help="Samples used to verify (default 16; int8/compressed: 64, or all of --data if fewer)."),
+        task: str = typer.Option("auto", "--task", help="auto | classify | embed | dense_map | sequence | regression."),
+        min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Override the precision's cosine floor."),
+        min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Override the task score's floor."),
         no_cache: bool = typer.Option(False, "--no-cache", help="Rebuild even when an identical build is registered."),
         registry_dir: Optional[Path] = RegistryDirOption,
         key_dir: Optional[Path] = KeyDirOption,
         profiles_dir: Optional[list[Path]] = typer.Option(None, "--profiles-dir", help="Extra profile directory."),
         as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON instead of a table."),
+        batch_axis: Optional[list[str]] = typer.Option(None, "--batch-axis",
+                                                       help="NAME=AXIS: an input batched on another axis than 0 (state=1; sr=none)."),
     ) -> None:
         """Build a verified, signed artifact for one device profile and register it."""
         import json
@@ -77,6 +85,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from builder.compression.recipe import resolve_recipe
+        from builder.loading.input_shapes import parse_batch_axes
         from builder.targets.profile_build import build_for_profile
 
         device_profile = resolve_alias(profile, device_profile, "--profile", "--device-profile")
@@ -89,7 +98,9 @@ def register(app: typer.Typer) -> None:
                                        input_shapes=merged_input_shapes(input_shape), data=data, registry_dir=registry_dir, key_dir=key_dir,
                                        runtime=runtime, precision=precision, fmt=fmt, name=name, version=model_version,
                                        out_dir=out, profiles_dirs=profiles_dir, verify_samples=samples,
-                                       use_cache=not no_cache, on_stage=stage)
+                                       use_cache=not no_cache, on_stage=stage,
+                                       batch_axes=parse_batch_axes(batch_axis), task=task, min_cosine=min_cosine,
+                                       min_agreement=min_agreement)
         if result.fallback:  # the one line saying which runtime was built instead, and why
             print(result.fallback, file=sys.stderr if as_json else sys.stdout)
         if as_json:

@@ -41,7 +41,9 @@ def register(app: typer.Typer) -> None:
                                                    help="Teacher (package.module:factory or TorchScript); MODEL is the student."),
         train_data: Optional[str] = typer.Option(None, "--train-data", help="Training data, same formats as --data."),
         threads: int = typer.Option(1, "--threads", min=1, help="ONNX Runtime intra-op threads (and torch threads)."),
-        task: str = typer.Option("auto", "--task", help="auto | classify | embed (how fidelity is measured)."),
+        task: str = typer.Option("auto", "--task", help="auto | classify | embed | dense_map | sequence | regression."),
+        min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Flag fidelity_collapse below this mean cosine (default 0.9)."),
+        min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="...below this task score (default 0.9)."),
         timed_runs: int = typer.Option(50, "--latency-runs", min=1, help="Timed runs per latency measurement."),
         opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset for exporting PyTorch models."),
         max_accuracy_drop: str = typer.Option("5%", "--max-accuracy-drop",
@@ -49,6 +51,8 @@ def register(app: typer.Typer) -> None:
                                                    "below the input model's (needs labels), e.g. 1%."),
         force: bool = typer.Option(False, "--force", help="Overwrite an existing OUT/model.onnx."),
         as_json: bool = typer.Option(False, "--json", help="Print the step reports as JSON instead of a table."),
+        batch_axis: Optional[list[str]] = typer.Option(None, "--batch-axis",
+                                                       help="NAME=AXIS: an input batched on another axis than 0 (state=1; sr=none)."),
     ) -> None:
         """Compress a model with a recipe or shortcut flags; evaluate after every step."""
         from builder.compression.recipe import Recipe, resolve_recipe
@@ -60,34 +64,41 @@ def register(app: typer.Typer) -> None:
         given = [f"--{k.replace('_', '-')}" for k, v in shortcuts.items() if v is not None]
         if recipe is not None and given:
             raise UsageError(f"give either --recipe or shortcut flags ({', '.join(given)}), not both")
-        if task not in ("auto", "classify", "embed"):
-            raise UsageError(f"--task must be auto, classify or embed, got '{task}'")
+        from builder.loading.input_shapes import parse_batch_axes
+        from builder.targets.task_metrics import normalise_task
+
+        try:
+            task = normalise_task(task) or "auto"
+        except ValueError as exc:
+            raise UsageError(f"--task: {exc}") from exc
         plan = Recipe.from_toml(resolve_recipe(recipe)) if recipe is not None else Recipe.from_shortcuts(**shortcuts)
         plan.build_steps()  # bad step names / parameters fail before the (possibly slow) model load
         refuse_existing(out / "model.onnx", force)
         _run(model, plan, shortcuts if recipe is None else None, data, train_data, out, merged_input_shapes(input_shape),
-             threads, task, timed_runs, opset, parse_accuracy_drop(max_accuracy_drop), as_json)
+             threads, task, timed_runs, opset, parse_accuracy_drop(max_accuracy_drop), as_json,
+             parse_batch_axes(batch_axis),
+             {k: v for k, v in (("min_cosine", min_cosine), ("min_agreement", min_agreement)) if v is not None})
 
 
 def _run(model: str, plan: "object", shortcuts: Optional[dict], data: str, train_data: Optional[str], out: Path,
          input_shape: Optional[str], threads: int, task: str, timed_runs: int, opset: Optional[int],
-         max_accuracy_drop: float, as_json: bool) -> None:
+         max_accuracy_drop: float, as_json: bool, batch_axes: Optional[dict] = None,
+         floors: Optional[dict] = None) -> None:
     import tempfile
 
     import torch
     from rich.console import Console
 
-    from builder.compression.data import DataSource
+    from builder.compression.data import DataSource, load_model_with_data
     from builder.compression.engine import run_recipe
     from builder.compression.evaluate import EvalConfig
     from builder.compression.recipe import Recipe
-    from builder.loading import load_model
 
     torch.set_num_threads(threads)
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="edgefleet-compress-") as workdir, \
             stages(console, f"loading {model}") as stage, noise.quiet_stderr():
-        loaded = load_model(model, input_shape, workdir=Path(workdir), opset=opset)
+        loaded = load_model_with_data(model, input_shape, data, batch_axes=batch_axes, workdir=Path(workdir), opset=opset)
         if shortcuts is not None and loaded.torch_module is None:
             plan = Recipe.from_shortcuts(**shortcuts, torch_available=False)
         plan.validate(torch_available=loaded.torch_module is not None, has_data=True,
@@ -110,7 +121,7 @@ def _run(model: str, plan: "object", shortcuts: Optional[dict], data: str, train
         stage("evaluating the input model (reference outputs, latency)")
         result = run_recipe(loaded, plan, data=eval_data, train_data=train, out_dir=out, threads=threads,
                             eval_config=EvalConfig(threads=threads, task=task, timed_runs=timed_runs,
-                                                   max_accuracy_drop=max_accuracy_drop),
+                                                   max_accuracy_drop=max_accuracy_drop, **(floors or {})),
                             on_report=progress)
     if loaded.normalisation is not None:  # after the run: an error stays the only line on stderr
         print(loaded.normalisation.summary(), file=sys.stderr if as_json else sys.stdout)
@@ -138,7 +149,9 @@ def report_table(rows: "list[StepReport]") -> "Table":
     for row in rows:
         e = row.evaluation
         fid = e.fidelity
-        metric = "top-1" if e.task == "classify" else "NN"
+        from builder.targets.task_metrics import METRIC_NAMES
+
+        metric = METRIC_NAMES.get(e.task, "score")
         table.add_row(
             str(row.index), row.step,
             f"{_count(e.params)} ({_count(e.nonzero_params)})",

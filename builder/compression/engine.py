@@ -146,10 +146,12 @@ def _run(model: LoadedModel, recipe: Recipe, steps: list[Any], data: Optional[Da
     train_batches = None
     if train_data is not None:
         train_batches = lambda: train_data.labelled_batches(TRAIN_BATCH_SIZE, shuffle=True, seed=seed + next(epochs))  # noqa: E731
-    fixed = static_batch_of(model.onnx_path)  # a graph fixed at batch 1 must be calibrated 1 at a time
+    axes = {spec.name: spec.batch_axis for spec in model.inputs}
+    fixed = static_batch_of(model.onnx_path, axes)  # a graph fixed at batch 1 must be calibrated 1 at a time
     calibration = None
     if data is not None:
-        calibration = lambda: (feed for feed, _ in rebatch(data.batches(fixed or CALIBRATION_BATCH_SIZE), fixed))  # noqa: E731
+        calibration = lambda: (feed for feed, _ in rebatch(data.batches(fixed or CALIBRATION_BATCH_SIZE), fixed,  # noqa: E731
+                                                           data.batch_axes))
 
     reports: list[StepReport] = []
     for index, step in enumerate(steps, start=1):

@@ -1,11 +1,11 @@
 """Measure a model after every step: task metric, fidelity to the original, size, MACs, latency.
 
 - Accuracy when the data has labels ``y``.
-- Fidelity against the reference (the input model's outputs on the same data): for classifiers
-  top-1 agreement and mean logit cosine; for embedding models mean cosine and top-1
-  nearest-neighbour agreement (is each sample's nearest other sample still the same one).
-  The task is detected (labels present -> classifier; L2-normalised 2-D rows or >2-D outputs ->
-  embedding) unless ``EvalConfig.task`` says so.
+- Fidelity against the reference (the input model's outputs on the same data): mean cosine and
+  the task's score (``builder.targets.task_metrics``: top-1 agreement for classifiers,
+  nearest-neighbour agreement for embeddings, map IoU for dense maps, per-step argmax agreement
+  for sequences, 1 - relative error for regression). The task is detected from the outputs
+  (labels present -> classifier) unless ``EvalConfig.task`` says so.
 - Parameters and non-zeros (numeric initializers and Constant tensors, shape tensors excluded),
   MACs at batch 1 (``builder.analysis`` when it imports; else Conv / Gemm / MatMul and their
   quantized forms via ONNX shape inference),
@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -36,7 +36,7 @@ from builder.loading.types import InputSpec
 
 log = logging.getLogger(__name__)
 
-TASKS = ("auto", "classify", "embed")
+TASKS = ("auto", "classify", "embed", "dense_map", "sequence", "regression")  # builder.targets.task_metrics
 
 
 @dataclass(frozen=True)
@@ -110,52 +110,80 @@ def make_session(onnx_path: Path, threads: int = 1) -> Any:
         raise CompressionError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from exc
 
 
-def static_batch(session: Any) -> Optional[int]:
-    """The batch size the graph fixes (leading dim of its inputs is a number, e.g. x: [1, 4]), or None
-    when the batch axis is symbolic. Feeding such a graph 32 samples at once is an ORT error."""
-    sizes = {i.shape[0] for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0}
+Axes = Optional[Mapping[str, Optional[int]]]  # input name -> batch axis (None: not batched); missing -> 0
+
+
+def _fixed_batch(dims_by_name: Iterable[tuple[str, Sequence[Any]]], axes: Axes) -> Optional[int]:
+    sizes = set()
+    for name, dims in dims_by_name:
+        axis = (axes or {}).get(name, 0)
+        if axis is not None and len(dims) > axis and isinstance(dims[axis], int) and dims[axis] > 0:
+            sizes.add(int(dims[axis]))
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def static_batch_of(onnx_path: Path) -> Optional[int]:
+def static_batch(session: Any, axes: Axes = None) -> Optional[int]:
+    """The batch size the graph fixes (the batch axis of its inputs is a number, e.g. x: [1, 4]), or
+    None when it is symbolic. Feeding such a graph 32 samples at once is an ORT error."""
+    return _fixed_batch(((i.name, i.shape or ()) for i in session.get_inputs()), axes)
+
+
+def static_batch_of(onnx_path: Path, axes: Axes = None) -> Optional[int]:
     """``static_batch`` read from the file's graph inputs (no session, weights not loaded)."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     initializers = {init.name for init in model.graph.initializer}
-    sizes = set()
-    for graph_input in model.graph.input:
-        dims = graph_input.type.tensor_type.shape.dim
-        if graph_input.name not in initializers and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            sizes.add(int(dims[0].dim_value))
-    return sizes.pop() if len(sizes) == 1 else None
+    return _fixed_batch(((i.name, [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim])
+                         for i in model.graph.input if i.name not in initializers), axes)
 
 
-def rebatch(batches: Iterable[dict[str, np.ndarray]], size: Optional[int]) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+def _batch_size(batch: dict[str, np.ndarray], axes: Axes) -> int:
+    for name, value in batch.items():
+        axis = (axes or {}).get(name, 0)
+        if axis is not None:
+            return int(value.shape[axis])
+    return 1 if batch else 0
+
+
+def rebatch(batches: Iterable[dict[str, np.ndarray]], size: Optional[int],
+            axes: Axes = None) -> Iterator[tuple[dict[str, np.ndarray], int]]:
     """``(feed, real_samples)`` pairs of exactly ``size`` samples (the last one padded by repeating
-    its final sample, ``real_samples`` says how many are real); unchanged batches when ``size`` is None."""
+    its final sample, ``real_samples`` says how many are real); unchanged batches when ``size`` is None.
+    Samples are joined on each input's batch axis (``axes``); unbatched inputs pass through."""
     if size is None:
         for batch in batches:
-            yield batch, int(next(iter(batch.values())).shape[0]) if batch else 0
+            yield batch, _batch_size(batch, axes)
         return
+    from builder.compression.data import take_along_batch
+
+    def axis_of(name: str) -> Optional[int]:
+        return (axes or {}).get(name, 0)
+
+    def join(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return {k: parts[0][k] if axis_of(k) is None else np.concatenate([b[k] for b in parts], axis=axis_of(k))
+                for k in parts[0]}
+
     pending: list[dict[str, np.ndarray]] = []
     count = 0
     for batch in batches:
         pending.append(batch)
-        count += int(next(iter(batch.values())).shape[0]) if batch else 0
+        count += _batch_size(batch, axes) if batch else 0
         if count < size:
             continue
-        joined = {k: np.concatenate([b[k] for b in pending], axis=0) for k in pending[0]}
+        joined = join(pending)
         start = 0
         while count - start >= size:
-            yield {k: v[start:start + size] for k, v in joined.items()}, size
+            yield {k: take_along_batch(v, axis_of(k), slice(start, start + size)) for k, v in joined.items()}, size
             start += size
-        pending = [{k: v[start:] for k, v in joined.items()}] if count > start else []
+        pending = [{k: take_along_batch(v, axis_of(k), slice(start, None)) for k, v in joined.items()}] if count > start else []
         count -= start
     if count:
-        joined = {k: np.concatenate([b[k] for b in pending], axis=0) for k in pending[0]}
+        joined = join(pending)
         pad = size - count
-        yield {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)], axis=0) for k, v in joined.items()}, count
+        yield {k: v if axis_of(k) is None else np.concatenate(
+            [v, np.repeat(take_along_batch(v, axis_of(k), slice(-1, None)), pad, axis=axis_of(k))], axis=axis_of(k))
+            for k, v in joined.items()}, count
 
 
 def run_session(session: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -185,25 +213,25 @@ def _feed_mismatch(session: Any, feed: dict[str, np.ndarray], exc: Exception) ->
 
 
 def run_onnx(onnx_path: Path, batches: Iterable[dict[str, np.ndarray]], threads: int = 1,
-             session: Any = None) -> np.ndarray:
+             session: Any = None, axes: Axes = None) -> np.ndarray:
     """The model's first output over all batches, concatenated along the batch axis. A graph with a
     fixed batch size is fed exactly that many samples per run (padding the last run, dropping the
     padded rows' outputs)."""
     session = session or make_session(onnx_path, threads)
     wanted = {i.name for i in session.get_inputs()}
     outs = []
-    for feed, real in rebatch(({k: v for k, v in b.items() if k in wanted} for b in batches), static_batch(session)):
+    for feed, real in rebatch(({k: v for k, v in b.items() if k in wanted} for b in batches),
+                              static_batch(session, axes), axes):
         outs.append(run_session(session, feed)[0][:real])
     return np.concatenate(outs, axis=0)
 
 
 def detect_task(outputs: np.ndarray, has_labels: bool) -> str:
-    if has_labels:
-        return "classify"
-    if outputs.ndim > 2:
-        return "embed"
-    norms = np.linalg.norm(outputs.astype(np.float64), axis=1)
-    return "embed" if outputs.shape[1] > 1 and np.allclose(norms, 1.0, atol=1e-3) else "classify"
+    """The task of the first output stacked over samples (N, ...): ``task_metrics.detect_task`` of
+    its first sample (a probability map is a dense map, not an embedding)."""
+    from builder.targets.task_metrics import detect_task as detect_sample_task
+
+    return detect_sample_task(outputs[0], has_labels)
 
 
 def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -213,25 +241,17 @@ def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / np.maximum(denom, 1e-12)
 
 
-def _nearest_neighbours(x: np.ndarray) -> np.ndarray:
-    x = x.reshape(x.shape[0], -1).astype(np.float64)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    sim = x @ x.T
-    np.fill_diagonal(sim, -np.inf)
-    return sim.argmax(axis=1)
-
-
 def compare_outputs(reference: np.ndarray, candidate: np.ndarray, task: str) -> Fidelity:
     """Fidelity of ``candidate`` to ``reference`` (same samples, same order)."""
     if reference.shape != candidate.shape:
         raise CompressionError(f"output shape changed from {reference.shape} to {candidate.shape}; "
                                "a step must keep the model's outputs")
-    cos = _row_cosine(reference, candidate)
-    if task == "embed":
-        agreement = float((_nearest_neighbours(reference) == _nearest_neighbours(candidate)).mean()) \
-            if reference.shape[0] > 2 else float("nan")
-    else:
-        agreement = float((reference.argmax(axis=1) == candidate.argmax(axis=1)).mean())
+    from builder.targets.task_metrics import task_score
+
+    # dense maps: one cosine over all samples pooled (a nearly empty map's own cosine is noise)
+    cos = _row_cosine(reference.reshape(1, -1), candidate.reshape(1, -1)) if task == "dense_map" \
+        else _row_cosine(reference, candidate)
+    agreement = task_score(task, list(reference), list(candidate))  # the task's score, see task_metrics
     return Fidelity(agreement=agreement, cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
 
 
@@ -421,12 +441,16 @@ def synthetic_data(inputs: Sequence[InputSpec], samples: int = 64, seed: int = 0
     rng = np.random.default_rng(seed)
     arrays = {}
     for spec in inputs:
-        shape = (samples,) + tuple(spec.shape[1:])
+        shape = list(spec.shape)
+        if spec.batch_axis is not None:
+            shape[spec.batch_axis] = samples
         if np.dtype(spec.dtype).kind in "iu":
-            arrays[spec.name] = rng.integers(1, 100, size=shape).astype(spec.dtype)
+            arrays[spec.name] = rng.integers(1, 100, size=tuple(shape)).astype(spec.dtype)
+        elif np.dtype(spec.dtype).kind == "b":
+            arrays[spec.name] = np.ones(tuple(shape), dtype=bool)
         else:
-            arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-    return DataSource(arrays, None, "synthetic")
+            arrays[spec.name] = rng.standard_normal(tuple(shape)).astype(spec.dtype)
+    return DataSource(arrays, None, "synthetic", {spec.name: spec.batch_axis for spec in inputs})
 
 
 def _measure(onnx_path: Path, data: DataSource, inputs: Sequence[InputSpec], config: EvalConfig,
@@ -434,10 +458,10 @@ def _measure(onnx_path: Path, data: DataSource, inputs: Sequence[InputSpec], con
     import onnx
 
     session = make_session(onnx_path, config.threads)
-    outputs = run_onnx(onnx_path, data.batches(config.batch_size), session=session)
+    outputs = run_onnx(onnx_path, data.batches(config.batch_size), session=session, axes=data.batch_axes)
     sessions = [session] + ([make_session(reference_path, config.threads)] if reference_path else [])
-    fixed = static_batch(session)
-    feed, _ = next(rebatch([data.sample(fixed or config.latency_batch)], fixed))
+    fixed = static_batch(session, data.batch_axes)
+    feed, _ = next(rebatch([data.sample(fixed or config.latency_batch)], fixed, data.batch_axes))
     timings = measure_interleaved(sessions, feed, config.warmup_runs, config.timed_runs)
     p50, p95 = timings[0]
     model = onnx.load(str(onnx_path))

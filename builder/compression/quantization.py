@@ -168,7 +168,7 @@ def fidelity(reference: np.ndarray, path: Path, batches: list[dict[str, np.ndarr
     from builder.compression.evaluate import compare_outputs
 
     candidate = run_model(path, batches)
-    fid = compare_outputs(reference, candidate.astype(np.float32), "embed" if task == "embed" else "classify")
+    fid = compare_outputs(reference, candidate.astype(np.float32), task)  # the task's own score (task_metrics)
     agreement = fid.agreement if fid.agreement == fid.agreement else 1.0  # NaN (too few samples) -> no signal
     return fid.cosine_mean, fid.cosine_min, agreement
 
@@ -271,12 +271,14 @@ def quantize_to(mode: str, source: Path, out: Path, *, per_channel: bool, exclud
                             nodes_to_exclude=list(exclude), op_types_to_quantize=list(op_types) or None,
                             calibrate_method=method, extra_options=extra)
         elif mode == "fp16":
-            from onnxruntime.transformers import float16
+            from builder.targets.fp16_safety import convert_to_fp16
 
-            model = onnx.load(str(source))
-            converted = float16.convert_float_to_float16(model, keep_io_types=True,
-                                                         node_block_list=list(exclude) or None)
-            onnx.save(converted, str(out))
+            # ranges measured on the calibration data, overflowing nodes kept in float, unique names, sorted
+            conversion = convert_to_fp16(onnx.load(str(source)), calibration_batches or None,
+                                         node_block_list=list(exclude))
+            if conversion.note():
+                log.warning("%s", conversion.note())
+            onnx.save(conversion.model, str(out))
         else:  # pragma: no cover - validated in __post_init__
             raise UsageError(f"unknown quantize mode {mode!r}")
     except (DataError, UsageError):
@@ -414,6 +416,11 @@ class QuantizeStep:
         warnings: list[str] = []
         facts: dict[str, Any] = {}
 
+        off_axis = [f"{s.name} ({'not batched' if s.batch_axis is None else f'axis {s.batch_axis}'})"
+                    for s in state.inputs if s.batch_axis != 0]
+        if off_axis and ctx.calibration_batches is not None:  # the readers below slice samples on axis 0
+            raise UsageError(f"quantize cannot calibrate inputs batched on another axis than 0 yet: {', '.join(off_axis)}; "
+                             "build fp32/fp16, or export the model with every input batched on axis 0")
         if ctx.calibration_batches is not None:
             calib = limit_samples(ctx.calibration_batches(), self.calibration_samples)
             evals = limit_samples(ctx.calibration_batches(), self.eval_samples)

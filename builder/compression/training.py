@@ -69,7 +69,7 @@ def distillation_loss(student_out: Any, teacher_out: Any, labels: Any, *, task: 
     """The loss for one batch; ``labels`` may be None (then only the teacher term)."""
     import torch.nn.functional as F
 
-    if task == "embed":
+    if task != "classify":  # embeddings, maps, sequences, regression: match the teacher's outputs
         if teacher_out is None:
             raise CompressionError("fine-tuning an embedding model needs a teacher (the original model)")
         s = student_out.reshape(student_out.shape[0], -1)
@@ -116,7 +116,7 @@ def fine_tune(module: Any, ctx: StepContext, inputs: Sequence[InputSpec], *, epo
                 on_step(step)
             teacher_out = None
             label_tensor = torch.from_numpy(labels) if (labels is not None and task == "classify") else None
-            needs_teacher = task == "embed" or label_tensor is None or alpha < 1
+            needs_teacher = task != "classify" or label_tensor is None or alpha < 1
             if teacher is not None and needs_teacher:
                 with torch.no_grad():
                     teacher_out = forward(teacher, batch, inputs)

@@ -21,11 +21,16 @@ TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".torchscript", ".ptl")
 
 def load_model(source: str | Path, input_shapes: Sequence[InputSpec] | str | None = None,
                workdir: Path | None = None, opset: int | None = None,
-               input_values: Mapping[str, Any] | None = None) -> LoadedModel:
+               input_values: Mapping[str, Any] | None = None,
+               data_shapes: Mapping[str, tuple[int, ...]] | None = None,
+               batch_axes: Mapping[str, int | None] | None = None) -> LoadedModel:
     """Load an ONNX file, a TorchScript file or ``package.module:factory``.
 
     ``input_shapes`` (``InputSpec``s or ``--input-shape`` text) is required for PyTorch sources and
-    gives concrete values for an ONNX file's dynamic dims. PyTorch models are exported to
+    gives concrete values for an ONNX file's dynamic dims; dims it leaves open come from
+    ``data_shapes`` (the ``--data`` arrays, ``builder.compression.data.data_layout``) when given.
+    ``batch_axes`` declares inputs batched on another axis than 0 (``--batch-axis``; see
+    ``input_shapes``). PyTorch models are exported to
     ``workdir/<name>.onnx`` (a new temporary directory when None: the caller owns it) and checked
     against PyTorch. ONNX files are normalised into ``workdir`` (``normalise``: weight Constants to
     initializers, opset >= 13, shape inference), checked against the original on generated inputs
@@ -51,7 +56,7 @@ def load_model(source: str | Path, input_shapes: Sequence[InputSpec] | str | Non
         if path.suffix.lower() in TORCHSCRIPT_SUFFIXES or (path.suffix.lower() != ".onnx" and is_torch_zip(path)):
             module = load_torchscript(path)
             return _from_torch(module, text, "torchscript", path.stem, specs, workdir, opset)
-        return _from_onnx(path, specs, named, workdir, input_values)
+        return _from_onnx(path, specs, named, workdir, input_values, data_shapes, batch_axes)
     if is_factory_reference(text) and not text.lower().endswith((".onnx",) + TORCHSCRIPT_SUFFIXES):
         module = load_factory(text)
         module_name, attr = text.split(":", 1)
@@ -62,10 +67,16 @@ def load_model(source: str | Path, input_shapes: Sequence[InputSpec] | str | Non
 
 
 def _from_onnx(path: Path, specs: tuple[InputSpec, ...] | None, named: bool, workdir: Path | None,
-               input_values: Mapping[str, Any] | None) -> LoadedModel:
+               input_values: Mapping[str, Any] | None,
+               data_shapes: Mapping[str, tuple[int, ...]] | None = None,
+               batch_axes: Mapping[str, int | None] | None = None) -> LoadedModel:
     model = read_onnx(path)
     check_onnx(model, path)
-    inputs = reconcile_with_graph(graph_inputs(model), specs, named)
+    found = graph_inputs(model)
+    shapes = dict(data_shapes or {})
+    if len(found) == 1 and found[0][0] not in shapes and set(shapes) == {"x"}:  # the single-input 'x' key
+        shapes = {found[0][0]: shapes["x"]}
+    inputs = reconcile_with_graph(found, specs, named, shapes, batch_axes)
     workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="edgefleet-load-"))
     workdir.mkdir(parents=True, exist_ok=True)
     normalised, record = normalise_onnx(path, inputs, workdir, input_values, model=model)

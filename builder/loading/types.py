@@ -9,12 +9,20 @@ from typing import Any, Optional
 @dataclass(frozen=True)
 class InputSpec:
     """One model input. ``shape`` is concrete (used for export, analysis and sample data);
-    ``dynamic_axes`` names the axes that stay symbolic in the ONNX graph (e.g. {0: "batch"})."""
+    ``dynamic_axes`` names the axes that stay symbolic in the ONNX graph (e.g. {0: "batch"}).
+    ``batch_axis`` is the axis samples are stacked on (0 for most inputs, 1 for an RNN state shaped
+    (layers, batch, hidden)); None for an input that is not batched (a 0-d sample rate): every
+    sample of a data set shares its one value."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str = "float32"  # numpy dtype name
     dynamic_axes: dict[int, str] = field(default_factory=lambda: {0: "batch"})
+    batch_axis: Optional[int] = 0
+
+    def __post_init__(self) -> None:
+        if len(self.shape) == 0 and self.batch_axis is not None:  # a 0-d input has no axis to batch on
+            object.__setattr__(self, "batch_axis", None)
 
 
 @dataclass

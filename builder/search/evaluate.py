@@ -109,9 +109,9 @@ def hash_data(source: Any) -> str:
 
 def load_for_search(setup: EvaluationSetup, workdir: Path) -> Any:
     """The model as a ``LoadedModel`` (ONNX file plus the PyTorch module when there is one)."""
-    from builder.loading import load_model
+    from builder.compression.data import load_model_with_data
 
-    return load_model(setup.model, input_shapes=setup.input_shapes, workdir=workdir)
+    return load_model_with_data(setup.model, setup.input_shapes, setup.data, workdir=workdir)
 
 
 class EngineEvaluator:

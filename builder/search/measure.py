@@ -105,7 +105,7 @@ class DeviceMeasure:
         home = Path(setup.data_dir)
         self.registry = Registry(home)
         self.private_key = load_private_key(key_paths(default_key_dir(home)).private)
-        self.samples = samples_from_arrays(data.inputs, data.labels, 16, data.origin)
+        self.samples = samples_from_arrays(data.inputs, data.labels, 16, data.origin, data.batch_axes)
         self.workdir = Path(tempfile.mkdtemp(prefix="measure-", dir=workdir))
 
     @classmethod

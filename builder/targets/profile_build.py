@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 from agent.manifest import TensorSpec
 from builder.errors import BuilderError, TargetError, UsageError
 from builder.targets import TARGETS
+from builder.targets.base import MIN_INT8_SAMPLES
 from builder.targets.onnx_to_torch import LiteRtConversionError
 from builder.targets.pipeline import (
     DEFAULT_VERIFY_SAMPLES,
@@ -96,7 +97,7 @@ def _load_samples(data: str | Path | None, loaded: Any, count: int) -> tuple[Sam
     from builder.compression.data import DataSource
 
     source = DataSource.from_arg(str(data), loaded.inputs)
-    return samples_from_arrays(source.inputs, source.labels, count, source.origin), source
+    return samples_from_arrays(source.inputs, source.labels, count, source.origin, source.batch_axes), source
 
 
 def build_for_profile(model: str, profile: str, *, recipe: Path | None = None, quantize: str | None = None,
@@ -104,10 +105,16 @@ def build_for_profile(model: str, profile: str, *, recipe: Path | None = None, q
                       data: str | Path | None = None, registry_dir: Path | None = None, key_dir: Path | None = None,
                       runtime: str | None = None, precision: str | None = None, fmt: str | None = None,
                       name: str | None = None, version: str = "1", out_dir: Path | None = None,
-                      profiles_dirs: Sequence[Path] | None = None, verify_samples: int = DEFAULT_VERIFY_SAMPLES,
+                      profiles_dirs: Sequence[Path] | None = None, verify_samples: int | None = None,
                       threads: int = 1, use_cache: bool = True, options: Mapping[str, Any] | None = None,
-                      on_stage: Callable[[str], None] | None = None) -> BuildResult:
-    """Load, (compress), build, verify, sign and register ``model`` for ``profile``; see module doc."""
+                      on_stage: Callable[[str], None] | None = None,
+                      batch_axes: Mapping[str, int | None] | None = None, task: str | None = None,
+                      min_cosine: float | None = None, min_agreement: float | None = None) -> BuildResult:
+    """Load, (compress), build, verify, sign and register ``model`` for ``profile``; see module doc.
+
+    ``verify_samples`` None: 16, or ``MIN_INT8_SAMPLES`` (64) for int8 and compressed builds (all
+    of ``data`` when it holds fewer). ``task``/``min_cosine``/``min_agreement`` override the
+    detected task and the precision's floors (``targets.base``)."""
     from builder.artifacts.registry import Registry
     from builder.artifacts.signing import key_paths, load_private_key
     from builder.profiles import get_profile
@@ -128,16 +135,26 @@ def build_for_profile(model: str, profile: str, *, recipe: Path | None = None, q
         raise UsageError(f"--out {out_dir} exists and is not empty; choose a new directory")
     work = Path(tempfile.mkdtemp(prefix="edgefleet-build-"))
     try:
-        from builder.loading import load_model
+        from builder.compression.data import load_model_with_data
 
         _limit_threads(threads)
         stage(f"loading {model}")
-        loaded = load_model(model, input_shapes, workdir=work / "load")
+        loaded = load_model_with_data(model, input_shapes, None if data is None else str(data), batch_axes=batch_axes,
+                                      workdir=work / "load")
         if loaded.normalisation is not None:
             stage(loaded.normalisation.summary())
         if may_fall_back and loaded.torch_module is None:
             refuse_unconvertible(loaded.onnx_path)  # before the minutes litert-torch would spend
+        if verify_samples is None:
+            lossy = choice.precision == "int8" or has_recipe
+            verify_samples = MIN_INT8_SAMPLES if lossy else DEFAULT_VERIFY_SAMPLES
         samples, source = _load_samples(data, loaded, verify_samples)
+        from builder.targets.task_metrics import normalise_task
+
+        try:
+            task = normalise_task(task)
+        except ValueError as exc:
+            raise UsageError(f"--task: {exc}") from exc
         recipe_obj = None
         if has_recipe or choice.implicit_quantize:
             from builder.compression.recipe import Recipe
@@ -153,7 +170,8 @@ def build_for_profile(model: str, profile: str, *, recipe: Path | None = None, q
                           reference_onnx_path=loaded.onnx_path, torch_module=loaded.torch_module,
                           source_sha256=source_fingerprint(str(model), loaded.onnx_path, loaded.torch_module),
                           recipe=recipe_dict)
-        request = BuildRequest(prof, choice.runtime, choice.precision, choice.format, dict(options or {}))
+        floors = dict(task=task, min_cosine=min_cosine, min_agreement=min_agreement)
+        request = BuildRequest(prof, choice.runtime, choice.precision, choice.format, dict(options or {}), **floors)
         key = cache_key(base, request, samples)
         if use_cache:
             cached = reuse_cached(registry, key, out_dir)
@@ -173,8 +191,9 @@ def build_for_profile(model: str, profile: str, *, recipe: Path | None = None, q
                     raise
                 raise type(exc)(f"{exc} (quantize={choice.implicit_quantize} came from {prof.name}'s default precision "
                                 "int8; pass --precision fp32 to build without quantizing)") from exc
-            precision_after = result.final_state.precision or choice.precision
-            request = BuildRequest(prof, choice.runtime, precision_after, choice.format, dict(options or {}))
+            precision_after = honoured_precision(choice.precision, precision is not None,
+                                                 result.final_state.precision or "fp32", choice.runtime)
+            request = BuildRequest(prof, choice.runtime, precision_after, choice.format, dict(options or {}), **floors)
             build_model = BuildModel(base.name, base.version, Path(result.model_path), specs, loaded.onnx_path,
                                      None, base.source_sha256, recipe_dict)
         stage(f"building {choice.runtime}/{request.precision}/{choice.format} for {prof.name}")
@@ -222,6 +241,30 @@ def fallback_choice(profile: Any, failed: TargetChoice, failure: LiteRtConversio
         raise UsageError(f"LiteRT: {failure.op.describe()} does not convert, and the fallback ONNX Runtime gains nothing "
                          "from fp16 on the CPU: use --precision fp32 or int8")
     return choose_target(profile, profile.fallback_runtime, failed.precision, profile.fallback_format or None, False)
+
+
+def honoured_precision(asked: str, explicit: bool, after_recipe: str, runtime: str) -> str:
+    """The precision to compile after a recipe ran: the one asked for, or a UsageError with the reason
+    (a prune-only recipe with ``--precision fp16`` built fp32 silently before).
+
+    A recipe that quantized decides (int8/mixed/fp16 weights are what it wrote) unless the user
+    explicitly asked for another precision; an fp32 result is compiled at the asked precision when
+    the target converts itself (fp16 for TensorRT; int8 via TensorRT's calibration table)."""
+    if after_recipe == asked or (after_recipe == "mixed" and asked == "int8"):
+        return after_recipe
+    if after_recipe != "fp32":
+        if explicit:
+            raise UsageError(f"the recipe quantized the model to {after_recipe} but --precision {asked} was asked; "
+                             f"drop the quantize step or pass --precision {after_recipe}")
+        return after_recipe
+    if runtime == "onnxruntime-tensorrt" and asked in ("fp16", "int8"):
+        return asked  # the TensorRT target converts fp32 to fp16 / calibrates int8 itself
+    if not explicit:  # the profile's default precision: build what the recipe wrote (the table says fp32)
+        log.warning("the recipe does not quantize: building fp32, not the profile's default %s", asked)
+        return after_recipe
+    raise UsageError(f"--precision {asked}: the recipe does not quantize and {runtime} does not convert an fp32 model "
+                     f"to {asked} by itself; add a quantize step (e.g. --quantize {'int8-static' if asked == 'int8' else asked}) "
+                     "or pass --precision fp32")
 
 
 def _limit_threads(threads: int) -> None:

@@ -72,6 +72,13 @@ def provider_options(precision: str, calibration_table: str | None = None) -> di
     }
 
 
+def is_fp16(model: Any) -> bool:
+    """Already converted: fp16 weights (converting twice writes duplicate Cast outputs)."""
+    import onnx
+
+    return any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
+
+
 def is_qdq(model: Any) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
@@ -111,9 +118,14 @@ class TensorRtTarget:
         files: list[PayloadFile] = []
         calibration = None
         verify_files: tuple[PayloadFile, ...] = ()
-        if precision == "fp16" and not is_qdq(model):
-            model = to_fp16(model)
+        if precision == "fp16" and is_fp16(model):
+            notes.append("the model is already fp16 (a recipe's quantize step converted it): shipped as-is")
+        elif precision == "fp16" and not is_qdq(model):
+            conversion = to_fp16(model, options.get("calibration_samples"))
+            model = conversion.model
             notes.append("fp16 weights and compute, fp32 inputs/outputs (onnxruntime.transformers.float16)")
+            if conversion.note():
+                notes.append(conversion.note())
         elif precision == "int8":
             if is_qdq(model):
                 notes.append("explicit int8: the QDQ model is handed to TensorRT as-is (no calibration table)")
@@ -145,16 +157,18 @@ class TensorRtTarget:
                                reference_outputs, tolerance, checked, level="basic")
 
 
-def to_fp16(model: Any) -> Any:
-    """fp16 weights and activations, fp32 graph inputs/outputs; unsafe ops stay fp32."""
+def to_fp16(model: Any, samples: Sequence[Mapping[str, np.ndarray]] | None = None) -> Any:
+    """fp16 weights and activations, fp32 graph inputs/outputs; unsafe ops and the nodes whose ranges
+    overflow fp16 on ``samples`` stay fp32 (``fp16_safety``). Returns an ``Fp16Conversion``."""
+    from builder.targets.fp16_safety import convert_to_fp16
+
     try:
-        from onnxruntime.transformers.float16 import convert_float_to_float16
+        return convert_to_fp16(model, samples, op_block_list=sorted(FP16_KEEP_FLOAT))
     except ImportError as exc:  # pragma: no cover - part of the onnxruntime wheel
         raise TargetError("onnxruntime.transformers.float16 is missing; reinstall onnxruntime") from exc
-    try:
-        return convert_float_to_float16(model, keep_io_types=True, op_block_list=sorted(FP16_KEEP_FLOAT))
     except Exception as exc:
-        raise TargetError(f"fp16 conversion failed: {exc}; build fp32 with --precision fp32") from exc
+        raise TargetError(f"fp16 conversion failed: {str(exc).splitlines()[0] if str(exc) else exc}; "
+                          "build fp32 with --precision fp32") from exc
 
 
 def write_calibration_table(model_path: Path, samples: Sequence[Mapping[str, np.ndarray]], out_dir: Path) -> Path:
