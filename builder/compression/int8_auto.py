@@ -173,12 +173,13 @@ class Int8Step:
         workdir.mkdir(parents=True, exist_ok=True)
         return dataclasses.replace(ctx, workdir=workdir)
 
-    def _quantize_step(self, **params: Any) -> Any:
+    def _quantize_step(self, ctx: StepContext, **params: Any) -> Any:
         from builder.compression.quantization import QuantizeStep
 
         return QuantizeStep(min_cosine=self.min_cosine, min_agreement=self.min_agreement, on_floor_miss="keep_best",
                             check_latency=self.check_latency, threads=self.threads, eval_samples=self.eval_samples,
-                            calibration_samples=self.calibration_samples, **params)
+                            calibration_samples=self.calibration_samples,
+                            calibration_cache_dir=str(Path(ctx.workdir) / "ranges"), **params)
 
     def _matmul(self, state: ModelState, ctx: StepContext, cpu: Int8Support, kind: ModelClass, has_data: bool
                 ) -> tuple[ModelState, str, list[StepRecord], list[dict[str, Any]]]:
@@ -204,7 +205,7 @@ class Int8Step:
             records.append(record)
             parts.append("smoothing 0.85")
             params["weight_rounding"] = "gptq"
-        state, record = self._quantize_step(**params).apply(state, self._sub(ctx, "quantize"))
+        state, record = self._quantize_step(ctx, **params).apply(state, self._sub(ctx, "quantize"))
         records.append(record)
         parts.append("per-channel dynamic int8" + (" (Attention uint8, MatMul int8)" if "weight_types" in params else "")
                      + (" + GPTQ" if params.get("weight_rounding") == "gptq" else ""))
@@ -231,7 +232,7 @@ class Int8Step:
                 if equalized is None:
                     equalized = EqualizeStep().apply(folded, self._sub(ctx, "equalize"))
                 source, pre = equalized[0], [fold_record, equalized[1]]
-            out_state, record = self._quantize_step(**candidate.quantize).apply(
+            out_state, record = self._quantize_step(ctx, **candidate.quantize).apply(
                 source, self._sub(ctx, f"q{len(tried):02d}"))
             results[candidate.label] = (out_state, record, candidate)
             tried.append(_candidate_row(candidate.label, record))

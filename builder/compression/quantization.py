@@ -206,11 +206,14 @@ def quantize_to(mode: str, source: Path, out: Path, *, per_channel: bool, exclud
                 calibration: str = "minmax", activation_type: str = "uint8", weight_type: str = "int8",
                 calibration_batches: Optional[list[dict[str, np.ndarray]]] = None,
                 op_types: Sequence[str] = (), weight_types: Optional[dict[str, str]] = None,
-                reduce_range: bool = False) -> Path:
+                reduce_range: bool = False, calibration_cache: Optional[Path] = None) -> Path:
     """Write ``source`` quantized in ``mode`` to ``out``; library errors become CompressionError.
 
     ``weight_types`` (dynamic only) overrides ``weight_type`` per op type, e.g. ``{"Attention": "uint8"}``.
     ``reduce_range``: 7-bit weights, ORT's remedy for U8S8 saturation on x86 without VNNI.
+    ``calibration_cache`` (static): a file for ORT's activation ranges; when it exists the ranges are
+    read from it instead of calibrating again (ranges do not depend on the weight format, the rounding
+    or the nodes kept in float, so the candidates of one search share them).
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static
@@ -239,11 +242,17 @@ def quantize_to(mode: str, source: Path, out: Path, *, per_channel: bool, exclud
                       "percentile": CalibrationMethod.Percentile}[calibration]
             if calibration == "percentile":
                 extra["CalibPercentile"] = 99.99
+            cache: dict[str, Any] = {}
+            if calibration_cache is not None:
+                import inspect
+
+                if "calibration_cache_path" in inspect.signature(quantize_static).parameters:  # ORT >= 1.23
+                    cache["calibration_cache_path"] = str(calibration_cache)
             quantize_static(str(source), str(out), BatchReader(calibration_batches, names).reader,
                             quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
                             activation_type=_quant_type(activation_type), weight_type=_quant_type(weight_type),
                             nodes_to_exclude=list(exclude), op_types_to_quantize=list(op_types) or None,
-                            calibrate_method=method, extra_options=extra)
+                            calibrate_method=method, extra_options=extra, **cache)
         elif mode == "fp16":
             from onnxruntime.transformers import float16
 
@@ -381,6 +390,9 @@ class QuantizeStep:
     # "keep_best": a result under the fidelity floor is kept (the most faithful one), with the gap in
     # the step's warnings, instead of refused; the evaluation flags it
     on_floor_miss: str = "refuse"
+    # a folder where static activation ranges are cached per (model, calibration, op types): the int8
+    # step's candidates share them instead of calibrating again (minutes per histogram calibration)
+    calibration_cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
@@ -565,7 +577,8 @@ class QuantizeStep:
         quantize_to(mode, prepared, out, per_channel=self.per_channel, exclude=exclude,
                     calibration=self.calibration, activation_type=self.activation_type,
                     weight_type=self.weight_type, calibration_batches=calib, op_types=self.op_types,
-                    weight_types=self.weight_types if mode == "dynamic" else None, reduce_range=self.reduce_range)
+                    weight_types=self.weight_types if mode == "dynamic" else None, reduce_range=self.reduce_range,
+                    calibration_cache=self._range_cache(prepared) if mode == "static" else None)
         facts: dict[str, Any] = {}
         if hessians is not None and mode != "fp16":
             from builder.compression.gptq import round_weights
@@ -576,6 +589,17 @@ class QuantizeStep:
 
             facts.update(correct_biases(prepared, out, calib).as_facts())
         return facts or None
+
+    def _range_cache(self, prepared: Path) -> Optional[Path]:
+        if self.calibration_cache_dir is None:
+            return None
+        import hashlib
+
+        digest = hashlib.sha256(Path(prepared).read_bytes())
+        digest.update(f"|{self.calibration}|{sorted(self.op_types)}|{self.activation_type}".encode())
+        folder = Path(self.calibration_cache_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"ranges-{digest.hexdigest()[:16]}.json"
 
     def _measure(self, source: Path, out: Path, reference: np.ndarray, evals: list[dict[str, np.ndarray]],
                  feed: dict[str, np.ndarray], task: str, mode: str) -> Measurement:

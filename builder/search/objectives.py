@@ -272,7 +272,8 @@ def check_targets_against_data(targets: Targets, has_labels: bool) -> None:
     needs = [name for name, value in (("--max-accuracy-drop", targets.max_accuracy_drop),
                                       ("--min-accuracy", targets.min_accuracy)) if value is not None]
     if needs and not has_labels:
-        raise UsageError(f"{' and '.join(needs)} need labels in --data (key 'y'), and this data has none; "
+        raise UsageError(f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} labels in --data (key 'y'), "
+                         "and this data has none; "
                          "use --min-fidelity (agreement with the original model) without labels")
 
 

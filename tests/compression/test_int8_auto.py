@@ -48,9 +48,11 @@ def test_int8_picks_static_qdq_for_a_conv_net(digits_loaded: LoadedModel, digits
     assert detect_model_class(digits_loaded.onnx_path).kind == "cnn"
     step = Int8Step(calibrations=("minmax",), check_latency=False, arch="x86_64", dot_product=False)
     state = ModelState(digits_loaded.inputs, digits_loaded.output_names, onnx_path=digits_loaded.onnx_path)
-    out, record = step.apply(state, context(fresh(tmp_path, "w"), calibration=digits_test_data))
+    out, record = step.apply(state, context(workdir := fresh(tmp_path, "w"), calibration=digits_test_data))
     facts = record.facts
     assert facts["model_class"] == "cnn" and facts["mode"] == "static"
+    # candidates share calibrated ranges: one file for the folded model, one for the equalised one
+    assert len(list((workdir / "ranges").glob("*.json"))) == 2 < len(facts["candidates"])
     assert "QuantizeLinear" in ops(out.onnx_path) and "ConvInteger" not in ops(out.onnx_path)
     assert "static QDQ" in facts["choice"] and "no dot-product" in facts["choice"]
     labels = [c["recipe"] for c in facts["candidates"]]

@@ -37,7 +37,7 @@ class Failing(AnalyticEvaluator):
 
 def test_accuracy_target_without_labels_fails_before_the_first_trial(tmp_path: Path) -> None:
     cfg = config(tmp_path, Targets(max_accuracy_drop=0.01))
-    with pytest.raises(UsageError, match="need labels in --data"):
+    with pytest.raises(UsageError, match="labels in --data"):
         run_search(cfg, evaluator=Unlabelled(cfg.setup))
     assert count_evaluations(tmp_path / "work") == 0
 
