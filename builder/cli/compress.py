@@ -87,10 +87,10 @@ def _run(model: str, plan: "object", shortcuts: Optional[dict], data: str, train
                           f"p50 {e.latency_p50_ms:.3f} ms, download {_size(e.download_bytes)}[/dim]")
             facts = report.record.facts
             if facts.get("choice"):  # --quantize int8: which recipe the model's class and the CPU chose
-                console.print(f"chose {facts['choice']}", markup=False, highlight=False)
+                console.print(f"chose {facts['choice']}", markup=False, highlight=False, soft_wrap=True)
             if facts.get("floor_missed"):
                 console.print(f"warning: fidelity floor missed, best result kept and flagged: {facts['floor_missed']}",
-                              markup=False, highlight=False)
+                              markup=False, highlight=False, soft_wrap=True)
 
         result = run_recipe(loaded, plan, data=eval_data, train_data=train, out_dir=out, threads=threads,
                             eval_config=EvalConfig(threads=threads, task=task, timed_runs=timed_runs),
