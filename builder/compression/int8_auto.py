@@ -6,8 +6,8 @@ The winning recipe depends on what the model is (measured, docs/int8.md):
   first Conv and classifier in float. ``quantize_dynamic`` turns Conv into ConvInteger, ~8x slower
   than float on an EfficientNet-class CNN. A short greedy search then keeps each lever only when it
   measures more faithful at the same speed: calibration (MinMax, Percentile, Entropy), 7-bit weights
-  where U8S8 saturates (x86 without VNNI), bias correction, cross-layer equalisation, and all layers
-  int8.
+  where U8S8 saturates (x86 without VNNI), bias correction, cross-layer equalisation, the classifier
+  in int8, all layers int8 (as faithful and >10% smaller also wins: size is a target too).
 * **Attention encoders** (Softmax + MatMul): ORT's transformer fusions, activation smoothing,
   per-channel dynamic int8 with uint8 weights for the fused Attention (most faithful) and int8 for
   the other MatMuls (U8S8, the fast kernels), rounded by GPTQ — ``builder/recipes/minilm-int8-fast.toml``.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -40,6 +41,8 @@ RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 WEIGHTED = ("Conv", "MatMul", "Gemm", "Attention")
 CNN_CALIBRATIONS = ("minmax", "percentile", "entropy")
 SPEED_BAND = 1.10  # a candidate within 10% of the fastest one counts as "at its speed"
+CLOSE_AGREEMENT = 0.01  # this close in fidelity, a >10% smaller candidate wins (size is a target too)
+CLOSE_COSINE = 0.002
 
 
 @dataclass(frozen=True)
@@ -247,7 +250,7 @@ class Int8Step:
         def consider(candidate: Candidate) -> None:
             nonlocal best
             run(candidate)
-            if _wins(results[candidate.label][1], results[best.label][1], ctx.task, self._fastest(results)):
+            if _wins(results[candidate.label], results[best.label], ctx.task, self._fastest(results)):
                 best = candidate
 
         for calibration in self.calibrations[1:]:
@@ -258,8 +261,11 @@ class Int8Step:
                                {**best.quantize, "reduce_range": True}))
         consider(Candidate(best.label + ", bias correction", best.equalize, {**best.quantize, "bias_correction": True}))
         consider(Candidate("equalised, " + best.label, True, best.quantize))
+        if len(ends) == 2:  # the classifier in int8 too: a large Gemm is most of a small CNN's size
+            consider(Candidate(best.label.replace(", first+last float", ", first float"), best.equalize,
+                               {**best.quantize, "keep_float": tuple(ends[:1])}))
         if ends:
-            consider(Candidate(best.label.replace(", first+last float", ", all int8"), best.equalize,
+            consider(Candidate(re.sub(r", first(\+last)? float", ", all int8", best.label), best.equalize,
                                {**best.quantize, "keep_float": ()}))
         out_state, record, chosen = results[best.label]
         pre = [fold_record] + ([equalized[1]] if chosen.equalize and equalized is not None else [])
@@ -276,16 +282,26 @@ def _candidate_row(label: str, record: StepRecord) -> dict[str, Any]:
             "floor_missed": facts.get("floor_missed")}
 
 
-def _wins(challenger: StepRecord, incumbent: StepRecord, task: str, fastest_ratio: float) -> bool:
+def _wins(challenger: tuple[ModelState, StepRecord, Candidate], incumbent: tuple[ModelState, StepRecord, Candidate],
+          task: str, fastest_ratio: float) -> bool:
     """More faithful and within ``SPEED_BAND`` of the fastest candidate so far (or faster than the
-    incumbent when that one is out of the band)."""
-    c, i = challenger.facts, incumbent.facts
+    incumbent when that one is out of the band); as faithful (``CLOSE_AGREEMENT``, ``CLOSE_COSINE``)
+    and smaller also wins."""
+    c, i = challenger[1].facts, incumbent[1].facts
     limit = fastest_ratio * SPEED_BAND
     c_ratio, i_ratio = float(c.get("latency_ratio", 1.0)), float(i.get("latency_ratio", 1.0))
     if c_ratio > limit:
         return False
     if i_ratio > limit:
         return True
+    close = (abs(c.get("agreement", 0) - i.get("agreement", 0)) <= CLOSE_AGREEMENT
+             and abs(c.get("cosine_mean", 0) - i.get("cosine_mean", 0)) <= CLOSE_COSINE)
+    if close and _size(challenger[0]) < 0.9 * _size(incumbent[0]):
+        return True
     key = (lambda f: (f.get("cosine_mean", 0), f.get("agreement", 0))) if task == "embed" else \
         (lambda f: (round(f.get("agreement", 0), 3), f.get("cosine_mean", 0)))
     return key(c) > key(i)
+
+
+def _size(state: ModelState) -> int:
+    return Path(state.onnx_path).stat().st_size if state.onnx_path else 0
