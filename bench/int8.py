@@ -30,8 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 ZOO = Path(os.environ.get("ZOO_CACHE", "/work/wt/zoo-cache"))
 MODELS = {
-    "efficientnet_lite0": ("models/efficientnet_lite0/efficientnet_lite0.onnx", "classify", None),
-    "paraphrase_minilm_l3": ("models/paraphrase_minilm/paraphrase-MiniLM-L3-v2.onnx", "embed", "461"),
+    "efficientnet_lite0": ("models/efficientnet_lite0/efficientnet_lite0.onnx", "classify", None, None),
+    "paraphrase_minilm_l3": ("models/paraphrase_minilm/paraphrase-MiniLM-L3-v2.onnx", "embed", "461",
+                             "input_ids=1x64:int64,attention_mask=1x64:int64"),
 }
 
 
@@ -77,13 +78,13 @@ def plain_static(source: Path, out: Path, calib: dict[str, np.ndarray]) -> Path:
     return out
 
 
-def builder_int8(source: Path, out_dir: Path, calib_npz: Path) -> tuple[Path, dict[str, Any]]:
+def builder_int8(source: Path, out_dir: Path, calib_npz: Path, shapes: Optional[str]) -> tuple[Path, dict[str, Any]]:
     from builder.compression.data import DataSource
     from builder.compression.engine import run_recipe
     from builder.compression.recipe import Recipe
     from builder.loading import load_model
 
-    loaded = load_model(str(source), None, workdir=out_dir / "load")
+    loaded = load_model(str(source), shapes, workdir=out_dir / "load")
     data = DataSource.from_arg(str(calib_npz), loaded.inputs)
     result = run_recipe(loaded, Recipe.from_shortcuts(quantize="int8", torch_available=False), data=data,
                         train_data=None, out_dir=out_dir / "int8")
@@ -150,7 +151,7 @@ def main() -> None:
     from builder.compression.cpu_features import host_int8_support
     from builder.compression.evaluate import run_onnx
 
-    relative, task, output = MODELS[args.model]
+    relative, task, output, shapes = MODELS[args.model]
     calib_npz, held_npz = (ZOO / "data" / f"{args.model}.{part}.npz" for part in ("calibration", "heldout"))
     calib, held = load_npz(calib_npz), load_npz(held_npz)
     print(f"CPU int8 support: {host_int8_support().description}")
@@ -158,7 +159,7 @@ def main() -> None:
         work = Path(tmp)
         source = only_output(ZOO / relative, output, work / "fp32.onnx")
         started = time.perf_counter()
-        int8_path, facts = builder_int8(source, work, calib_npz)
+        int8_path, facts = builder_int8(source, work, calib_npz, shapes)
         print(f"builder --quantize int8: {time.perf_counter() - started:.0f} s; chose {facts.get('choice')}")
         for row in facts.get("candidates", []):
             print(f"  candidate (calibration data): {row}")

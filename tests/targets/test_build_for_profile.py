@@ -33,7 +33,8 @@ def test_pi_default_build_quantizes_verifies_and_is_reused(digits_npz, keys, tmp
     kwargs = dict(input_shapes="1x1x8x8", data=digits_npz, registry_dir=home, key_dir=keys_dir)
     first = build_for_profile("builder.zoo.digits_cnn:trained", "raspberry-pi-4", **kwargs)
     m = first.manifest
-    assert (m.target.runtime, m.target.precision, m.target.format) == ("onnxruntime", "int8", "ort")
+    # int8's CNN recipe may keep the stem / classifier in float: "mixed" is int8 with float nodes
+    assert (m.target.runtime, m.target.format) == ("onnxruntime", "ort") and m.target.precision in ("int8", "mixed")
     assert m.recipe["step"][0]["type"] == "int8" and m.metrics["accuracy"] >= 0.9
     assert m.metrics["size_bytes"] < 0.5 * 270_000  # int8 weights vs ~270 KB fp32
     again = build_for_profile("builder.zoo.digits_cnn:trained", "raspberry-pi-4", **kwargs)
