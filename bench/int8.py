@@ -152,11 +152,12 @@ def main() -> None:
     from builder.compression.evaluate import run_onnx
 
     relative, task, output, shapes = MODELS[args.model]
-    calib_npz, held_npz = (ZOO / "data" / f"{args.model}.{part}.npz" for part in ("calibration", "heldout"))
+    calib_npz, held_npz = (ZOO.resolve() / "data" / f"{args.model}.{part}.npz" for part in ("calibration", "heldout"))
     calib, held = load_npz(calib_npz), load_npz(held_npz)
     print(f"CPU int8 support: {host_int8_support().description}")
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
         work = Path(tmp)
+        os.chdir(work)  # quant_pre_process leaves sym_shape_infer_temp.onnx + .data files in the cwd when it fails
         source = only_output(ZOO / relative, output, work / "fp32.onnx")
         started = time.perf_counter()
         int8_path, facts = builder_int8(source, work, calib_npz, shapes)
