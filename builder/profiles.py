@@ -66,10 +66,24 @@ class DeviceProfile:
     fallback_format: str = ""
     detect: Mapping[str, str] = field(default_factory=dict)
     source_path: str = ""
+    # [cpu] fp16_arithmetic: the CPU computes in fp16 (Armv8.2 FEAT_FP16); without it an fp16 model
+    # runs fp32 kernels behind Casts on the CPU
+    cpu_fp16: bool = False
 
     @property
     def has_gpu(self) -> bool:
         return "gpu" in self.accelerator_kind
+
+    @property
+    def native_fp16(self) -> bool:
+        """fp16 arithmetic somewhere the runtime uses it: a GPU with fp16, or a CPU with FEAT_FP16."""
+        return self.cpu_fp16 or (self.has_gpu and self.accelerator_fp16 and self.peak_fp16_gflops > 0)
+
+    @property
+    def native_precisions(self) -> tuple[str, ...]:
+        """Precisions the device executes natively ("int8" also without a dot-product instruction,
+        at the lower ``peak_int8_gops`` the profile gives for that)."""
+        return ("fp32",) + (("fp16",) if self.native_fp16 else ()) + ("int8",)
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -143,6 +157,7 @@ def parse_profile(raw: Mapping[str, Any], path: Path) -> DeviceProfile:
         fallback_format=str(pref.get("fallback_format", "")),
         detect={str(k): str(v) for k, v in dict(raw.get("detect", {})).items()},
         source_path=str(path),
+        cpu_fp16=bool(cpu.get("fp16_arithmetic", False)),
     )
     if profile.preferred_runtime not in RUNTIMES:
         raise ProfileError(f"{path}: [preferred] runtime '{profile.preferred_runtime}' unknown; use one of {', '.join(RUNTIMES)}")

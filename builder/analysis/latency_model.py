@@ -6,8 +6,13 @@ Per layer: ``max(compute time, memory time) + per_layer_overhead_us``, summed ov
 * compute time = (2 x MACs + other ops) / (peak x ``compute_efficiency``). The peak follows the layer's
   precision: fp32 -> ``peak_fp32_gflops``; int8 -> ``peak_int8_gops`` (on a GPU with int8 support,
   2 x ``peak_fp16_gflops``, the tensor-core ratio, when larger); fp16 -> ``peak_fp16_gflops`` when the
-  profile has a GPU with fp16, else the fp32 peak (ONNX Runtime's CPU kernels mostly upcast fp16, and a
-  CPU fp16 model measured no faster).
+  profile has a GPU with fp16, 2 x the fp32 peak on a CPU with fp16 arithmetic (``[cpu] fp16_arithmetic``:
+  twice the lanes per NEON register), else the layer runs as fp32 (see below).
+* Precisions the profile does not execute natively (``DeviceProfile.native_precisions``): an fp16
+  layer on a CPU without fp16 arithmetic (Raspberry Pi 4's Cortex-A72) runs ONNX Runtime's fp32
+  kernel behind Cast nodes: fp32 compute and traffic, plus the Casts' own time (``CAST_TRAFFIC`` x
+  the layer's fp32 activation bytes, and one node's overhead), so fp16 estimates slower than fp32 there, as measured on CPUs (docs/int8.md).
+  int8 without a dot-product instruction keeps the lower ``peak_int8_gops`` the profile gives.
 * memory time = (weights + input + output activation bytes) / (bandwidth x ``memory_efficiency``);
   reshapes/views and Q/DQ nodes fused into int8 kernels move nothing.
 
@@ -32,6 +37,9 @@ from builder.analysis.op_costs import LINEAR_OPS
 from builder.profiles import PRECISIONS, DeviceProfile
 
 BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "int8": 1}
+# fp16 -> fp32 Cast of a layer's inputs and fp32 -> fp16 of its outputs, per fp32 activation byte
+# (read 2 + write 4, read 4 + write 2 bytes per element over 4 + 4 of the layer's own traffic)
+CAST_TRAFFIC = 1.5
 
 
 @dataclass(frozen=True)
@@ -77,7 +85,13 @@ def peak_ops_per_s(profile: DeviceProfile, precision: str) -> float:
         return peak * 1e9
     if precision == "fp16" and gpu_fp16:
         return profile.peak_fp16_gflops * 1e9
+    if precision == "fp16" and getattr(profile, "cpu_fp16", False):
+        return 2 * profile.peak_fp32_gflops * 1e9
     return profile.peak_fp32_gflops * 1e9
+
+
+def _native_fp16(profile: DeviceProfile) -> bool:
+    return bool(getattr(profile, "native_fp16", False))
 
 
 def _layer_precision(layer: LayerStats, precision: str | None, profile: DeviceProfile) -> str:
@@ -103,7 +117,8 @@ def estimate_latency(stats: GraphStats, profile: DeviceProfile, precision: str |
             layer_ms.append(0.0)
             continue
         layer_prec = _layer_precision(layer, precision, profile)
-        compute_s = layer.flops / (peak_ops_per_s(profile, layer_prec) * compute_rate_eff)
+        emulated = layer_prec == "fp16" and not _native_fp16(profile)
+        compute_s = layer.flops / (peak_ops_per_s(profile, "fp32" if emulated else layer_prec) * compute_rate_eff)
         if precision is None:
             traffic = layer.traffic_bytes
         elif layer.traffic_bytes == 0:
@@ -114,6 +129,14 @@ def estimate_latency(stats: GraphStats, profile: DeviceProfile, precision: str |
             relative = BYTES_PER_ELEMENT[precision] / BYTES_PER_ELEMENT[layer.precision]
             act_scale = relative if precision == "fp16" or layer.op_type in LINEAR_OPS else 1.0
             traffic = layer.params * BYTES_PER_ELEMENT[precision] + activations * act_scale
+        cast_s = 0.0
+        if emulated and traffic:
+            # fp32 kernel behind Cast nodes: its own traffic at fp32 (weights cast once, at load), and the
+            # Casts are nodes of their own: their traffic and overhead come on top of the roofline
+            own = BYTES_PER_ELEMENT[layer.precision if precision is None else precision]
+            activations = max(traffic - layer.params * own, 0) * BYTES_PER_ELEMENT["fp32"] / own
+            traffic = layer.params * BYTES_PER_ELEMENT["fp32"] + activations
+            cast_s = activations * CAST_TRAFFIC / bandwidth + overhead_s
         memory_s = traffic / bandwidth
         if compute_s >= memory_s and compute_s > 0:
             compute_bound += 1
@@ -122,7 +145,8 @@ def estimate_latency(stats: GraphStats, profile: DeviceProfile, precision: str |
         compute_total += compute_s
         memory_total += memory_s
         overhead_total += overhead_s
-        layer_ms.append((max(compute_s, memory_s) + overhead_s) * 1e3)
+        memory_total += cast_s
+        layer_ms.append((max(compute_s, memory_s) + overhead_s + cast_s) * 1e3)
     latency_ms = sum(layer_ms)
     weight_bytes = stats.weight_bytes if precision is None else stats.params * BYTES_PER_ELEMENT[precision]
     halve_activations = precision == "fp16" and stats.dominant_precision == "fp32"

@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
         precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | fp16 | int8 (default: the profile's)."),
         fmt: Optional[str] = typer.Option(None, "--format", help="onnx | ort | tflite (default: the profile's)."),
         recipe: Optional[str] = typer.Option(None, "--recipe", help="Compression recipe TOML, or a packaged recipe's name."),
-        quantize: Optional[str] = typer.Option(None, "--quantize", help="Shortcut: int8 | int8-static | fp16."),
+        quantize: Optional[str] = typer.Option(None, "--quantize", help="Shortcut: int8 (best for the model and CPU) | int8-static | int8-dynamic | fp16."),
         prune: Optional[float] = typer.Option(None, "--prune", help="Shortcut: unstructured sparsity, e.g. 0.5."),
         data: Optional[str] = typer.Option(None, "--data", help=".npz (input arrays by name or 'x', labels 'y') or package.module:function."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the artifact directory here."),

@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         input_shape: Optional[list[str]] = InputShapeOption(),
         recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipe TOML ([[step]] tables) or the name of a "
                                              "packaged one (e.g. sparse-clustered; see docs/cli.md)."),
-        quantize: Optional[str] = typer.Option(None, "--quantize", help="int8 | int8-static | fp16"),
+        quantize: Optional[str] = typer.Option(None, "--quantize", help="int8 (best for the model and CPU) | int8-static | int8-dynamic | fp16"),
         prune: Optional[float] = typer.Option(None, "--prune", help="Unstructured sparsity, e.g. 0.5."),
         prune_channels: Optional[float] = typer.Option(None, "--prune-channels", help="Fraction of channels removed."),
         cluster: Optional[int] = typer.Option(None, "--cluster", help="Distinct weight values per layer, e.g. 16."),
@@ -113,6 +113,12 @@ def _run(model: str, plan: "object", shortcuts: Optional[dict], data: str, train
             e = report.evaluation
             console.print(f"[dim]{report.index}. {report.step}: {report.seconds:.1f}s, "
                           f"p50 {e.latency_p50_ms:.3f} ms, download {format_bytes(e.download_bytes)}[/dim]")
+            facts = report.record.facts
+            if facts.get("choice"):  # --quantize int8: which recipe the model's class and the CPU chose
+                console.print(f"chose {facts['choice']}", markup=False, highlight=False, soft_wrap=True)
+            if facts.get("floor_missed"):
+                console.print(f"warning: fidelity floor missed, best result kept and flagged: {facts['floor_missed']}",
+                              markup=False, highlight=False, soft_wrap=True)
             if report.index < len(names):
                 stage(f"step {report.index + 1}/{len(names)}: {names[report.index]} (then evaluate)")
             else:

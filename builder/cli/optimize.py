@@ -78,6 +78,9 @@ def register(app: typer.Typer) -> None:
             min_fidelity=obj.parse_fidelity(min_fidelity) if min_fidelity else None,
             min_accuracy=obj.parse_fidelity(min_accuracy, "--min-accuracy") if min_accuracy else None,
         )
+        labels = _npz_has_labels(Path(data))
+        if labels is not None:  # an accuracy target on unlabelled data: say so now, not after the baseline
+            obj.check_targets_against_data(targets, labels)
         budget_s = obj.parse_duration_s(time_budget) if time_budget else None
         if trials is None and budget_s is None:
             trials = 30
@@ -171,6 +174,22 @@ def register(app: typer.Typer) -> None:
             console.print(f"  wrote {path}")
         if as_json:
             print(json.dumps(report, indent=2, default=str))
+
+
+def _npz_has_labels(path: Path) -> Optional[bool]:
+    """Whether an ``.npz`` --data holds labels (key ``y``), read from its index without loading arrays;
+    None when --data is not a readable .npz (a factory: the search checks once it has the data)."""
+    import zipfile
+
+    from builder.compression.data import LABEL_KEY
+
+    if path.suffix != ".npz" or not path.is_file():
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return f"{LABEL_KEY}.npy" in archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return None
 
 
 def _require_signing_key(home: Path, why: str, alternative: str = "") -> None:

@@ -178,6 +178,8 @@ def _run(model: LoadedModel, recipe: Recipe, steps: list[Any], data: Optional[Da
             raise CompressionError(f"step {index} ({step.name}) returned no ONNX model")
         seconds = time.perf_counter() - started
         evaluation = evaluate_model(state.onnx_path, eval_data, state.inputs, reference, config)
+        if record.facts.get("floor_missed"):  # kept below its own floor (int8's keep_best): say so on the model
+            evaluation = dataclasses.replace(evaluation, flags=(*evaluation.flags, "fidelity_floor_missed"))
         report = StepReport(index, step.name, step.form.value, record, evaluation, seconds)
         reports.append(report)
         if on_report:

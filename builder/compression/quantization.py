@@ -37,6 +37,7 @@ CALIBRATIONS = ("minmax", "entropy", "percentile")
 INT8_TYPES = ("uint8", "int8")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 WEIGHTED_OPS = ("Conv", "MatMul", "Gemm", "Attention")
+FLOOR_MISS = ("refuse", "keep_best")
 SMOOTH_MUL_SUFFIX = "_smooth_mul"  # builder.compression.smoothing names its Mul nodes so
 
 
@@ -235,10 +236,15 @@ def _quant_type(name: str) -> Any:
 def quantize_to(mode: str, source: Path, out: Path, *, per_channel: bool, exclude: Sequence[str],
                 calibration: str = "minmax", activation_type: str = "uint8", weight_type: str = "int8",
                 calibration_batches: Optional[list[dict[str, np.ndarray]]] = None,
-                op_types: Sequence[str] = (), weight_types: Optional[dict[str, str]] = None) -> Path:
+                op_types: Sequence[str] = (), weight_types: Optional[dict[str, str]] = None,
+                reduce_range: bool = False, calibration_cache: Optional[Path] = None) -> Path:
     """Write ``source`` quantized in ``mode`` to ``out``; library errors become CompressionError.
 
     ``weight_types`` (dynamic only) overrides ``weight_type`` per op type, e.g. ``{"Attention": "uint8"}``.
+    ``reduce_range``: 7-bit weights, ORT's remedy for U8S8 saturation on x86 without VNNI.
+    ``calibration_cache`` (static): a file for ORT's activation ranges; when it exists the ranges are
+    read from it instead of calibrating again (ranges do not depend on the weight format, the rounding
+    or the nodes kept in float, so the candidates of one search share them).
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static
@@ -247,9 +253,11 @@ def quantize_to(mode: str, source: Path, out: Path, *, per_channel: bool, exclud
     extra: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     try:
         if mode == "dynamic" and weight_types:
-            _dynamic_by_weight_type(source, out, per_channel, weight_type, weight_types, exclude, op_types, extra)
+            _dynamic_by_weight_type(source, out, per_channel, weight_type, weight_types, exclude, op_types, extra,
+                                    reduce_range)
         elif mode == "dynamic":
             quantize_dynamic(str(source), str(out), per_channel=per_channel, weight_type=_quant_type(weight_type),
+                             reduce_range=reduce_range,
                              nodes_to_exclude=list(exclude), op_types_to_quantize=list(op_types) or None,
                              extra_options=extra)
         elif mode == "static":
@@ -265,11 +273,17 @@ def quantize_to(mode: str, source: Path, out: Path, *, per_channel: bool, exclud
                       "percentile": CalibrationMethod.Percentile}[calibration]
             if calibration == "percentile":
                 extra["CalibPercentile"] = 99.99
+            cache: dict[str, Any] = {}
+            if calibration_cache is not None:
+                import inspect
+
+                if "calibration_cache_path" in inspect.signature(quantize_static).parameters:  # ORT >= 1.23
+                    cache["calibration_cache_path"] = str(calibration_cache)
             quantize_static(str(source), str(out), BatchReader(calibration_batches, names).reader,
-                            quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
                             activation_type=_quant_type(activation_type), weight_type=_quant_type(weight_type),
                             nodes_to_exclude=list(exclude), op_types_to_quantize=list(op_types) or None,
-                            calibrate_method=method, extra_options=extra)
+                            calibrate_method=method, extra_options=extra, **cache)
         elif mode == "fp16":
             from builder.targets.fp16_safety import convert_to_fp16
 
@@ -290,7 +304,7 @@ def quantize_to(mode: str, source: Path, out: Path, *, per_channel: bool, exclud
 
 def _dynamic_by_weight_type(source: Path, out: Path, per_channel: bool, weight_type: str,
                             weight_types: dict[str, str], exclude: Sequence[str], op_types: Sequence[str],
-                            extra: dict[str, Any]) -> None:
+                            extra: dict[str, Any], reduce_range: bool = False) -> None:
     """``quantize_dynamic`` once per weight type, each pass on its own op types.
 
     ORT takes one weight type per call, but the best storage differs by kernel: on AVX2 without
@@ -311,7 +325,7 @@ def _dynamic_by_weight_type(source: Path, out: Path, per_channel: bool, weight_t
         for index, (wtype, ops) in enumerate(sorted(groups.items())):
             target = Path(out) if index == len(groups) - 1 else Path(tmp) / f"pass{index}.onnx"
             quantize_dynamic(str(current), str(target), per_channel=per_channel, weight_type=_quant_type(wtype),
-                             nodes_to_exclude=list(exclude), op_types_to_quantize=ops, extra_options=dict(extra))
+                             reduce_range=reduce_range, nodes_to_exclude=list(exclude), op_types_to_quantize=ops, extra_options=dict(extra))
             current = target
 
 
@@ -323,6 +337,33 @@ def weighted_nodes(path: Path) -> list[str]:
     inits = {init.name for init in model.graph.initializer}
     return [node.name for node in model.graph.node
             if node.op_type in WEIGHTED_OPS and node.name and any(name in inits for name in node.input[1:2])]
+
+
+def constants_as_initializers(path: Path, out: Path) -> Optional[tuple[Path, int]]:
+    """The model at ``path`` with its top-level ``Constant`` tensors turned into initializers, written to
+    ``out`` (None when there are none). Exporters such as Paddle's keep weights in Constant nodes;
+    ORT's quantizers and the float-node search only see initializers as weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    constants = [n for n in model.graph.node if n.op_type == "Constant" and len(n.output) == 1
+                 and any(a.name == "value" for a in n.attribute)]
+    if not constants:
+        return None
+    for node in constants:
+        tensor = next(a.t for a in node.attribute if a.name == "value")
+        array = numpy_helper.to_array(tensor)
+        model.graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
+        model.graph.node.remove(node)
+    onnx.save(model, str(out))
+    return out, len(constants)
+
+
+def _better(a: Measurement, b: Measurement, task: str) -> bool:
+    """Is ``a`` more faithful than ``b`` (agreement first for classifiers, cosine for embeddings)?"""
+    key = (lambda m: (m.cosine_mean, m.agreement)) if task == "embed" else (lambda m: (m.agreement, m.cosine_mean))
+    return key(a) > key(b)
 
 
 def conv_weight_share(path: Path) -> float:
@@ -374,6 +415,17 @@ class QuantizeStep:
     # (builder.compression.gptq) instead of each weight to its nearest level; same graph and speed.
     weight_rounding: str = "nearest"
     gptq_damp: float = 0.01
+    # 7-bit weights: ORT's remedy for U8S8 saturation (VPMADDUBSW) on x86 without VNNI
+    reduce_range: bool = False
+    # static only: per-channel mean output error of each int8 layer on the calibration data taken out
+    # of its bias (builder.compression.bias_correction)
+    bias_correction: bool = False
+    # "keep_best": a result under the fidelity floor is kept (the most faithful one), with the gap in
+    # the step's warnings, instead of refused; the evaluation flags it
+    on_floor_miss: str = "refuse"
+    # a folder where static activation ranges are cached per (model, calibration, op types): the int8
+    # step's candidates share them instead of calibrating again (minutes per histogram calibration)
+    calibration_cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
@@ -395,6 +447,8 @@ class QuantizeStep:
                              f"{', '.join(WEIGHT_ROUNDINGS)}")
         if self.weight_rounding == "gptq" and self.mode == "fp16":
             raise UsageError("weight_rounding = 'gptq' rounds int8 weights; use it with mode 'dynamic' or 'static'")
+        if self.on_floor_miss not in FLOOR_MISS:
+            raise UsageError(f"on_floor_miss {self.on_floor_miss!r} is unknown; use one of {', '.join(FLOOR_MISS)}")
         if not 0.0 < self.gptq_damp < 1.0:
             raise UsageError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
         if self.max_kept < 0 or self.eval_samples < 2 or self.calibration_samples < 1 or self.latency_confirmations < 0:
@@ -402,7 +456,7 @@ class QuantizeStep:
                              "calibration_samples >= 1")
 
     def requires_data(self) -> bool:
-        return (self.mode == "static" or self.target_cosine is not None or self.target_agreement is not None
+        return (self.mode == "static" or self.bias_correction or self.target_cosine is not None or self.target_agreement is not None
                 or self.weight_rounding == "gptq")
 
     # -- main ---------------------------------------------------------------------------------------
@@ -436,6 +490,10 @@ class QuantizeStep:
             prepared, why = preprocess(source, workdir / "preprocessed.onnx")
             if why:
                 warnings.append(why)
+        converted = constants_as_initializers(prepared, workdir / "initializers.onnx")
+        if converted is not None:
+            prepared, count = converted
+            facts["constants_to_initializers"] = count
         reference = run_model(source, evals)
         task = ctx.task
         feed = {k: v[:1] for k, v in evals[0].items()}
@@ -458,56 +516,128 @@ class QuantizeStep:
             # Once per step, not per quantize call: mixed precision quantizes again for every probe.
             calib = fit_histogram_memory(prepared, calib)
         rejected: list[dict[str, Any]] = []
+        best_miss: Optional[tuple[Measurement, Path, str, list[str], Any, Optional[list[dict[str, Any]]]]] = None
         for mode in order:
             out = workdir / f"{mode}.onnx"
-            rounding = self._quantize(mode, prepared, out, self.keep_float, calib, hessians)
+            rounding = self._quantize(mode, prepared, out, self.keep_float, calib, hessians, source)
             measured = self._measure(source, out, reference, evals, feed, task, mode)
+            kept = list(self.keep_float)
+            ranking: Optional[list[dict[str, Any]]] = None
             problem = self._trap(measured, mode)
+            # The sensitivity search starts from the all-int8 result even when that misses the floor:
+            # keeping a few nodes in float is exactly what can lift it back over.
+            if self._short_of_target(measured) and not self._slow(measured, mode):
+                out, measured, kept, ranking, mixed_rounding = self._mixed_precision(
+                    mode, workdir, prepared, source, reference, evals, calib, feed, task, measured, hessians)
+                rounding = mixed_rounding or rounding
+                problem = self._trap(measured, mode)
             if problem:
                 rejected.append({"mode": mode, "reason": problem, **measured.as_dict()})
+                if self.on_floor_miss == "keep_best":
+                    # never slower than the input without saying so: a slow result is kept only when
+                    # nothing faster came, and its warning says how slow
+                    rank = (self._slow(measured, mode), best_miss is not None and self._slow(best_miss[0], best_miss[2]))
+                    if best_miss is None or rank[0] < rank[1] or (rank[0] == rank[1]
+                                                                  and _better(measured, best_miss[0], task)):
+                        kept_out = workdir / f"{mode}-best-miss.onnx"
+                        out.replace(kept_out)
+                        best_miss = (measured, kept_out, mode, kept, rounding, ranking)
+                    continue
                 if self.mode != "auto":
                     raise CompressionError(f"{mode} quantization refused: {problem}; "
                                            f"{self._advice(mode)}")
                 log.warning("auto quantization: %s rejected (%s)", mode, problem)
                 continue
-            kept = list(self.keep_float)
-            if self._short_of_target(measured):
-                out, measured, kept, ranking, mixed_rounding = self._mixed_precision(
-                    mode, workdir, prepared, source, reference, evals, calib, feed, task, measured, hessians)
-                rounding = mixed_rounding or rounding
-                facts["sensitivity"] = ranking
-                if self._short_of_target(measured):
-                    warnings.append(f"fidelity target not reached with {len(kept)} nodes kept in float "
-                                    f"(cosine {measured.cosine_mean:.4f}, agreement {measured.agreement:.3f}); "
-                                    "raise max_kept or lower the target")
-            if mode == "fp16" and measured.latency_ratio > 1.0:
-                warnings.append(f"fp16 runs {measured.latency_ratio:.2f}x the input's latency on this CPU "
-                                "(expected: CPUs without fp16 units gain size, not speed)")
-            final = workdir / "model.onnx"
-            out.replace(final)
-            facts.update(mode=mode, kept_float=kept, rejected=rejected, **measured.as_dict())
-            if rounding is not None:
-                facts.update(rounding.as_facts())
-            precision = "fp16" if mode == "fp16" else ("mixed" if kept else "int8")
-            return dataclasses.replace(state, onnx_path=final, precision=precision), StepRecord(
-                step=self.name, params=dataclasses.asdict(self), facts=facts, warnings=tuple(warnings))
+            return self._accept(state, mode, out, workdir, measured, kept, rounding, ranking, rejected, facts,
+                                warnings)
+        if best_miss is not None:
+            measured, out, mode, kept, rounding, ranking = best_miss
+            gap = self._floor_gap(measured)
+            if gap:
+                warnings.append(f"fidelity floor missed, best result kept: {gap}")
+                facts["floor_missed"] = gap
+            if self._slow(measured, mode):
+                warnings.append(f"{mode} int8 runs {measured.latency_ratio:.2f}x the input's latency on this CPU; "
+                                "kept because no faster int8 result came (check_latency measures the host)")
+                facts["slower_than_input"] = round(measured.latency_ratio, 3)
+            return self._accept(state, mode, out, workdir, measured, kept, rounding, ranking, rejected, facts,
+                                warnings)
         reasons = "; ".join(f"{r['mode']}: {r['reason']}" for r in rejected)
         raise CompressionError(f"no quantization mode gave an acceptable model ({reasons}); "
                                "keep the model in float or keep sensitive nodes with keep_float")
 
+    def _accept(self, state: ModelState, mode: str, out: Path, workdir: Path, measured: Measurement,
+                kept: list[str], rounding: Any, ranking: Optional[list[dict[str, Any]]],
+                rejected: list[dict[str, Any]], facts: dict[str, Any], warnings: list[str]
+                ) -> tuple[ModelState, StepRecord]:
+        if ranking is not None:
+            facts["sensitivity"] = ranking
+            if self._short_of_target(measured):
+                if not ranking:
+                    warnings.append("fidelity target not reached and no node can be kept in float: no weighted "
+                                    f"node ({', '.join(WEIGHTED_OPS)}) has a constant weight in this graph")
+                else:
+                    warnings.append(f"fidelity target not reached with {len(kept)} nodes kept in float "
+                                    f"(cosine {measured.cosine_mean:.4f}, agreement {measured.agreement:.3f}); "
+                                    + ("raise max_kept or lower the target" if len(ranking) > self.max_kept
+                                       else "every candidate node was tried; lower the target"))
+        if mode == "fp16" and measured.latency_ratio > 1.0:
+            warnings.append(f"fp16 runs {measured.latency_ratio:.2f}x the input's latency on this CPU "
+                            "(expected: CPUs without fp16 units gain size, not speed)")
+        final = workdir / "model.onnx"
+        out.replace(final)
+        facts.update(mode=mode, kept_float=kept, rejected=rejected, **measured.as_dict())
+        if rounding is not None:
+            facts.update(rounding.as_facts() if hasattr(rounding, "as_facts") else rounding)
+        precision = "fp16" if mode == "fp16" else ("mixed" if kept else "int8")
+        return dataclasses.replace(state, onnx_path=final, precision=precision), StepRecord(
+            step=self.name, params=dataclasses.asdict(self), facts=facts, warnings=tuple(warnings))
+
+    def _floor_gap(self, measured: Measurement) -> str:
+        """One line: which floor was missed and by how much."""
+        parts = []
+        if measured.cosine_mean < self.min_cosine:
+            parts.append(f"cosine {measured.cosine_mean:.4f} < {self.min_cosine:g} "
+                         f"(gap {self.min_cosine - measured.cosine_mean:.4f})")
+        if measured.agreement < self.min_agreement:
+            parts.append(f"agreement {measured.agreement:.3f} < {self.min_agreement:g} "
+                         f"(gap {self.min_agreement - measured.agreement:.3f})")
+        return "; ".join(parts)
+
+    def _slow(self, measured: Measurement, mode: str) -> bool:
+        return mode != "fp16" and self.check_latency and measured.latency_ratio > self.max_latency_ratio
+
     # -- pieces --------------------------------------------------------------------------------------
     def _quantize(self, mode: str, prepared: Path, out: Path, exclude: Sequence[str],
-                  calib: list[dict[str, np.ndarray]], hessians: Any = None) -> Any:
-        """``quantize_to`` with this step's settings, then GPTQ rounding when ``hessians`` are given."""
+                  calib: list[dict[str, np.ndarray]], hessians: Any = None, float_path: Optional[Path] = None) -> Any:
+        """``quantize_to`` with this step's settings, then GPTQ rounding when ``hessians`` are given and
+        bias correction (static only) when ``float_path`` is given and the step asks for it."""
         quantize_to(mode, prepared, out, per_channel=self.per_channel, exclude=exclude,
                     calibration=self.calibration, activation_type=self.activation_type,
                     weight_type=self.weight_type, calibration_batches=calib, op_types=self.op_types,
-                    weight_types=self.weight_types if mode == "dynamic" else None)
-        if hessians is None or mode == "fp16":
-            return None
-        from builder.compression.gptq import round_weights
+                    weight_types=self.weight_types if mode == "dynamic" else None, reduce_range=self.reduce_range,
+                    calibration_cache=self._range_cache(prepared) if mode == "static" else None)
+        facts: dict[str, Any] = {}
+        if hessians is not None and mode != "fp16":
+            from builder.compression.gptq import round_weights
 
-        return round_weights(out, hessians, self.gptq_damp)
+            facts.update(round_weights(out, hessians, self.gptq_damp).as_facts())
+        if self.bias_correction and mode == "static" and float_path is not None and calib:
+            from builder.compression.bias_correction import correct_biases
+
+            facts.update(correct_biases(prepared, out, calib).as_facts())
+        return facts or None
+
+    def _range_cache(self, prepared: Path) -> Optional[Path]:
+        if self.calibration_cache_dir is None:
+            return None
+        import hashlib
+
+        digest = hashlib.sha256(Path(prepared).read_bytes())
+        digest.update(f"|{self.calibration}|{sorted(self.op_types)}|{self.activation_type}".encode())
+        folder = Path(self.calibration_cache_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"ranges-{digest.hexdigest()[:16]}.json"
 
     def _measure(self, source: Path, out: Path, reference: np.ndarray, evals: list[dict[str, np.ndarray]],
                  feed: dict[str, np.ndarray], task: str, mode: str) -> Measurement:
@@ -568,7 +698,7 @@ class QuantizeStep:
         for entry in ranking[: self.max_kept]:
             kept.append(entry["node"])
             out = workdir / f"{mode}_keep{len(kept)}.onnx"
-            rounding = self._quantize(mode, prepared, out, kept, calib, hessians)
+            rounding = self._quantize(mode, prepared, out, kept, calib, hessians, source)
             best_out, best = out, self._measure(source, out, reference, evals, feed, task, mode)
             if not self._short_of_target(best):
                 break

@@ -30,10 +30,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-QUANTIZE_SHORTCUTS: dict[str, dict[str, Any]] = {
-    "int8": {"mode": "dynamic", "per_channel": True},
-    "int8-static": {"mode": "static", "per_channel": True, "calibration": "minmax"},
-    "fp16": {"mode": "fp16"},
+# --quantize NAME -> (step, parameters). "int8" is the best int8 the engine knows for the model's
+# class and the target CPU (builder.compression.int8_auto); the others force one mode.
+QUANTIZE_SHORTCUTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "int8": ("int8", {}),
+    "int8-static": ("quantize", {"mode": "static", "per_channel": True, "calibration": "minmax"}),
+    "int8-dynamic": ("quantize", {"mode": "dynamic", "per_channel": True}),
+    "fp16": ("quantize", {"mode": "fp16"}),
 }
 
 
@@ -114,10 +117,12 @@ class Recipe:
     def from_shortcuts(quantize: Optional[str] = None, prune: Optional[float] = None,
                        prune_channels: Optional[float] = None, cluster: Optional[int] = None,
                        distill_from: Optional[str] = None, lowrank: Optional[float] = None,
-                       torch_available: bool = True) -> "Recipe":
+                       torch_available: bool = True, target_cpu: Optional[Mapping[str, Any]] = None) -> "Recipe":
         """The CLI's shortcut flags as a recipe, in a sensible order: distillation, structured
         pruning, low-rank, unstructured pruning, clustering (PyTorch), then quantization (ONNX).
-        For an ONNX-only model (``torch_available=False``) ``prune`` maps to ``prune_onnx``."""
+        For an ONNX-only model (``torch_available=False``) ``prune`` maps to ``prune_onnx``.
+        ``target_cpu`` (``{"arch": ..., "dot_product": ...}``, from a device profile) tells ``int8`` which
+        CPU to choose op formats for; None = this host."""
         specs: list[StepSpec] = []
         if distill_from is not None:
             specs.append(StepSpec("distill", {"teacher": distill_from}))
@@ -134,7 +139,11 @@ class Recipe:
         if quantize is not None:
             if quantize not in QUANTIZE_SHORTCUTS:
                 raise UsageError(f"unknown --quantize '{quantize}'; use one of {sorted(QUANTIZE_SHORTCUTS)}")
-            specs.append(StepSpec("quantize", dict(QUANTIZE_SHORTCUTS[quantize])))
+            step, params = QUANTIZE_SHORTCUTS[quantize]
+            params = dict(params)
+            if step == "int8" and target_cpu:
+                params.update({k: v for k, v in target_cpu.items() if k in ("arch", "dot_product")})
+            specs.append(StepSpec(step, params))
         if not specs:
             raise UsageError("nothing to do: pass --recipe or a shortcut (--quantize, --prune, --prune-channels, "
                              "--cluster, --lowrank, --distill-from)")

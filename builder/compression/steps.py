@@ -9,7 +9,9 @@ from __future__ import annotations
 from builder.compression.channel_pruning import ChannelPruneStep
 from builder.compression.clustering import ClusterStep
 from builder.compression.distillation import DistillStep
+from builder.compression.equalization import EqualizeStep
 from builder.compression.fusion import FoldStep, OptimizeGraphStep
+from builder.compression.int8_auto import Int8Step
 from builder.compression.lowrank import LowRankStep
 from builder.compression.onnx_pruning import OnnxPruneStep
 from builder.compression.pruning import PruneStep
@@ -26,5 +28,7 @@ STEPS: dict[str, type] = {
     "fold": FoldStep,
     "optimize_graph": OptimizeGraphStep,
     "smooth": SmoothStep,
+    "equalize": EqualizeStep,
     "quantize": QuantizeStep,
+    "int8": Int8Step,
 }

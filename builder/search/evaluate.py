@@ -120,6 +120,7 @@ class EngineEvaluator:
     def __init__(self, setup: EvaluationSetup) -> None:
         from builder.compression.data import DataSource
         from builder.compression.evaluate import EvalConfig, baseline_evaluation
+        from builder.compression.int8_auto import detect_model_class
         from builder.compression.steps import STEPS
         from builder.profiles import get_profile
 
@@ -158,6 +159,8 @@ class EngineEvaluator:
             available_steps=frozenset(STEPS),
             has_matmul=_has_matmul(self.model.onnx_path),
             training_steps=_training_steps(STEPS),
+            conv_heavy=detect_model_class(self.model.onnx_path).kind == "cnn",
+            target_cpu={"arch": self.profile.arch, "dot_product": self.profile.dot_product},
         )
 
     def close(self) -> None:

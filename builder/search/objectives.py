@@ -267,6 +267,16 @@ def objective_values(metrics: CandidateMetrics, calibration: Calibration, use_ac
     return (1.0 - quality_of(metrics, use_accuracy), latency, float(metrics.download_bytes), energy)
 
 
+def check_targets_against_data(targets: Targets, has_labels: bool) -> None:
+    """Refuse targets the data cannot measure, before the search spends any time on them."""
+    needs = [name for name, value in (("--max-accuracy-drop", targets.max_accuracy_drop),
+                                      ("--min-accuracy", targets.min_accuracy)) if value is not None]
+    if needs and not has_labels:
+        raise UsageError(f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} labels in --data (key 'y'), "
+                         "and this data has none; "
+                         "use --min-fidelity (agreement with the original model) without labels")
+
+
 def constraint_values(metrics: CandidateMetrics, targets: Targets, baseline: Baseline,
                       calibration: Calibration) -> dict[str, float]:
     """Normalised violation per active constraint: ``<= 0`` met, ``0.25`` = 25 % beyond the target.

@@ -41,6 +41,7 @@ from builder.search.objectives import (
     ScoredCandidate,
     Targets,
     calibration_from_measurements,
+    check_targets_against_data,
     constraint_values,
     objective_values,
     score,
@@ -231,6 +232,22 @@ def _objective(config: SearchConfig, evaluator: CandidateEvaluator, space: Searc
     def objective(trial: Any) -> tuple[float, ...]:
         values = space.sample(trial)
         steps = space.steps(values)
+        try:
+            return evaluate_trial(trial, steps)
+        except (optuna.TrialPruned, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # every failed trial keeps its reason (report.json "failed", the console)
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            trial.set_user_attr("error", f"{type(exc).__name__}: {message}")
+            log.warning("trial %d failed (%s): %s", trial.number, describe(steps), message)
+            if isinstance(exc, DeviceUnavailableError):
+                counters.device_lost = exc
+                trial.study.stop()  # every later trial would wait for it too
+            if isinstance(exc, BuilderError):
+                raise
+            raise SearchError(f"trial {trial.number} failed: {type(exc).__name__}: {message}") from exc
+
+    def evaluate_trial(trial: Any, steps: tuple[dict[str, Any], ...]) -> tuple[float, ...]:
         recipe_text = canonical(steps)
         key = cache_key(evaluator.model_hash, context_hash, recipe_text)
         trial.set_user_attr("steps", [dict(s) for s in steps])
@@ -261,14 +278,6 @@ def _objective(config: SearchConfig, evaluator: CandidateEvaluator, space: Searc
                 counters.evaluations += 1
                 cache.put_stopped(key, stop.accuracy, stop.fidelity, stop.reason)
                 _prune(trial, names, stop.reason, cache_hit=False)
-            except BuilderError as exc:
-                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                trial.set_user_attr("error", message)
-                log.warning("trial %d failed (%s): %s", trial.number, describe(steps), message)
-                if isinstance(exc, DeviceUnavailableError):
-                    counters.device_lost = exc
-                    trial.study.stop()  # every later trial would wait for it too
-                raise
             seconds = time.perf_counter() - started
             counters.evaluations += 1
             cache.put(key, evaluator.model_hash, recipe_text, metrics, seconds)
@@ -417,6 +426,7 @@ def run_search(config: SearchConfig, on_progress: Optional[Callable[[Progress], 
             device.close()
         raise
     try:
+        check_targets_against_data(config.targets, evaluator.use_accuracy)  # before any trial, not inside each
         space = build_space(evaluator.space_options)
         if not space.parameters:
             raise SearchError("nothing to search: no compression step applies to this model "

@@ -23,6 +23,9 @@ from typing import Any, Mapping, Optional, Protocol, Sequence
 
 TORCH_ORDERS = ("channels_then_lowrank", "lowrank_then_channels")
 QUANT_MODES = ("none", "dynamic", "static", "fp16")
+# "int8": the engine's best int8 for the model's class and the target CPU (builder.compression.int8_auto);
+# it brings its own graph steps (fold / transformer fusions, smoothing) and picks its own settings.
+AUTO_INT8 = "int8"
 # "recover": distil the compressed model from the original after structural steps;
 # "student": start from a half-width student derived from the teacher's weights.
 DISTILL_MODES = ("off", "recover", "student")
@@ -55,6 +58,9 @@ class SpaceOptions:
     # Steps whose default parameters train (so they need --train-data); probed from the engine.
     training_steps: frozenset[str] = frozenset({"distill"})
     keep_float_counts: tuple[int, ...] = (0, 1, 2, 4, 8)
+    conv_heavy: bool = False  # Conv holds most weights: dynamic int8 (ConvInteger) is a known trap there
+    # the device profile's CPU, for the int8 step's op formats: {"arch": "aarch64", "dot_product": False}
+    target_cpu: Optional[Mapping[str, Any]] = None
 
 
 class Suggester(Protocol):
@@ -121,7 +127,7 @@ def build_space(options: SpaceOptions) -> SearchSpace:
     if len(graph_choices) > 1:
         params.append(Choice("graph", graph_choices))
     if "quantize" in have:
-        params.append(Choice("quant_mode", QUANT_MODES))
+        params.append(Choice("quant_mode", ((AUTO_INT8,) if AUTO_INT8 in have else ()) + QUANT_MODES))
         params.append(Choice("calibration", CALIBRATIONS))
         params.append(Choice("per_channel", (True, False)))
         params.append(Choice("keep_float", options.keep_float_counts))
@@ -135,8 +141,9 @@ def build_space(options: SpaceOptions) -> SearchSpace:
 def starting_points(space: SearchSpace) -> list[dict[str, Any]]:
     """The study's first trials: a small designed experiment before the sampler takes over.
 
-    One point per quantization mode at the engine's recommended settings and nothing else switched
-    on — the graph step that fits the model (transformer fusions for MatMul models, else fold),
+    First the engine's class recipe (``int8``: what ``--quantize int8`` does for this model and the
+    profile's CPU), then one point per quantization mode at the engine's recommended settings and nothing else switched
+    on (dynamic int8 left out for Conv-heavy models) — the graph step that fits the model (transformer fusions for MatMul models, else fold),
     for int8 modes per-channel weights and, on MatMul models, smoothing 0.85 with uint8 weights
     rounded by GPTQ (what measured most faithful on MiniLM) and, for dynamic int8, a second point
     with uint8 only for the fused attention (faster, slightly less faithful) — plus the graph step alone. NSGA-II's random
@@ -158,7 +165,10 @@ def starting_points(space: SearchSpace) -> list[dict[str, Any]]:
         graph = "transformer" if matmul and "transformer" in choices["graph"] else "fold"
         base["graph"] = graph if graph in choices["graph"] else "none"
     points = []
-    for mode in choices.get("quant_mode", ("none",)):
+    modes = list(choices.get("quant_mode", ("none",)))
+    if space.options.conv_heavy and AUTO_INT8 in modes:
+        modes.remove("dynamic")  # ConvInteger: ~8x slower than float on an EfficientNet-class CNN
+    for mode in modes:
         point = dict(base, quant_mode=mode)
         if mode in ("dynamic", "static"):
             point.update(per_channel=True, keep_float=0, calibration="minmax")
@@ -206,11 +216,14 @@ def assemble_steps(values: Mapping[str, Any], options: SpaceOptions) -> tuple[di
     elif values.get("use_prune"):
         steps.append({"type": "prune_onnx", "sparsity": float(values["sparsity"])})
     graph = values.get("graph", "none")
+    mode = values.get("quant_mode", "none")
+    if mode == AUTO_INT8:  # brings its own fold / fusions / smoothing
+        steps.append({"type": AUTO_INT8, **dict(options.target_cpu or {})})
+        return tuple(steps)
     if graph == "fold":
         steps.append({"type": "fold"})
     elif graph == "transformer":  # ORT's BERT fusions (attention, LayerNorm, GELU); heads/hidden detected
         steps.append({"type": "optimize_graph", "level": "basic", "bert_fusions": True})
-    mode = values.get("quant_mode", "none")
     if mode in ("dynamic", "static"):
         if values.get("use_smooth"):
             steps.append({"type": "smooth", "alpha": float(values["smooth_alpha"])})

@@ -83,7 +83,7 @@ def choose_target(profile: Any, runtime: str | None, precision: str | None, fmt:
         precision = "fp16"
     implicit = None
     if runtime == "onnxruntime" and precision == "int8" and not has_recipe:
-        implicit = "int8-static" if has_data else "int8"  # static QDQ is the fast int8 for CNNs (FACTS.md)
+        implicit = "int8" if has_data else "int8-dynamic"  # int8 picks by model class; needs data for CNNs
     if runtime == "onnxruntime" and precision == "fp16":
         raise UsageError("ONNX Runtime's CPU EP gains nothing from fp16; use --precision fp32 or int8 for onnxruntime "
                          "(fp16 is for --runtime onnxruntime-tensorrt or litert)")
@@ -163,7 +163,8 @@ def build_for_profile(model: str, profile: str, *, recipe: Path | None = None, q
                 recipe_obj = Recipe.from_toml(Path(recipe))
             else:
                 recipe_obj = Recipe.from_shortcuts(quantize=quantize or choice.implicit_quantize, prune=prune,
-                                                   torch_available=loaded.torch_module is not None)
+                                                   torch_available=loaded.torch_module is not None,
+                                                   target_cpu={"arch": prof.arch, "dot_product": prof.dot_product})
         recipe_dict = recipe_obj.to_dict() if recipe_obj is not None else {}
         specs = tuple(TensorSpec(s.name, tuple(s.shape), s.dtype) for s in loaded.inputs)
         base = BuildModel(name=name or loaded.name, version=version, onnx_path=loaded.onnx_path, inputs=specs,

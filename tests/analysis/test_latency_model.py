@@ -70,3 +70,23 @@ def test_faster_profile_gives_lower_latency(profiles):
     assert estimate_latency(stats, doubled).latency_ms == pytest.approx(slow.latency_ms / 2)
     with pytest.raises(ValueError):
         estimate_latency(stats, pi4, "int4")
+
+
+def test_native_precisions_follow_the_profiles(profiles):
+    assert profiles["raspberry-pi-4"].native_precisions == ("fp32", "int8")  # Cortex-A72: no fp16 arithmetic
+    assert "fp16" in profiles["raspberry-pi-5"].native_precisions
+    assert "fp16" in profiles["jetson-nano"].native_precisions  # on its GPU
+    assert not profiles["raspberry-pi-4"].dot_product and profiles["raspberry-pi-5"].dot_product
+
+
+@pytest.mark.parametrize("macs", [10**6, 10**9])  # memory-bound and compute-bound
+def test_int8_ranks_over_fp16_on_raspberry_pi_4(profiles, macs):
+    pi4, pi5 = profiles["raspberry-pi-4"], profiles["raspberry-pi-5"]
+    stats = one_layer(macs=macs, params=500_000, activation_bytes=400_000, op="Conv")
+    fp32, fp16, int8 = (estimate_latency(stats, pi4, p).latency_ms for p in ("fp32", "fp16", "int8"))
+    assert int8 < fp32 < fp16  # fp16 runs fp32 kernels behind Casts on a CPU without fp16 arithmetic
+    # the same holds for a graph built in fp16 (as-built estimate)
+    built_fp16 = one_layer(macs=macs, params=500_000, activation_bytes=200_000, op="Conv", precision="fp16")
+    assert estimate_latency(built_fp16, pi4).latency_ms > estimate_latency(stats, pi4).latency_ms
+    # a Pi 5 (Armv8.2, fp16 arithmetic) gains from fp16
+    assert estimate_latency(stats, pi5, "fp16").latency_ms < estimate_latency(stats, pi5, "fp32").latency_ms

@@ -145,3 +145,15 @@ def test_bad_input_exits_non_zero_with_one_line_and_no_out_dir(_builder, onnx_mo
     assert lines[-1].startswith("builder: error:") and fragment in lines[-1], proc.stderr
     assert "Traceback" not in proc.stderr and not any(line.startswith("builder: error:") for line in lines[:-1])
     assert not out.exists()
+
+
+@pytest.mark.slow  # the int8 step tries its calibrations and levers (~30-60 s on the digits CNN here)
+def test_quantize_int8_on_a_conv_net_says_which_recipe_and_why(_builder, onnx_model_and_data, tmp_path: Path) -> None:
+    model, data = onnx_model_and_data
+    out = tmp_path / "out"
+    proc = _builder(str(model), "--data", str(data), "--quantize", "int8", "--out", str(out), "--latency-runs", "5")
+    assert proc.returncode == 0, proc.stderr
+    chose = [line for line in proc.stderr.splitlines() if line.startswith("chose int8 recipe")]
+    assert len(chose) == 1 and "static QDQ" in chose[0] and "cnn" in chose[0] and "CPU" in chose[0]
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"][0]["step"] == "int8" and report["steps"][0]["facts"]["mode"] == "static"

@@ -70,7 +70,7 @@ def test_training_step_without_train_data_is_refused() -> None:
     Recipe.from_shortcuts(prune=0.5).validate(torch_available=True, has_data=False, has_train_data=False)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int8-static", "fp16"])
+@pytest.mark.parametrize("mode", ["int8-dynamic", "int8-static", "fp16"])
 def test_quantize_shortcuts_match_the_registered_quantize_step(mode: str) -> None:
     from builder.compression.steps import STEPS
 
@@ -80,7 +80,12 @@ def test_quantize_shortcuts_match_the_registered_quantize_step(mode: str) -> Non
             recipe.build_steps()
         return
     (step,) = recipe.build_steps()
-    assert step.mode == {"int8": "dynamic", "int8-static": "static", "fp16": "fp16"}[mode]
+    assert step.mode == {"int8-dynamic": "dynamic", "int8-static": "static", "fp16": "fp16"}[mode]
+
+
+def test_int8_shortcut_is_the_auto_step_with_the_target_cpu() -> None:
+    (step,) = Recipe.from_shortcuts(quantize="int8", target_cpu={"arch": "aarch64", "dot_product": False}).build_steps()
+    assert (step.name, step.arch, step.dot_product) == ("int8", "aarch64", False)
 
 
 def test_unknown_quantize_shortcut_is_refused() -> None:

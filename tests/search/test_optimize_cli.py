@@ -99,3 +99,15 @@ def test_ladder_without_signing_key_is_refused_up_front(tmp_path, digits_data):
     result = _optimize(digits_data, tmp_path / "run", tmp_path / "home", "--max-accuracy-drop", "1%")
     assert result.returncode == 2
     assert "no signing key" in result.stderr and "--no-ladder" in result.stderr
+
+
+def test_accuracy_target_on_unlabelled_npz_is_refused_before_loading_the_model(tmp_path):
+    import numpy as np
+
+    data = tmp_path / "unlabelled.npz"
+    np.savez(data, x=np.zeros((4, 1, 8, 8), np.float32))
+    out = tmp_path / "out"
+    proc = _optimize(data, out, tmp_path / "home", "--max-accuracy-drop", "1%", "--no-ladder")
+    assert proc.returncode != 0
+    assert "--max-accuracy-drop needs labels in --data" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()  # nothing ran, nothing written

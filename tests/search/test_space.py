@@ -129,4 +129,7 @@ def test_starting_points_are_valid_recipes_one_per_quantization_mode():
     cnn = build_space(SpaceOptions(torch_available=True, has_train_data=False, available_steps=ALL, has_matmul=False))
     for point in starting_points(cnn):  # no MatMuls: fold, no smoothing, int8 weights
         steps = cnn.steps(cnn.sample(fixed(point)))
+        if point["quant_mode"] == "int8":  # the class recipe brings its own fold
+            assert [s["type"] for s in steps] == ["int8"]
+            continue
         assert steps[0]["type"] == "fold" and "smooth" not in {s["type"] for s in steps}

@@ -14,8 +14,8 @@ def _triple(choice: TargetChoice) -> tuple[str, str, str]:
 
 def test_profile_defaults_and_overrides():
     pi, jetson, nano, android = (get_profile(n) for n in ("raspberry-pi-4", "jetson-orin-nano", "jetson-nano", "android-arm64"))
-    assert choose_target(pi, None, None, None, False, True) == TargetChoice("onnxruntime", "int8", "ort", "int8-static")
-    assert choose_target(pi, None, None, None, False, False).implicit_quantize == "int8"
+    assert choose_target(pi, None, None, None, False, True) == TargetChoice("onnxruntime", "int8", "ort", "int8")
+    assert choose_target(pi, None, None, None, False, False).implicit_quantize == "int8-dynamic"
     assert choose_target(pi, None, "fp32", None, False).implicit_quantize is None
     assert _triple(choose_target(jetson, None, None, None, False)) == ("onnxruntime-tensorrt", "fp16", "onnx")
     assert _triple(choose_target(android, None, None, None, False)) == ("litert", "int8", "tflite")
@@ -33,8 +33,9 @@ def test_pi_default_build_quantizes_verifies_and_is_reused(digits_npz, keys, tmp
     kwargs = dict(input_shapes="1x1x8x8", data=digits_npz, registry_dir=home, key_dir=keys_dir)
     first = build_for_profile("builder.zoo.digits_cnn:trained", "raspberry-pi-4", **kwargs)
     m = first.manifest
-    assert (m.target.runtime, m.target.precision, m.target.format) == ("onnxruntime", "int8", "ort")
-    assert m.recipe["step"][0]["type"] == "quantize" and m.metrics["accuracy"] >= 0.9
+    # int8's CNN recipe may keep the stem / classifier in float: "mixed" is int8 with float nodes
+    assert (m.target.runtime, m.target.format) == ("onnxruntime", "ort") and m.target.precision in ("int8", "mixed")
+    assert m.recipe["step"][0]["type"] == "int8" and m.metrics["accuracy"] >= 0.9
     assert m.metrics["size_bytes"] < 0.5 * 270_000  # int8 weights vs ~270 KB fp32
     again = build_for_profile("builder.zoo.digits_cnn:trained", "raspberry-pi-4", **kwargs)
     assert again.reused and again.artifact_id == first.artifact_id and again.report is None
