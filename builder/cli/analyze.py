@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
             None, "--input-shape", "-s",
             help="Input shapes, e.g. 1x3x224x224 or input_ids=1xseq@128:int64,attention_mask=1xseq@128:int64 "
                  "(NAME@N keeps an axis dynamic in the export). Needed for PyTorch models and dynamic ONNX dims."),
-        device: Optional[str] = typer.Option(None, "--device", "-d", help="Only this device profile (default: all)."),
+        device: Optional[str] = typer.Option(None, "--profile", "-p", "--device", "-d", help="Only this device profile (default: all)."),
         profiles_dir: Optional[list[Path]] = typer.Option(None, "--profiles-dir", help="Extra directory of profile TOML files (also $EDGEFLEET_PROFILES)."),
         as_json: bool = typer.Option(False, "--json", help="Print the whole analysis as JSON."),
         top: int = typer.Option(25, "--top", help="Rows of the layer table: the layers with most MACs (0 = all)."),

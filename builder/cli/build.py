@@ -57,6 +57,7 @@ def register(app: typer.Typer) -> None:
         quantize: Optional[str] = typer.Option(None, "--quantize", help="Shortcut: int8 | int8-static | fp16."),
         prune: Optional[float] = typer.Option(None, "--prune", help="Shortcut: unstructured sparsity, e.g. 0.5."),
         data: Optional[str] = typer.Option(None, "--data", help=".npz (input arrays by name or 'x', labels 'y') or package.module:function."),
+        train_data: Optional[str] = typer.Option(None, "--train-data", help="Training data for a recipe that fine-tunes or distils (as for `builder compress`)."),
         out: Optional[Path] = typer.Option(None, "--out", help="Also write the artifact directory here."),
         name: Optional[str] = typer.Option(None, "--name", help="Model name in the manifest (default: from the source)."),
         version: str = typer.Option("1", "--version", help="Model version in the manifest."),
@@ -74,16 +75,18 @@ def register(app: typer.Typer) -> None:
 
         from rich.console import Console
 
+        from builder.compression.recipe import resolve_recipe
         from builder.targets.profile_build import build_for_profile
 
         console = Console(stderr=True)
         logging.getLogger("builder").setLevel(logging.WARNING)
         with console.status("building") as status:
-            result = build_for_profile(model, device_profile, recipe=recipe, quantize=quantize, prune=prune,
+            result = build_for_profile(model, device_profile, recipe=resolve_recipe(recipe) if recipe is not None else None, quantize=quantize, prune=prune,
                                        input_shapes=input_shape, data=data, registry_dir=registry_dir, key_dir=key_dir,
                                        runtime=runtime, precision=precision, fmt=fmt, name=name, version=version,
                                        out_dir=out, profiles_dirs=profiles_dir, verify_samples=samples,
-                                       use_cache=not no_cache, on_stage=lambda text: status.update(text))
+                                       use_cache=not no_cache, on_stage=lambda text: status.update(text),
+                                       train_data=train_data)
         if as_json:
             print(json.dumps(result.manifest.to_dict(), indent=2, sort_keys=True))
             return

@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset for exporting PyTorch models."),
     ) -> None:
         """Compress a model with a recipe or shortcut flags; evaluate after every step."""
-        from builder.compression.recipe import Recipe
+        from builder.compression.recipe import Recipe, resolve_recipe
         from builder.errors import UsageError
 
         shortcuts = dict(quantize=quantize, prune=prune, prune_channels=prune_channels, cluster=cluster,
@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"give either --recipe or shortcut flags ({', '.join(given)}), not both")
         if task not in ("auto", "classify", "embed"):
             raise UsageError(f"--task must be auto, classify or embed, got '{task}'")
-        plan = Recipe.from_toml(recipe) if recipe is not None else Recipe.from_shortcuts(**shortcuts)
+        plan = Recipe.from_toml(resolve_recipe(recipe)) if recipe is not None else Recipe.from_shortcuts(**shortcuts)
         plan.build_steps()  # bad step names / parameters fail before the (possibly slow) model load
         _run(model, plan, shortcuts if recipe is None else None, data, train_data, out, input_shape, threads,
              task, timed_runs, opset)

@@ -37,6 +37,30 @@ QUANTIZE_SHORTCUTS: dict[str, dict[str, Any]] = {
 }
 
 
+PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"  # shipped as package data
+
+
+def packaged_recipe_names() -> list[str]:
+    """Names of the recipes shipped in the package (``builder/recipes/NAME.toml``)."""
+    return sorted(p.stem for p in PACKAGED_RECIPES_DIR.glob("*.toml"))
+
+
+def resolve_recipe(arg: str | Path) -> Path:
+    """``--recipe`` value as a file: an existing path, else a packaged recipe's name
+    (``sparse-clustered`` -> ``builder/recipes/sparse-clustered.toml``); else a one-line error
+    listing the packaged names."""
+    path = Path(arg)
+    if path.is_file():
+        return path
+    text = str(arg)
+    name = text[:-5] if text.endswith(".toml") and "/" not in text else text
+    candidate = PACKAGED_RECIPES_DIR / f"{name}.toml"
+    if "/" not in name and candidate.is_file():
+        return candidate
+    raise UsageError(f"--recipe {text}: no such file and no packaged recipe of that name; packaged recipes: "
+                     f"{', '.join(packaged_recipe_names())}")
+
+
 @dataclass(frozen=True)
 class StepSpec:
     """One recipe entry: the step's registry name and its parameters (as written in TOML)."""

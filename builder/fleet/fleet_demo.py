@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from builder.errors import DemoError
 from builder.fleet.child_processes import ChildProcesses
 
 MINILM = "builder.zoo.minilm:minilm"
@@ -58,12 +59,15 @@ class FleetDemo:
     def builder(self, *args: str, capture: bool = False, timeout_s: float = 900) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "builder.cli.main", *args]
         # stdout (tables, progress) shows live unless captured; stderr is kept for the error's reason
-        result = subprocess.run(cmd, env=self.env, timeout=timeout_s, text=True, stderr=subprocess.PIPE,
-                                stdout=subprocess.PIPE if capture else None)
+        try:
+            result = subprocess.run(cmd, env=self.env, timeout=timeout_s, text=True, stderr=subprocess.PIPE,
+                                    stdout=subprocess.PIPE if capture else None)
+        except subprocess.TimeoutExpired as exc:
+            raise DemoError(f"`builder {' '.join(args[:3])}` took longer than {timeout_s:.0f} s") from exc
         if result.returncode != 0:
             errors = [line for line in (result.stderr or "").splitlines() if line.startswith("builder: error:")]
             detail = errors[-1] if errors else (result.stderr or "").strip().splitlines()[-1:]
-            raise RuntimeError(f"`builder {' '.join(args[:3])}` failed (exit {result.returncode}): {detail}")
+            raise DemoError(f"`builder {' '.join(args[:3])}` failed (exit {result.returncode}): {detail}")
         return result
 
     def stage(self, name: str, fn: Callable[[], None]) -> None:
@@ -92,8 +96,9 @@ class FleetDemo:
                     self.say(f"{profile}: LiteRT int8 from the PyTorch model (budget {self.litert_budget_s:.0f} s)")
                     self.artifacts[device] = self._build(MINILM, profile, timeout_s=self.litert_budget_s)
                     self.litert_devices.add(device)
-                except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                    reason = "took longer than the demo's budget" if isinstance(exc, subprocess.TimeoutExpired) else str(exc)
+                except DemoError as exc:
+                    timed_out = isinstance(exc.__cause__, subprocess.TimeoutExpired)
+                    reason = "took longer than the demo's budget" if timed_out else str(exc)
                     self._use_ort_on_android(device, f"the LiteRT build {reason}")
             else:
                 self.say(f"{profile}: the profile's preferred runtime and precision")
@@ -103,7 +108,7 @@ class FleetDemo:
         return str(self.minilm_onnx) if self.minilm_onnx else MINILM
 
     def _build(self, source: str, profile: str, *extra: str, timeout_s: float = 900) -> str:
-        out = self.builder("build", source, "--device-profile", profile, "--input-shape", MINILM_SHAPES,
+        out = self.builder("build", source, "-p", profile, "--input-shape", MINILM_SHAPES,
                            "--verify-samples", "4", *extra, capture=True, timeout_s=timeout_s)
         artifact_id = next(line.split()[-1] for line in out.stdout.splitlines() if line.startswith("artifact id:"))
         summary = [line for line in out.stdout.splitlines() if line.startswith(("verified:", "worst:"))]
@@ -157,7 +162,7 @@ class FleetDemo:
             self.say(f"$ builder push --device {device} --artifact {self.artifacts[device][:12]}")
             try:
                 self.builder("push", "--device", device, "--artifact", self.artifacts[device], "--benchmark-runs", "20")
-            except RuntimeError as exc:
+            except DemoError as exc:
                 if device not in self.litert_devices:
                     raise
                 # the device refused the LiteRT model (it keeps no model): give it the ORT build instead
@@ -272,8 +277,13 @@ def demo_stage(ctx: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from builder.cli.errors import guarded
+    from builder.demo_output import FLEET_KEEP, prepare_output_dir
+    from builder.errors import BuilderError
+
     args = sys.argv[1:] if argv is None else argv
-    run_fleet_demo(Path(args[0]) if args else Path("demo-out") / "fleet")
+    out = Path(args[0]) if args else Path("demo-out") / "fleet"
+    guarded(lambda: run_fleet_demo(prepare_output_dir(out, keep=FLEET_KEEP)), (BuilderError,), "fleet_demo")
 
 
 if __name__ == "__main__":

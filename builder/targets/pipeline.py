@@ -139,8 +139,9 @@ def source_fingerprint(source: str, onnx_path: Path, torch_module: Any = None) -
     return digest.hexdigest()
 
 
-def cache_key(model: BuildModel, request: BuildRequest, samples: SampleSet) -> str:
-    """Same source, recipe, profile, runtime/precision/format, options, data and builder -> same key."""
+def cache_key(model: BuildModel, request: BuildRequest, samples: SampleSet, train_data_sha256: str | None = None) -> str:
+    """Same source, recipe, profile, runtime/precision/format, options, data (and training data, for a
+    recipe that trains) and builder -> same key."""
     doc = {
         "source_sha256": model.source_sha256,
         "recipe": dict(model.recipe),
@@ -153,6 +154,8 @@ def cache_key(model: BuildModel, request: BuildRequest, samples: SampleSet) -> s
         "samples": samples.fingerprint(),
         "builder_version": __version__,
     }
+    if train_data_sha256 is not None:  # absent otherwise, so keys of builds without training stay the same
+        doc["train_data"] = train_data_sha256
     return hashlib.sha256(canonical_json(doc)).hexdigest()
 
 

@@ -103,8 +103,11 @@ def build_for_profile(model: str, profile: str, *, recipe: Path | None = None, q
                       name: str | None = None, version: str = "1", out_dir: Path | None = None,
                       profiles_dirs: Sequence[Path] | None = None, verify_samples: int = DEFAULT_VERIFY_SAMPLES,
                       threads: int = 1, use_cache: bool = True, options: Mapping[str, Any] | None = None,
-                      on_stage: Callable[[str], None] | None = None) -> BuildResult:
-    """Load, (compress), build, verify, sign and register ``model`` for ``profile``; see module doc."""
+                      on_stage: Callable[[str], None] | None = None,
+                      train_data: str | Path | None = None) -> BuildResult:
+    """Load, (compress), build, verify, sign and register ``model`` for ``profile``; see module doc.
+    ``train_data`` (.npz or ``package.module:function``) feeds a recipe's training steps (fine-tuning,
+    distillation): a recipe from `builder optimize` that trains needs the same data here."""
     from builder.artifacts.registry import Registry
     from builder.artifacts.signing import key_paths, load_private_key
     from builder.profiles import get_profile
@@ -145,7 +148,14 @@ def build_for_profile(model: str, profile: str, *, recipe: Path | None = None, q
                           source_sha256=source_fingerprint(str(model), loaded.onnx_path, loaded.torch_module),
                           recipe=recipe_dict)
         request = BuildRequest(prof, choice.runtime, choice.precision, choice.format, dict(options or {}))
-        key = cache_key(base, request, samples)
+        train_source, train_sha256 = None, None
+        if train_data is not None:
+            from builder.compression.data import DataSource
+
+            train_source = DataSource.from_arg(str(train_data), loaded.inputs)
+            train_sha256 = samples_from_arrays(train_source.inputs, train_source.labels, len(train_source),
+                                               train_source.origin).fingerprint()
+        key = cache_key(base, request, samples, train_sha256)
         if use_cache:
             cached = reuse_cached(registry, key, out_dir)
             if cached is not None:
@@ -157,7 +167,7 @@ def build_for_profile(model: str, profile: str, *, recipe: Path | None = None, q
 
             stage(f"compressing with {recipe_obj.name or 'recipe'} ({len(recipe_obj.steps)} steps)")
             try:
-                result = run_recipe(loaded, recipe_obj, data=source, train_data=None, out_dir=work / "compressed",
+                result = run_recipe(loaded, recipe_obj, data=source, train_data=train_source, out_dir=work / "compressed",
                                     threads=threads)
             except BuilderError as exc:
                 if not choice.implicit_quantize:

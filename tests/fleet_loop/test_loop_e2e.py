@@ -110,7 +110,7 @@ def windows_since(store, since: float):
 
 def test_throttle_steps_down_then_recovers_without_oscillation(world) -> None:
     from builder.fleet.loop import LoopStateStore, count_changes, loop_events
-    from builder.fleet.loop_demo import LoadGenerator, calibrate_ladder_on_device, summarize_events
+    from builder.fleet.loop_demo import LoadGenerator, calibrate_ladder_on_device, summarize_events, throttled_objective_ms
     from builder.fleet.policy import PolicyStore, load_policy_file, scope_for
     from builder.fleet.store import open_store
 
@@ -132,8 +132,8 @@ def test_throttle_steps_down_then_recovers_without_oscillation(world) -> None:
         wide_start = time.time()
         wait_for(lambda: len(windows_since(store, wide_start)) >= 3, 30, "3 more field windows on the wide rung")
         base = [w.p95_ms for w in windows_since(store, wide_start)]
-        # Halfway (in log space) between the two rungs' p95 once slowed down SLOWDOWN times.
-        objective = round(SLOWDOWN * (est["wide"] * est["narrow"]) ** 0.5, 3)
+        # Halfway (in log space) between the two rungs' p95 predicted for the device slowed down SLOWDOWN times.
+        objective = throttled_objective_ms(rungs, SLOWDOWN)
         policy_file = world["root"] / "policy.toml"
         policy_file.write_text(POLICY.format(objective=objective))
         PolicyStore(store.path).set(scope_for(device_id=DEVICE), load_policy_file(policy_file), now=time.time())
