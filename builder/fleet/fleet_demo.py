@@ -133,7 +133,7 @@ class FleetDemo:
 
     def serve(self) -> None:
         self.children.start("serve", [sys.executable, "-m", "builder.cli.main", "serve", "--port", "0"])
-        self.children.wait_for(lambda: (self.home / "serve.json").is_file(), 60, "builder serve")
+        self.children.wait_for(lambda: (self.home / "serve.json").is_file(), 180, "builder serve")
         url = json.loads((self.home / "serve.json").read_text())["url"]
         self.say(f"`builder serve` running (pid {self.children.procs['serve'].pid}) with the embedded broker on {url}")
 
@@ -155,7 +155,7 @@ class FleetDemo:
 
             with open_store(self.home) as store:
                 return all(store.device(d).online for d in DEVICES if store.find_device(d))
-        self.children.wait_for(online, 90, "three agents online")
+        self.children.wait_for(online, 240, "three agents online")  # start-up only: generous on a loaded host
 
     def push(self) -> None:
         for device in DEVICES:
