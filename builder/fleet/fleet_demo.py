@@ -56,7 +56,9 @@ class FleetDemo:
         self.children = ChildProcesses(self.out_dir / "logs", self.env)
 
     # -- helpers ----------------------------------------------------------------------------
-    def builder(self, *args: str, capture: bool = False, timeout_s: float = 900) -> subprocess.CompletedProcess:
+    # An hour: only a hung build should stop the demo (a MiniLM build took over 15 minutes on the
+    # 2-core VM at load average 19: other jobs plus two CPU burners).
+    def builder(self, *args: str, capture: bool = False, timeout_s: float = 3600) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "builder.cli.main", *args]
         # stdout (tables, progress) shows live unless captured; stderr is kept for the error's reason
         try:
@@ -107,7 +109,7 @@ class FleetDemo:
     def _source(self) -> str:
         return str(self.minilm_onnx) if self.minilm_onnx else MINILM
 
-    def _build(self, source: str, profile: str, *extra: str, timeout_s: float = 900) -> str:
+    def _build(self, source: str, profile: str, *extra: str, timeout_s: float = 3600) -> str:
         out = self.builder("build", source, "-p", profile, "--input-shape", MINILM_SHAPES,
                            "--verify-samples", "4", *extra, capture=True, timeout_s=timeout_s)
         artifact_id = next(line.split()[-1] for line in out.stdout.splitlines() if line.startswith("artifact id:"))
