@@ -68,8 +68,9 @@ class FleetDemo:
             raise DemoError(f"`builder {' '.join(args[:3])}` took longer than {timeout_s:.0f} s") from exc
         if result.returncode != 0:
             errors = [line for line in (result.stderr or "").splitlines() if line.startswith("builder: error:")]
-            detail = errors[-1] if errors else (result.stderr or "").strip().splitlines()[-1:]
-            raise DemoError(f"`builder {' '.join(args[:3])}` failed (exit {result.returncode}): {detail}")
+            detail = errors[-1] if errors else " ".join((result.stderr or "").strip().splitlines()[-1:])
+            how = f"killed by signal {-result.returncode}" if result.returncode < 0 else f"exit {result.returncode}"
+            raise DemoError(f"`builder {' '.join(args[:3])}` failed ({how}){': ' + detail if detail else ''}")
         return result
 
     def stage(self, name: str, fn: Callable[[], None]) -> None:
