@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 AGENT_CMD = [sys.executable, "-c", "import sys; from agent.cli import app; sys.argv[0] = 'agent'; app()"]
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 DEVICE = "pi-1"
-SLOWDOWN = 20.0  # as the demo: the throttled wide rung clears the noise of a loaded host
+SLOWDOWN = 50.0  # as the demo (builder.fleet.loop_demo.DEMO_SLOWDOWN): clears a loaded host's noise
 
 POLICY = """
 [objective]
