@@ -162,7 +162,7 @@ class FieldLatency:
 
 
 def field_latency(store: Any, device_id: str, artifact_id: str, windows: int = 4,
-                  timeout_s: float = 40.0) -> FieldLatency:
+                  timeout_s: float = 120.0) -> FieldLatency:
     """Median p50 and p95 of the next ``windows`` telemetry windows (with requests) the device reports
     on ``artifact_id``; the first window after now is skipped (it may straddle the switch)."""
     import statistics
