@@ -1,6 +1,9 @@
 # Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# Paths are the checkout's, so `make -f CHECKOUT/Makefile demo` from another folder works too
+# (the demo writes ./demo-out in the current folder).
+ROOT   := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
 PYTHON ?= python3
-VENV   ?= .venv
+VENV   ?= $(ROOT)/.venv
 BIN    := $(VENV)/bin
 # torch first and pinned: an unpinned or newer torch pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
@@ -9,11 +12,12 @@ EXTRAS ?= builder,litert,broker,dev,convert-litert
 
 .PHONY: venv demo test test-fast bench dist clean
 
-$(BIN)/.installed: pyproject.toml Makefile
+# Made once; remade only when pyproject.toml or this file changes (a second `make demo` starts at once).
+$(BIN)/.installed: $(ROOT)/pyproject.toml $(ROOT)/Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]" "$(TORCH)"
+	$(BIN)/pip install --quiet -e "$(ROOT)[$(EXTRAS)]" "$(TORCH)"
 	# ONNX -> PyTorch for LiteRT builds of ONNX models; --no-deps: it requires torchvision, which does
 	# not import beside torch 2.13 (builder/targets/onnx_to_torch.py works without it)
 	$(BIN)/pip install --quiet --no-deps $(ONNX2TORCH)
@@ -25,14 +29,14 @@ demo: venv
 	$(BIN)/python -m builder.demo
 
 test: venv
-	$(BIN)/python -m pytest
+	cd $(ROOT) && $(BIN)/python -m pytest
 
 test-fast: venv
-	$(BIN)/python -m pytest -m "not slow"
+	cd $(ROOT) && $(BIN)/python -m pytest -m "not slow"
 
 bench: venv
-	$(BIN)/python bench/compress.py
-	$(BIN)/python bench/agent.py
+	cd $(ROOT) && $(BIN)/python bench/compress.py
+	cd $(ROOT) && $(BIN)/python bench/agent.py
 
 # The wheel a device installs: pip install 'edgefleet-<version>-py3-none-any.whl[agent]' (deploy/README.md).
 # --no-build-isolation: built with the venv's setuptools, no download.
@@ -42,4 +46,4 @@ dist: venv
 	@ls dist/edgefleet-*.whl
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	cd $(ROOT) && rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -65,7 +65,7 @@ class ActiveModel:
                 self.stats.record(None, ok=False)
                 self._note_error(model, str(exc))
             raise
-        self.load.after_inference(time.perf_counter() - t0)
+        self.load.after_inference(time.perf_counter() - t0, model_key=id(model))
         latency_ms = (time.perf_counter() - t0) * 1000.0
         if record:
             self.stats.record(latency_ms)

@@ -82,7 +82,7 @@ def benchmark_artifact(manifest: Any, directory: Path, *, runs: int, warmup: int
         def run(feeds: Any) -> None:
             t0 = time.perf_counter()
             runtime.run(feeds)
-            load.after_inference(time.perf_counter() - t0)  # the same artificial load the active model gets
+            load.after_inference(time.perf_counter() - t0, model_key=id(runtime))  # the same artificial load the active model gets
 
         try:
             result = run_benchmark(run, benchmark_feeds(model), runs=runs, warmup=warmup, backend=runtime.backend,

@@ -88,8 +88,9 @@ def run_demo(out_dir: Path, stage_names: Sequence[str] | None = None, console: A
     unknown = [name for name in stage_names or () if name not in known]
     if unknown:
         raise UsageError(f"unknown demo stage '{unknown[0]}'; stages: {', '.join(s.name for s in STAGES)}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from builder.demo_output import prepare_output_dir
+
+    out_dir = prepare_output_dir(Path(out_dir))  # fresh on every run; the fleet stage's builds are kept
     ctx = DemoContext(out_dir=out_dir, console=console or wide_console(), profiles=load_profiles())
     for number, stage in enumerate(STAGES, 1):
         if stage_names and stage.name not in stage_names:
@@ -110,10 +111,36 @@ def main(argv: Sequence[str] | None = None) -> None:
     from builder.errors import BuilderError
 
     parser = argparse.ArgumentParser(prog="python -m builder.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="output folder (default: ./demo-out)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR,
+                        help="output folder (default: ./demo-out; emptied on every run except its build cache)")
     parser.add_argument("--stage", action="append", help="run only this stage (repeatable)")
     args = parser.parse_args(argv)
-    guarded(lambda: run_demo(args.out, args.stage), (BuilderError,), "demo")
+    guarded(lambda: _run_reporting_crashes(args.out, args.stage), (BuilderError,), "demo")
+
+
+def _run_reporting_crashes(out_dir: Path, stage_names: Sequence[str] | None) -> None:
+    """A bug (not a BuilderError) still ends in one line: the traceback goes to a file in the output
+    folder, named in that line; Ctrl-C stops the children (the stages' ``finally``) and says so."""
+    import sys
+    import traceback
+
+    from builder.errors import BuilderError, DemoError
+
+    try:
+        run_demo(out_dir, stage_names)
+    except KeyboardInterrupt:
+        print("demo: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BuilderError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported, with its traceback in a file
+        log = Path(out_dir).resolve() / "demo-crash.log"
+        try:
+            log.write_text(traceback.format_exc(), encoding="utf-8")
+            where = f"; traceback in {log}"
+        except OSError:
+            where = ""
+        raise DemoError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{where}") from exc
 
 
 if __name__ == "__main__":

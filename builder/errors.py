@@ -60,3 +60,7 @@ class DeviceUnavailableError(FleetError):
 
 class SearchError(BuilderError):
     """The recipe search could not meet its targets or could not run."""
+
+
+class DemoError(BuilderError):
+    """A demo stage could not finish: a child process died, a step failed, or it timed out waiting."""

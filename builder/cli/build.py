@@ -61,6 +61,7 @@ def register(app: typer.Typer) -> None:
         quantize: Optional[str] = typer.Option(None, "--quantize", help="Shortcut: int8 (best for the model and CPU) | int8-static | int8-dynamic | fp16."),
         prune: Optional[float] = typer.Option(None, "--prune", help="Shortcut: unstructured sparsity, e.g. 0.5."),
         data: Optional[str] = typer.Option(None, "--data", help=".npz (input arrays by name or 'x', labels 'y') or package.module:function."),
+        train_data: Optional[str] = typer.Option(None, "--train-data", help="Training data for a recipe that fine-tunes or distils (as for `builder compress`)."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the artifact directory here."),
         name: Optional[str] = typer.Option(None, "--name", help="Model name in the manifest (default: from the source)."),
         model_version: Optional[str] = typer.Option(None, "--model-version", help="Model version in the manifest (default 1)."),
@@ -100,7 +101,7 @@ def register(app: typer.Typer) -> None:
                                        out_dir=out, profiles_dirs=profiles_dir, verify_samples=samples,
                                        use_cache=not no_cache, on_stage=stage,
                                        batch_axes=parse_batch_axes(batch_axis), task=task, min_cosine=min_cosine,
-                                       min_agreement=min_agreement)
+                                       min_agreement=min_agreement, train_data=train_data)
         if result.fallback:  # the one line saying which runtime was built instead, and why
             print(result.fallback, file=sys.stderr if as_json else sys.stdout)
         if as_json:

@@ -19,10 +19,18 @@ def register(app: typer.Typer) -> None:
     def init(key_dir: Optional[Path] = KeyDirOption, registry_dir: Optional[Path] = RegistryDirOption,
              force: bool = typer.Option(False, "--force", help="Replace an existing key (agents trusting the old one will refuse new artifacts).")) -> None:
         """Create the signing key pair (private key file mode 0600)."""
-        from builder.artifacts.signing import init_keys
+        from builder.artifacts.signing import init_keys, key_paths
         from builder.targets.profile_build import default_key_dir
 
-        paths = init_keys(key_dir or default_key_dir(registry_dir), force=force)
+        directory = key_dir or default_key_dir(registry_dir)
+        existing = key_paths(directory)
+        if existing.private.is_file() and existing.public.is_file() and not force:
+            # Idempotent: every walkthrough starts with `keys init`, and agents already trust this key.
+            paths = existing
+            print(f"a signing key already exists at {paths.private}: kept (--force replaces it; agents trusting "
+                  "the old key would then refuse new artifacts)")
+        else:
+            paths = init_keys(directory, force=force)
         from agent.manifest import load_public_key, public_key_id
 
         print(f"private key: {paths.private} (mode 0600, keep it secret)")

@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
         import logging
 
         from builder.artifacts.registry import default_home
-        from builder.errors import SearchError, UsageError
+        from builder.errors import BuilderError, SearchError, UsageError
         from builder.search import objectives as obj
         from builder.search.evaluate import EvaluationSetup
         from builder.search.optimize import SearchConfig
@@ -155,16 +155,27 @@ def register(app: typer.Typer) -> None:
         artifact_ids: list[Optional[str]] = [None] * len(rungs)
         model_name = None
         if ladder and rungs:
+            # The search's outputs first: a ladder build that fails (or is interrupted) loses nothing.
+            report["ladder"] = {"registry": str(home), "model_name": None, "artifact_ids": artifact_ids,
+                                "skipped": [], "status": "building"}
+            outputs.write_ladder(out, rungs, outcome, device, model, artifact_ids)
+            outputs.write_report(out / "report.json", report)
             console.print(f"building the ladder: {len(rungs)} rungs (compress, build, verify, sign, register)")
-            ladder_build = outputs.register_ladder(
-                rungs, outcome, model=model, profile=device, input_shapes=input_shape, data=data, registry_dir=home,
-                model_name=None, out_dir=out, threads=threads, profiles_dir=profiles_dir,
-                on_stage=lambda text: console.print(f"  {text}"))
+            try:
+                ladder_build = outputs.register_ladder(
+                    rungs, outcome, model=model, profile=device, input_shapes=input_shape, data=data, registry_dir=home,
+                    model_name=None, out_dir=out, threads=threads, profiles_dir=profiles_dir,
+                    on_stage=lambda text: console.print(f"  {text}"), train_data=train_data)
+            except BuilderError as exc:
+                report["ladder"].update(status="failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                outputs.write_report(out / "report.json", report)
+                console.print(f"report: {out / 'report.json'} (the search's results; no ladder)")
+                raise
             model_name, rungs, artifact_ids = ladder_build.model_name, list(ladder_build.rungs), list(ladder_build.artifact_ids)
             for skip in ladder_build.skipped:
                 console.print(f"[yellow]ladder: left off[/yellow] {skip['recipe']}: {skip['reason']}")
             report["ladder"] = {"registry": str(home), "model_name": model_name, "artifact_ids": artifact_ids,
-                                "skipped": list(ladder_build.skipped)}
+                                "skipped": list(ladder_build.skipped), "status": "built"}
         else:
             report["ladder"] = {"registry": None, "reason": "--no-ladder" if not ladder else "empty front"}
         written.append(outputs.write_ladder(out, rungs, outcome, device, model_name or model, artifact_ids))

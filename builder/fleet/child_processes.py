@@ -7,9 +7,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from builder.errors import DemoError
+
 
 class ChildProcesses:
-    """Each child logs to ``log_dir/NAME.log``; ``wait_for`` fails fast when one dies, naming its log."""
+    """Each child logs to ``log_dir/NAME.log``; ``wait_for`` fails fast when one dies, naming its log
+    (a :class:`DemoError`: the demo prints it as one line)."""
 
     def __init__(self, log_dir: Path, env: Mapping[str, str]) -> None:
         self.log_dir = Path(log_dir)
@@ -31,9 +34,9 @@ class ChildProcesses:
                 return value
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited ({proc.returncode}); see {self.log_dir / (name + '.log')}")
+                    raise DemoError(f"{name} exited ({proc.returncode}); see {self.log_dir / (name + '.log')}")
             time.sleep(0.3)
-        raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}; logs in {self.log_dir}")
+        raise DemoError(f"timed out after {timeout_s:.0f} s waiting for {what}; logs in {self.log_dir}")
 
     def stop_all(self) -> None:
         """SIGTERM everyone first (they shut down in parallel), then wait; kill what hangs."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from builder.errors import DemoError
 from builder.fleet.child_processes import ChildProcesses
 
 MINILM = "builder.zoo.minilm:minilm"
@@ -55,15 +56,21 @@ class FleetDemo:
         self.children = ChildProcesses(self.out_dir / "logs", self.env)
 
     # -- helpers ----------------------------------------------------------------------------
-    def builder(self, *args: str, capture: bool = False, timeout_s: float = 900) -> subprocess.CompletedProcess:
+    # An hour: only a hung build should stop the demo (a MiniLM build took over 15 minutes on the
+    # 2-core VM at load average 19: other jobs plus two CPU burners).
+    def builder(self, *args: str, capture: bool = False, timeout_s: float = 3600) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "builder.cli.main", *args]
         # stdout (tables, progress) shows live unless captured; stderr is kept for the error's reason
-        result = subprocess.run(cmd, env=self.env, timeout=timeout_s, text=True, stderr=subprocess.PIPE,
-                                stdout=subprocess.PIPE if capture else None)
+        try:
+            result = subprocess.run(cmd, env=self.env, timeout=timeout_s, text=True, stderr=subprocess.PIPE,
+                                    stdout=subprocess.PIPE if capture else None)
+        except subprocess.TimeoutExpired as exc:
+            raise DemoError(f"`builder {' '.join(args[:3])}` took longer than {timeout_s:.0f} s") from exc
         if result.returncode != 0:
             errors = [line for line in (result.stderr or "").splitlines() if line.startswith("builder: error:")]
-            detail = errors[-1] if errors else (result.stderr or "").strip().splitlines()[-1:]
-            raise RuntimeError(f"`builder {' '.join(args[:3])}` failed (exit {result.returncode}): {detail}")
+            detail = errors[-1] if errors else " ".join((result.stderr or "").strip().splitlines()[-1:])
+            how = f"killed by signal {-result.returncode}" if result.returncode < 0 else f"exit {result.returncode}"
+            raise DemoError(f"`builder {' '.join(args[:3])}` failed ({how}){': ' + detail if detail else ''}")
         return result
 
     def stage(self, name: str, fn: Callable[[], None]) -> None:
@@ -92,8 +99,9 @@ class FleetDemo:
                     self.say(f"{profile}: LiteRT int8 from the PyTorch model (budget {self.litert_budget_s:.0f} s)")
                     self.artifacts[device] = self._build(MINILM, profile, timeout_s=self.litert_budget_s)
                     self.litert_devices.add(device)
-                except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                    reason = "took longer than the demo's budget" if isinstance(exc, subprocess.TimeoutExpired) else str(exc)
+                except DemoError as exc:
+                    timed_out = isinstance(exc.__cause__, subprocess.TimeoutExpired)
+                    reason = "took longer than the demo's budget" if timed_out else str(exc)
                     self._use_ort_on_android(device, f"the LiteRT build {reason}")
             else:
                 self.say(f"{profile}: the profile's preferred runtime and precision")
@@ -102,7 +110,7 @@ class FleetDemo:
     def _source(self) -> str:
         return str(self.minilm_onnx) if self.minilm_onnx else MINILM
 
-    def _build(self, source: str, profile: str, *extra: str, timeout_s: float = 900) -> str:
+    def _build(self, source: str, profile: str, *extra: str, timeout_s: float = 3600) -> str:
         out = self.builder("build", source, "--profile", profile, "--input-shape", MINILM_SHAPES,
                            "--verify-samples", "4", *extra, capture=True, timeout_s=timeout_s)
         artifact_id = next(line.split()[-1] for line in out.stdout.splitlines() if line.startswith("artifact id:"))
@@ -128,7 +136,7 @@ class FleetDemo:
 
     def serve(self) -> None:
         self.children.start("serve", [sys.executable, "-m", "builder.cli.main", "serve", "--port", "0"])
-        self.children.wait_for(lambda: (self.home / "serve.json").is_file(), 60, "builder serve")
+        self.children.wait_for(lambda: (self.home / "serve.json").is_file(), 180, "builder serve")
         url = json.loads((self.home / "serve.json").read_text())["url"]
         self.say(f"`builder serve` running (pid {self.children.procs['serve'].pid}) with the embedded broker on {url}")
 
@@ -150,14 +158,14 @@ class FleetDemo:
 
             with open_store(self.home) as store:
                 return all(store.device(d).online for d in DEVICES if store.find_device(d))
-        self.children.wait_for(online, 90, "three agents online")
+        self.children.wait_for(online, 240, "three agents online")  # start-up only: generous on a loaded host
 
     def push(self) -> None:
         for device in DEVICES:
             self.say(f"$ builder push --device {device} --artifact {self.artifacts[device][:12]}")
             try:
                 self.builder("push", "--device", device, "--artifact", self.artifacts[device], "--benchmark-runs", "20")
-            except RuntimeError as exc:
+            except DemoError as exc:
                 if device not in self.litert_devices:
                     raise
                 # the device refused the LiteRT model (it keeps no model): give it the ORT build instead
@@ -272,8 +280,13 @@ def demo_stage(ctx: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from builder.cli.errors import guarded
+    from builder.demo_output import FLEET_KEEP, prepare_output_dir
+    from builder.errors import BuilderError
+
     args = sys.argv[1:] if argv is None else argv
-    run_fleet_demo(Path(args[0]) if args else Path("demo-out") / "fleet")
+    out = Path(args[0]) if args else Path("demo-out") / "fleet"
+    guarded(lambda: run_fleet_demo(prepare_output_dir(out, keep=FLEET_KEEP)), (BuilderError,), "fleet_demo")
 
 
 if __name__ == "__main__":

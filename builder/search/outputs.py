@@ -233,8 +233,11 @@ _RUNG_FAILURES = (CompressionError, TargetError, VerificationError)
 def register_ladder(rungs: Sequence[ScoredCandidate], outcome: SearchOutcome, *, model: str, profile: str,
                     input_shapes: Optional[str], data: str, registry_dir: Optional[Path], model_name: Optional[str],
                     out_dir: Path, threads: int, profiles_dir: Optional[Path],
-                    on_stage: Any = None) -> LadderBuild:
+                    on_stage: Any = None, train_data: Optional[str] = None) -> LadderBuild:
     """Build, verify, sign and register each rung (``builder build --recipe``), then store the ladder.
+
+    ``train_data`` is the search's ``--train-data``: a rung whose recipe fine-tunes or distils is
+    trained again on it (without it every such rung was refused, after the whole search).
 
     A rung whose build fails the engine's checks is skipped and reported (a ladder never holds an
     unverified rung); other errors (no signing key, a broken registry) propagate, and so does the
@@ -252,7 +255,8 @@ def register_ladder(rungs: Sequence[ScoredCandidate], outcome: SearchOutcome, *,
         try:
             result = build_for_profile(model, profile, recipe=recipe_path, input_shapes=input_shapes, data=data,
                                        registry_dir=registry_dir, name=model_name, threads=threads,
-                                       profiles_dirs=[profiles_dir] if profiles_dir else None, on_stage=on_stage)
+                                       profiles_dirs=[profiles_dir] if profiles_dir else None, on_stage=on_stage,
+                                       train_data=train_data)
         except _RUNG_FAILURES as exc:
             recipe_path.unlink(missing_ok=True)
             skipped.append({"recipe": describe(c.steps), "reason": str(exc)})

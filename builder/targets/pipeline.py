@@ -154,8 +154,9 @@ def source_fingerprint(source: str, onnx_path: Path, torch_module: Any = None) -
     return digest.hexdigest()
 
 
-def cache_key(model: BuildModel, request: BuildRequest, samples: SampleSet) -> str:
-    """Same source, recipe, profile, runtime/precision/format, options, data and builder -> same key."""
+def cache_key(model: BuildModel, request: BuildRequest, samples: SampleSet, train_data_sha256: str | None = None) -> str:
+    """Same source, recipe, profile, runtime/precision/format, options, data (and training data, for a
+    recipe that trains) and builder -> same key."""
     doc = {
         "source_sha256": model.source_sha256,
         "recipe": dict(model.recipe),
@@ -172,6 +173,8 @@ def cache_key(model: BuildModel, request: BuildRequest, samples: SampleSet) -> s
                                 ("min_agreement", request.min_agreement)) if v is not None}
     if floors:  # a build judged by other floors is another build
         doc["verification"] = floors
+    if train_data_sha256 is not None:  # absent otherwise, so keys of builds without training stay the same
+        doc["train_data"] = train_data_sha256
     return hashlib.sha256(canonical_json(doc)).hexdigest()
 
 

@@ -109,12 +109,15 @@ def build_for_profile(model: str, profile: str, *, recipe: Path | None = None, q
                       threads: int = 1, use_cache: bool = True, options: Mapping[str, Any] | None = None,
                       on_stage: Callable[[str], None] | None = None,
                       batch_axes: Mapping[str, int | None] | None = None, task: str | None = None,
-                      min_cosine: float | None = None, min_agreement: float | None = None) -> BuildResult:
+                      min_cosine: float | None = None, min_agreement: float | None = None,
+                      train_data: str | Path | None = None) -> BuildResult:
     """Load, (compress), build, verify, sign and register ``model`` for ``profile``; see module doc.
 
     ``verify_samples`` None: 16, or ``MIN_INT8_SAMPLES`` (64) for int8 and compressed builds (all
     of ``data`` when it holds fewer). ``task``/``min_cosine``/``min_agreement`` override the
-    detected task and the precision's floors (``targets.base``)."""
+    detected task and the precision's floors (``targets.base``). ``train_data`` (.npz or
+    ``package.module:function``) feeds a recipe's training steps (fine-tuning, distillation): a
+    recipe from `builder optimize` that trains needs the same data here."""
     from builder.artifacts.registry import Registry
     from builder.artifacts.signing import key_paths, load_private_key
     from builder.profiles import get_profile
@@ -173,7 +176,14 @@ def build_for_profile(model: str, profile: str, *, recipe: Path | None = None, q
                           recipe=recipe_dict)
         floors = dict(task=task, min_cosine=min_cosine, min_agreement=min_agreement)
         request = BuildRequest(prof, choice.runtime, choice.precision, choice.format, dict(options or {}), **floors)
-        key = cache_key(base, request, samples)
+        train_source, train_sha256 = None, None
+        if train_data is not None:
+            from builder.compression.data import DataSource
+
+            train_source = DataSource.from_arg(str(train_data), loaded.inputs)
+            train_sha256 = samples_from_arrays(train_source.inputs, train_source.labels, len(train_source),
+                                               train_source.origin).fingerprint()
+        key = cache_key(base, request, samples, train_sha256)
         if use_cache:
             cached = reuse_cached(registry, key, out_dir)
             if cached is not None:
@@ -185,7 +195,7 @@ def build_for_profile(model: str, profile: str, *, recipe: Path | None = None, q
 
             stage(f"compressing with {recipe_obj.name or 'recipe'} ({len(recipe_obj.steps)} steps)")
             try:
-                result = run_recipe(loaded, recipe_obj, data=source, train_data=None, out_dir=work / "compressed",
+                result = run_recipe(loaded, recipe_obj, data=source, train_data=train_source, out_dir=work / "compressed",
                                     threads=threads)
             except BuilderError as exc:
                 if not choice.implicit_quantize:
@@ -215,7 +225,9 @@ def build_for_profile(model: str, profile: str, *, recipe: Path | None = None, q
                                    data=data, registry_dir=registry_dir, key_dir=key_dir, runtime=fallback.runtime,
                                    precision=fallback.precision, fmt=fallback.format, name=name, version=version,
                                    out_dir=out_dir, profiles_dirs=profiles_dirs, verify_samples=verify_samples,
-                                   threads=threads, use_cache=use_cache, options=options, on_stage=on_stage)
+                                   threads=threads, use_cache=use_cache, options=options, on_stage=on_stage,
+                                   batch_axes=batch_axes, task=task, min_cosine=min_cosine, min_agreement=min_agreement,
+                                   train_data=train_data)
     except BuilderError as exc:  # say that it was the fallback that failed
         raise type(exc)(f"{line}; {exc}") from exc
     why = f"LiteRT refused {failure.op.describe()}: {failure.op.reason}"

@@ -141,12 +141,25 @@ def write_npz(path: Path, split: DigitsSplit | None = None, part: str = "test") 
     return path
 
 
-def write_onnx(path: Path) -> Path:
-    """Export the trained model to ONNX (input ``input``, 1x1x8x8): an ONNX-only model for examples."""
-    from builder.compression._export import export_module
-    from builder.loading.types import InputSpec
+def write_onnx(path: Path, model: nn.Module | None = None) -> Path:
+    """The trained CNN as an ONNX file (input ``x``, dynamic batch): an ONNX-only model to try the CLI on."""
+    import warnings
 
+    model = (model or trained()).eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    export_module(trained(), (InputSpec("input", INPUT_SHAPE),), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 1, 8, 8),), str(path), dynamo=False, input_names=["x"],
+                          output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    return path
+
+
+def write_torchscript(path: Path, model: nn.Module | None = None) -> Path:
+    """The trained CNN traced to a TorchScript file (``.pt``), the other file format `builder analyze` reads."""
+    model = (model or trained()).eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.jit.trace(model, torch.zeros(1, 1, 8, 8)).save(str(path))
     return path

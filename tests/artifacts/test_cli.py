@@ -42,7 +42,10 @@ def test_keys_init_writes_a_private_key_only_the_owner_can_read(home_with_build)
     home = home_with_build[0]
     mode = stat.S_IMODE((home / "keys" / "signing_key.pem").stat().st_mode)
     assert mode == 0o600
-    assert "already exists" in one_line_error(builder(home, "keys", "init"))
+    key = (home / "keys" / "signing_key.pem").read_bytes()
+    again = builder(home, "keys", "init")  # idempotent: the key agents trust is kept
+    assert again.returncode == 0 and "already exists" in again.stdout and "kept" in again.stdout
+    assert (home / "keys" / "signing_key.pem").read_bytes() == key
 
 
 def test_build_uses_the_profile_defaults_and_rebuild_reuses_the_artifact(home_with_build):

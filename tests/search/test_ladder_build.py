@@ -55,3 +55,27 @@ def test_a_rung_that_fails_its_rebuild_is_left_off_and_the_rest_register(digits_
     init_keys(default_key_dir(tmp_path / "home2"))
     with pytest.raises(SearchError, match="no rung of the ladder built.*fidelity collapse"):
         _register([refused], digits_data, tmp_path / "home2")
+
+
+@pytest.fixture(scope="module")
+def digits_train(tmp_path_factory) -> Path:
+    from builder.zoo.digits_cnn import write_npz
+
+    return write_npz(tmp_path_factory.mktemp("train") / "digits-train.npz", part="train")
+
+
+# A rung from a search with --train-data: channel pruning fine-tunes (1 epoch keeps the test short).
+TRAINED = [{"type": "prune_channels", "ratio": 0.25, "epochs": 1}, {"type": "fold"}]
+
+
+@pytest.mark.slow
+def test_a_rung_that_trains_is_rebuilt_with_the_searchs_train_data(digits_data, digits_train, tmp_path):
+    home = tmp_path / "home"
+    init_keys(default_key_dir(home))
+    outcome = SimpleNamespace(calibration=Calibration())
+    built = register_ladder([_candidate(TRAINED)], outcome, model=MODEL, profile="raspberry-pi-4",
+                            input_shapes="1x1x8x8", data=str(digits_data), registry_dir=home, model_name=None,
+                            out_dir=home / "out", threads=1, profiles_dir=None, train_data=str(digits_train))
+    assert built.skipped == () and len(built.artifact_ids) == 1
+    manifest = Registry(home).manifest(built.artifact_ids[0])
+    assert [step["type"] for step in manifest.recipe["step"]][:1] == ["prune_channels"]

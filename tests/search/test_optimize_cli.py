@@ -111,3 +111,28 @@ def test_accuracy_target_on_unlabelled_npz_is_refused_before_loading_the_model(t
     assert proc.returncode != 0
     assert "--max-accuracy-drop needs labels in --data" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()  # nothing ran, nothing written
+
+
+@pytest.mark.slow
+def test_report_and_ladder_json_are_written_when_no_rung_builds(tmp_path, digits_data):
+    """The search's results survive a ladder that cannot be built: here every rung is refused because
+    the profile only runs LiteRT, which converts the PyTorch model and cannot take an ONNX recipe."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    text = (ROOT / "device_profiles" / "android-arm64.toml").read_text(encoding="utf-8")
+    text = text.replace('name = "android-arm64"', 'name = "litert-only-phone"')
+    text = text.replace('available = ["litert", "onnxruntime"]', 'available = ["litert"]')
+    (profiles / "litert-only-phone.toml").write_text(text, encoding="utf-8")
+    home = tmp_path / "home"
+    assert _builder("keys", "init", home=home).returncode == 0
+    out = tmp_path / "run"
+    result = _builder("optimize", MODEL, "--input-shape", "1x1x8x8", "--profile", "litert-only-phone",
+                      "--profiles-dir", str(profiles), "--data", str(digits_data), "--trials", "2",
+                      "--population", "2", "--eval-samples", "100", "--out", str(out), home=home)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "no rung of the ladder built" in result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["chosen"] is not None and report["candidates"]
+    assert report["ladder"]["status"] == "failed" and "no rung of the ladder built" in report["ladder"]["error"]
+    ladder = json.loads((out / "ladder.json").read_text())
+    assert ladder["rungs"] and all(r["artifact_id"] is None for r in ladder["rungs"])
