@@ -451,6 +451,51 @@ def int8_table(reports: Sequence[ModelReport]) -> tuple[list[str], list[list[str
     return headers, rows
 
 
+FIDELITY_SLACK = 0.005  # "at least as faithful": within half a point of the better plain baseline
+SPEED_SLACK = 0.10  # "within 10% of the faster one's speed" (issue 13)
+CNN_TARGET = {"value": 0.90, "cosine": 0.99, "speedup": 1.8, "size_ratio": 0.30}  # issue 13, point 2
+
+
+def int8_verdict(rows: Sequence[Int8Row], task: str) -> str:
+    """Issue 13's target for one model: builder int8 as faithful as the better plain baseline, within
+    10% of the faster one's speed, not slower than fp32 unflagged; for a classifier CNN also point 2."""
+    by = {r.variant: r for r in rows}
+    ours = by.get("builder compress --quantize int8")
+    fp32 = by.get("fp32")
+    plain = [r for r in rows if r.variant.startswith("ort ") and r.value is not None]
+    if ours is None:
+        return "not run"
+    if ours.value is None:
+        return "no builder int8 model" + (" although a plain baseline ran" if plain else "")
+    misses = []
+    if plain:
+        best = max(r.value for r in plain)
+        if ours.value < best - FIDELITY_SLACK:
+            misses.append(f"fidelity {ours.value:.3f} < plain {best:.3f}")
+        fastest = max((r.speedup for r in plain if r.speedup is not None), default=None)
+        if fastest is not None and ours.speedup is not None and ours.speedup < (1 - SPEED_SLACK) * fastest:
+            misses.append(f"speed ×{ours.speedup:.2f} < 0.9 × plain ×{fastest:.2f}")
+    if ours.speedup is not None and ours.speedup < 1.0 and "slower" not in ours.note:
+        misses.append("slower than fp32, not flagged")
+    if task == "classifier" and fp32 is not None and fp32.size_bytes and ours.size_bytes:
+        cnn = (ours.value >= CNN_TARGET["value"] and (ours.cosine or 0) >= CNN_TARGET["cosine"]
+               and (ours.speedup or 0) >= CNN_TARGET["speedup"] and ours.size_bytes <= CNN_TARGET["size_ratio"] * fp32.size_bytes)
+        misses += [] if cnn else ["CNN target (≥90% top-1, cos ≥0.99, ≥×1.8, ≤30% size) missed"]
+    return "meets target" if not misses else "; ".join(misses)
+
+
+def verdict_table(reports: Sequence[ModelReport]) -> tuple[list[str], list[list[str]]]:
+    """One line per model: issue 12's target (analysed right, built or refused with a reason) and 13's."""
+    headers = ["model", "analyze", "builds passed", "int8 target (issue 13)"]
+    rows = []
+    for r in reports:
+        passed = sum(b.status == "pass" for b in r.builds)
+        task = MODELS[r.model].task if r.model in MODELS else ""
+        rows.append([r.model, r.analyze.verdict() if r.analyze else "—",
+                     f"{passed}/{len(r.builds)}" if r.builds else "—", int8_verdict(r.int8, task) if r.int8 else "—"])
+    return headers, rows
+
+
 def markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     def cell(text: str) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
@@ -464,7 +509,8 @@ def print_tables(reports: Sequence[ModelReport], cpu_int8: str) -> None:
     from rich.table import Table
 
     console = Console(width=200)
-    for title, (headers, rows) in (("analyze vs independent count", analyze_table(reports)),
+    for title, (headers, rows) in (("targets (issues 12 and 13)", verdict_table(reports)),
+                                   ("analyze vs independent count", analyze_table(reports)),
                                    ("build per profile (held-out data)", build_table(reports)),
                                    (f"int8 (1 thread; CPU int8: {cpu_int8})", int8_table(reports))):
         if not rows:
@@ -482,7 +528,8 @@ def results_text(reports: Sequence[ModelReport], header: str, cpu_int8: str, tot
     parts = [f"{label}\n\nMachine: {header} · CPU int8 instructions: **{cpu_int8}**",
              f"Samples: {sizes.calibration} calibration, {sizes.heldout} held-out per model (split by source); "
              f"speed-ups: median of {sizes.rounds} interleaved per-round ratios, 1 thread, batch 1."]
-    for title, table in (("Analyze vs independent count", analyze_table(reports)),
+    for title, table in (("Targets", verdict_table(reports)),
+                         ("Analyze vs independent count", analyze_table(reports)),
                          ("Build per profile", build_table(reports)),
                          ("int8: plain ORT vs `builder compress --quantize int8`", int8_table(reports))):
         if table[1]:

@@ -212,3 +212,26 @@ def test_results_block_is_replaced_not_appended(tmp_path):
     zoo.write_results(path, "second")
     text = path.read_text()
     assert "keep me" in text and "second" in text and "first" not in text and text.count(zoo.START) == 1
+
+
+def _int8(variant: str, value: float, speedup: float, size: int = 100, cosine: float = 0.99, note: str = "") -> "zoo.Int8Row":
+    return zoo.Int8Row("m", variant, size_bytes=size, metric="m", value=value, cosine=cosine, speedup=speedup, note=note)
+
+
+def test_int8_verdict_holds_the_builder_to_the_better_plain_baseline():
+    fp32 = zoo.Int8Row("m", "fp32", size_bytes=1000, speedup=1.0)
+    plain = [_int8("ort quantize_dynamic", 0.80, 0.5), _int8("ort quantize_static QDQ per-channel", 0.90, 2.0)]
+    good = [fp32, *plain, _int8("builder compress --quantize int8", 0.91, 1.9)]
+    assert zoo.int8_verdict(good, "regression") == "meets target"
+    slow = [fp32, *plain, _int8("builder compress --quantize int8", 0.95, 1.7)]
+    assert "speed" in zoo.int8_verdict(slow, "regression")
+    worse = [fp32, *plain, _int8("builder compress --quantize int8", 0.85, 2.0)]
+    assert "fidelity" in zoo.int8_verdict(worse, "regression")
+    refused = [fp32, *plain, zoo.Int8Row("m", "builder compress --quantize int8", note="refused")]
+    assert "although a plain baseline ran" in zoo.int8_verdict(refused, "regression")
+    unflagged = [fp32, _int8("builder compress --quantize int8", 0.99, 0.8)]
+    assert "not flagged" in zoo.int8_verdict(unflagged, "regression")
+    assert zoo.int8_verdict([fp32, _int8("builder compress --quantize int8", 0.99, 0.8, note="flags: slower_than_input")],
+                            "regression") == "meets target"
+    big_cnn = [fp32, *plain, _int8("builder compress --quantize int8", 0.95, 2.0, size=400)]
+    assert "CNN target" in zoo.int8_verdict(big_cnn, "classifier")
