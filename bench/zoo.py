@@ -206,13 +206,22 @@ def analyze_totals(stdout: str) -> dict[str, Any]:
     return totals if isinstance(totals, dict) else {}
 
 
+def build_status(result: CliResult) -> str:
+    """"refused": the CLI's own one-line error (a typed BuilderError); "timeout"; else "crash"
+    (a traceback reached the user, which is a bug in itself)."""
+    if result.returncode == 124:
+        return "timeout"
+    if "Traceback (most recent call last)" in result.stderr or "builder: error:" not in result.stderr:
+        return "crash"
+    return "refused"
+
+
 def build_row(model: str, profile: str, result: CliResult) -> BuildRow:
     """A build row from ``builder build --json`` (the manifest) or from the refusal message."""
     row = BuildRow(model, profile, seconds=result.seconds)
     if result.returncode != 0:
         row.reason = result.error_line()
-        row.status = "refused" if ("verification" in row.reason or "refused" in row.reason
-                                   or "unsupported" in row.reason.lower()) else "error"
+        row.status = build_status(result)
         return row
     try:
         manifest = json.loads(result.stdout)
@@ -434,7 +443,7 @@ def build_table(reports: Sequence[ModelReport]) -> tuple[list[str], list[list[st
     rows = []
     for r in reports:
         for b in r.builds:
-            rows.append([b.model, b.profile, b.status, b.shipped or "—", b.metric or "—", _n(b.value, ".4f"),
+            rows.append([b.model, b.profile, b.status, b.shipped or "—", b.metric or "—", _n(b.value, ".6g"),
                          _n(b.floor, ".4g"), str(b.samples) if b.samples is not None else "—", f"{b.seconds:.0f}",
                          b.reason])
     return headers, rows

@@ -194,10 +194,13 @@ def test_build_rows_come_from_the_manifest_or_the_refusal():
         ("pass", "onnxruntime/fp32/onnx", "min cosine", 0.99999, 0.999, 16)
     per_task = dict(manifest, metrics={"fidelity": {"metric": "map IoU", "value": 0.97, "floor": 0.9, "samples": 64}})
     assert zoo.build_row("m", "p", zoo.CliResult(0, json.dumps(per_task), "", 1.0)).metric == "map IoU"
-    stderr = "Traceback...\nbuilder: error: artifact for jetson failed verification, not registered: max |diff| 0.04\n"
+    stderr = "progress...\nbuilder: error: artifact for jetson failed verification, not registered: max |diff| 0.04\n"
     refused = zoo.build_row("m", "jetson-orin-nano", zoo.CliResult(1, "", stderr, 2.0))
     assert refused.status == "refused" and refused.reason.startswith("builder: error: artifact for jetson")
-    assert zoo.build_row("m", "p", zoo.CliResult(124, "", "", 9.0)).reason == "timed out"
+    crash = zoo.build_row("m", "p", zoo.CliResult(1, "", "Traceback (most recent call last):\n  ...\nIndexError: x\n", 1.0))
+    assert crash.status == "crash" and crash.reason == "IndexError: x"
+    timeout = zoo.build_row("m", "p", zoo.CliResult(124, "", "", 9.0))
+    assert (timeout.status, timeout.reason) == ("timeout", "timed out")
 
 
 def test_shape_args_leave_out_0d_inputs():
