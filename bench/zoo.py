@@ -47,6 +47,7 @@ from bench.zoo_models import MODELS, ZooModel, ZooUnavailable, ensure_model  # n
 PROFILES = ("raspberry-pi-4", "jetson-orin-nano", "android-arm64")
 RESULTS_HEADING = "## Third-party model zoo (bench/zoo.py)"
 START, END = "<!-- zoo:start -->", "<!-- zoo:end -->"
+ALL_PARTS = {"analyze", "build", "int8", "optimize"}
 MATCH_TOLERANCE = 0.02  # analyze figures within 2% of the independent count read as "match"
 
 
@@ -57,10 +58,11 @@ class Sizes:
     rounds: int
     min_round_s: float
     timeout_s: int
+    optimize_budget: str
 
 
-FULL = Sizes(calibration=64, heldout=96, rounds=9, min_round_s=0.3, timeout_s=900)
-QUICK = Sizes(calibration=16, heldout=24, rounds=5, min_round_s=0.2, timeout_s=420)
+FULL = Sizes(calibration=64, heldout=96, rounds=9, min_round_s=0.3, timeout_s=900, optimize_budget="6m")
+QUICK = Sizes(calibration=16, heldout=24, rounds=5, min_round_s=0.2, timeout_s=420, optimize_budget="2m")
 
 
 # --- rows ---------------------------------------------------------------------------------------------
@@ -121,12 +123,27 @@ class Int8Row:
 
 
 @dataclass
+class OptimizeRow:
+    model: str
+    profile: str
+    status: str = ""  # chosen | infeasible | error
+    recipe: str = ""
+    precision: str = ""
+    fidelity: Optional[float] = None
+    trials: Optional[int] = None
+    failed: Optional[int] = None
+    seconds: float = 0.0
+    note: str = ""
+
+
+@dataclass
 class ModelReport:
     model: str
     source: str
     analyze: Optional[AnalyzeRow] = None
     builds: list[BuildRow] = field(default_factory=list)
     int8: list[Int8Row] = field(default_factory=list)
+    optimize: Optional[OptimizeRow] = None
     stray_files: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -354,6 +371,41 @@ def run_int8(model: ZooModel, path: Path, calibration: dict[str, np.ndarray], he
     return rows
 
 
+OPTIMIZE_PROFILE = "raspberry-pi-4"
+OPTIMIZE_MIN_FIDELITY = "0.9"
+
+
+def run_optimize(model: ZooModel, path: Path, calibration_npz: Path, builder: Builder, work: Path,
+                 budget: str) -> OptimizeRow:
+    """``builder optimize`` for a Pi 4 with a fidelity floor: which recipe and precision it picks."""
+    out = work / "optimize" / model.name
+    result = builder.run(["optimize", str(path), "-d", OPTIMIZE_PROFILE, *shape_args(model), "--data", str(calibration_npz),
+                          "--min-fidelity", OPTIMIZE_MIN_FIDELITY, "--time-budget", budget, "--out", str(out), "--no-ladder"])
+    return optimize_row(model.name, result, out / "report.json")
+
+
+def optimize_row(model: str, result: CliResult, report_path: Path) -> OptimizeRow:
+    row = OptimizeRow(model, OPTIMIZE_PROFILE, seconds=result.seconds)
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        row.status, row.note = "error", result.error_line() if result.returncode else "no report.json"
+        return row
+    row.trials = (report.get("study") or {}).get("trials")
+    row.failed = len(report.get("failed") or [])
+    chosen = report.get("chosen")
+    if chosen:
+        row.status, row.recipe, row.precision = "chosen", str(chosen.get("recipe", "")), str(chosen.get("precision", ""))
+        row.fidelity = _float(chosen.get("fidelity"))
+        row.note = ", ".join(map(str, chosen.get("flags") or []))
+    else:
+        row.status = "infeasible"
+        row.note = str((report.get("infeasible") or {}).get("summary", "")) or result.error_line()
+    if result.returncode:
+        row.note = (row.note + "; " if row.note else "") + result.error_line()
+    return row
+
+
 def _report_flags(report_path: Path) -> str:
     """The flags and chosen mode the engine wrote into report.json, when it wrote one."""
     try:
@@ -392,6 +444,9 @@ def run_model(model: ZooModel, cache: Path, work: Path, builder: Builder, sizes:
     if "int8" in parts:
         log(f"{model.name}: int8 variants")
         report.int8 = run_int8(model, path, calibration, heldout, calibration_npz, builder, work, sizes)
+    if "optimize" in parts and model.optimize:
+        log(f"{model.name}: optimize for {OPTIMIZE_PROFILE} (budget {sizes.optimize_budget})")
+        report.optimize = run_optimize(model, path, calibration_npz, builder, work, sizes.optimize_budget)
     report.stray_files = builder.stray_files()
     report.seconds = time.perf_counter() - started
     return report
@@ -505,6 +560,20 @@ def verdict_table(reports: Sequence[ModelReport]) -> tuple[list[str], list[list[
     return headers, rows
 
 
+def optimize_table(reports: Sequence[ModelReport]) -> tuple[list[str], list[list[str]]]:
+    headers = ["model", "profile", "status", "chosen recipe", "precision", "fidelity", "trials (failed)", "s", "note"]
+    rows = []
+    for r in reports:
+        o = r.optimize
+        if o is None:
+            continue
+        verdict = "" if o.status != "chosen" else ("int8: as issue 13 asks" if "int8" in o.precision else "NOT int8")
+        rows.append([o.model, o.profile, o.status, o.recipe or "—", f"{o.precision} {verdict}".strip() or "—",
+                     _n(o.fidelity, ".3f"), f"{o.trials if o.trials is not None else '—'} ({o.failed if o.failed is not None else '—'})",
+                     f"{o.seconds:.0f}", o.note[:300]])
+    return headers, rows
+
+
 def markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     def cell(text: str) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
@@ -521,7 +590,9 @@ def print_tables(reports: Sequence[ModelReport], cpu_int8: str) -> None:
     for title, (headers, rows) in (("targets (issues 12 and 13)", verdict_table(reports)),
                                    ("analyze vs independent count", analyze_table(reports)),
                                    ("build per profile (held-out data)", build_table(reports)),
-                                   (f"int8 (1 thread; CPU int8: {cpu_int8})", int8_table(reports))):
+                                   (f"int8 (1 thread; CPU int8: {cpu_int8})", int8_table(reports)),
+                                   (f"builder optimize -d {OPTIMIZE_PROFILE} --min-fidelity {OPTIMIZE_MIN_FIDELITY}",
+                                    optimize_table(reports))):
         if not rows:
             continue
         table = Table(title=title, show_lines=False)
@@ -540,7 +611,9 @@ def results_text(reports: Sequence[ModelReport], header: str, cpu_int8: str, tot
     for title, table in (("Targets", verdict_table(reports)),
                          ("Analyze vs independent count", analyze_table(reports)),
                          ("Build per profile", build_table(reports)),
-                         ("int8: plain ORT vs `builder compress --quantize int8`", int8_table(reports))):
+                         ("int8: plain ORT vs `builder compress --quantize int8`", int8_table(reports)),
+                         (f"`builder optimize -d {OPTIMIZE_PROFILE} --min-fidelity {OPTIMIZE_MIN_FIDELITY}`",
+                          optimize_table(reports))):
         if table[1]:
             parts.append(f"#### {title}\n\n{markdown(*table)}")
     stray = [f"{r.model}: {', '.join(r.stray_files[:5])}" for r in reports if r.stray_files]
@@ -579,7 +652,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer samples and timing rounds (a smoke run)")
     parser.add_argument("--out", type=Path, help="work directory (default: a temporary one, removed at the end)")
     parser.add_argument("--cache", type=Path, default=None, help="wheel/model cache (default ~/.cache/edgefleet/zoo)")
-    parser.add_argument("--parts", default="analyze,build,int8", help="which of analyze,build,int8")
+    parser.add_argument("--parts", default="analyze,build,int8,optimize",
+                        help="which of analyze,build,int8,optimize (optimize: the ImageNet CNN only)")
     parser.add_argument("--profiles", default=",".join(PROFILES))
     parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/RESULTS.md")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
@@ -626,7 +700,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"Total run time: {total:.0f} s")
         label = args.label or ("Run of " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
                                + f" (`bench/zoo.py{' --quick' if args.quick else ''}`)")
-        if not args.no_write:
+        if args.no_write:
+            pass
+        elif len(models) < len(MODELS) or parts != ALL_PARTS:
+            print("(a partial run: bench/RESULTS.md left as it was)")
+        else:
             write_results(args.results, results_text(reports, header, cpu_int8, total, sizes, label))
     finally:
         if own_tmp:

