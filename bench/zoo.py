@@ -452,6 +452,24 @@ def run_model(model: ZooModel, cache: Path, work: Path, builder: Builder, sizes:
     return report
 
 
+def reports_from_json(text: str) -> list[ModelReport]:
+    """Rows as ``zoo.json`` holds them (``asdict`` of each ModelReport), back into dataclasses."""
+    reports = []
+    for item in json.loads(text):
+        item = dict(item)
+        analyze = item.pop("analyze", None)
+        builds = item.pop("builds", [])
+        int8 = item.pop("int8", [])
+        optimize = item.pop("optimize", None)
+        report = ModelReport(**item)
+        report.analyze = AnalyzeRow(**analyze) if analyze else None
+        report.builds = [BuildRow(**b) for b in builds]
+        report.int8 = [Int8Row(**i) for i in int8]
+        report.optimize = OptimizeRow(**optimize) if optimize else None
+        reports.append(report)
+    return reports
+
+
 def int8_support() -> str:
     """The host CPU's int8 dot-product instructions (bench/compress.py's detector)."""
     from bench.compress import int8_dot_product_support
@@ -658,7 +676,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/RESULTS.md")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     parser.add_argument("--label", default="", help="a line above the tables in RESULTS.md (e.g. what was merged)")
+    parser.add_argument("--from-json", type=Path, help="render (and write) the tables of an earlier run's zoo.json")
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        reports = reports_from_json(args.from_json.read_text())
+        cpu_int8 = int8_support()
+        print_tables(reports, cpu_int8)
+        if not args.no_write:
+            total = sum(r.seconds for r in reports)
+            write_results(args.results, results_text(reports, machine(), cpu_int8, total, FULL if not args.quick else QUICK,
+                                                     args.label or f"Rendered from {args.from_json.name}"))
+        return 0
     models = select_models(args.models)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]

@@ -238,3 +238,15 @@ def test_int8_verdict_holds_the_builder_to_the_better_plain_baseline():
                             "regression") == "meets target"
     big_cnn = [fp32, *plain, _int8("builder compress --quantize int8", 0.95, 2.0, size=400)]
     assert "CNN target" in zoo.int8_verdict(big_cnn, "classifier")
+
+
+def test_zoo_json_round_trips_into_the_same_tables():
+    from dataclasses import asdict
+
+    report = zoo.ModelReport("m", "pkg==1", analyze=zoo.AnalyzeRow("m", 1, 2, 3, 1, 2, 3),
+                             builds=[zoo.BuildRow("m", "raspberry-pi-4", "pass", "onnxruntime/fp32/onnx", "min cosine", 1.0)],
+                             int8=[zoo.Int8Row("m", "fp32", 10, speedup=1.0)],
+                             optimize=zoo.OptimizeRow("m", "raspberry-pi-4", "chosen", "quantize(static)", "int8"))
+    back = zoo.reports_from_json(json.dumps([asdict(report)]))
+    assert back == [report]
+    assert zoo.build_table(back) == zoo.build_table([report]) and zoo.optimize_table(back)[1][0][4].startswith("int8")
