@@ -379,7 +379,7 @@ def run_optimize(model: ZooModel, path: Path, calibration_npz: Path, builder: Bu
                  budget: str) -> OptimizeRow:
     """``builder optimize`` for a Pi 4 with a fidelity floor: which recipe and precision it picks."""
     out = work / "optimize" / model.name
-    result = builder.run(["optimize", str(path), "-d", OPTIMIZE_PROFILE, *shape_args(model), "--data", str(calibration_npz),
+    result = builder.run(["optimize", str(path), "--profile", OPTIMIZE_PROFILE, *shape_args(model), "--data", str(calibration_npz),
                           "--min-fidelity", OPTIMIZE_MIN_FIDELITY, "--time-budget", budget, "--out", str(out), "--no-ladder"])
     return optimize_row(model.name, result, out / "report.json")
 
@@ -609,7 +609,7 @@ def print_tables(reports: Sequence[ModelReport], cpu_int8: str) -> None:
                                    ("analyze vs independent count", analyze_table(reports)),
                                    ("build per profile (held-out data)", build_table(reports)),
                                    (f"int8 (1 thread; CPU int8: {cpu_int8})", int8_table(reports)),
-                                   (f"builder optimize -d {OPTIMIZE_PROFILE} --min-fidelity {OPTIMIZE_MIN_FIDELITY}",
+                                   (f"builder optimize -p {OPTIMIZE_PROFILE} --min-fidelity {OPTIMIZE_MIN_FIDELITY}",
                                     optimize_table(reports))):
         if not rows:
             continue
@@ -630,7 +630,7 @@ def results_text(reports: Sequence[ModelReport], header: str, cpu_int8: str, tot
                          ("Analyze vs independent count", analyze_table(reports)),
                          ("Build per profile", build_table(reports)),
                          ("int8: plain ORT vs `builder compress --quantize int8`", int8_table(reports)),
-                         (f"`builder optimize -d {OPTIMIZE_PROFILE} --min-fidelity {OPTIMIZE_MIN_FIDELITY}`",
+                         (f"`builder optimize -p {OPTIMIZE_PROFILE} --min-fidelity {OPTIMIZE_MIN_FIDELITY}`",
                           optimize_table(reports))):
         if table[1]:
             parts.append(f"#### {title}\n\n{markdown(*table)}")
