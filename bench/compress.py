@@ -535,16 +535,18 @@ RESULTS_HEADING = "## Compression (bench/compress.py)"
 START, END = "<!-- compress:start -->", "<!-- compress:end -->"
 
 
-def write_results(path: Path, measured: str) -> None:
-    """Replace this benchmark's measured block in RESULTS.md (other benchmarks' sections and the
-    hand-written notes after the block stay); the first run appends the section at the end."""
+def write_results(path: Path, measured: str, heading: str = RESULTS_HEADING, start: str = START,
+                  end: str = END) -> None:
+    """Replace a benchmark's measured block (between ``start`` and ``end``) in RESULTS.md (other
+    benchmarks' sections and the hand-written notes after the block stay); the first run appends
+    the section at the end. bench/zoo.py passes its own heading and markers."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if START not in text:
-        text = text.rstrip("\n") + f"\n\n{RESULTS_HEADING}\n\n{START}\n{END}\n"
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
+    if start not in text:
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n{start}\n{end}\n"
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{head}{START}\n{measured}\n{END}{tail}")
+    tmp.write_text(f"{head}{start}\n{measured}\n{end}{tail}")
     tmp.replace(path)
 
 
