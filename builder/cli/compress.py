@@ -129,7 +129,7 @@ def _run(model: str, plan: "object", shortcuts: Optional[dict], data: str, train
                             eval_config=EvalConfig(threads=threads, task=task, timed_runs=timed_runs,
                                                    max_accuracy_drop=max_accuracy_drop, **(floors or {})),
                             on_report=progress)
-    if loaded.normalisation is not None:  # after the run: an error stays the only line on stderr
+    if loaded.normalisation is not None and loaded.normalisation.notable:  # after the run: an error stays the only line on stderr
         print(loaded.normalisation.summary(), file=sys.stderr if as_json else sys.stdout)
     if as_json:
         import json

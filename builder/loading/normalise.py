@@ -48,14 +48,21 @@ class Normalisation:
     skipped: tuple[str, ...] = field(default_factory=tuple)  # "<step>: <why>"
     note: str = ""  # why the check could not run, when it could not
 
+    @property
+    def notable(self) -> bool:
+        """Something changed, was skipped or could not be checked: worth a line where output is terse."""
+        return (self.opset_to != self.opset_from or self.constants_to_initializers > 0 or bool(self.skipped)
+                or not self.checked)
+
     def summary(self) -> str:
-        parts = [f"opset {self.opset_from}" + (f"->{self.opset_to}" if self.opset_to != self.opset_from else ""),
-                 f"{self.constants_to_initializers} Constant weights -> initializers",
-                 f"shape inference: {self.shape_inference}"]
-        if self.checked:
-            parts.append(f"outputs match (max |diff| {self.max_abs_diff:.2g})")
-        else:
-            parts.append(f"not checked ({self.note})")
+        parts = []
+        if self.opset_to != self.opset_from:
+            parts.append(f"opset {self.opset_from}->{self.opset_to}")
+        if self.constants_to_initializers:
+            parts.append(f"{self.constants_to_initializers} weight Constants -> initializers")
+        parts.append(f"shapes: {self.shape_inference}")
+        parts.append(f"outputs match (max |diff| {self.max_abs_diff:.2g})" if self.checked
+                     else f"not checked ({self.note})")
         parts.extend(f"skipped {s}" for s in self.skipped)
         return "normalised: " + ", ".join(parts)
 

@@ -77,7 +77,7 @@ def test_compress_and_analyze_leave_a_clean_cwd_empty(model_and_data, tmp_path: 
     assert os.listdir(clean) == [], stderr
     if code == 0:  # tiny graphs may be refused as slower than fp32; either way nothing leaks
         assert (out / "model.onnx").exists()
-        assert "normalised: opset 13" in stdout
+        assert (out / "report.json").exists()  # (compress prints the normalisation only when it changed something)
     else:
         assert stderr.strip().splitlines()[-1].startswith("builder: error:")
     code, stdout, stderr = run_builder(monkeypatch, capsys, "analyze", str(model), "--input-shape", "x=2x4,z=2x4",

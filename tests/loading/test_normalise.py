@@ -41,7 +41,7 @@ def test_constant_weights_become_initializers_and_opset_reaches_13(paddle_like, 
     x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(_session(loaded.onnx_path).run(None, {"x": x})[0], _session(path).run(None, {"x": x})[0],
                                rtol=0, atol=1e-6)
-    assert "opset 11->13" in record.summary() and "2 Constant weights" in record.summary()
+    assert "opset 11->13" in record.summary() and "2 weight Constants" in record.summary()
 
 
 def test_normalised_opset_11_model_quantizes_per_channel_and_loads(paddle_like, tmp_path: Path) -> None:
