@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from builder.compression._export import export_module
+from tests.support.cli import run_builder
 from tests.support.models import DIGITS_INPUTS
 
 
@@ -26,17 +26,8 @@ class Proc:
 @pytest.fixture()
 def _builder(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
     """Run the real entry point (``builder.cli.main.app``) in-process: same error handling, no torch re-import."""
-    from builder.cli.main import app
-
     def run(*args: str) -> Proc:
-        monkeypatch.setattr(sys, "argv", ["builder", "compress", *args])
-        code = 0
-        try:
-            app()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        captured = capsys.readouterr()
-        return Proc(code, captured.out, captured.err)
+        return Proc(*run_builder(monkeypatch, capsys, "compress", *args))
 
     return run
 

@@ -4,7 +4,6 @@ rejects is a one-line DataError naming the input and both shapes."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from builder.compression.evaluate import EvalConfig, make_session, rebatch, run_
 from builder.compression.recipe import Recipe, StepSpec
 from builder.errors import DataError
 from builder.loading.types import InputSpec, LoadedModel
+from tests.support.cli import run_builder
 
 FAST = EvalConfig(warmup_runs=2, timed_runs=5)
 
@@ -87,21 +87,12 @@ def test_builder_build_for_the_pi_on_a_fixed_batch_onnx_model(tmp_path: Path, mo
                                                                capsys: pytest.CaptureFixture) -> None:
     """The reported repro: `builder build model.onnx -p raspberry-pi-4` (int8 from the profile) on
     x: [1, N]. Wide enough that int8 really is faster, so the quantize step's own latency trap passes."""
-    from builder.cli.main import app
-
     path, _, _ = _mlp(tmp_path / "model.onnx", batch=1, width=1024)
     monkeypatch.setenv("EDGEFLEET_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
 
     def builder(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["builder", *args])
-        code = 0
-        try:
-            app()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
+        return run_builder(monkeypatch, capsys, *args)
 
     assert builder("keys", "init")[0] == 0
     code, stdout, stderr = builder("build", str(path), "-p", "raspberry-pi-4")
