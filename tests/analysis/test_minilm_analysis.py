@@ -24,7 +24,11 @@ def test_minilm_macs_params_and_estimates(tmp_path):
                  + 2 * SEQ * HIDDEN * FFN)  # feed-forward
     assert stats.macs == LAYERS * per_layer == 1_434_451_968
     model = onnx.load(str(loaded.onnx_path))
-    assert stats.params == sum(numpy_helper.to_array(i).size for i in model.graph.initializer)
+    # parameters = every initializer and every Constant holding weights, not shapes or indices (the documented convention)
+    constants = [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    numeric = [numpy_helper.to_array(t) for t in constants]
+    assert stats.params == (sum(numpy_helper.to_array(i).size for i in model.graph.initializer)
+                            + sum(a.size for a in numeric if a.dtype.name not in ("int64", "int32", "bool")))
     assert 22_000_000 < stats.params < 23_000_000  # 22.7 M with the unused pooler, which the export drops
     assert not stats.unresolved_tensors
     profiles = load_profiles()
