@@ -51,6 +51,14 @@ def own_stderr():  # -> TextIO
     return _state["stream"]
 
 
+def _is_fd2(stream: object) -> bool:
+    """True when ``stream`` writes to file descriptor 2 (not an in-process capture such as pytest's)."""
+    try:
+        return stream.fileno() == 2  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 @contextlib.contextmanager
 def quiet_stderr() -> Iterator[None]:
     """Silence what native code (absl, glog, TensorFlow/LiteRT, ORT's C++ logger) writes to file
@@ -60,7 +68,8 @@ def quiet_stderr() -> Iterator[None]:
     if is_verbose():
         yield
         return
-    mine = own_stderr()
+    # our messages go where sys.stderr goes; only when that is fd 2 itself does it need its own dup
+    mine = own_stderr() if _is_fd2(sys.stderr) else sys.stderr
     sys.stdout.flush()
     sys.stderr.flush()
     saved_fd = os.dup(2)
