@@ -31,7 +31,9 @@ def _candidate(steps: list[dict]) -> ScoredCandidate:
 
 # A rebuild that the quantize step refuses every time: no int8 digits model keeps cosine 0.9999999.
 REFUSED = [{"type": "fold"}, {"type": "quantize", "mode": "static", "min_cosine": 0.9999999}]
-GOOD = [{"type": "fold"}, {"type": "quantize", "mode": "static"}]
+# The latency guard is off (check_latency): static int8 of this tiny CNN reads 1.2-1.3x slower than
+# fp32 on some CPUs (AVX2 without VNNI), and this test is about the ladder, not about speed.
+GOOD = [{"type": "fold"}, {"type": "quantize", "mode": "static", "check_latency": False}]
 
 
 def _register(rungs, digits_data: Path, home: Path):
