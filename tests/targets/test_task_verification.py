@@ -45,6 +45,24 @@ def test_dense_map_is_judged_by_iou_not_nearest_neighbours():
     assert map_iou(list(ref), list(ref)) == 1.0
 
 
+def test_nearest_neighbours_are_not_judged_on_too_few_samples_but_are_on_enough():
+    """Four token-embedding samples: one swapped neighbour read NN 0.5 at cosine 0.98 and refused a
+    good MiniLM build; under MIN_NN_SAMPLES cosine decides, from there NN is judged again."""
+    from builder.targets.task_metrics import MIN_NN_SAMPLES, nearest_neighbour_agreement
+
+    rng = np.random.default_rng(4)
+    ref = rng.standard_normal((MIN_NN_SAMPLES, 64))
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)  # unit-norm sentence embeddings
+    shuffled = rng.permutation(ref)  # every sample's neighbour changes
+    assert np.isnan(nearest_neighbour_agreement(list(ref[:4]), list(shuffled[:4])))
+    near = ref[:4] + 0.01 * rng.standard_normal((4, 64))  # cosine ~0.997
+    few = compare_outputs("m", _per_sample(near / np.linalg.norm(near, axis=1, keepdims=True)), _per_sample(ref[:4]),
+                          TOLERANCES["int8"])
+    assert few.task == "embed" and few.passed
+    assert nearest_neighbour_agreement(list(ref), list(ref)) == 1.0
+    assert nearest_neighbour_agreement(list(ref), list(shuffled)) < 0.9
+
+
 def test_compression_fidelity_of_a_probability_map_is_iou_and_not_flagged():
     from builder.compression.evaluate import EvalConfig, compare_outputs as fidelity_of, detect_task as stacked_task
 
