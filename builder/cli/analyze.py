@@ -45,7 +45,9 @@ def register(app: typer.Typer) -> None:
 
         profile = resolve_alias(profile, device, "--profile", "--device", required=False)
         profiles = [get_profile(profile, profiles_dir)] if profile else list(load_profiles(profiles_dir).values())
-        values = input_values_from_npz(data) if data is not None else None
+        from builder.compression.data import first_sample_values
+
+        values = first_sample_values(str(data), {}) if data is not None else None
         if Path(model).is_file() and is_tflite(model):
             loaded, stats = _analyze_tflite(Path(model))
         else:
@@ -58,20 +60,6 @@ def register(app: typer.Typer) -> None:
             print(json.dumps(analysis_report(model_facts(loaded), stats, estimates), indent=2))
             return
         render_analysis(wide_console(), loaded, stats, profiles, top)
-
-
-def input_values_from_npz(path: Path) -> dict[str, Any]:
-    """Input values by name from an ``.npz``: 0-d arrays as they are, others their first sample
-    (axis 0), so a compress data file works too."""
-    import numpy as np
-
-    from builder.errors import DataError
-
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {name: (archive[name] if archive[name].ndim == 0 else archive[name][:1]) for name in archive.files}
-    except (OSError, ValueError) as exc:
-        raise DataError(f"--data {path}: not a readable .npz ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
 
 
 def _analyze_tflite(path: Path) -> tuple[Any, "GraphStats"]:

@@ -297,8 +297,8 @@ def load_model_with_data(source: str, input_shapes: Any, data: Optional[str], *,
 
 def first_sample_values(text: Optional[str], batch_axes: Mapping[str, Optional[int]]) -> dict[str, np.ndarray]:
     """Input values by name from a ``.npz``: 0-d and unbatched arrays whole, others their first sample
-    along their batch axis (0 unless declared), kept as a batch of one."""
-    if not text or not (str(text).endswith(".npz") and Path(text).is_file()):
+    along their batch axis (0 unless declared), kept as a batch of one (also `analyze --data`)."""
+    if not text:
         return {}
     try:
         with np.load(Path(text), allow_pickle=False) as archive:
