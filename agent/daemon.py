@@ -25,12 +25,13 @@ from agent import protocol as proto
 from agent.active import ActiveModel
 from agent.bench import run_benchmark
 from agent.config import AgentConfig, LoadSettings
-from agent.connection import MqttConnection
+from agent.connection import agent_connection
 from agent.detect import detect_device
 from agent.errors import AgentError, InstallError, ProtocolError, SignatureError, TransferError
 from agent.install import Installer, benchmark_feeds
 from agent.load import LoadController
 from agent.manifest import load_public_key
+from agent.mqtt import Delivery, Will
 from agent.sensors import power_sensors_for, profile_power_estimate_w, read_power, read_temperature
 from agent.serve import LocalEndpoint
 from agent.telemetry import FieldStats, TelemetryOutbox, drain_outbox
@@ -78,8 +79,8 @@ class Agent:
         self.endpoint: LocalEndpoint | None = None
         # The will is fixed at connect time, so it carries only who and "offline" (no stale model fields).
         will = proto.DeviceStatus(device_id=self.device_id, state="offline", agent_version=__version__)
-        self.conn = MqttConnection(self.device_id, cfg.broker, will_topic=self._topic(proto.Up.STATUS),
-                                   will_payload=will.to_json(), on_connected=self._on_connected)
+        self.conn = agent_connection(self.device_id, cfg.broker, will=Will(self._topic(proto.Up.STATUS), will.to_json()),
+                                     on_connected=self._on_connected)
         self.puller = ChunkPuller(self.device_id, self.data_dir / "downloads", self._publish_bytes,
                                   lambda: self.conn.connected, lambda: self.conn.connect_count,
                                   window_chunks=cfg.window_chunks, timeout_s=cfg.chunk_timeout_s,
@@ -132,7 +133,7 @@ class Agent:
         # Workers first: none of them may publish an "online" status after the final "offline" one.
         for thread in self._threads:
             thread.join(timeout=30)
-        self.conn.stop(final_topic=self._topic(proto.Up.STATUS), final_payload=self._status("offline").to_json())
+        self.conn.stop(final=Will(self._topic(proto.Up.STATUS), self._status("offline").to_json()))
         self.load.close()
         self.outbox.close()
 
@@ -149,7 +150,7 @@ class Agent:
     def _topic(self, suffix: str) -> str:
         return proto.device_topic(self.device_id, suffix)
 
-    def _publish_bytes(self, topic: str, payload: bytes) -> Any:
+    def _publish_bytes(self, topic: str, payload: bytes) -> Delivery:
         return self.conn.publish(topic, payload, qos=1)
 
     def _publish(self, suffix: str, message: Any, retain: bool = False) -> None:
@@ -396,11 +397,12 @@ class Agent:
                 self._publish(proto.Up.REPLY, proto.CommandReply(request_id=request_id, command="unknown", ok=False,
                                                                  error=str(exc), ts=proto.now_s()))
                 continue
-            if command.command == "trial":  # runs in its own thread and replies when done
-                self.trials.start(command.request_id, dict(command.args), lambda reply: self._publish(proto.Up.REPLY, reply))
-                continue
             try:
-                result = self.execute(command.command, dict(command.args))
+                args = command.parsed_args()
+                if isinstance(args, proto.TrialRequest):  # runs in its own thread and replies when done
+                    self.trials.start(command.request_id, args, lambda reply: self._publish(proto.Up.REPLY, reply))
+                    continue
+                result = self.execute(args)
                 reply = proto.CommandReply(request_id=command.request_id, command=command.command, ok=True,
                                            result=result, ts=proto.now_s())
             except (AgentError, ValueError, TypeError) as exc:
@@ -408,33 +410,32 @@ class Agent:
                                            error=str(exc), ts=proto.now_s())
             self._publish(proto.Up.REPLY, reply)
 
-    def execute(self, command: str, args: dict) -> dict:
-        if command == "status":
+    def execute(self, args: proto.CommandArgs) -> dict:
+        if isinstance(args, proto.StatusArgs):
             status = self._status("online").to_dict()
             status.update({"telemetry_interval_s": self.telemetry_interval_s, "outbox_reports": len(self.outbox),
                            "deploying": self._deploying, "trial": self.trials.running,
                            "http_url": self.endpoint.url if self.endpoint else None})
             return status
-        if command == "benchmark":
-            return self.benchmark(runs=int(args.get("runs", 50)), warmup=int(args.get("warmup", 5)))
-        if command == "rollback":
-            return self._auto_rollback(str(args.get("reason", "rollback command")))
-        if command == "set_telemetry_interval":
-            seconds = float(args["seconds"])
-            if seconds <= 0:
-                raise ValueError("seconds must be > 0")
+        if isinstance(args, proto.BenchmarkArgs):
+            return self.benchmark(runs=args.runs, warmup=args.warmup)
+        if isinstance(args, proto.RollbackArgs):
+            return self._auto_rollback(args.reason)
+        if isinstance(args, proto.SetTelemetryIntervalArgs):
+            seconds = float(args.seconds)
             self.telemetry_interval_s = seconds
             self._telemetry_wakeup.set()
             return {"telemetry_interval_s": seconds}
-        if command == "set_load":
+        if isinstance(args, proto.SetLoadArgs):
             current = self.load.settings
-            settings = LoadSettings(slowdown_factor=float(args.get("slowdown_factor", current.slowdown_factor)),
-                                    cpu_burn_threads=int(args.get("cpu_burn_threads", current.cpu_burn_threads)),
-                                    cpu_burn_duty=float(args.get("cpu_burn_duty", current.cpu_burn_duty)))
+            settings = LoadSettings(
+                slowdown_factor=float(current.slowdown_factor if args.slowdown_factor is None else args.slowdown_factor),
+                cpu_burn_threads=int(current.cpu_burn_threads if args.cpu_burn_threads is None else args.cpu_burn_threads),
+                cpu_burn_duty=float(current.cpu_burn_duty if args.cpu_burn_duty is None else args.cpu_burn_duty))
             self.load.apply(settings)
             self.publish_status()
             return {"load": self.load.as_dict()}
-        raise ValueError(f"unknown command {command!r}")
+        raise ValueError(f"unknown command {args.COMMAND!r}")
 
     def benchmark(self, runs: int = 50, warmup: int = 5) -> dict:
         model = self.active.model

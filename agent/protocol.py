@@ -297,14 +297,11 @@ class TelemetryReport(_Message):
         _require(isinstance(self.seq, int) and self.seq >= 0, "seq must be an integer >= 0")
 
 
-COMMANDS = ("benchmark", "rollback", "status", "set_telemetry_interval", "set_load", "trial")
-
-
 @dataclass(frozen=True)
 class Command(_Message):
-    """``down/cmd``. Arguments: benchmark {runs, warmup}; set_telemetry_interval {seconds};
-    set_load {slowdown_factor, cpu_burn_threads, cpu_burn_duty}; trial: a ``TrialRequest``;
-    rollback and status take none."""
+    """``down/cmd``: ``args`` is the JSON object of the command's typed arguments (``COMMAND_ARGS``:
+    ``BenchmarkArgs``, ``RollbackArgs``, ``StatusArgs``, ``SetTelemetryIntervalArgs``,
+    ``SetLoadArgs``, ``TrialRequest``); build one with ``Command.of`` and read it with ``parsed_args``."""
 
     KIND = "cmd"
     REQUIRED = ("request_id", "command")
@@ -316,6 +313,14 @@ class Command(_Message):
     def _validate(self) -> None:
         _require(self.command in COMMANDS, f"command must be one of {COMMANDS}")
         _require(isinstance(self.args, Mapping), "args must be an object")
+
+    @classmethod
+    def of(cls, request_id: str, args: "CommandArgs", ts: float = 0.0) -> "Command":
+        return cls(request_id=request_id, command=args.COMMAND, args=args.to_payload(), ts=ts)
+
+    def parsed_args(self) -> "CommandArgs":
+        """The typed arguments; ProtocolError when they do not fit the command."""
+        return COMMAND_ARGS[self.command].from_payload(self.args)
 
 
 @dataclass(frozen=True)
@@ -332,12 +337,106 @@ class CommandReply(_Message):
     ts: float = 0.0
 
 
+# ---------------------------------------------------------------------------------------------
+# Command arguments: one frozen dataclass per command, the ``args`` object of its ``Command``
+
+
+class CommandArgs(_Message):
+    """Base of the typed arguments of one command. ``to_payload`` is the ``Command.args`` object
+    (no ``schema`` field: the command carries it; optional fields left at None are omitted, as the
+    host always sent them); ``from_payload`` validates and raises ProtocolError."""
+
+    COMMAND = ""
+
+    def to_payload(self) -> dict[str, Any]:
+        try:
+            self._validate()
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"{self.KIND} arguments are malformed: {exc}") from exc
+        data = self.to_dict()
+        data.pop("schema")
+        return {k: v for k, v in data.items() if v is not None or k in self.REQUIRED}
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]):
+        if not isinstance(payload, Mapping):
+            raise ProtocolError(f"{cls.KIND} arguments must be an object")
+        return cls.from_json({**dict(payload), "schema": SCHEMA})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class StatusArgs(CommandArgs):
+    """``status``: no arguments; the reply's result is the device status plus runtime details."""
+
+    KIND = COMMAND = "status"
+
+
+@dataclass(frozen=True)
+class BenchmarkArgs(CommandArgs):
+    """``benchmark``: time the active model (``warmup`` untimed runs first)."""
+
+    KIND = COMMAND = "benchmark"
+    runs: int = 50
+    warmup: int = 5
+
+    def _validate(self) -> None:
+        _require(_is_int(self.runs) and self.runs >= 1, "runs must be an integer >= 1")
+        _require(_is_int(self.warmup) and self.warmup >= 0, "warmup must be an integer >= 0")
+
+
+@dataclass(frozen=True)
+class RollbackArgs(CommandArgs):
+    """``rollback``: switch back to the previous slot; ``reason`` goes into telemetry and progress."""
+
+    KIND = COMMAND = "rollback"
+    reason: str = "rollback command"
+
+    def _validate(self) -> None:
+        _require(isinstance(self.reason, str), "reason must be a string")
+
+
+@dataclass(frozen=True)
+class SetTelemetryIntervalArgs(CommandArgs):
+    """``set_telemetry_interval``: the periodic report interval, applied at once."""
+
+    KIND = COMMAND = "set_telemetry_interval"
+    REQUIRED = ("seconds",)
+    seconds: float
+
+    def _validate(self) -> None:
+        _require(_is_number(self.seconds) and self.seconds > 0, "seconds must be a number > 0")
+
+
+@dataclass(frozen=True)
+class SetLoadArgs(CommandArgs):
+    """``set_load``: artificial load (tests, demos); a field left out keeps the device's current
+    value. The agent's ``LoadController`` checks the ranges (slowdown >= 1, duty 0..1, threads 0..64)."""
+
+    KIND = COMMAND = "set_load"
+    slowdown_factor: float | None = None
+    cpu_burn_threads: int | None = None
+    cpu_burn_duty: float | None = None
+
+    def _validate(self) -> None:
+        _require(self.slowdown_factor is None or _is_number(self.slowdown_factor), "slowdown_factor must be a number")
+        _require(self.cpu_burn_threads is None or _is_int(self.cpu_burn_threads), "cpu_burn_threads must be an integer")
+        _require(self.cpu_burn_duty is None or _is_number(self.cpu_burn_duty), "cpu_burn_duty must be a number")
+
+
 MAX_TRIAL_RUNS = 10_000
 MAX_TRIAL_TIMEOUT_S = 3600.0
 
 
 @dataclass(frozen=True)
-class TrialRequest(_Message):
+class TrialRequest(CommandArgs):
     """The ``args`` of a ``trial`` command: benchmark a signed artifact WITHOUT installing it.
 
     Added within v1 (an older agent answers the unknown command with ``ok: false``). The manifest
@@ -349,7 +448,7 @@ class TrialRequest(_Message):
     ``result.busy = true``.
     """
 
-    KIND = "trial"
+    KIND = COMMAND = "trial"
     REQUIRED = ("artifact_id", "manifest", "signature")
     artifact_id: str
     manifest: Mapping[str, Any]
@@ -367,20 +466,16 @@ class TrialRequest(_Message):
         _require(isinstance(self.timeout_s, (int, float)) and 0 < self.timeout_s <= MAX_TRIAL_TIMEOUT_S,
                  f"timeout_s must be in (0, {MAX_TRIAL_TIMEOUT_S:g}]")
 
-    def to_args(self) -> dict[str, Any]:
-        """The ``Command.args`` object (no schema field: the command carries it)."""
-        data = self.to_dict()
-        data.pop("schema")
-        return data
-
-    @classmethod
-    def from_args(cls, args: Mapping[str, Any]) -> "TrialRequest":
-        return cls.from_json({**dict(args), "schema": SCHEMA})
-
     def as_desired(self, deployment_id: str) -> DesiredDeployment:
         """The same artifact as a deployment message, for the shared verify-and-pull code."""
         return DesiredDeployment(deployment_id=deployment_id, artifact_id=self.artifact_id, manifest=self.manifest,
                                  signature=self.signature, ts=now_s())
+
+
+COMMAND_ARGS: dict[str, type[CommandArgs]] = {
+    args.COMMAND: args for args in (BenchmarkArgs, RollbackArgs, StatusArgs, SetTelemetryIntervalArgs, SetLoadArgs,
+                                    TrialRequest)}
+COMMANDS = tuple(COMMAND_ARGS)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from agent.bench import LatencyStats
+from agent.errors import MqttError
+from agent.mqtt import Delivery
 from agent.protocol import TelemetryReport
 
 
@@ -105,11 +107,11 @@ class TelemetryOutbox:
             self._db.close()
 
 
-def drain_outbox(outbox: TelemetryOutbox, publish: Callable[[bytes], object], is_connected: Callable[[], bool],
+def drain_outbox(outbox: TelemetryOutbox, publish: Callable[[bytes], Delivery], is_connected: Callable[[], bool],
                  batch: int = 50, ack_timeout_s: float = 10.0) -> int:
     """Send buffered reports in seq order; each batch is removed only after all its PUBACKs.
 
-    ``publish`` returns a paho ``MQTTMessageInfo``. Returns how many were delivered. A broker lost
+    ``publish`` returns the client's ``Delivery``. Returns how many were delivered. A broker lost
     mid-batch leaves the batch in the outbox (it is re-sent: the host dedupes by ``seq``).
     """
     delivered = 0
@@ -123,10 +125,9 @@ def drain_outbox(outbox: TelemetryOutbox, publish: Callable[[bytes], object], is
         for seq, info in infos:
             remaining = deadline - time.monotonic()
             try:
-                info.wait_for_publish(timeout=max(remaining, 0.01))  # type: ignore[attr-defined]
-            except (RuntimeError, ValueError):
-                break
-            if not info.is_published():  # type: ignore[attr-defined]
+                if not info.wait(max(remaining, 0.01)):
+                    break
+            except MqttError:
                 break
             acked.append(seq)
         outbox.remove(acked)

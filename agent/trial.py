@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 from agent import protocol as proto
 from agent.bench import run_benchmark
-from agent.errors import AgentError, InstallError, ProtocolError, SignatureError
+from agent.errors import AgentError, InstallError, SignatureError
 from agent.install import LoadedModel, benchmark_feeds, health_check
 from agent.load import LoadController
 from agent.runtime import open_runtime
@@ -143,17 +143,12 @@ class TrialRunner:
         if puller is not None:
             puller.on_frame(topic, payload)
 
-    def start(self, request_id: str, args: dict[str, Any], reply: Reply) -> None:
-        """Validate, then run in a thread; a malformed request or a busy device is answered at once."""
+    def start(self, request_id: str, request: proto.TrialRequest, reply: Reply) -> None:
+        """Run in a thread; a busy or stopping device is answered at once."""
         def answer(ok: bool, result: dict[str, Any] | None = None, error: str | None = None) -> None:
             reply(proto.CommandReply(request_id=request_id, command="trial", ok=ok, result=result or {},
                                      error=error, ts=proto.now_s()))
 
-        try:
-            request = proto.TrialRequest.from_args(args)
-        except ProtocolError as exc:
-            answer(False, error=str(exc))
-            return
         with self._lock:
             if self._stopping.is_set():
                 answer(False, error="the agent is stopping; send the trial again when it is back")

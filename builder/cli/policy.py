@@ -104,17 +104,18 @@ def add_to_fleet(fleet: typer.Typer) -> None:
              cpu_burn_duty: float = typer.Option(0.5, "--cpu-burn-duty", help="Share of each 100 ms those threads spin."),
              data_dir: Optional[Path] = DataDirOption) -> None:
         """Make a device slow on purpose (tests, demos of the re-compression loop): the agent's set_load command."""
+        from agent import protocol as proto
         from builder.errors import FleetError, UsageError
         from builder.fleet.link import FleetLink, resolve_endpoint
 
         if slowdown < 1.0 or cpu_burn_threads < 0 or not 0.0 <= cpu_burn_duty <= 1.0:
             raise UsageError("--slowdown must be >= 1, --cpu-burn-threads >= 0 and --cpu-burn-duty in 0..1")
-        args = {"slowdown_factor": slowdown, "cpu_burn_threads": cpu_burn_threads, "cpu_burn_duty": cpu_burn_duty}
+        args = proto.SetLoadArgs(slowdown_factor=slowdown, cpu_burn_threads=cpu_burn_threads, cpu_burn_duty=cpu_burn_duty)
         with FleetLink(resolve_endpoint(_data_dir(data_dir)), client_id=f"edgefleet-load-{time.time_ns()}").connect() as link:
-            reply = link.command(device, "set_load", args, timeout_s=15)
+            reply = link.command(device, args, timeout_s=15)
         if not reply.ok:
             raise FleetError(f"{device} refused set_load: {reply.error}")
-        typer.echo(f"{device}: load now {json.dumps(dict(reply.result) or args, sort_keys=True)}")
+        typer.echo(f"{device}: load now {json.dumps(dict(reply.result) or args.to_payload(), sort_keys=True)}")
 
     @fleet.command("events")
     def events(device: Optional[str] = typer.Option(None, "--device", help="Only this device."),

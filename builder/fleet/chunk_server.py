@@ -6,9 +6,9 @@ The device id comes from the topic (which the broker's ACL confines), never from
 Payloads are zstd-compressed once and the compressed form is cached (in memory, bounded, and on
 disk when ``cache_dir`` is given), so a fleet pulling one artifact costs one compression.
 
-Embed it in any paho-mqtt 2.x client: ``ChunkServer(client, lookup).attach()``. Give that client
-``max_inflight_messages_set(64)`` or more: paho's default of 20 in-flight QoS 1 messages throttles a
-device's window of chunks (agents ask for 64 at a time, topping up every 32).
+Embed it in any ``agent.mqtt.MqttClient``: ``ChunkServer(client, lookup).attach()``. Give that client
+``max_inflight=64`` or more: paho's default of 20 in-flight QoS 1 messages throttles a device's
+window of chunks (agents ask for 64 at a time, topping up every 32).
 """
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ from typing import Any, Callable
 
 from agent import protocol as proto
 from agent.errors import ProtocolError
+from agent.errors import MqttError
 from agent.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
+from agent.mqtt import MqttClient
 from builder.atomic_files import atomic_write_bytes
 from builder.errors import FleetError
 
@@ -72,7 +74,7 @@ def compress_payload(path: Path, level: int = 3) -> bytes:
 class ChunkServer:
     """Serves windows of compressed payload chunks to devices that ask for them."""
 
-    def __init__(self, client: Any, lookup: ArtifactLookup, *, chunk_bytes: int = proto.MAX_CHUNK_BYTES,
+    def __init__(self, client: MqttClient, lookup: ArtifactLookup, *, chunk_bytes: int = proto.MAX_CHUNK_BYTES,
                  zstd_level: int = 3, cache_dir: Path | None = None, memory_cache_bytes: int = 512 << 20,
                  qos: int = 1, delay_per_chunk_s: float = 0.0) -> None:
         if not 0 < chunk_bytes <= proto.MAX_CHUNK_BYTES:
@@ -94,18 +96,20 @@ class ChunkServer:
 
     # -- wiring -----------------------------------------------------------------------------
     def attach(self) -> None:
-        """Register the request callback and subscribe (call again after a reconnect with a clean session)."""
-        topic = proto.all_devices_topic(proto.Up.CHUNK_REQUEST)
-        self.client.message_callback_add(topic, self.on_request_message)
-        self.client.subscribe(topic, qos=1)
-
-    def on_request_message(self, client: Any, userdata: Any, message: Any) -> None:
-        """paho ``message_callback_add`` callback for ``up/chunkreq`` (call it from your own handler if you route messages yourself)."""
+        """Subscribe the request handler to every device's ``up/chunkreq`` (the client re-subscribes
+        after reconnects); FleetError when the broker refuses the subscription."""
         try:
-            device_id, _ = proto.parse_device_topic(message.topic)
-            request = proto.ChunkRequest.from_json(message.payload)
+            self.client.subscribe(proto.all_devices_topic(proto.Up.CHUNK_REQUEST), self.on_request, qos=1)
+        except MqttError as exc:
+            raise FleetError(f"the chunk server cannot listen for chunk requests: {exc}") from exc
+
+    def on_request(self, topic: str, payload: bytes) -> None:
+        """Handler for ``up/chunkreq`` messages (call it from your own handler if you route messages yourself)."""
+        try:
+            device_id, _ = proto.parse_device_topic(topic)
+            request = proto.ChunkRequest.from_json(payload)
         except ProtocolError as exc:
-            log.warning("ignoring bad chunk request on %s: %s", message.topic, exc)
+            log.warning("ignoring bad chunk request on %s: %s", topic, exc)
             return
         with self._lock:  # overlapping subscriptions deliver a message twice: answer each request once
             key = (device_id, request.request_id)
@@ -210,20 +214,23 @@ def desired_message(artifact_dir: Path, deployment_id: str | None = None) -> pro
         artifact_id=artifact_id, manifest=manifest_obj, signature=signature_obj, ts=proto.now_s())
 
 
-def publish_desired(client: Any, device_id: str, artifact_dir: Path, deployment_id: str | None = None,
+def publish_desired(client: MqttClient, device_id: str, artifact_dir: Path, deployment_id: str | None = None,
                     timeout_s: float = 10.0) -> proto.DesiredDeployment:
     """Publish (retained, QoS 1) the deployment a device must run; waits for the broker's PUBACK."""
     message = desired_message(artifact_dir, deployment_id)
-    info = client.publish(proto.device_topic(device_id, proto.Down.DESIRED), message.to_json(), qos=1, retain=True)
+    delivery = client.publish(proto.device_topic(device_id, proto.Down.DESIRED), message.to_json(), qos=1, retain=True)
     try:
-        info.wait_for_publish(timeout=timeout_s)
-    except (RuntimeError, ValueError) as exc:
+        delivered = delivery.wait(timeout_s)
+    except MqttError as exc:
         raise FleetError(f"could not publish the desired deployment for {device_id}: {exc}; is the broker reachable?") from exc
-    if not info.is_published():
+    if not delivered:
         raise FleetError(f"broker did not acknowledge the desired deployment for {device_id} within {timeout_s:.0f} s")
     return message
 
 
-def clear_desired(client: Any, device_id: str) -> None:
+def clear_desired(client: MqttClient, device_id: str) -> None:
     """Remove the retained desired deployment (the device keeps running what it has)."""
-    client.publish(proto.device_topic(device_id, proto.Down.DESIRED), b"", qos=1, retain=True).wait_for_publish(10)
+    try:
+        client.publish(proto.device_topic(device_id, proto.Down.DESIRED), b"", qos=1, retain=True).wait(10)
+    except MqttError as exc:
+        raise FleetError(f"could not clear the desired deployment of {device_id}: {exc}") from exc

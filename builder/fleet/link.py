@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import ssl
 import threading
 import time
 import uuid
@@ -20,7 +19,8 @@ from typing import Any, Callable
 from urllib.parse import unquote, urlparse
 
 from agent import protocol as proto
-from agent.errors import ProtocolError
+from agent.errors import MqttConnectError, MqttError, ProtocolError
+from agent.mqtt import ClientSettings, MqttClient, MqttVersion, TlsSettings, Will
 from builder.errors import FleetError, UsageError
 
 log = logging.getLogger(__name__)
@@ -151,65 +151,37 @@ def resolve_endpoint(data_dir: Path, broker_url: str | None = None, username: st
 
 
 class FleetLink:
-    """A connected paho client with per-filter callbacks, request/reply for commands, and
-    re-subscription after reconnects."""
+    """The host's connection: the shared ``agent.mqtt.MqttClient`` with the builder's credentials,
+    FleetError at this boundary, request/reply for commands. ``mqtt`` is that client, for parts
+    that serve on the same connection (the chunk server)."""
 
     def __init__(self, endpoint: BrokerEndpoint, client_id: str | None = None, *,
                  will: tuple[str, bytes] | None = None) -> None:
-        import paho.mqtt.client as mqtt
-
         self.endpoint = endpoint
         self.client_id = client_id or f"edgefleet-builder-{uuid.uuid4().hex[:8]}"
-        self._mqtt = mqtt
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                                  protocol=mqtt.MQTTv311, clean_session=True)
-        if endpoint.username:
-            self.client.username_pw_set(endpoint.username, endpoint.password)
-        if endpoint.tls:
-            self.client.tls_set(ca_certs=str(endpoint.ca_file) if endpoint.ca_file else None,
-                                certfile=str(endpoint.client_cert) if endpoint.client_cert else None,
-                                keyfile=str(endpoint.client_key) if endpoint.client_key else None,
-                                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        if will is not None:
-            self.client.will_set(will[0], will[1], qos=1, retain=True)
-        self.client.max_inflight_messages_set(64)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self._subscriptions: list[tuple[str, int]] = []
-        self._callbacks: list[tuple[str, MessageCallback]] = []
-        self._connected = threading.Event()
-        self._refused: str | None = None
+        self.reconnects = 0
         self._replies: dict[str, tuple[threading.Event, list[proto.CommandReply]]] = {}
         self._lock = threading.Lock()
-        self._suback_waiters: dict[int, threading.Event] = {}
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = self._on_subscribe
-        self.reconnects = 0
+        self._watching_replies = False
+        self.mqtt = MqttClient(host_client_settings(endpoint, self.client_id, will), on_disconnect=self._on_disconnect)
 
     # -- connection -------------------------------------------------------------------------
     def connect(self, timeout_s: float = 10.0) -> "FleetLink":
         ep = self.endpoint
         try:
-            self.client.connect(ep.host, ep.port, keepalive=30)
-        except (OSError, ssl.SSLError) as exc:
-            raise FleetError(f"cannot reach the broker at {ep.public_url()} ({exc}); is it running? "
-                             "(start `builder serve` or pass the right --broker)") from exc
-        self.client.reconnect_delay_set(0.5, 10)
-        self.client.loop_start()
-        if not self._connected.wait(timeout_s):
-            reason = self._refused
-            self.close()
-            if reason:
-                raise FleetError(f"the broker at {ep.public_url()} refused the builder: {reason}; "
-                                 "check the builder username/password (broker-credentials.json) or certificates")
-            raise FleetError(f"no answer from the broker at {ep.public_url()} within {timeout_s:.0f} s")
+            self.mqtt.connect(timeout_s)
+        except MqttConnectError as exc:
+            if not exc.reachable:
+                raise FleetError(f"cannot reach the broker at {ep.public_url()} ({exc.__cause__}); is it running? "
+                                 "(start `builder serve` or pass the right --broker)") from exc
+            if exc.refused:
+                raise FleetError(f"the broker at {ep.public_url()} refused the builder: {exc.refused}; "
+                                 "check the builder username/password (broker-credentials.json) or certificates") from exc
+            raise FleetError(f"no answer from the broker at {ep.public_url()} within {timeout_s:.0f} s") from exc
         return self
 
     def close(self) -> None:
-        try:
-            self.client.disconnect()
-        finally:
-            self.client.loop_stop()
+        self.mqtt.stop()
 
     def __enter__(self) -> "FleetLink":
         return self
@@ -219,75 +191,50 @@ class FleetLink:
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self.mqtt.connected
 
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
-        if reason_code.is_failure:
-            self._refused = str(reason_code)
-            client.disconnect()  # stop paho retrying with wrong credentials
-            return
-        for topic, qos in list(self._subscriptions):
-            client.subscribe(topic, qos=qos)
-        self._connected.set()
-
-    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
-        if self._connected.is_set():
-            self.reconnects += 1
-            log.info("broker connection lost (%s); paho reconnects", reason_code)
-        self._connected.clear()
+    def _on_disconnect(self, reason: str) -> None:
+        self.reconnects += 1
+        log.info("broker connection lost (%s); reconnecting", reason)
 
     # -- subscribe / publish ----------------------------------------------------------------
     def subscribe(self, topic_filter: str, callback: MessageCallback, qos: int = 1, wait_s: float = 5.0) -> None:
-        """Call ``callback(topic, payload)`` for every message matching the filter (in the network thread)."""
-        with self._lock:
-            self._callbacks.append((topic_filter, callback))
-            self._subscriptions.append((topic_filter, qos))
-        done = threading.Event()
-        with self._lock:
-            rc, mid = self.client.subscribe(topic_filter, qos=qos)
-            if rc == self._mqtt.MQTT_ERR_SUCCESS:
-                self._suback_waiters[mid] = done
-        if rc == self._mqtt.MQTT_ERR_SUCCESS and wait_s:
-            done.wait(wait_s)
-
-    def remember_subscription(self, topic_filter: str, qos: int = 1) -> None:
-        """Re-subscribe this filter after a reconnect (for subscriptions made directly on ``client``)."""
-        with self._lock:
-            self._subscriptions.append((topic_filter, qos))
-
-    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
-        with self._lock:
-            waiter = self._suback_waiters.pop(mid, None)
-        if waiter is not None:
-            waiter.set()
-
-    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
-        with self._lock:
-            callbacks = [cb for flt, cb in self._callbacks if self._mqtt.topic_matches_sub(flt, message.topic)]
-        for callback in callbacks:
-            try:
-                callback(message.topic, bytes(message.payload))
-            except Exception:  # noqa: BLE001 - one bad handler must not stop the network thread
-                log.exception("handler for %s failed", message.topic)
+        """Call ``callback(topic, payload)`` for every message matching the filter (in the network
+        thread); FleetError when the broker refuses the filter or does not acknowledge it."""
+        try:
+            self.mqtt.subscribe(topic_filter, callback, qos=qos, timeout_s=wait_s)
+        except MqttError as exc:
+            raise FleetError(f"{exc} (broker {self.endpoint.public_url()})") from exc
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout_s: float = 10.0) -> None:
-        """Publish and wait for the broker's acknowledgement (QoS ≥ 1)."""
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        """Publish and wait for the broker's acknowledgement (QoS ≥ 1); never from the network thread."""
+        delivery = self.mqtt.publish(topic, payload, qos=qos, retain=retain)
         if qos == 0:
             return
         try:
-            info.wait_for_publish(timeout=timeout_s)
-        except (RuntimeError, ValueError) as exc:
-            raise FleetError(f"could not publish to {topic}: {exc}; is the broker reachable?") from exc
-        if not info.is_published():
+            delivered = delivery.wait(timeout_s)
+        except MqttError as exc:
+            raise FleetError(f"{exc}; is the broker reachable?") from exc
+        if not delivered:
             raise FleetError(f"the broker did not acknowledge {topic} within {timeout_s:.0f} s")
+
+    def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        """Queue a message without waiting for its acknowledgement (safe in the network thread)."""
+        self.mqtt.publish(topic, payload, qos=qos, retain=retain)
 
     # -- commands ---------------------------------------------------------------------------
     def watch_replies(self) -> None:
         """Subscribe once to every device's replies (needed before ``command``)."""
-        if any(flt == proto.all_devices_topic(proto.Up.REPLY) for flt, _ in self._callbacks):
-            return
-        self.subscribe(proto.all_devices_topic(proto.Up.REPLY), self._on_reply)
+        with self._lock:
+            if self._watching_replies:
+                return
+            self._watching_replies = True
+        try:
+            self.subscribe(proto.all_devices_topic(proto.Up.REPLY), self._on_reply)
+        except FleetError:
+            with self._lock:
+                self._watching_replies = False
+            raise
 
     def _on_reply(self, topic: str, payload: bytes) -> None:
         try:
@@ -301,9 +248,8 @@ class FleetLink:
             waiter[1].append(reply)
             waiter[0].set()
 
-    def command(self, device_id: str, command: str, args: dict[str, Any] | None = None,
-                timeout_s: float = 60.0) -> proto.CommandReply:
-        """Send a command and wait for the reply carrying its request id."""
+    def command(self, device_id: str, args: proto.CommandArgs, timeout_s: float = 60.0) -> proto.CommandReply:
+        """Send a command (its typed arguments) and wait for the reply carrying its request id."""
         self.watch_replies()
         request_id = uuid.uuid4().hex
         event: threading.Event = threading.Event()
@@ -311,12 +257,22 @@ class FleetLink:
         with self._lock:
             self._replies[request_id] = (event, box)
         try:
-            message = proto.Command(request_id=request_id, command=command, args=dict(args or {}), ts=proto.now_s())
+            message = proto.Command.of(request_id, args, ts=proto.now_s())
             self.publish(proto.device_topic(device_id, proto.Down.COMMAND), message.to_json(), qos=1)
             if not event.wait(timeout_s):
-                raise FleetError(f"{device_id} did not answer '{command}' within {timeout_s:.0f} s; is it online? "
+                raise FleetError(f"{device_id} did not answer '{args.COMMAND}' within {timeout_s:.0f} s; is it online? "
                                  "(see `builder fleet status`)")
             return box[0]
         finally:
             with self._lock:
                 self._replies.pop(request_id, None)
+
+
+def host_client_settings(endpoint: BrokerEndpoint, client_id: str, will: tuple[str, bytes] | None = None) -> ClientSettings:
+    """MQTT 3.1.1, clean session (see the module doc), 64 QoS 1 messages in flight (paho's default
+    of 20 throttles a device's window of chunks), reconnect within 0.5..10 s."""
+    tls = TlsSettings(endpoint.ca_file, endpoint.client_cert, endpoint.client_key) if endpoint.tls else None
+    return ClientSettings(host=endpoint.host, port=endpoint.port, client_id=client_id, username=endpoint.username,
+                          password=endpoint.password, tls=tls, will=Will(will[0], will[1]) if will else None,
+                          version=MqttVersion.V311, persistent_session=False, keepalive_s=30, max_inflight=64,
+                          reconnect_min_s=0.5, reconnect_max_s=10.0)

@@ -235,7 +235,7 @@ class Pusher:
         deployment_id = f"{artifact_id[:12]}-{int(time.time() * 1000)}"
         progress_q = self.watch.follow(deployment_id)
         try:
-            publish_desired(self.link.client, device_id, directory, deployment_id)
+            publish_desired(self.link.mqtt, device_id, directory, deployment_id)
             self.store.add_event(DeploymentEvent(device_id, time.time(), "desired", deployment_id, artifact_id,
                                                  {"model": model_label, "previous": previous}))
             self.observer.stage(device_id, f"desired deployment {deployment_id} published")
@@ -291,8 +291,8 @@ class Pusher:
             return None
 
     def benchmark(self, device_id: str, expected_artifact: str | None = None) -> BenchmarkRow:
-        reply = self.link.command(device_id, "benchmark", {"runs": self.options.benchmark_runs,
-                                                          "warmup": self.options.benchmark_warmup},
+        reply = self.link.command(device_id, proto.BenchmarkArgs(runs=self.options.benchmark_runs,
+                                                                 warmup=self.options.benchmark_warmup),
                                   timeout_s=self.options.benchmark_timeout_s)
         if not reply.ok:
             raise FleetError(f"{device_id} could not benchmark: {reply.error}")
@@ -330,11 +330,11 @@ class Pusher:
         try:
             if directory is not None:
                 deployment_id = f"restore-{running_artifact[:12]}-{int(time.time() * 1000)}"  # type: ignore[index]
-                publish_desired(self.link.client, device_id, directory, deployment_id)
+                publish_desired(self.link.mqtt, device_id, directory, deployment_id)
                 self.store.add_event(DeploymentEvent(device_id, time.time(), "desired", deployment_id, running_artifact,
                                                      {"restore": True}))
             else:
-                clear_desired(self.link.client, device_id)
+                clear_desired(self.link.mqtt, device_id)
                 self.store.add_event(DeploymentEvent(device_id, time.time(), "desired_cleared"))
         except (FleetError, RuntimeError, ValueError) as exc:
             log.warning("could not restore the desired deployment of %s: %s", device_id, exc)
@@ -350,7 +350,7 @@ class Pusher:
                              "model in its other slot)")
         current = status.active_artifact_id
         self.store.add_event(DeploymentEvent(device_id, time.time(), "rollback_requested", None, current, {"reason": reason}))
-        reply = self.link.command(device_id, "rollback", {"reason": reason}, timeout_s=60)
+        reply = self.link.command(device_id, proto.RollbackArgs(reason=reason), timeout_s=60)
         if not reply.ok:
             return DeviceOutcome(device_id, current or "", "failed", error=reply.error,
                                  previous_artifact_id=current, previous_model=status.active_model,

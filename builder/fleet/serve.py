@@ -154,11 +154,10 @@ class FleetServer:
             offline = json.dumps({"state": "offline", "pid": os.getpid()}).encode()
             self.link = FleetLink(self.endpoint, client_id=f"edgefleet-serve-{os.getpid()}", will=(SERVE_TOPIC, offline))
             self.link.connect()
-            self.chunk_server = ChunkServer(self.link.client, ArtifactDirectories(registry, self.data_dir / "serve-cache"),
+            self.chunk_server = ChunkServer(self.link.mqtt, ArtifactDirectories(registry, self.data_dir / "serve-cache"),
                                             cache_dir=self.data_dir / "chunk-cache",
                                             delay_per_chunk_s=self.settings.chunk_delay_s)
             self.chunk_server.attach()
-            self.link.remember_subscription(proto.all_devices_topic(proto.Up.CHUNK_REQUEST), 1)
             for suffix, handler in ((proto.Up.HELLO, self._on_hello), (proto.Up.STATUS, self._on_status),
                                     (proto.Up.TELEMETRY, self._on_telemetry), (proto.Up.PROGRESS, self._on_progress)):
                 self.link.subscribe(proto.all_devices_topic(suffix), handler)
@@ -203,7 +202,7 @@ class FleetServer:
             return
         message = self._last_desired_message(device_id, event)
         if message is not None:  # network thread: publish without waiting for the PUBACK
-            self.link.client.publish(proto.device_topic(device_id, proto.Down.DESIRED), message.to_json(), qos=1, retain=True)
+            self.link.publish_nowait(proto.device_topic(device_id, proto.Down.DESIRED), message.to_json(), retain=True)
             log.info("%s: desired deployment %s sent again", device_id, event.deployment_id)
 
     def stop(self) -> None:

@@ -118,23 +118,20 @@ class DeviceTrials:
         from builder.fleet.serve import ArtifactDirectories
 
         assert self.link is not None
-        self.chunk_server = ChunkServer(self.link.client, ArtifactDirectories(Registry(self.data_dir),
+        self.chunk_server = ChunkServer(self.link.mqtt, ArtifactDirectories(Registry(self.data_dir),
                                                                               self.data_dir / "serve-cache"),
                                         cache_dir=self.data_dir / "chunk-cache")
-        topic = proto.all_devices_topic(proto.Up.CHUNK_REQUEST)
-        self.link.client.message_callback_add(topic, self._on_chunk_request)
-        self.link.client.subscribe(topic, qos=1)
-        self.link.remember_subscription(topic, 1)
+        self.link.subscribe(proto.all_devices_topic(proto.Up.CHUNK_REQUEST), self._on_chunk_request)
         log.info("no `builder serve` for %s on %s: serving trial chunks from this process", self.data_dir,
                  self.endpoint.public_url())
 
-    def _on_chunk_request(self, client: Any, userdata: Any, message: Any) -> None:
+    def _on_chunk_request(self, topic: str, payload: bytes) -> None:
         try:
-            request = proto.ChunkRequest.from_json(message.payload)
+            request = proto.ChunkRequest.from_json(payload)
         except Exception:  # noqa: BLE001 - the chunk server logs malformed requests itself
             request = None
         if request is None or request.artifact_id in self._offered:
-            self.chunk_server.on_request_message(client, userdata, message)
+            self.chunk_server.on_request(topic, payload)
 
     def offer(self, artifact_id: str) -> None:
         """Answer chunk requests for this registered artifact (trials call it for theirs)."""
@@ -143,7 +140,7 @@ class DeviceTrials:
     def _status(self, known: bool) -> Mapping[str, Any]:
         assert self.link is not None
         try:
-            reply = self.link.command(self.device_id, "status", timeout_s=self.settings.status_timeout_s)
+            reply = self.link.command(self.device_id, proto.StatusArgs(), timeout_s=self.settings.status_timeout_s)
         except FleetError as exc:
             where = self.endpoint.public_url()
             if known:
@@ -188,7 +185,7 @@ class DeviceTrials:
         while True:
             remaining = deadline - time.monotonic()
             try:
-                reply = self.link.command(self.device_id, "trial", request.to_args(), timeout_s=max(1.0, remaining) + 5.0)
+                reply = self.link.command(self.device_id, request, timeout_s=max(1.0, remaining) + 5.0)
             except FleetError as exc:
                 self._still_there(exc)
                 raise FleetError(f"{self.device_id} sent no trial result for {request.artifact_id[:12]} within "
@@ -215,7 +212,7 @@ class DeviceTrials:
     def _still_there(self, cause: Exception) -> None:
         assert self.link is not None
         try:
-            self.link.command(self.device_id, "status", timeout_s=self.settings.status_timeout_s)
+            self.link.command(self.device_id, proto.StatusArgs(), timeout_s=self.settings.status_timeout_s)
         except FleetError:
             raise DeviceUnavailableError(f"device '{self.device_id}' stopped answering during a trial (offline?); "
                                          "restart its agent and run the search again (finished trials are kept)") from cause

@@ -117,10 +117,8 @@ class Host:
     def __init__(self, broker_url: str, artifacts: dict[str, Path], *, username: str = "builder",
                  password: str = BUILDER_PASSWORD, chunk_bytes: int | None = None, delay_per_chunk_s: float = 0.0,
                  persistent_session: bool = False) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
         from agent import protocol as proto
+        from agent.mqtt import ClientSettings, MqttClient, MqttVersion
         from builder.fleet.chunk_server import ChunkServer
 
         self.proto = proto
@@ -128,40 +126,22 @@ class Host:
         self.messages: list[tuple[str, bytes]] = []
         self._cond = threading.Condition()
         host, port = broker_url.replace("mqtt://", "").split(":")
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"host-{time.time_ns()}",
-                                  protocol=mqtt.MQTTv5)
-        properties = None
-        if persistent_session:  # as `builder serve` should: reports sent while the host is away are queued
-            from paho.mqtt.packettypes import PacketTypes
-            from paho.mqtt.properties import Properties
-
-            properties = Properties(PacketTypes.CONNECT)
-            properties.SessionExpiryInterval = 3600
-        self.client.username_pw_set(username, password)
-        self.client.reconnect_delay_set(0.1, 0.5)
-        self.client.max_inflight_messages_set(64)  # paho's default 20 throttles a window of chunks
+        # persistent_session as `builder serve` should: reports sent while the host is away are queued.
+        self.client = MqttClient(ClientSettings(host, int(port), f"host-{time.time_ns()}", username, password,
+                                                version=MqttVersion.V5, persistent_session=persistent_session,
+                                                session_expiry_s=3600, max_inflight=64,  # paho's 20 throttles chunks
+                                                reconnect_min_s=0.1, reconnect_max_s=0.5))
         kwargs = {"chunk_bytes": chunk_bytes} if chunk_bytes else {}
         self.server = ChunkServer(self.client, lambda aid: self.artifacts.get(aid), delay_per_chunk_s=delay_per_chunk_s, **kwargs)
-        self.client.on_message = self._on_message
-        self.client.on_connect = self._on_connect
-        self.client.connect(host, int(port), clean_start=False if persistent_session else 3, properties=properties)
-        self.client.loop_start()
-        self.wait(lambda: self.client.is_connected(), WAIT_S, "host connects")
+        self.client.subscribe(self.proto.all_devices_topic("up/#"), self._on_message)
+        self.client.connect(WAIT_S)
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        self.server.attach()
-        # paho hands a message matching a message_callback_add filter only to that callback: record too.
-        client.message_callback_add(self.proto.all_devices_topic(self.proto.Up.CHUNK_REQUEST), self._record_and_serve)
-        client.subscribe(self.proto.all_devices_topic("up/#"), qos=1)
-
-    def _record_and_serve(self, client, userdata, message) -> None:
-        self._on_message(client, userdata, message)
-        self.server.on_request_message(client, userdata, message)
-
-    def _on_message(self, client, userdata, message) -> None:
+    def _on_message(self, topic: str, payload: bytes) -> None:
         with self._cond:
-            self.messages.append((message.topic, bytes(message.payload)))
+            self.messages.append((topic, payload))
             self._cond.notify_all()
+        if topic.endswith("/" + self.proto.Up.CHUNK_REQUEST):
+            self.server.on_request(topic, payload)  # looked up per message: tests wrap it
 
     def of_kind(self, device_id: str, suffix: str) -> list[bytes]:
         topic = self.proto.device_topic(device_id, suffix)
@@ -214,8 +194,7 @@ class Host:
         return self.wait(find, timeout_s, f"reply to {command}")
 
     def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+        self.client.stop()
 
 
 @pytest.fixture

@@ -126,7 +126,7 @@ def test_agent_speaks_mqtt_311_with_persistent_session(tmp_path, broker, signing
     host.wait_progress("dev1", desired.artifact_id, ("active",))
     assert agent.conn.protocol_in_use == "3.1.1"
     # The last will: an abrupt disconnect publishes the retained "offline" status.
-    agent.conn.client.socket().close()
+    agent.conn._paho.socket().close()  # white box: drop the socket without a DISCONNECT
     host.wait(lambda: any(b'"state":"offline"' in p for p in host.of_kind("dev1", "up/status")), WAIT_S, "last will")
 
 
@@ -134,27 +134,27 @@ def test_tls_socket_is_only_touched_by_the_mqtt_thread_while_other_threads_publi
     """OpenSSL forbids two threads in one SSL object; paho 2.x without loop_start() writes a publish
     from the calling thread while the MQTT thread reads. Every write must happen on the MQTT thread."""
     from agent.config import BrokerSettings
-    from agent.connection import MqttConnection
+    from agent.connection import agent_connection
 
     with MosquittoBroker(devices=DEVICES, builder_password=BUILDER_PASSWORD, tls=True) as b:
         settings = BrokerSettings(host="localhost", port=b.tls_port, tls=True, username="dev1", password=DEVICES["dev1"],
                                   ca_file=b.certs.ca_file, client_cert=None, client_key=None, protocol="5",
                                   keepalive_s=5, reconnect_min_s=0.2, reconnect_max_s=1.0)
         builder = Recorder(b.port, "builder", BUILDER_PASSWORD, [f"{proto.DEVICES_ROOT}/dev1/up/#"])
-        conn = MqttConnection("dev1", settings)
+        conn = agent_connection("dev1", settings)
         writers: set[str] = set()
         try:
             conn.start()
             assert conn.wait_connected(WAIT_S)
-            real_loop_write = conn.client.loop_write
+            real_loop_write = conn._paho.loop_write  # white box: record which threads write the socket
 
             def recording_loop_write():
                 writers.add(threading.current_thread().name)
                 return real_loop_write()
 
-            conn.client.loop_write = recording_loop_write
+            conn._paho.loop_write = recording_loop_write
             topic = proto.device_topic("dev1", proto.Up.TELEMETRY)
-            threads = [threading.Thread(target=lambda i=i: [conn.publish(topic, f"{i}-{n}".encode()).wait_for_publish(WAIT_S)
+            threads = [threading.Thread(target=lambda i=i: [conn.publish(topic, f"{i}-{n}".encode()).wait(WAIT_S)
                                                            for n in range(50)], name=f"worker-{i}") for i in range(3)]
             for thread in threads:
                 thread.start()

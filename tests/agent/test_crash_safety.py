@@ -117,12 +117,12 @@ def test_agent_killed_mid_download_resumes_from_partial_file(tmp_path, broker, s
     # starting before chunk STALL_AT, so the agent stalls there (windows are contiguous).
     STALL_AT = 24
     killed = threading.Event()
-    serve = host.server.on_request_message
+    serve = host.server.on_request
 
-    def gated(client, userdata, message):
-        if killed.is_set() or json.loads(message.payload)["start_index"] < STALL_AT:
-            serve(client, userdata, message)
-    host.server.on_request_message = gated
+    def gated(topic, payload):
+        if killed.is_set() or json.loads(payload)["start_index"] < STALL_AT:
+            serve(topic, payload)
+    host.server.on_request = gated
 
     def model_requests(raw):
         unique = {r["request_id"]: r for r in map(json.loads, raw)}.values()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import config_from_dict, load_config
-from agent.connection import backoff_delay_s
+from agent.mqtt import backoff_delay_s
 from agent.errors import ConfigError
 
 ROOT = Path(__file__).parents[2]
@@ -122,7 +122,7 @@ def test_mqtt5_falls_back_to_311_when_the_broker_drops_v5_connects():
     import threading
 
     from agent.config import BrokerSettings
-    from agent.connection import MqttConnection
+    from agent.connection import agent_connection
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -146,7 +146,7 @@ def test_mqtt5_falls_back_to_311_when_the_broker_drops_v5_connects():
                 threading.Thread(target=lambda c=conn: (c.recv(1024), c.close()), daemon=True).start()
 
     threading.Thread(target=serve, daemon=True).start()
-    connection = MqttConnection("dev1", BrokerSettings(host="127.0.0.1", port=port, tls=False, protocol="auto",
+    connection = agent_connection("dev1", BrokerSettings(host="127.0.0.1", port=port, tls=False, protocol="auto",
                                                        reconnect_min_s=0.05, reconnect_max_s=0.1))
     connection.start()
     try:

@@ -77,13 +77,67 @@ def test_trial_request_travels_as_command_args_and_is_validated():
     manifest = {"artifact_id": "a" * 64, "payloads": []}
     request = proto.TrialRequest(artifact_id="a" * 64, manifest=manifest, signature={"alg": "ed25519"}, runs=7,
                                  warmup=1, timeout_s=30.0)
-    command = proto.Command.from_json(proto.Command(request_id="r", command="trial", args=request.to_args()).to_json())
-    assert "schema" not in command.args and proto.TrialRequest.from_args(command.args) == request
+    command = proto.Command.from_json(proto.Command.of("r", request).to_json())
+    assert command.command == "trial" and "schema" not in command.args and command.parsed_args() == request
     desired = request.as_desired("trial-x")
     assert desired.artifact_id == request.artifact_id and desired.manifest == manifest
     for bad, words in (({"runs": 0}, "runs"), ({"warmup": -1}, "warmup"), ({"timeout_s": 0}, "timeout_s"),
                        ({"manifest": {"artifact_id": "b"}}, "artifact_id"), ({"signature": "x"}, "signature")):
         with pytest.raises(ProtocolError, match=words):
-            proto.TrialRequest.from_args({**request.to_args(), **bad})
+            proto.TrialRequest.from_payload({**request.to_payload(), **bad})
     with pytest.raises(ProtocolError, match="lacks"):
-        proto.TrialRequest.from_args({"artifact_id": "a"})
+        proto.TrialRequest.from_payload({"artifact_id": "a"})
+
+
+# The dict shapes hosts sent before the typed arguments (builder/fleet/push.py, cli/policy.py,
+# fleet/trial.py): an old agent must read exactly these bytes, and a new agent an old host's.
+LEGACY_COMMAND_ARGS = [
+    (proto.StatusArgs(), "status", {}),
+    (proto.BenchmarkArgs(runs=20, warmup=2), "benchmark", {"runs": 20, "warmup": 2}),
+    (proto.RollbackArgs(reason="builder fleet rollback"), "rollback", {"reason": "builder fleet rollback"}),
+    (proto.SetTelemetryIntervalArgs(seconds=60), "set_telemetry_interval", {"seconds": 60}),
+    (proto.SetTelemetryIntervalArgs(seconds=0.5), "set_telemetry_interval", {"seconds": 0.5}),
+    (proto.SetLoadArgs(slowdown_factor=4.0), "set_load", {"slowdown_factor": 4.0}),
+    (proto.SetLoadArgs(slowdown_factor=2.0, cpu_burn_threads=1, cpu_burn_duty=0.5), "set_load",
+     {"slowdown_factor": 2.0, "cpu_burn_threads": 1, "cpu_burn_duty": 0.5}),
+]
+
+
+@pytest.mark.parametrize("args, name, legacy", LEGACY_COMMAND_ARGS)
+def test_command_args_round_trip_and_keep_the_wire_format(args, name, legacy):
+    assert args.COMMAND == name and args.to_payload() == legacy
+    typed = proto.Command.of("r1", args, ts=1.5)
+    untyped = proto.Command(request_id="r1", command=name, args=legacy, ts=1.5)
+    assert typed.to_json() == untyped.to_json()  # byte for byte what the host sent before
+    received = proto.Command.from_json(untyped.to_json())
+    assert received.parsed_args() == args and type(received.parsed_args()) is type(args)
+
+
+def test_every_command_has_typed_args():
+    assert set(proto.COMMANDS) == set(proto.COMMAND_ARGS) == {
+        "benchmark", "rollback", "status", "set_telemetry_interval", "set_load", "trial"}
+    assert proto.BenchmarkArgs.from_payload({}) == proto.BenchmarkArgs(runs=50, warmup=5)  # an old host's defaults
+    assert proto.RollbackArgs.from_payload({}).reason == "rollback command"
+    assert proto.SetLoadArgs.from_payload({"slowdown_factor": 3, "future_field": 1}) == proto.SetLoadArgs(slowdown_factor=3)
+
+
+@pytest.mark.parametrize("cls, payload, words", [
+    (proto.BenchmarkArgs, {"runs": "20"}, "runs"),
+    (proto.BenchmarkArgs, {"runs": 0}, "runs"),
+    (proto.BenchmarkArgs, {"warmup": True}, "warmup"),
+    (proto.RollbackArgs, {"reason": 3}, "reason"),
+    (proto.SetTelemetryIntervalArgs, {}, "lacks"),
+    (proto.SetTelemetryIntervalArgs, {"seconds": 0}, "seconds"),
+    (proto.SetLoadArgs, {"slowdown_factor": "fast"}, "slowdown_factor"),
+    (proto.SetLoadArgs, {"cpu_burn_threads": 1.5}, "cpu_burn_threads"),
+])
+def test_bad_command_args_raise_protocol_error(cls, payload, words):
+    with pytest.raises(ProtocolError, match=words):
+        cls.from_payload(payload)
+    with pytest.raises(ProtocolError, match="object"):
+        cls.from_payload(["not", "an", "object"])  # type: ignore[arg-type]
+
+
+def test_host_refuses_to_send_malformed_args():
+    with pytest.raises(ProtocolError, match="seconds"):
+        proto.Command.of("r", proto.SetTelemetryIntervalArgs(seconds=-1))

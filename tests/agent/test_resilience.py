@@ -36,12 +36,12 @@ def test_pull_resumes_after_broker_restart(tmp_path, broker, signing_key, host_f
     # windows starting before chunk STALL_AT, so the agent stalls there (windows are contiguous), then resumes.
     STALL_AT = 24
     restarted = threading.Event()
-    serve = host.server.on_request_message
+    serve = host.server.on_request
 
-    def gated(client, userdata, message):
-        if restarted.is_set() or json.loads(message.payload)["start_index"] < STALL_AT:
-            serve(client, userdata, message)
-    host.server.on_request_message = gated
+    def gated(topic, payload):
+        if restarted.is_set() or json.loads(payload)["start_index"] < STALL_AT:
+            serve(topic, payload)
+    host.server.on_request = gated
     agent = running_agents(agent_config(broker.url, "dev1", DEVICES["dev1"], pub, tmp_path / "data",
                                         window_chunks=8))
     desired = host.deploy("dev1", artifact)
@@ -59,7 +59,7 @@ def test_pull_resumes_after_broker_restart(tmp_path, broker, signing_key, host_f
     before = len(host.of_kind("dev1", "up/chunkreq"))
     restarted.set()
     broker.restart()  # in-memory broker: retained desired and queued chunks are gone
-    host.wait(lambda: host.client.is_connected(), WAIT_S, "host reconnects")
+    host.wait(lambda: host.client.connected, WAIT_S, "host reconnects")
     host.wait_progress("dev1", desired.artifact_id, ("active",), WAIT_S)
 
     requests = host.of_kind("dev1", "up/chunkreq")

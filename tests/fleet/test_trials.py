@@ -63,8 +63,8 @@ def _deploy(trials, home: Path, artifact_id: str) -> None:
     from builder.fleet.chunk_server import publish_desired
 
     trials.offer(artifact_id)
-    publish_desired(trials.link.client, DEVICE, Registry(home).manifest_dir(artifact_id))
-    wait_for(lambda: trials.link.command(DEVICE, "status", timeout_s=30).result.get("active_artifact_id") == artifact_id,
+    publish_desired(trials.link.mqtt, DEVICE, Registry(home).manifest_dir(artifact_id))
+    wait_for(lambda: trials.link.command(DEVICE, proto.StatusArgs(), timeout_s=30).result.get("active_artifact_id") == artifact_id,
              120, f"{DEVICE} to run {artifact_id[:12]}", interval_s=0.5)
 
 
@@ -107,7 +107,7 @@ def test_trial_measures_a_candidate_without_touching_the_active_model(trial_flee
         assert measurement.result["download_bytes"] > 0 and measurement.result["session_load_ms"] > 0
         assert measurement.result["peak_rss_delta_bytes"] >= 0
         assert measurement.result["power_w"] is None and measurement.result["power_source"] == "not measured"
-        status = trials.link.command(DEVICE, "status", timeout_s=30).result
+        status = trials.link.command(DEVICE, proto.StatusArgs(), timeout_s=30).result
         assert status["active_artifact_id"] == active and status["trial"] is None
         assert _tree_digest(data_dir / "slots") == slots_before
         assert (data_dir / "active.json").read_text() == pointer_before
@@ -149,21 +149,21 @@ def test_tampered_broken_and_concurrent_trials_are_refused_while_the_active_mode
         assert not any((data_dir / "trials").iterdir())
 
         # One trial at a time: a slowed-down long trial is running when a second one arrives.
-        assert trials.link.command(DEVICE, "set_load", {"slowdown_factor": 40.0}, timeout_s=30).ok
+        assert trials.link.command(DEVICE, proto.SetLoadArgs(slowdown_factor=40.0), timeout_s=30).ok
         first: dict = {}
         long_request = proto.TrialRequest(artifact_id=candidate, manifest=signed.manifest, signature=signed.signature,
                                           runs=2000, timeout_s=60.0)
         runner = threading.Thread(target=lambda: first.update(m=trials.send(long_request)), daemon=True)
         runner.start()
-        wait_for(lambda: trials.link.command(DEVICE, "status", timeout_s=30).result.get("trial") == candidate, 60,
+        wait_for(lambda: trials.link.command(DEVICE, proto.StatusArgs(), timeout_s=30).result.get("trial") == candidate, 60,
                  "the first trial to start", interval_s=0.1)
-        second = trials.link.command(DEVICE, "trial", proto.TrialRequest(
-            artifact_id=candidate, manifest=signed.manifest, signature=signed.signature, runs=5).to_args(), timeout_s=30)
+        second = trials.link.command(DEVICE, proto.TrialRequest(
+            artifact_id=candidate, manifest=signed.manifest, signature=signed.signature, runs=5), timeout_s=30)
         assert not second.ok and second.result["busy"] is True and "one at a time" in second.error
         assert infer(url)["artifact_id"] == active  # serving while a trial runs
         runner.join(180)
         assert first["m"].p50_ms > 0
-        assert trials.link.command(DEVICE, "set_load", {"slowdown_factor": 1.0}, timeout_s=30).ok
+        assert trials.link.command(DEVICE, proto.SetLoadArgs(slowdown_factor=1.0), timeout_s=30).ok
     assert not any((data_dir / "trials").iterdir())
     assert infer(url)["artifact_id"] == active
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import protocol as proto
 from tests.support.broker import MosquittoBroker, free_port, mosquitto_available
 
 pytestmark = [pytest.mark.slow, pytest.mark.mosquitto,
@@ -129,7 +130,7 @@ def test_throttle_steps_down_then_recovers_without_oscillation(world) -> None:
 
         start = time.time()
         def throttle(factor: float) -> None:
-            reply = server.link.command(DEVICE, "set_load", {"slowdown_factor": factor}, timeout_s=15)
+            reply = server.link.command(DEVICE, proto.SetLoadArgs(slowdown_factor=factor), timeout_s=15)
             assert reply.ok, reply.error
 
         rungs = calibrate_ladder_on_device(home, store, DEVICE, rungs, push, throttle, SLOWDOWN)
@@ -146,7 +147,7 @@ def test_throttle_steps_down_then_recovers_without_oscillation(world) -> None:
         # Throttle on: the loop must try the broken rung (refused by the device, rolled back, marked
         # bad), then the narrow one, which brings p95 back under the objective.
         throttle_at = time.time()
-        reply = server.link.command(DEVICE, "set_load", {"slowdown_factor": SLOWDOWN}, timeout_s=15)
+        reply = server.link.command(DEVICE, proto.SetLoadArgs(slowdown_factor=SLOWDOWN), timeout_s=15)
         assert reply.ok, reply.error
         wait_for(lambda: any(e.kind == "loop.accept" and e.artifact_id == narrow for e in loop_events(store, DEVICE)),
                  90, "the loop to step down to the narrow rung and keep it")
