@@ -5,7 +5,9 @@
         broker.tls_url        # "mqtts://localhost:TLSPORT" (certs in broker.certs)
         broker.stop(); broker.start()   # same ports: a broker restart
 
-Without ``devices`` the broker is anonymous and open. With them it uses the fleet's real config
+Without ``devices`` the broker is anonymous and open (``subscribe_allowed``: anonymous, but Mosquitto's
+dynamic-security plugin refuses every SUBSCRIBE outside those filters; its ``acl_file`` never
+refuses one, it only filters what is delivered). With ``devices`` it uses the fleet's real config
 writer (``builder.fleet.broker_config``): password file + pattern ACL. Files live in a 0755 temp
 directory because Mosquitto started as root drops to the ``mosquitto`` user (pytest's tmp_path is
 0700 and would be unreadable). Everything is removed on ``close()``.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import atexit
 import datetime as _dt
 import ipaddress
+import json
 import os
 import shutil
 import socket
@@ -23,13 +26,21 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+DYNSEC_PLUGINS = ("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+                  "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so", "/usr/lib/mosquitto_dynamic_security.so",
+                  "/usr/local/lib/mosquitto_dynamic_security.so")
 
 
 def mosquitto_available() -> bool:
     return Path(MOSQUITTO).exists()
+
+
+def dynsec_plugin() -> Path | None:
+    """Mosquitto's dynamic-security plugin (Debian/Ubuntu ship it in the mosquitto package), if present."""
+    return next((Path(p) for p in DYNSEC_PLUGINS if Path(p).is_file()), None)
 
 
 def free_port() -> int:
@@ -105,7 +116,7 @@ class MosquittoBroker:
 
     def __init__(self, *, devices: Mapping[str, str] | None = None, builder_password: str = "builder-pw",
                  tls: bool = False, require_client_cert: bool = False, port: int | None = None,
-                 persistence: bool = False) -> None:
+                 persistence: bool = False, subscribe_allowed: Sequence[str] | None = None) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="edgefleet-mosquitto-"))
         os.chmod(self.workdir, 0o755)
         self.port = port or free_port()
@@ -117,6 +128,7 @@ class MosquittoBroker:
         # With persistence, retained messages, sessions and their queued QoS 1 messages survive a
         # restart (saved on SIGTERM), as on a production broker.
         self.persistence_dir = self.workdir / "db" if persistence else None
+        self.subscribe_allowed = tuple(subscribe_allowed) if subscribe_allowed is not None else None
         self.config_file = self._write_config(require_client_cert)
         self.process: subprocess.Popen | None = None
         self._atexit_registered = False
@@ -148,6 +160,8 @@ class MosquittoBroker:
                 lines.append("require_certificate true")
         else:
             lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]
+            if self.subscribe_allowed is not None:
+                lines += self._dynsec_lines(self.subscribe_allowed)
         if self.persistence_dir is not None:
             self.persistence_dir.mkdir(mode=0o777, exist_ok=True)
             os.chmod(self.persistence_dir, 0o777)
@@ -159,6 +173,21 @@ class MosquittoBroker:
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         os.chmod(path, 0o644)
         return path
+
+    def _dynsec_lines(self, allowed: Sequence[str]) -> list[str]:
+        plugin = dynsec_plugin()
+        if plugin is None:
+            raise RuntimeError("subscribe_allowed needs Mosquitto's dynamic-security plugin (mosquitto_dynamic_security.so)")
+        config = {"defaultACLAccess": {"publishClientSend": True, "publishClientReceive": True, "subscribe": False,
+                                       "unsubscribe": True},
+                  "clients": [], "groups": [{"groupname": "anonymous", "roles": [{"rolename": "subscriber"}]}],
+                  "roles": [{"rolename": "subscriber", "acls": [{"acltype": "subscribePattern", "topic": topic,
+                                                                 "allow": True} for topic in allowed]}],
+                  "anonymousGroup": "anonymous"}
+        path = self.workdir / "dynamic-security.json"
+        path.write_text(json.dumps(config), encoding="utf-8")
+        os.chmod(path, 0o644)
+        return [f"plugin {plugin}", f"plugin_opt_config_file {path}"]
 
     def start(self, timeout_s: float = 10.0) -> "MosquittoBroker":
         if self.process is not None and self.process.poll() is None:
