@@ -36,7 +36,12 @@ from paho.mqtt.enums import MQTTProtocolVersion as _MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes as _PacketTypes
 from paho.mqtt.properties import Properties as _Properties
 
-from agent.errors import MqttConnectError, MqttError, PublishError, SubscribeRefusedError
+from agent.errors import (
+    MqttConnectError,
+    MqttError,
+    PublishError,
+    SubscribeRefusedError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +98,9 @@ class ClientSettings:
 
 def backoff_delay_s(attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
     """"Full jitter" capped exponential backoff: uniform(0, min(cap, base * 2**attempt)), at least base/2."""
-    rng = rng or random  # type: ignore[assignment]
+    uniform = rng.uniform if rng is not None else random.uniform
     ceiling = min(cap_s, base_s * (2 ** min(attempt, 20)))
-    return max(base_s / 2, rng.uniform(0, ceiling))  # type: ignore[union-attr]
+    return max(base_s / 2, uniform(0, ceiling))
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
@@ -210,7 +215,7 @@ class MqttClient:
                     self._send_resubscribe(topic_filter, qos)
                 return
             rc, mid = self._paho.subscribe(topic_filter, qos=qos)
-            if rc != _paho.MQTT_ERR_SUCCESS:
+            if rc != _paho.MQTT_ERR_SUCCESS or mid is None:
                 return  # the connection just dropped: subscribed again on reconnect
             self._suback_waiters[mid] = (done, codes)
         if not done.wait(timeout_s):
@@ -232,7 +237,7 @@ class MqttClient:
     def _send_resubscribe(self, topic_filter: str, qos: int) -> None:
         """Subscribe from the network thread: the SUBACK is checked in ``_on_subscribe`` (logged)."""
         rc, mid = self._paho.subscribe(topic_filter, qos=qos)
-        if rc == _paho.MQTT_ERR_SUCCESS:
+        if rc == _paho.MQTT_ERR_SUCCESS and mid is not None:
             self._resubscribe_mids[mid] = topic_filter
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -265,16 +270,16 @@ class MqttClient:
         if final is not None and self.connected:
             try:
                 self.publish(final.topic, final.payload, qos=final.qos, retain=final.retain).wait(timeout_s)
-            except MqttError:
-                pass  # the connection went meanwhile: the broker publishes the will instead
+            except MqttError as exc:  # the connection went meanwhile: the broker publishes the will instead
+                log.info("final message to %s not sent: %s", final.topic, exc)
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         try:  # the network thread is gone: this thread may now do the socket I/O itself
             self._paho.disconnect()
             self._paho.loop_write()
-        except Exception:  # noqa: BLE001 - best effort on shutdown
-            pass
+        except Exception as exc:  # noqa: BLE001 - best effort on shutdown
+            log.debug("disconnect on stop: %s", exc)
         self._connected.clear()
 
     def _start_thread(self, connected_socket: bool) -> None:
@@ -289,7 +294,7 @@ class MqttClient:
         if self._version == _MQTTProtocolVersion.MQTTv5:
             props = None
             if s.persistent_session:
-                props = _Properties(_PacketTypes.CONNECT)
+                props = _Properties(_PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 props.SessionExpiryInterval = s.session_expiry_s
             self._paho.connect(s.host, s.port, keepalive=s.keepalive_s, clean_start=not s.persistent_session,
                                properties=props)
@@ -319,8 +324,8 @@ class MqttClient:
                 break
             try:
                 self._paho.socket() and self._paho.disconnect()
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as exc:  # noqa: BLE001 - the socket is already gone
+                log.debug("disconnect after a drop: %s", exc)
             if not self._connack_seen and s.version == MqttVersion.AUTO and self._version == _MQTTProtocolVersion.MQTTv5:
                 # Some brokers (rumqttd on its 3.1.1 port) drop an MQTT 5 CONNECT without a CONNACK.
                 self._dropped_before_connack += 1

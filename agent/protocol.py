@@ -29,7 +29,7 @@ import re
 import struct
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
 from agent.errors import ProtocolError
 
@@ -320,7 +320,8 @@ class Command(_Message):
 
     def parsed_args(self) -> "CommandArgs":
         """The typed arguments; ProtocolError when they do not fit the command."""
-        return COMMAND_ARGS[self.command].from_payload(self.args)
+        args: CommandArgs = COMMAND_ARGS[self.command].from_payload(self.args)
+        return args
 
 
 @dataclass(frozen=True)
@@ -341,6 +342,9 @@ class CommandReply(_Message):
 # Command arguments: one frozen dataclass per command, the ``args`` object of its ``Command``
 
 
+_Args = TypeVar("_Args", bound="CommandArgs")
+
+
 class CommandArgs(_Message):
     """Base of the typed arguments of one command. ``to_payload`` is the ``Command.args`` object
     (no ``schema`` field: the command carries it; optional fields left at None are omitted, as the
@@ -358,10 +362,11 @@ class CommandArgs(_Message):
         return {k: v for k, v in data.items() if v is not None or k in self.REQUIRED}
 
     @classmethod
-    def from_payload(cls, payload: Mapping[str, Any]):
+    def from_payload(cls: type[_Args], payload: Mapping[str, Any]) -> _Args:
         if not isinstance(payload, Mapping):
             raise ProtocolError(f"{cls.KIND} arguments must be an object")
-        return cls.from_json({**dict(payload), "schema": SCHEMA})
+        args: _Args = cls.from_json({**dict(payload), "schema": SCHEMA})
+        return args
 
 
 def _is_int(value: Any) -> bool:
