@@ -340,7 +340,10 @@ def build_artifact(model: BuildModel, request: BuildRequest, samples: SampleSet,
         report = target.verify(compiled, samples.inputs, reference, tolerance)
         if not report.passed:
             raise VerificationError(f"artifact for {request.profile.name} ({request.runtime}/{request.precision}) failed "
-                                    f"verification, not registered: {report.summary()}: {report.worst.reason}")
+                                    f"verification, not registered: {report.summary()}: {report.worst.reason}"
+                                    + ("; it was judged on synthetic inputs (random values: for a text or image "
+                                       "model they say little), pass --data with real samples"
+                                       if samples.origin == "synthetic" else ""))
         metrics = _metrics(model, request, compiled, report, samples, reference, work)
         sample_path = work / SAMPLE_FILE
         write_sample_file(sample_path, compiled, samples.inputs[0], reference[0])
