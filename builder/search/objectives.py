@@ -380,7 +380,7 @@ def fleet_calibration(data_dir: Any, profile: str) -> Calibration:
 
     registry = Registry(data_dir)
     estimates: dict[str, float] = {}
-    for record in registry.list(profile=profile):
+    for record in registry.records(profile=profile):
         estimate = registry.manifest(record.artifact_id).metrics.get("est_device_latency_ms")
         if isinstance(estimate, (int, float)) and estimate > 0:
             estimates[record.artifact_id] = float(estimate)

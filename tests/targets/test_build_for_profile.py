@@ -53,7 +53,7 @@ def test_a_refusal_on_generated_inputs_says_to_pass_real_data(keys, tmp_path):
     with pytest.raises(VerificationError, match="judged on synthetic inputs.*pass --data with real samples"):
         build_for_profile(str(model), "x86-64-host", precision="fp32", input_shapes="1x1x8x8", registry_dir=home,
                           key_dir=keys[0].private.parent, min_cosine=1.5)  # a floor nothing can meet
-    assert Registry(home).list() == []
+    assert Registry(home).records() == []
 
 
 def test_push_passes_data_to_its_build_and_refuses_it_with_an_artifact(tmp_path):
