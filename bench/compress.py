@@ -377,7 +377,7 @@ def run_minilm(work: Path, log: logging.Logger) -> str:
     from builder.compression.engine import run_recipe
     from builder.compression.evaluate import EvalConfig, compare_outputs
     from builder.compression.quantization import QuantizeStep
-    from builder.compression.payload import download_size
+    from builder.artifacts.download import download_size
     from builder.compression.recipe import Recipe, StepSpec
     from builder.errors import BuilderError
     from builder.loading.types import InputSpec, LoadedModel

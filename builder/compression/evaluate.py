@@ -9,7 +9,7 @@
 - Parameters and non-zeros (numeric initializers and Constant tensors, shape tensors excluded),
   MACs at batch 1 (``builder.analysis`` when it imports; else Conv / Gemm / MatMul and their
   quantized forms via ONNX shape inference),
-  file size and zstd download size (``payload``), ONNX Runtime latency at batch 1 (or the graph's fixed batch size): median and p95
+  file size and zstd download size (``builder.artifacts.download``), ONNX Runtime latency at batch 1 (or the graph's fixed batch size): median and p95
   after warm-up with ``intra_op_num_threads`` pinned. A compressed model's runs are interleaved
   with the reference model's, so ``speedup_vs_input`` compares both under the same machine load
   (measured here: a 0.06 ms model read 0.06-0.12 ms a minute apart on the shared 2-core machine).
@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 import numpy as np
 
 from builder.compression.data import DataSource
-from builder.compression.payload import download_size, level_for
+from builder.artifacts.download import download_size, level_for
 from builder.errors import CompressionError, DataError
 from builder.loading.types import InputSpec
 
