@@ -6,9 +6,8 @@
   nearest-neighbour agreement for embeddings, map IoU for dense maps, per-step argmax agreement
   for sequences, 1 - relative error for regression). The task is detected from the outputs
   (labels present -> classifier) unless ``EvalConfig.task`` says so.
-- Parameters and non-zeros (numeric initializers and Constant tensors, shape tensors excluded),
-  MACs at batch 1 (``builder.analysis`` when it imports; else Conv / Gemm / MatMul and their
-  quantized forms via ONNX shape inference),
+- Parameters and non-zeros (``builder.analysis.weights.count_parameters``: every weight, as
+  ``builder analyze`` counts them), MACs at batch 1 (``builder.analysis``),
   file size and zstd download size (``builder.artifacts.download``), ONNX Runtime latency at batch 1 (or the graph's fixed batch size): median and p95
   after warm-up with ``intra_op_num_threads`` pinned. A compressed model's runs are interleaved
   with the reference model's, so ``speedup_vs_input`` compares both under the same machine load
@@ -345,94 +344,16 @@ def measure_interleaved(sessions: Sequence[Any], feed: dict[str, np.ndarray], wa
 
 
 # ---- static facts ------------------------------------------------------------------------------
-_SHAPE_DTYPES = {7, 6}  # int64, int32 tensors are shapes/indices, not weights (TensorProto enums)
-
-
-def count_params(model: Any) -> tuple[int, int]:
-    """(parameters, non-zero parameters) over numeric initializers and Constant tensors, in the
-    main graph and in If/Loop/Scan subgraphs."""
-    from onnx import numpy_helper
-
-    from builder.analysis.shapes import all_graphs
-
-    tensors = []
-    for graph in all_graphs(model.graph):
-        tensors.extend(graph.initializer)
-        for node in graph.node:
-            if node.op_type == "Constant":
-                tensors.extend(attr.t for attr in node.attribute if attr.name == "value")
-    total = nonzero = 0
-    for tensor in tensors:
-        if tensor.data_type in _SHAPE_DTYPES:
-            continue
-        array = numpy_helper.to_array(tensor)
-        if array.size <= 1:
-            continue
-        total += int(array.size)
-        nonzero += int(np.count_nonzero(array))
-    return total, nonzero
-
-
-def count_macs(model: Any, inputs: Sequence[InputSpec]) -> Optional[int]:
-    """Multiply-accumulates at batch 1 for Conv/Gemm/MatMul and their quantized forms; None when
-    shape inference cannot give the shapes of any such node."""
-    import onnx
-
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    concrete = {spec.name: (1,) + tuple(spec.shape[1:]) for spec in inputs}
-    for graph_input in model.graph.input:
-        if graph_input.name in concrete:
-            dims = graph_input.type.tensor_type.shape.dim
-            for dim, value in zip(dims, concrete[graph_input.name]):
-                dim.ClearField("dim_param")
-                dim.dim_value = value
-    try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # noqa: BLE001 - shape inference is best effort; report unknown MACs
-        return None
-    shapes: dict[str, tuple[int, ...]] = {}
-    for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            shapes[value.name] = tuple(d.dim_value for d in dims)
-    for init in model.graph.initializer:
-        shapes[init.name] = tuple(init.dims)
-    total = 0
-    counted = 0
-    for node in model.graph.node:
-        op = node.op_type
-        ins = list(node.input)
-        out = shapes.get(node.output[0]) if node.output else None
-        weight_index = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "FusedConv": 1}.get(op)
-        if weight_index is not None:
-            w = shapes.get(ins[weight_index]) if len(ins) > weight_index else None
-            if out and w:
-                total += int(np.prod(out)) * int(np.prod(w[1:]))
-                counted += 1
-            continue
-        a_index = {"Gemm": 0, "MatMul": 0, "MatMulInteger": 0, "QLinearMatMul": 0, "FusedMatMul": 0}.get(op)
-        if a_index is not None:
-            a = shapes.get(ins[a_index])
-            if out and a:
-                trans_a = any(at.name == "transA" and at.i for at in node.attribute)
-                k = a[0] if (op == "Gemm" and trans_a) else a[-1]
-                total += int(np.prod(out)) * int(k)
-                counted += 1
-    return total if counted else None
-
-
 def model_macs(model: Any, inputs: Sequence[InputSpec]) -> Optional[int]:
-    """MACs at batch 1: ``builder.analysis`` when it is installed (it knows quantized and fused
-    ops), else ``count_macs``."""
-    try:
-        from builder.analysis import analyze_model
-    except ImportError:
-        return count_macs(model, inputs)
+    """MACs at batch 1 as ``builder analyze`` counts them (``builder.analysis``: quantized, fused and
+    attention ops included); None, with a warning, when the analysis cannot handle the graph."""
+    from builder.analysis import analyze_model
+
     try:
         return int(analyze_model(model, {s.name: (1,) + tuple(s.shape[1:]) for s in inputs}).macs)
-    except Exception as exc:  # noqa: BLE001 - analysis is best effort here; fall back, say so
-        log.warning("builder.analysis failed on this model (%s); counting MACs of Conv/Gemm/MatMul only", exc)
-        return count_macs(model, inputs)
+    except Exception as exc:  # noqa: BLE001 - analysis is best effort here; say so
+        log.warning("builder.analysis failed on this model (%s); MACs unknown", exc)
+        return None
 
 
 # ---- evaluation --------------------------------------------------------------------------------
@@ -457,6 +378,8 @@ def _measure(onnx_path: Path, data: DataSource, inputs: Sequence[InputSpec], con
              reference_path: Optional[Path] = None) -> tuple[np.ndarray, dict[str, Any]]:
     import onnx
 
+    from builder.analysis.weights import count_parameters
+
     session = make_session(onnx_path, config.threads)
     outputs = run_onnx(onnx_path, data.batches(config.batch_size), session=session, axes=data.batch_axes)
     sessions = [session] + ([make_session(reference_path, config.threads)] if reference_path else [])
@@ -465,7 +388,7 @@ def _measure(onnx_path: Path, data: DataSource, inputs: Sequence[InputSpec], con
     timings = measure_interleaved(sessions, feed, config.warmup_runs, config.timed_runs)
     p50, p95 = timings[0]
     model = onnx.load(str(onnx_path))
-    params, nonzero = count_params(model)
+    params, nonzero = count_parameters(model)  # the one definition, as builder analyze counts them
     facts = {
         "params": params, "nonzero_params": nonzero, "macs": model_macs(model, inputs),
         "file_bytes": Path(onnx_path).stat().st_size, "download_bytes": download_size(Path(onnx_path)),
