@@ -375,7 +375,7 @@ def run_minilm(work: Path, log: logging.Logger) -> str:
     from builder.compression.data import DataSource
     from builder.compression.base import StepContext
     from builder.compression.engine import run_recipe
-    from builder.compression.evaluate import EvalConfig, compare_outputs
+    from builder.compression.evaluate import EvalConfig, output_fidelity
     from builder.compression.quantization import QuantizeStep
     from builder.artifacts.download import download_size
     from builder.compression.recipe import Recipe, StepSpec
@@ -430,7 +430,7 @@ def run_minilm(work: Path, log: logging.Logger) -> str:
     recipe_note = "\n".join(f"- {n}" for n in notes)
     log.info("MiniLM recipes: %.0f s", time.perf_counter() - t0)
     reference = embed_all(fp32, eval_feeds)
-    fid = {name: compare_outputs(reference, embed_all(path, eval_feeds), "embed") for name, path in models}
+    fid = {name: output_fidelity(reference, embed_all(path, eval_feeds), "embed") for name, path in models}
     feed = {k: v[:1] for k, v in eval_feeds.items()}
     timings = {threads: interleaved_latency_ms([p for _, p in models], feed, threads, rounds=7, min_round_s=0.6)
                for threads in (1, 2)}

@@ -92,9 +92,9 @@ def builder_int8(source: Path, out_dir: Path, calib_npz: Path, shapes: Optional[
 
 
 def fidelity(reference: np.ndarray, candidate: np.ndarray, task: str) -> str:
-    from builder.compression.evaluate import compare_outputs
+    from builder.compression.evaluate import output_fidelity
 
-    fid = compare_outputs(reference, candidate, task)
+    fid = output_fidelity(reference, candidate, task)
     metric = "top-1" if task == "classify" else "NN"
     return f"{metric} {fid.agreement * 100:.1f}%, cos {fid.cosine_mean:.4f} (min {fid.cosine_min:.3f})"
 

@@ -240,7 +240,7 @@ def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / np.maximum(denom, 1e-12)
 
 
-def compare_outputs(reference: np.ndarray, candidate: np.ndarray, task: str) -> Fidelity:
+def output_fidelity(reference: np.ndarray, candidate: np.ndarray, task: str) -> Fidelity:
     """Fidelity of ``candidate`` to ``reference`` (same samples, same order)."""
     if reference.shape != candidate.shape:
         raise CompressionError(f"output shape changed from {reference.shape} to {candidate.shape}; "
@@ -413,7 +413,7 @@ def baseline_evaluation(onnx_path: Path, data: DataSource, inputs: Sequence[Inpu
     task = config.task if config.task != "auto" else detect_task(outputs, data.has_labels)
     accuracy = _accuracy(outputs, data, task)
     evaluation = Evaluation(task=task, samples=len(data), accuracy=accuracy,
-                            fidelity=compare_outputs(outputs, outputs, task), **facts)
+                            fidelity=output_fidelity(outputs, outputs, task), **facts)
     return evaluation, Reference(outputs=outputs, task=task, accuracy=accuracy, latency_p50_ms=facts["latency_p50_ms"],
                                  onnx_path=Path(onnx_path))
 
@@ -424,7 +424,7 @@ def evaluate_model(onnx_path: Path, data: DataSource, inputs: Sequence[InputSpec
     outputs, facts = _measure(onnx_path, data, inputs, config, reference_path=reference.onnx_path)
     reference_p50 = facts.pop("reference_p50_ms") or reference.latency_p50_ms
     facts["speedup_vs_input"] = reference_p50 / max(facts["latency_p50_ms"], 1e-9)
-    fidelity = compare_outputs(reference.outputs, outputs, reference.task)
+    fidelity = output_fidelity(reference.outputs, outputs, reference.task)
     accuracy = _accuracy(outputs, data, reference.task)
     flags = []
     if fidelity.cosine_mean < config.min_cosine or (fidelity.agreement == fidelity.agreement

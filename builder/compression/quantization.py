@@ -166,10 +166,10 @@ def run_model(path: Path, batches: list[dict[str, np.ndarray]], threads: int = 1
 
 def fidelity(reference: np.ndarray, path: Path, batches: list[dict[str, np.ndarray]], task: str) -> tuple[float, float, float]:
     """(cosine mean, cosine min, agreement) of the model at ``path`` against ``reference``."""
-    from builder.compression.evaluate import compare_outputs
+    from builder.compression.evaluate import output_fidelity
 
     candidate = run_model(path, batches)
-    fid = compare_outputs(reference, candidate.astype(np.float32), task)  # the task's own score (task_metrics)
+    fid = output_fidelity(reference, candidate.astype(np.float32), task)  # the task's own score (task_metrics)
     agreement = fid.agreement if fid.agreement == fid.agreement else 1.0  # NaN (too few samples) -> no signal
     return fid.cosine_mean, fid.cosine_min, agreement
 

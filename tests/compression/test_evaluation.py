@@ -9,7 +9,7 @@ import torch
 
 from builder.compression._export import export_module
 from builder.analysis.weights import count_parameters
-from builder.compression.evaluate import (EvalConfig, baseline_evaluation, compare_outputs, detect_task, evaluate_model,
+from builder.compression.evaluate import (EvalConfig, baseline_evaluation, output_fidelity, detect_task, evaluate_model,
                                           model_macs)
 from tests.support.models import DIGITS_INPUTS
 
@@ -31,16 +31,16 @@ def test_macs_and_params_of_the_digits_cnn_match_the_architecture(digits_model, 
 def test_fidelity_metrics_for_classifiers_and_embeddings() -> None:
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((100, 10))
-    same = compare_outputs(logits, logits, "classify")
+    same = output_fidelity(logits, logits, "classify")
     assert same.agreement == 1.0 and same.cosine_mean > 0.9999
-    shuffled = compare_outputs(logits, rng.permutation(logits), "classify")
+    shuffled = output_fidelity(logits, rng.permutation(logits), "classify")
     assert shuffled.agreement < 0.3
     emb = rng.standard_normal((50, 16))
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     assert detect_task(emb, has_labels=False) == "embed"
     assert detect_task(logits, has_labels=False) == "classify"
     assert detect_task(emb, has_labels=True) == "classify"
-    noisy = compare_outputs(emb, emb + 0.01 * rng.standard_normal(emb.shape), "embed")
+    noisy = output_fidelity(emb, emb + 0.01 * rng.standard_normal(emb.shape), "embed")
     assert noisy.agreement > 0.9 and noisy.cosine_mean > 0.99
 
 
