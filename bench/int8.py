@@ -149,7 +149,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     from bench.compress import interleaved_latency_ms, table
     from builder.compression.cpu_features import host_int8_support
-    from builder.compression.evaluate import run_onnx
+    from builder.execution.sessions import run_onnx
 
     relative, task, output, shapes = MODELS[args.model]
     calib_npz, held_npz = (ZOO.resolve() / "data" / f"{args.model}.{part}.npz" for part in ("calibration", "heldout"))

@@ -11,7 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from builder.compression.base import ModelState, StepContext
 from builder.compression.equalization import EqualizeStep, find_pairs
-from builder.compression.evaluate import output_fidelity, run_onnx
+from builder.compression.evaluate import output_fidelity
+from builder.execution.sessions import run_onnx
 from builder.compression.quantization import QuantizeStep
 from builder.loading.types import InputSpec
 

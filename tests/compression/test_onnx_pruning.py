@@ -10,7 +10,8 @@ from onnx import numpy_helper
 
 from builder.compression._export import export_module
 from builder.compression.base import ModelState
-from builder.compression.evaluate import output_fidelity, run_onnx
+from builder.compression.evaluate import output_fidelity
+from builder.execution.sessions import run_onnx
 from builder.compression.onnx_pruning import OnnxPruneStep
 from compression_helpers import context
 from tests.support.models import DIGITS_INPUTS
