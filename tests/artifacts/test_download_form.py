@@ -30,7 +30,7 @@ def test_large_payloads_use_a_faster_level() -> None:
     assert level_for(SMALL_PAYLOAD_BYTES + 1) == 9
 
 
-def test_what_the_chunk_server_sends_is_what_the_build_reports(tmp_path: Path) -> None:
+def test_what_the_chunk_server_sends_is_what_the_build_reports(tmp_path: Path, monkeypatch) -> None:
     """One policy: the chunk server's stream of a payload is byte for byte the download form whose
     size the pipeline (``download_bytes``) and the compression report (``download_size``) give."""
     from builder.artifacts.download import compress_payload, decompress_bytes, download_bytes
@@ -52,13 +52,9 @@ def test_what_the_chunk_server_sends_is_what_the_build_reports(tmp_path: Path) -
 
     import builder.fleet.chunk_server as chunk_server
 
+    monkeypatch.setattr(chunk_server, "read_manifest", lambda directory: Manifest())
     server = ChunkServer(None, lambda aid: tmp_path)
-    original = chunk_server.read_manifest
-    chunk_server.read_manifest = lambda directory: Manifest()
-    try:
-        sent = [server.compressed("a" * 64, name).data for name in ("model.onnx", "labels.txt")]
-    finally:
-        chunk_server.read_manifest = original
+    sent = [server.compressed("a" * 64, name).data for name in ("model.onnx", "labels.txt")]
     assert sent == [compress_payload(model), compress_payload(aux)]
     assert decompress_bytes(sent[0]) == model.read_bytes()
     total, level = download_bytes([model, aux])
