@@ -20,6 +20,7 @@ import numpy as np
 
 from agent.manifest import SAMPLE_FILE, Manifest, Target, TensorSpec, canonical_json
 from builder import __version__
+from builder.artifacts.download import download_bytes
 from builder.errors import DataError, UnsupportedOpError, UsageError, VerificationError
 from builder.targets import get_target
 from builder.targets.base import (
@@ -35,7 +36,6 @@ from builder.targets.base import (
 log = logging.getLogger(__name__)
 
 DEFAULT_VERIFY_SAMPLES = 16
-SMALL_PAYLOAD_BYTES = 16 << 20  # zstd 19 below this, zstd 9 above (level 19 on 90 MB takes a minute)
 
 
 @dataclass(frozen=True)
@@ -255,16 +255,6 @@ def write_sample_file(path: Path, compiled: CompiledPayloads, sample: Mapping[st
         arrays[f"out:{spec.name}"] = np.asarray(ref_values[pos]).astype(spec.dtype)  # the agent checks dtypes too
     with open(path, "wb") as fh:
         np.savez(fh, **arrays)
-
-
-def download_bytes(paths: Sequence[Path]) -> tuple[int, int]:
-    """(zstd-compressed bytes of all payloads, zstd level used)."""
-    import zstandard
-
-    total_raw = sum(p.stat().st_size for p in paths)
-    level = 19 if total_raw <= SMALL_PAYLOAD_BYTES else 9
-    comp = zstandard.ZstdCompressor(level=level)
-    return sum(len(comp.compress(p.read_bytes())) for p in paths), level
 
 
 def estimate_device_latency_ms(onnx_path: Path, inputs: Sequence[TensorSpec], profile: Any, precision: str) -> float | None:
