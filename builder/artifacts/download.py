@@ -2,10 +2,12 @@
 download size that ``compress``/``optimize`` minimise and ``build`` records (``download_bytes``).
 
 Each payload file is one zstd frame (content size written, so the agent can decompress it as a
-stream or in one go) at level 19 up to 16 MiB and level 9 above. Pruned (zeros) and clustered (few
+stream or in one go) at level 19 up to 4 MiB and level 9 above. Pruned (zeros) and clustered (few
 distinct values) weights barely change the ``.onnx`` file size but shrink what travels to the
 device. Measured here: level 19 on MiniLM's 90 MB ONNX takes ~260 s and is *larger* than level 9
-(82.61 vs 82.58 MB, 2 s), so big files use level 9. Compression runs on every core (``threads=-1``;
+(82.61 vs 82.58 MB, 2 s), so big files use level 9; and the chunk server compresses on the first
+request, where level 19 on an 8 MiB file took 8.8 s on a loaded 2-core host (the agent re-requests
+a chunk after 10 s), so the bound is 4 MiB. Compression runs on every core (``threads=-1``;
 zstd's multi-threaded output does not depend on the number of cores).
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from builder.atomic_files import atomic_write_bytes
 
 ZSTD_LEVEL = 19
 LARGE_FILE_LEVEL = 9
-SMALL_PAYLOAD_BYTES = 16 << 20
+SMALL_PAYLOAD_BYTES = 4 << 20
 
 
 def level_for(size_bytes: int) -> int:
