@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from agent.compare import compare_arrays
 from agent.errors import AgentError, InstallError
 from agent.manifest import Manifest, verify_artifact_dir
 from agent.runtime import ModelRuntime, open_runtime
@@ -134,18 +135,6 @@ class SlotStore:
             shutil.rmtree(trash, ignore_errors=True)
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    import numpy as np
-
-    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    na, nb = np.linalg.norm(a64), np.linalg.norm(b64)
-    if na == 0.0 and nb == 0.0:
-        return 1.0
-    if na == 0.0 or nb == 0.0:
-        return 0.0
-    return float(np.dot(a64, b64) / (na * nb))
-
-
 def load_sample(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(inputs, expected outputs) from a sample.npz with keys "in:<name>" / "out:<name>"."""
     import numpy as np
@@ -196,10 +185,10 @@ def health_check(runtime: ModelRuntime, manifest: Manifest, directory: Path, tim
             raise InstallError(f"output {name!r} has dtype {got.dtype}, expected {want.dtype}")
         if np.issubdtype(got.dtype, np.floating) and not np.all(np.isfinite(got)):
             raise InstallError(f"output {name!r} has NaN or infinite values")
-        err = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if got.size else 0.0
-        cos = _cosine(got, want)
+        compared = compare_arrays(got, want, atol, rtol)  # the builder's verification rule
+        err, cos = compared.max_abs_diff, compared.cosine
         worst_err, worst_cos = max(worst_err, err), min(worst_cos, cos)
-        if not np.allclose(got, want, atol=atol, rtol=rtol):
+        if not compared.within:
             raise InstallError(f"output {name!r} differs from the expected output (max |error| {err:.3g} > atol {atol:g} + rtol {rtol:g})")
         if cos < min_cos:
             raise InstallError(f"output {name!r} cosine {cos:.4f} < required {min_cos}")

@@ -42,7 +42,7 @@ def interleaved_latency_ms(paths: list[Path], feed: dict[str, np.ndarray], threa
     """(median ms of each model, its speed-up over ``paths[0]``); every round runs each model in turn
     for ``min_round_s``. The speed-up is the median over rounds of each round's ratio, so a load burst
     that hits a few rounds (this VM is shared) moves it less than it moves the pooled medians."""
-    from builder.compression.evaluate import interleaved_round_times, pooled_medians, round_paired_ratio
+    from builder.execution.timing import interleaved_round_times, pooled_medians, round_paired_ratio
 
     times = interleaved_round_times(paths, feed, threads, rounds, min_round_s)
     return pooled_medians(times), [round_paired_ratio(times, 0, i) for i in range(len(times))]
@@ -165,7 +165,8 @@ def run_distillation(loaded: Any, split: Any, test: Any, work: Path,
     """Per setting, per seed: (student without the teacher, distilled student)."""
     from builder.compression.data import DataSource
     from builder.compression.engine import run_recipe
-    from builder.compression.evaluate import EvalConfig, run_onnx
+    from builder.compression.evaluate import EvalConfig
+    from builder.execution.sessions import run_onnx
     from builder.compression.recipe import Recipe, StepSpec
     from builder.zoo import digits_cnn
 
@@ -357,7 +358,7 @@ ABLATIONS = (("ablation: same, round-to-nearest", {"weight_rounding": "nearest"}
 
 
 def embed_all(path: Path, feeds: dict[str, np.ndarray], threads: int = 2, batch: int = 25) -> np.ndarray:
-    from builder.compression.evaluate import make_session
+    from builder.execution.sessions import make_session
 
     session = make_session(path, threads)
     names = {i.name for i in session.get_inputs()}
@@ -375,9 +376,9 @@ def run_minilm(work: Path, log: logging.Logger) -> str:
     from builder.compression.data import DataSource
     from builder.compression.base import StepContext
     from builder.compression.engine import run_recipe
-    from builder.compression.evaluate import EvalConfig, compare_outputs
+    from builder.compression.evaluate import EvalConfig, output_fidelity
     from builder.compression.quantization import QuantizeStep
-    from builder.compression.payload import download_size
+    from builder.artifacts.download import download_size
     from builder.compression.recipe import Recipe, StepSpec
     from builder.errors import BuilderError
     from builder.loading.types import InputSpec, LoadedModel
@@ -430,7 +431,7 @@ def run_minilm(work: Path, log: logging.Logger) -> str:
     recipe_note = "\n".join(f"- {n}" for n in notes)
     log.info("MiniLM recipes: %.0f s", time.perf_counter() - t0)
     reference = embed_all(fp32, eval_feeds)
-    fid = {name: compare_outputs(reference, embed_all(path, eval_feeds), "embed") for name, path in models}
+    fid = {name: output_fidelity(reference, embed_all(path, eval_feeds), "embed") for name, path in models}
     feed = {k: v[:1] for k, v in eval_feeds.items()}
     timings = {threads: interleaved_latency_ms([p for _, p in models], feed, threads, rounds=7, min_round_s=0.6)
                for threads in (1, 2)}

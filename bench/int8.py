@@ -92,9 +92,9 @@ def builder_int8(source: Path, out_dir: Path, calib_npz: Path, shapes: Optional[
 
 
 def fidelity(reference: np.ndarray, candidate: np.ndarray, task: str) -> str:
-    from builder.compression.evaluate import compare_outputs
+    from builder.compression.evaluate import output_fidelity
 
-    fid = compare_outputs(reference, candidate, task)
+    fid = output_fidelity(reference, candidate, task)
     metric = "top-1" if task == "classify" else "NN"
     return f"{metric} {fid.agreement * 100:.1f}%, cos {fid.cosine_mean:.4f} (min {fid.cosine_min:.3f})"
 
@@ -149,7 +149,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     from bench.compress import interleaved_latency_ms, table
     from builder.compression.cpu_features import host_int8_support
-    from builder.compression.evaluate import run_onnx
+    from builder.execution.sessions import run_onnx
 
     relative, task, output, shapes = MODELS[args.model]
     calib_npz, held_npz = (ZOO.resolve() / "data" / f"{args.model}.{part}.npz" for part in ("calibration", "heldout"))

@@ -78,7 +78,7 @@ def latency_ms(work: Path, levels: list[float], finals: dict[str, Path], data: P
     from builder.compression._export import export_module
     from builder.compression.base import ModelState, StepContext
     from builder.compression.channel_pruning import ChannelPruneStep
-    from builder.compression.evaluate import interleaved_median_ms
+    from builder.execution.timing import interleaved_median_ms
     from builder.compression.fusion import OptimizeGraphStep
     from builder.loading.types import InputSpec
     from builder.zoo.minilm import minilm

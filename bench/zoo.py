@@ -306,7 +306,7 @@ def run_builds(model: ZooModel, path: Path, heldout_npz: Path, builder: Builder,
 
 def run_int8(model: ZooModel, path: Path, calibration: dict[str, np.ndarray], heldout: dict[str, np.ndarray],
              calibration_npz: Path, builder: Builder, work: Path, sizes: Sizes) -> list[Int8Row]:
-    from builder.compression.evaluate import interleaved_round_times, round_paired_ratio
+    from builder.execution.timing import interleaved_round_times, round_paired_ratio
 
     rows: list[Int8Row] = []
     run = zoo_int8.run_tflite_output if model.tflite else zoo_int8.run_output

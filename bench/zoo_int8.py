@@ -123,7 +123,7 @@ def fidelity(task: str, reference: np.ndarray, candidate: np.ndarray, threshold:
 
 def run_output(path: Path, inputs: Inputs, output: str, batch_axes: Mapping[str, Optional[int]]) -> np.ndarray:
     """``output`` for every held-out sample, one batch-1 run each, concatenated on axis 0."""
-    from builder.compression.evaluate import make_session
+    from builder.execution.sessions import make_session
 
     session = make_session(path, threads=1)
     names = [o.name for o in session.get_outputs()]

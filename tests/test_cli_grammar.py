@@ -235,6 +235,21 @@ def test_fleet_add_device_has_json(tmp_path: Path) -> None:
     assert Path(added["agent_toml"]).is_file()
 
 
+def test_add_device_telemetry_interval_is_a_duration_and_the_seconds_spelling_still_works(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert run(BUILDER, "keys", "init", "--data-dir", str(home)).returncode == 0
+    for device, flags in (("pi-01", ("--telemetry-interval", "2m")), ("pi-02", ("--telemetry-interval-s", "5"))):
+        proc = run(BUILDER, "fleet", "add-device", device, "--profile", "raspberry-pi-4", "--data-dir", str(home),
+                   "--agent-data-dir", str(tmp_path / device), "--broker-url", "mqtt://127.0.0.1:1883", "--json", *flags)
+        assert proc.returncode == 0, proc.stderr
+        toml = Path(json.loads(proc.stdout)["agent_toml"]).read_text()
+        assert ("telemetry_interval_s = 120" in toml) if device == "pi-01" else ("telemetry_interval_s = 5" in toml), toml
+    assert "--telemetry-interval-s N is deprecated" in proc.stderr
+    proc = run(BUILDER, "fleet", "add-device", "pi-03", "--profile", "raspberry-pi-4", "--data-dir", str(home),
+               "--agent-data-dir", str(tmp_path / "pi-03"), "--telemetry-interval", "often")
+    assert proc.returncode != 0 and "--telemetry-interval" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_analyze_tables_fit_80_columns_with_every_profile_named(two_input_model: Path) -> None:
     proc = run(BUILDER, "analyze", str(two_input_model / "relu.onnx"), columns=80)
     assert proc.returncode == 0, proc.stderr

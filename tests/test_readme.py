@@ -140,15 +140,25 @@ def _run_block(block: ShellBlock, cwd: Path, env: dict[str, str], log: Path) -> 
     return rc, time.monotonic() - started
 
 
-# Opt-in until it is green end to end: its first full run (2026-12-02) passed `make demo`, analyze,
-# compress, optimize and build, then stopped at the fleet block, where `builder push --model
-# builder.zoo.minilm:minilm` without data is refused by the int8 verification (NN 0.656 over 64
-# generated samples, cosine 0.956). Run it with EDGEFLEET_README_TEST=1.
+class CpuBurner:
+    """A busy process beside the blocks that run ``make demo``: the issue's bar is that the demo
+    passes twice on a loaded machine (its loop must judge by margins that hold under load)."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> "CpuBurner":
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(2 * 3600)
-@pytest.mark.skipif(os.environ.get("EDGEFLEET_README_TEST") != "1",
-                    reason="opt-in (EDGEFLEET_README_TEST=1): the README's MiniLM push without data is refused "
-                           "by the int8 verification; see the comment above")
 def test_every_readme_shell_block_runs_twice_in_a_fresh_data_dir(tmp_path):
     blocks = all_blocks()
     home, work, logs = tmp_path / "home", tmp_path / "work", tmp_path / "logs"
@@ -164,7 +174,11 @@ def test_every_readme_shell_block_runs_twice_in_a_fresh_data_dir(tmp_path):
                     print(f"skip {block.where}: {block.skip_reason}")
                 continue
             log = logs / f"run{run}-{Path(block.doc).stem}-{block.line}.log"
-            rc, took_s = _run_block(block, work, env, log)
+            if "make demo" in block.code:
+                with CpuBurner():
+                    rc, took_s = _run_block(block, work, env, log)
+            else:
+                rc, took_s = _run_block(block, work, env, log)
             timings.append(f"run {run} {block.where}: {took_s:.0f} s")
             print(timings[-1])
             if rc != 0:

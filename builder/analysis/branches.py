@@ -133,8 +133,9 @@ def evaluate_tensors(model: Any, names: Sequence[str], input_shapes: Mapping[str
     """Values of ``names`` from a run of only the nodes they need (given values, else placeholders:
     random floats, ones for integers); {} when that run fails (logged)."""
     import numpy as np
-    import onnxruntime as ort
     from onnx import helper
+
+    from builder.execution.sessions import open_session
 
     graph = model.graph
     producers = {out: index for index, node in enumerate(graph.node) for out in node.output if out}
@@ -170,12 +171,8 @@ def evaluate_tensors(model: Any, names: Sequence[str], input_shapes: Mapping[str
         shape = tuple(int(d) for d in input_shapes.get(value.name, ()))
         feeds[value.name] = (rng.standard_normal(shape).astype(dtype) if np.dtype(dtype).kind == "f"
                              else np.ones(shape, dtype=dtype))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 4
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = open_session(probe, threads=1, level="disabled", log_severity=4)
         results = session.run(list(names), feeds)
     except Exception as exc:  # onnxruntime's pybind error types
         log.warning("could not evaluate %d If condition(s) with ONNX Runtime (%s); counting the larger branch",

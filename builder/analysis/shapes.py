@@ -164,17 +164,12 @@ def _measure(model: Any, names: list[str], input_shapes: Mapping[str, Sequence[i
              known: Mapping[str, TensorInfo], input_values: Mapping[str, Any]) -> dict[str, TensorInfo]:
     """Run the graph once in ONNX Runtime to read the shapes inference could not give."""
     import numpy as np
-    import onnx
-    import onnxruntime as ort
 
-    probe = copy.deepcopy(model)
-    existing = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in existing:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    from builder.execution.sessions import session_with_outputs
+
     feeds = {}
-    initializers = {init.name for init in probe.graph.initializer}
-    for value in probe.graph.input:
+    initializers = {init.name for init in model.graph.initializer}
+    for value in model.graph.input:
         if value.name in initializers:
             continue
         info = _value_info(value)
@@ -183,13 +178,8 @@ def _measure(model: Any, names: list[str], input_shapes: Mapping[str, Sequence[i
         given = input_values.get(value.name)
         feeds[value.name] = (np.asarray(given, dtype=np.dtype(dtype)) if given is not None
                              else np.ones(shape, dtype=np.dtype(dtype)))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 4  # failures are logged below as one warning
-    try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    try:  # log severity 4: failures are logged below as one warning
+        session = session_with_outputs(model, names, threads=1, log_severity=4)
         outputs = session.run(names, feeds)
     except Exception as exc:  # onnxruntime's pybind types; ValueError for protos over 2 GB
         log.warning("could not measure %d tensor shapes with ONNX Runtime (%s); they count as unknown",

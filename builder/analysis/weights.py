@@ -56,6 +56,23 @@ def graph_weights(graph: Any) -> dict[str, WeightTensor]:
     return weights
 
 
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(parameters, non-zero parameters) of ``model``: every weight of the module docstring in the
+    main graph and its subgraphs. The one definition of "parameters": ``analyze_model(...).params``
+    and the compression report's ``params`` are both this total."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    total = nonzero = 0
+    for graph in all_graphs(model.graph):
+        arrays = [numpy_helper.to_array(init) for init in graph.initializer]
+        arrays += [constant_array(node) for node in graph.node if is_weight_constant(node)]
+        for array in arrays:
+            total += int(array.size)
+            nonzero += int(np.count_nonzero(array))
+    return total, nonzero
+
+
 def iter_all_weights(graph: Any) -> Iterator[WeightTensor]:
     """Weights of ``graph`` and of every subgraph below it."""
     for sub in all_graphs(graph):

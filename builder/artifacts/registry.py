@@ -248,8 +248,8 @@ class Registry:
             row = conn.execute("SELECT * FROM artifacts WHERE artifact_id=?", (artifact_id,)).fetchone()
         return _record(row)
 
-    def list(self, model_name: str | None = None, profile: str | None = None) -> list[ArtifactRecord]:
-        sql, args = "SELECT * FROM artifacts WHERE 1=1", []
+    def records(self, model_name: str | None = None, profile: str | None = None) -> list[ArtifactRecord]:
+        sql, args = "SELECT * FROM artifacts WHERE 1=1", list[str]()
         if model_name:
             sql, args = sql + " AND model_name=?", args + [model_name]
         if profile:

@@ -102,7 +102,7 @@ def model_facts(loaded: "LoadedModel") -> dict[str, Any]:
                    for s in loaded.inputs],
         "outputs": list(loaded.output_names),
         "export_max_abs_diff": loaded.export_max_abs_diff,
-        "normalisation": loaded.normalisation.as_dict() if getattr(loaded, "normalisation", None) else None,
+        "normalisation": loaded.normalisation.as_dict() if loaded.normalisation is not None else None,
     }
 
 
@@ -142,7 +142,7 @@ def render_analysis(console: "Console", loaded: "LoadedModel", stats: "GraphStat
 
     shapes = ", ".join(f"{s.name}={'x'.join(map(str, s.shape))}:{s.dtype}" for s in loaded.inputs)
     console.print(f"[bold]{loaded.name}[/bold] ({loaded.source_kind}: {loaded.source}) at {shapes}")
-    if getattr(loaded, "normalisation", None) is not None:
+    if loaded.normalisation is not None:
         console.print(loaded.normalisation.summary(), markup=False)
     shown = top_layers(stats, top)
     counted = sum(1 for layer in stats.layers if not layer.fused)

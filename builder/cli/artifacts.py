@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         from builder.artifacts.registry import Registry
         from builder.units import format_bytes
 
-        records = Registry(registry_dir).list(model, profile)
+        records = Registry(registry_dir).records(model, profile)
         if as_json:
             print(json.dumps([asdict(r) | {"metrics": dict(r.metrics)} for r in records], indent=2))
             return

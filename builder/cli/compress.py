@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # heavy or not needed for `builder --help`
     from rich.table import Table
 
     from builder.compression.engine import StepReport
+    from builder.compression.recipe import Recipe
 
 
 def register(app: typer.Typer) -> None:
@@ -59,7 +60,7 @@ def register(app: typer.Typer) -> None:
         from builder.errors import UsageError
         from builder.search.objectives import parse_accuracy_drop
 
-        shortcuts = dict(quantize=quantize, prune=prune, prune_channels=prune_channels, cluster=cluster,
+        shortcuts: dict[str, Any] = dict(quantize=quantize, prune=prune, prune_channels=prune_channels, cluster=cluster,
                          lowrank=lowrank, distill_from=distill_from)
         given = [f"--{k.replace('_', '-')}" for k, v in shortcuts.items() if v is not None]
         if recipe is not None and given:
@@ -80,7 +81,7 @@ def register(app: typer.Typer) -> None:
              {k: v for k, v in (("min_cosine", min_cosine), ("min_agreement", min_agreement)) if v is not None})
 
 
-def _run(model: str, plan: "object", shortcuts: Optional[dict], data: str, train_data: Optional[str], out: Path,
+def _run(model: str, plan: "Recipe", shortcuts: Optional[dict[str, Any]], data: str, train_data: Optional[str], out: Path,
          input_shape: Optional[str], threads: int, task: str, timed_runs: int, opset: Optional[int],
          max_accuracy_drop: float, as_json: bool, batch_axes: Optional[dict] = None,
          floors: Optional[dict] = None) -> None:

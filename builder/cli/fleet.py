@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from builder.cli.options import deprecated
+from builder.cli.options import deprecated, duration_or_seconds
 from builder.cli.tables import print_table
 from builder.cli.serve import BrokerOption, DataDirOption, data_dir_or_default, read_password_file
 
@@ -56,7 +56,8 @@ def register(app: typer.Typer) -> None:
         trusted_key: Optional[Path] = typer.Option(None, help="Public signing key the agent trusts (default DATA_DIR/keys/signing_key.pub.pem)."),
         agent_data_dir: str = typer.Option("/var/lib/edgefleet", help="data_dir written into agent.toml (on the device)."),
         out: Optional[Path] = typer.Option(None, "--out", help="Where to write agent.toml (default DATA_DIR/devices/ID/agent.toml)."),
-        telemetry_interval_s: Optional[float] = typer.Option(None, help="Telemetry interval written into agent.toml."),
+        telemetry_interval: Optional[str] = typer.Option(None, "--telemetry-interval", help="Telemetry interval written into agent.toml, e.g. 10s."),
+        telemetry_interval_s: Optional[float] = typer.Option(None, "--telemetry-interval-s", hidden=True),
         http_port: Optional[int] = typer.Option(None, "--http-port", help="Local inference endpoint port on the device (default 8765; 0 = any free port; set it for a second agent on one host)."),
         force: bool = typer.Option(False, "--force", help="Replace an already registered device (new password and agent.toml)."),
         data_dir: Optional[Path] = DataDirOption,
@@ -77,7 +78,7 @@ def register(app: typer.Typer) -> None:
         added = do_add(data_dir_or_default(data_dir), device_id, profile, group=group_name, broker_url=broker_url,
                        broker_config_dir=broker_config_dir, broker_port=broker_port, tls=tls, agent_ca_file=ca_file,
                        trusted_key=trusted_key, agent_data_dir=agent_data_dir, agent_toml=out,
-                       telemetry_interval_s=telemetry_interval_s, http_port=http_port, force=force)
+                       telemetry_interval_s=_interval(telemetry_interval, telemetry_interval_s), http_port=http_port, force=force)
         if as_json:
             print(json.dumps({"device_id": added.device_id, "profile": added.profile, "group": added.group,
                               "agent_toml": str(added.agent_toml), "broker_url": added.broker_url,
@@ -230,3 +231,10 @@ def register(app: typer.Typer) -> None:
             raise FleetError(f"{device} did not roll back: {outcome.error}")
         Console().print(f"{device}: rolled back from {(outcome.previous_model or outcome.previous_artifact_id or '?')} "
                         f"to {outcome.model or outcome.artifact_id[:12]}")
+
+
+def _interval(text: Optional[str], old_seconds: Optional[float]) -> Optional[float]:
+    """``--telemetry-interval 10s`` (or the deprecated ``--telemetry-interval-s 10``); None: the agent's default."""
+    if text is None and old_seconds is None:
+        return None
+    return duration_or_seconds(text or "0s", old_seconds, "--telemetry-interval")

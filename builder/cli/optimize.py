@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
 
         logging.basicConfig(level=logging.WARNING)
         device = resolve_alias(profile, device_alias, "--profile", "--device")
-        input_shape = merged_input_shapes(input_shape)  # type: ignore[assignment]
+        shapes = merged_input_shapes(input_shape)
         targets = obj.Targets(
             max_latency_ms=obj.parse_latency_ms(max_latency) if max_latency else None,
             max_download_bytes=obj.parse_size_bytes(max_size) if max_size else None,
@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
             else:
                 _require_signing_key(home, "the ladder is built", alternative=" or pass --no-ladder")
         out.mkdir(parents=True, exist_ok=True)
-        setup = EvaluationSetup(model=model, device=device, data=data, input_shapes=input_shape, train_data=train_data,
+        setup = EvaluationSetup(model=model, device=device, data=data, input_shapes=shapes, train_data=train_data,
                                 profiles_dir=str(profiles_dir) if profiles_dir else None, threads=threads, seed=seed,
                                 max_eval_samples=eval_samples, workdir=str(out / ".work"))
         config = SearchConfig(setup=setup, targets=targets, out_dir=str(out),
@@ -163,7 +163,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"building the ladder: {len(rungs)} rungs (compress, build, verify, sign, register)")
             try:
                 ladder_build = outputs.register_ladder(
-                    rungs, outcome, model=model, profile=device, input_shapes=input_shape, data=data, registry_dir=home,
+                    rungs, outcome, model=model, profile=device, input_shapes=shapes, data=data, registry_dir=home,
                     model_name=None, out_dir=out, threads=threads, profiles_dir=profiles_dir,
                     on_stage=lambda text: console.print(f"  {text}"), train_data=train_data)
             except BuilderError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, overload
 
 import typer
 
@@ -12,18 +12,18 @@ INPUT_SHAPE_HELP = ("Input shapes, repeatable: e.g. 1x3x224x224, or --input-shap
                     "--input-shape attention_mask=1x128:int64 (a comma list also works; NAME@N keeps an axis dynamic).")
 
 
-def InputShapeOption(help_text: str = INPUT_SHAPE_HELP) -> object:  # noqa: N802 - reads like typer.Option
+def InputShapeOption(help_text: str = INPUT_SHAPE_HELP) -> Any:  # noqa: N802 - reads like typer.Option
     """``--input-shape/-s``, repeatable: every value is merged (see :func:`merged_input_shapes`)."""
     return typer.Option(None, "--input-shape", "-s", help=help_text)
 
 
-def ProfileOption(help_text: str = "Device profile (`builder profiles list`).") -> object:  # noqa: N802
+def ProfileOption(help_text: str = "Device profile (`builder profiles list`).") -> Any:  # noqa: N802
     """``--profile/-p NAME``: a device profile, never a device id (that is ``--device``). Optional at
     the Typer level so a deprecated alias can stand in; :func:`resolve_alias` requires one of them."""
     return typer.Option(None, "--profile", "-p", help=help_text)
 
 
-def HiddenAlias(*names: str) -> object:  # noqa: N802
+def HiddenAlias(*names: str) -> Any:  # noqa: N802
     """An old spelling that still works but is no longer shown in ``--help``."""
     return typer.Option(None, *names, hidden=True)
 
@@ -39,6 +39,12 @@ def deprecated(old: str, new: str) -> None:
     print(f"warning: {old} is deprecated; use {new}", file=sys.stderr)
 
 
+@overload
+def resolve_alias(value: Optional[str], alias_value: Optional[str], new: str, old: str,
+                  required: Literal[True] = ...) -> str: ...
+@overload
+def resolve_alias(value: Optional[str], alias_value: Optional[str], new: str, old: str,
+                  required: Literal[False]) -> Optional[str]: ...
 def resolve_alias(value: Optional[str], alias_value: Optional[str], new: str, old: str,
                   required: bool = True) -> Optional[str]:
     """The value of ``new``, else of its deprecated alias ``old`` (with a warning); a one-line

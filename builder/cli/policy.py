@@ -6,9 +6,12 @@ import datetime as _dt
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    from builder.fleet.policy import Policy
 
 DataDirOption = typer.Option(None, "--data-dir", help="Fleet data directory (default: $EDGEFLEET_HOME or the user data dir).")
 
@@ -68,7 +71,7 @@ def add_to_fleet(fleet: typer.Typer) -> None:
             with open_store(root) as fleet:
                 record = fleet.device(device)
             scope, policy = store.resolve(device, (record.group,) if record.group else ())
-            policies = {} if policy is None else {scope: policy}
+            policies: dict[str, "Policy"] = {} if policy is None or scope is None else {scope: policy}
             if policy is None:
                 typer.echo(f"no policy applies to {device}; set one with `builder fleet policy set --device {device} --file P`")
                 return

@@ -25,10 +25,10 @@ def stages(console: "Console", first: str, log_first: bool = True) -> Iterator[C
                       console=console, transient=True) as bar:
             task = bar.add_task(first, total=None)
 
-            def update(text: str) -> None:
+            def show(text: str) -> None:
                 bar.reset(task, description=text, total=None)
 
-            yield update
+            yield show
         return
     # not a terminal (logs, pipes): after success, one line per stage that took SLOW_S or more. A
     # failed command prints only its error, so a user's mistake stays one line.

@@ -75,6 +75,9 @@ def register(app: typer.Typer) -> None:
         input_shape: Optional[list[str]] = InputShapeOption(),
         recipe: Optional[str] = typer.Option(None, "--recipe", help="Compression recipe TOML (or a packaged recipe's name) applied before building."),
         precision: Optional[str] = typer.Option(None, "--precision", help="With --model: fp32 | fp16 | int8 (default: the profile's)."),
+        data: Optional[str] = typer.Option(None, "--data", help="With --model: real inputs to calibrate and verify the build (.npz or package.module:function), as for `builder build`."),
+        train_data: Optional[str] = typer.Option(None, "--train-data", help="With --model: training data for a recipe that fine-tunes or distils."),
+        task: Optional[str] = typer.Option(None, "--task", help="With --model: what the output means (auto, classify, embed, dense_map, sequence, regression)."),
         force: bool = typer.Option(False, "--force", help="Push an artifact built for another profile anyway."),
         canary: str = typer.Option("0", "--canary", help="With --group: percentage of devices that go first, e.g. 10%."),
         max_latency_ratio: float = typer.Option(1.25, help="Canary fails if its p95 exceeds the previous model's by this factor."),
@@ -114,7 +117,8 @@ def register(app: typer.Typer) -> None:
         from builder.compression.recipe import resolve_recipe
 
         chooser = ArtifactChooser(registry, home, artifact=artifact, model=model, input_shapes=list(input_shape or []),
-                                  recipe=resolve_recipe(recipe) if recipe is not None else None, precision=precision)
+                                  recipe=resolve_recipe(recipe) if recipe is not None else None, precision=precision,
+                                  data=data, train_data=train_data, task=task)
         endpoint = resolve_endpoint(home, broker, username, read_password_file(password_file), ca_file)
         console = table_console(stderr=as_json)
         chooser.on_stage = lambda text: console.print(f"[dim]build: {text}[/]")

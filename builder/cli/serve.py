@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 import typer
 
+from builder.cli.options import duration_or_seconds
+
 DataDirOption = typer.Option(None, "--data-dir", help="Registry + fleet store directory (default $EDGEFLEET_HOME or the user data dir).")
 BrokerOption = typer.Option(None, "--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT of the fleet's broker; omit for the embedded one.")
 
@@ -75,7 +77,8 @@ def register(app: typer.Typer) -> None:
         data_dir: Optional[Path] = DataDirOption,
         port: int = typer.Option(1883, help="Port of the embedded broker (0: any free port)."),
         listen: str = typer.Option("127.0.0.1", "--listen", help="Address of the embedded broker: loopback only (it has no authentication or ACLs)."),
-        chunk_delay_s: float = typer.Option(0.0, help="Pause between chunks (simulates a slow link; demos)."),
+        chunk_delay: str = typer.Option("0s", "--chunk-delay", help="Pause between chunks, e.g. 100ms (simulates a slow link; demos)."),
+        chunk_delay_s: Optional[float] = typer.Option(None, "--chunk-delay-s", hidden=True),
         loop: bool = typer.Option(True, "--loop/--no-loop", help="Run the re-compression loop for devices that have a policy."),
         loop_dry_run: bool = typer.Option(False, help="The loop logs its decisions but pushes nothing."),
         log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING"),
@@ -95,7 +98,7 @@ def register(app: typer.Typer) -> None:
         if broker:
             endpoint = resolve_endpoint(home, broker, username, read_password_file(password_file), ca_file)
         settings = ServeSettings(data_dir=home, broker=endpoint, embedded=EmbeddedBrokerSettings(host=listen, port=port),
-                                 chunk_delay_s=chunk_delay_s)
+                                 chunk_delay_s=duration_or_seconds(chunk_delay, chunk_delay_s, "--chunk-delay"))
         server = FleetServer(settings, telemetry_hooks=_telemetry_hooks(home, loop, loop_dry_run))
         signal.signal(signal.SIGTERM, lambda signum, frame: server.request_stop())
         server.start()

@@ -66,7 +66,7 @@ def correct_biases(float_path: Path, quantized_path: Path, batches: list[dict[st
     from onnx import numpy_helper
 
     from builder.atomic_files import atomic_write_bytes
-    from builder.compression.evaluate import session_with_outputs
+    from builder.execution.sessions import session_with_outputs
     from builder.compression.quantization import limit_samples
 
     model = onnx.load(str(quantized_path))

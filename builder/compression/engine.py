@@ -41,10 +41,10 @@ from builder.atomic_files import atomic_write_bytes
 from builder.compression._export import export_module
 from builder.compression.base import ModelForm, ModelState, StepContext, StepRecord
 from builder.compression.data import DataSource
-from builder.compression.evaluate import (EvalConfig, Evaluation, baseline_evaluation, evaluate_model, rebatch,
-                                          static_batch_of, synthetic_data)
+from builder.compression.evaluate import EvalConfig, Evaluation, baseline_evaluation, evaluate_model, synthetic_data
 from builder.compression.recipe import Recipe
 from builder.errors import BuilderError, CompressionError
+from builder.execution.sessions import rebatch, static_batch_of
 from builder.loading.types import LoadedModel
 
 log = logging.getLogger(__name__)

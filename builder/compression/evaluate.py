@@ -6,10 +6,9 @@
   nearest-neighbour agreement for embeddings, map IoU for dense maps, per-step argmax agreement
   for sequences, 1 - relative error for regression). The task is detected from the outputs
   (labels present -> classifier) unless ``EvalConfig.task`` says so.
-- Parameters and non-zeros (numeric initializers and Constant tensors, shape tensors excluded),
-  MACs at batch 1 (``builder.analysis`` when it imports; else Conv / Gemm / MatMul and their
-  quantized forms via ONNX shape inference),
-  file size and zstd download size (``payload``), ONNX Runtime latency at batch 1 (or the graph's fixed batch size): median and p95
+- Parameters and non-zeros (``builder.analysis.weights.count_parameters``: every weight, as
+  ``builder analyze`` counts them), MACs at batch 1 (``builder.analysis``),
+  file size and zstd download size (``builder.artifacts.download``), ONNX Runtime latency at batch 1 (or the graph's fixed batch size): median and p95
   after warm-up with ``intra_op_num_threads`` pinned. A compressed model's runs are interleaved
   with the reference model's, so ``speedup_vs_input`` compares both under the same machine load
   (measured here: a 0.06 ms model read 0.06-0.12 ms a minute apart on the shared 2-core machine).
@@ -22,16 +21,17 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from builder.artifacts.download import download_size, level_for
 from builder.compression.data import DataSource
-from builder.compression.payload import download_size, level_for
-from builder.errors import CompressionError, DataError
+from builder.errors import CompressionError
+from builder.execution.sessions import make_session, rebatch, run_onnx, static_batch
+from builder.execution.timing import measure_interleaved
 from builder.loading.types import InputSpec
 
 log = logging.getLogger(__name__)
@@ -95,137 +95,6 @@ class Reference:
     onnx_path: Optional[Path] = None  # for interleaved latency; None = compare with latency_p50_ms
 
 
-# ---- running ---------------------------------------------------------------------------------
-def make_session(onnx_path: Path, threads: int = 1) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-        raise CompressionError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from exc
-
-
-Axes = Optional[Mapping[str, Optional[int]]]  # input name -> batch axis (None: not batched); missing -> 0
-
-
-def _fixed_batch(dims_by_name: Iterable[tuple[str, Sequence[Any]]], axes: Axes) -> Optional[int]:
-    sizes = set()
-    for name, dims in dims_by_name:
-        axis = (axes or {}).get(name, 0)
-        if axis is not None and len(dims) > axis and isinstance(dims[axis], int) and dims[axis] > 0:
-            sizes.add(int(dims[axis]))
-    return sizes.pop() if len(sizes) == 1 else None
-
-
-def static_batch(session: Any, axes: Axes = None) -> Optional[int]:
-    """The batch size the graph fixes (the batch axis of its inputs is a number, e.g. x: [1, 4]), or
-    None when it is symbolic. Feeding such a graph 32 samples at once is an ORT error."""
-    return _fixed_batch(((i.name, i.shape or ()) for i in session.get_inputs()), axes)
-
-
-def static_batch_of(onnx_path: Path, axes: Axes = None) -> Optional[int]:
-    """``static_batch`` read from the file's graph inputs (no session, weights not loaded)."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    initializers = {init.name for init in model.graph.initializer}
-    return _fixed_batch(((i.name, [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim])
-                         for i in model.graph.input if i.name not in initializers), axes)
-
-
-def _batch_size(batch: dict[str, np.ndarray], axes: Axes) -> int:
-    for name, value in batch.items():
-        axis = (axes or {}).get(name, 0)
-        if axis is not None:
-            return int(value.shape[axis])
-    return 1 if batch else 0
-
-
-def rebatch(batches: Iterable[dict[str, np.ndarray]], size: Optional[int],
-            axes: Axes = None) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-    """``(feed, real_samples)`` pairs of exactly ``size`` samples (the last one padded by repeating
-    its final sample, ``real_samples`` says how many are real); unchanged batches when ``size`` is None.
-    Samples are joined on each input's batch axis (``axes``); unbatched inputs pass through."""
-    if size is None:
-        for batch in batches:
-            yield batch, _batch_size(batch, axes)
-        return
-    from builder.compression.data import take_along_batch
-
-    def axis_of(name: str) -> Optional[int]:
-        return (axes or {}).get(name, 0)
-
-    def join(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        return {k: parts[0][k] if axis_of(k) is None else np.concatenate([b[k] for b in parts], axis=axis_of(k))
-                for k in parts[0]}
-
-    pending: list[dict[str, np.ndarray]] = []
-    count = 0
-    for batch in batches:
-        pending.append(batch)
-        count += _batch_size(batch, axes) if batch else 0
-        if count < size:
-            continue
-        joined = join(pending)
-        start = 0
-        while count - start >= size:
-            yield {k: take_along_batch(v, axis_of(k), slice(start, start + size)) for k, v in joined.items()}, size
-            start += size
-        pending = [{k: take_along_batch(v, axis_of(k), slice(start, None)) for k, v in joined.items()}] if count > start else []
-        count -= start
-    if count:
-        joined = join(pending)
-        pad = size - count
-        yield {k: v if axis_of(k) is None else np.concatenate(
-            [v, np.repeat(take_along_batch(v, axis_of(k), slice(-1, None)), pad, axis=axis_of(k))], axis=axis_of(k))
-            for k, v in joined.items()}, count
-
-
-def run_session(session: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """``session.run`` with ORT's shape/type complaints turned into a one-line ``DataError`` naming
-    the input, the shape the graph expects and the shape it got."""
-    try:
-        return session.run(None, feed)
-    except Exception as exc:  # ORT raises InvalidArgument / Fail from its pybind module
-        if "INVALID_ARGUMENT" not in str(exc) and type(exc).__name__ != "InvalidArgument":
-            raise
-        raise DataError(_feed_mismatch(session, feed, exc)) from exc
-
-
-def _feed_mismatch(session: Any, feed: dict[str, np.ndarray], exc: Exception) -> str:
-    for spec in session.get_inputs():
-        got = feed.get(spec.name)
-        if got is None:
-            return f"model input '{spec.name}' (shape {list(spec.shape)}) is missing from the data; add it"
-        expected = list(spec.shape)
-        fits = len(expected) == got.ndim and all(not isinstance(e, int) or e <= 0 or e == g
-                                                  for e, g in zip(expected, got.shape))
-        if not fits:
-            return (f"model input '{spec.name}' expects shape {expected}, got {list(got.shape)}; "
-                    "give data whose sample shape matches the model's input")
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"ONNX Runtime rejected the data: {first_line}"
-
-
-def run_onnx(onnx_path: Path, batches: Iterable[dict[str, np.ndarray]], threads: int = 1,
-             session: Any = None, axes: Axes = None) -> np.ndarray:
-    """The model's first output over all batches, concatenated along the batch axis. A graph with a
-    fixed batch size is fed exactly that many samples per run (padding the last run, dropping the
-    padded rows' outputs)."""
-    session = session or make_session(onnx_path, threads)
-    wanted = {i.name for i in session.get_inputs()}
-    outs = []
-    for feed, real in rebatch(({k: v for k, v in b.items() if k in wanted} for b in batches),
-                              static_batch(session, axes), axes):
-        outs.append(run_session(session, feed)[0][:real])
-    return np.concatenate(outs, axis=0)
-
-
 def detect_task(outputs: np.ndarray, has_labels: bool) -> str:
     """The task of the first output stacked over samples (N, ...): ``task_metrics.detect_task`` of
     its first sample (a probability map is a dense map, not an embedding)."""
@@ -241,7 +110,7 @@ def _row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / np.maximum(denom, 1e-12)
 
 
-def compare_outputs(reference: np.ndarray, candidate: np.ndarray, task: str) -> Fidelity:
+def output_fidelity(reference: np.ndarray, candidate: np.ndarray, task: str) -> Fidelity:
     """Fidelity of ``candidate`` to ``reference`` (same samples, same order)."""
     if reference.shape != candidate.shape:
         raise CompressionError(f"output shape changed from {reference.shape} to {candidate.shape}; "
@@ -255,184 +124,17 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, task: str) -> 
     return Fidelity(agreement=agreement, cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
 
 
-def measure_latency(session: Any, feed: dict[str, np.ndarray], warmup_runs: int, timed_runs: int) -> tuple[float, float]:
-    """(median, p95) milliseconds of ``session.run`` on ``feed`` after ``warmup_runs`` untimed runs."""
-    (p50, p95), = measure_interleaved([session], feed, warmup_runs, timed_runs)
-    return p50, p95
-
-
-def interleaved_median_ms(paths: Sequence[Path], feed: dict[str, np.ndarray], threads: int, rounds: int,
-                          min_round_s: float) -> list[float]:
-    """Median ms of each model at ``paths``; every round runs each model in turn for ``min_round_s``
-    (time-boxed rounds, so a tiny and a large model each get enough runs), after 3 warm-up runs."""
-    return pooled_medians(interleaved_round_times(paths, feed, threads, rounds, min_round_s))
-
-
-def paired_ratio(baseline: Path, candidate: Path, feed: dict[str, np.ndarray], threads: int, rounds: int,
-                 min_round_s: float) -> float:
-    """Candidate / baseline latency, paired per round (see round_paired_ratio)."""
-    return round_paired_ratio(interleaved_round_times([baseline, candidate], feed, threads, rounds, min_round_s), 1, 0)
-
-
-def pooled_medians(times: Sequence[Sequence[Sequence[float]]]) -> list[float]:
-    """Median ms of each model over all its runs (``times`` as ``interleaved_round_times`` gives them)."""
-    return [float(np.median([t for one in model for t in one])) for model in times]
-
-
-def round_paired_ratio(times: Sequence[Sequence[Sequence[float]]], numerator: int, denominator: int) -> float:
-    """Median over rounds of (model ``numerator``'s median / model ``denominator``'s median) in that round.
-
-    A load burst on a shared machine lasts longer than a short round and so lands in few rounds;
-    pooling all runs first lets one burst that hit one model's turns decide the ratio (measured in
-    CI: a model 0.6x its input read 1.43x slower in one pooled measurement).
-    """
-    return float(np.median([np.median(n) / max(float(np.median(d)), 1e-9)
-                            for n, d in zip(times[numerator], times[denominator])]))
-
-
-def interleaved_round_times(paths: Sequence[Path], feed: dict[str, np.ndarray], threads: int, rounds: int,
-                            min_round_s: float) -> list[list[list[float]]]:
-    """ms of every run, as ``[model][round][run]``; rounds alternate the models after 3 warm-up runs."""
-    sessions = [make_session(p, threads) for p in paths]
-    feeds = [{k: v for k, v in feed.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
-    for session, f in zip(sessions, feeds):
-        for _ in range(3):
-            session.run(None, f)
-    times: list[list[list[float]]] = [[] for _ in sessions]
-    for _ in range(rounds):
-        for session, f, out in zip(sessions, feeds, times):
-            run_times: list[float] = []
-            start_round = time.perf_counter()
-            while True:
-                start = time.perf_counter()
-                session.run(None, f)
-                run_times.append((time.perf_counter() - start) * 1000.0)
-                if time.perf_counter() - start_round >= min_round_s:
-                    break
-            out.append(run_times)
-    return times
-
-
-def session_with_outputs(model: Any, names: Iterable[str]) -> Any:
-    """An unoptimised CPU session of ``model`` that also returns the tensors ``names`` (added as graph
-    outputs; ``model`` is changed). Unoptimised: fused kernels would hide the intermediate tensors."""
-    import onnx
-    import onnxruntime as ort
-
-    present = {o.name for o in model.graph.output}
-    for name in names:
-        if name and name not in present:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-            present.add(name)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def measure_interleaved(sessions: Sequence[Any], feed: dict[str, np.ndarray], warmup_runs: int,
-                        timed_runs: int) -> list[tuple[float, float]]:
-    """(median, p95) ms per session, their runs alternating so all see the same machine load."""
-    for session in sessions:
-        for _ in range(warmup_runs):
-            run_session(session, feed)
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(max(timed_runs, 1)):
-        for index, session in enumerate(sessions):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times[index].append((time.perf_counter() - start) * 1000.0)
-    return [(float(np.median(t)), float(np.percentile(t, 95))) for t in times]
-
-
 # ---- static facts ------------------------------------------------------------------------------
-_SHAPE_DTYPES = {7, 6}  # int64, int32 tensors are shapes/indices, not weights (TensorProto enums)
-
-
-def count_params(model: Any) -> tuple[int, int]:
-    """(parameters, non-zero parameters) over numeric initializers and Constant tensors, in the
-    main graph and in If/Loop/Scan subgraphs."""
-    from onnx import numpy_helper
-
-    from builder.analysis.shapes import all_graphs
-
-    tensors = []
-    for graph in all_graphs(model.graph):
-        tensors.extend(graph.initializer)
-        for node in graph.node:
-            if node.op_type == "Constant":
-                tensors.extend(attr.t for attr in node.attribute if attr.name == "value")
-    total = nonzero = 0
-    for tensor in tensors:
-        if tensor.data_type in _SHAPE_DTYPES:
-            continue
-        array = numpy_helper.to_array(tensor)
-        if array.size <= 1:
-            continue
-        total += int(array.size)
-        nonzero += int(np.count_nonzero(array))
-    return total, nonzero
-
-
-def count_macs(model: Any, inputs: Sequence[InputSpec]) -> Optional[int]:
-    """Multiply-accumulates at batch 1 for Conv/Gemm/MatMul and their quantized forms; None when
-    shape inference cannot give the shapes of any such node."""
-    import onnx
-
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    concrete = {spec.name: (1,) + tuple(spec.shape[1:]) for spec in inputs}
-    for graph_input in model.graph.input:
-        if graph_input.name in concrete:
-            dims = graph_input.type.tensor_type.shape.dim
-            for dim, value in zip(dims, concrete[graph_input.name]):
-                dim.ClearField("dim_param")
-                dim.dim_value = value
-    try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # noqa: BLE001 - shape inference is best effort; report unknown MACs
-        return None
-    shapes: dict[str, tuple[int, ...]] = {}
-    for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            shapes[value.name] = tuple(d.dim_value for d in dims)
-    for init in model.graph.initializer:
-        shapes[init.name] = tuple(init.dims)
-    total = 0
-    counted = 0
-    for node in model.graph.node:
-        op = node.op_type
-        ins = list(node.input)
-        out = shapes.get(node.output[0]) if node.output else None
-        weight_index = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "FusedConv": 1}.get(op)
-        if weight_index is not None:
-            w = shapes.get(ins[weight_index]) if len(ins) > weight_index else None
-            if out and w:
-                total += int(np.prod(out)) * int(np.prod(w[1:]))
-                counted += 1
-            continue
-        a_index = {"Gemm": 0, "MatMul": 0, "MatMulInteger": 0, "QLinearMatMul": 0, "FusedMatMul": 0}.get(op)
-        if a_index is not None:
-            a = shapes.get(ins[a_index])
-            if out and a:
-                trans_a = any(at.name == "transA" and at.i for at in node.attribute)
-                k = a[0] if (op == "Gemm" and trans_a) else a[-1]
-                total += int(np.prod(out)) * int(k)
-                counted += 1
-    return total if counted else None
-
-
 def model_macs(model: Any, inputs: Sequence[InputSpec]) -> Optional[int]:
-    """MACs at batch 1: ``builder.analysis`` when it is installed (it knows quantized and fused
-    ops), else ``count_macs``."""
-    try:
-        from builder.analysis import analyze_model
-    except ImportError:
-        return count_macs(model, inputs)
+    """MACs at batch 1 as ``builder analyze`` counts them (``builder.analysis``: quantized, fused and
+    attention ops included); None, with a warning, when the analysis cannot handle the graph."""
+    from builder.analysis import analyze_model
+
     try:
         return int(analyze_model(model, {s.name: (1,) + tuple(s.shape[1:]) for s in inputs}).macs)
-    except Exception as exc:  # noqa: BLE001 - analysis is best effort here; fall back, say so
-        log.warning("builder.analysis failed on this model (%s); counting MACs of Conv/Gemm/MatMul only", exc)
-        return count_macs(model, inputs)
+    except Exception as exc:  # noqa: BLE001 - analysis is best effort here; say so
+        log.warning("builder.analysis failed on this model (%s); MACs unknown", exc)
+        return None
 
 
 # ---- evaluation --------------------------------------------------------------------------------
@@ -457,6 +159,8 @@ def _measure(onnx_path: Path, data: DataSource, inputs: Sequence[InputSpec], con
              reference_path: Optional[Path] = None) -> tuple[np.ndarray, dict[str, Any]]:
     import onnx
 
+    from builder.analysis.weights import count_parameters
+
     session = make_session(onnx_path, config.threads)
     outputs = run_onnx(onnx_path, data.batches(config.batch_size), session=session, axes=data.batch_axes)
     sessions = [session] + ([make_session(reference_path, config.threads)] if reference_path else [])
@@ -465,7 +169,7 @@ def _measure(onnx_path: Path, data: DataSource, inputs: Sequence[InputSpec], con
     timings = measure_interleaved(sessions, feed, config.warmup_runs, config.timed_runs)
     p50, p95 = timings[0]
     model = onnx.load(str(onnx_path))
-    params, nonzero = count_params(model)
+    params, nonzero = count_parameters(model)  # the one definition, as builder analyze counts them
     facts = {
         "params": params, "nonzero_params": nonzero, "macs": model_macs(model, inputs),
         "file_bytes": Path(onnx_path).stat().st_size, "download_bytes": download_size(Path(onnx_path)),
@@ -490,7 +194,7 @@ def baseline_evaluation(onnx_path: Path, data: DataSource, inputs: Sequence[Inpu
     task = config.task if config.task != "auto" else detect_task(outputs, data.has_labels)
     accuracy = _accuracy(outputs, data, task)
     evaluation = Evaluation(task=task, samples=len(data), accuracy=accuracy,
-                            fidelity=compare_outputs(outputs, outputs, task), **facts)
+                            fidelity=output_fidelity(outputs, outputs, task), **facts)
     return evaluation, Reference(outputs=outputs, task=task, accuracy=accuracy, latency_p50_ms=facts["latency_p50_ms"],
                                  onnx_path=Path(onnx_path))
 
@@ -501,7 +205,7 @@ def evaluate_model(onnx_path: Path, data: DataSource, inputs: Sequence[InputSpec
     outputs, facts = _measure(onnx_path, data, inputs, config, reference_path=reference.onnx_path)
     reference_p50 = facts.pop("reference_p50_ms") or reference.latency_p50_ms
     facts["speedup_vs_input"] = reference_p50 / max(facts["latency_p50_ms"], 1e-9)
-    fidelity = compare_outputs(reference.outputs, outputs, reference.task)
+    fidelity = output_fidelity(reference.outputs, outputs, reference.task)
     accuracy = _accuracy(outputs, data, reference.task)
     flags = []
     if fidelity.cosine_mean < config.min_cosine or (fidelity.agreement == fidelity.agreement

@@ -117,7 +117,7 @@ def check_same_outputs(reference: Path, candidate: Path, batches: list[dict[str,
     """Run both models on the same inputs; raise CompressionError when outputs differ beyond tolerance.
 
     Returns the largest absolute difference seen."""
-    from builder.compression.evaluate import make_session
+    from builder.execution.sessions import make_session
 
     ref_session, cand_session = make_session(reference, 1), make_session(candidate, 1)
     feeds = batches or [sample_feed(ref_session)]
@@ -266,19 +266,12 @@ class OptimizeGraphStep:
 
 def ort_optimize(source: Path, out: Path, level: str = "extended") -> None:
     """Write ORT's optimised graph of ``source`` to ``out`` at a portable level."""
-    import onnxruntime as ort
+    from builder.execution.sessions import open_session
 
-    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}
-    if level not in levels:
+    if level not in ("basic", "extended"):
         raise UsageError(f"optimisation level {level!r} is not portable; use basic or extended")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = levels[level]
-    options.optimized_model_filepath = str(out)
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
     try:
-        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        open_session(source, threads=1, level=level, optimized_path=out)
     except Exception as exc:  # ORT raises its own types
         raise CompressionError(f"ONNX Runtime could not optimise {source}: {exc}") from exc
 

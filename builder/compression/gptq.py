@@ -77,7 +77,7 @@ class Hessians:
         self._collect(model, list(batches))
 
     def _collect(self, model: Any, batches: list[dict[str, np.ndarray]]) -> None:
-        from builder.compression.evaluate import session_with_outputs
+        from builder.execution.sessions import session_with_outputs
 
         if not batches:
             raise CompressionError("GPTQ rounding needs calibration data; pass --data")

@@ -97,7 +97,7 @@ def activation_bytes_per_sample(source: Path, batch: dict[str, np.ndarray]) -> O
     None when it cannot be measured (e.g. a model over protobuf's 2 GB limit)."""
     import onnx
 
-    from builder.compression.evaluate import session_with_outputs
+    from builder.execution.sessions import session_with_outputs
 
     try:
         model = onnx.load(str(source))
@@ -159,17 +159,17 @@ class Measurement:
 
 
 def run_model(path: Path, batches: list[dict[str, np.ndarray]], threads: int = 1) -> np.ndarray:
-    from builder.compression.evaluate import run_onnx
+    from builder.execution.sessions import run_onnx
 
     return run_onnx(path, batches, threads=threads)
 
 
 def fidelity(reference: np.ndarray, path: Path, batches: list[dict[str, np.ndarray]], task: str) -> tuple[float, float, float]:
     """(cosine mean, cosine min, agreement) of the model at ``path`` against ``reference``."""
-    from builder.compression.evaluate import compare_outputs
+    from builder.compression.evaluate import output_fidelity
 
     candidate = run_model(path, batches)
-    fid = compare_outputs(reference, candidate.astype(np.float32), task)  # the task's own score (task_metrics)
+    fid = output_fidelity(reference, candidate.astype(np.float32), task)  # the task's own score (task_metrics)
     agreement = fid.agreement if fid.agreement == fid.agreement else 1.0  # NaN (too few samples) -> no signal
     return fid.cosine_mean, fid.cosine_min, agreement
 
@@ -177,7 +177,7 @@ def fidelity(reference: np.ndarray, path: Path, batches: list[dict[str, np.ndarr
 def latency_ratio(baseline: Path, candidate: Path, feed: dict[str, np.ndarray], threads: int = 1,
                   rounds: int = 15, min_round_s: float = 0.05) -> float:
     """Candidate latency / baseline latency at batch 1, from short interleaved rounds (see paired_ratio)."""
-    from builder.compression.evaluate import paired_ratio
+    from builder.execution.timing import paired_ratio
 
     return paired_ratio(baseline, candidate, feed, threads, rounds, min_round_s)
 
@@ -263,9 +263,9 @@ def quantize_to(mode: str, source: Path, out: Path, *, per_channel: bool, exclud
         elif mode == "static":
             if not calibration_batches:
                 raise DataError("static quantization needs calibration data; pass --data or use mode = 'dynamic'")
-            import onnxruntime as ort
+            from builder.execution.sessions import open_session
 
-            names = {i.name for i in ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).get_inputs()}
+            names = {i.name for i in open_session(source, threads=0, log_severity=2).get_inputs()}
             # A smoothing Mul's input is the unsmoothed activation: quantizing it would undo smoothing.
             exclude = [*exclude, *(node.name for node in onnx.load(str(source), load_external_data=False).graph.node
                                    if node.name.endswith(SMOOTH_MUL_SUFFIX))]

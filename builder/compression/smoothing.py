@@ -44,21 +44,10 @@ def activation_stats(model: Any, batches: Iterable[dict[str, np.ndarray]], tenso
     """Per-channel (last axis) max |x| of the named tensors over all batches, every position included
     (dynamic quantization sees padding positions too), and the first ``keep_samples`` samples of each
     tensor as [samples, positions, channels] (for choosing alpha by simulated quantization error)."""
-    import onnx
-    import onnxruntime as ort
+    from builder.execution.sessions import session_with_outputs
 
-    probe = onnx.ModelProto.FromString(model.SerializeToString())
-    present = {out.name for out in probe.graph.output}
-    for name in tensor_names:
-        if name not in present:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    # No fusions: the probed tensors must survive as outputs exactly as they are in the graph.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    try:  # unoptimised: the probed tensors must survive as outputs exactly as they are in the graph
+        session = session_with_outputs(model, tensor_names, threads=threads, log_severity=3)
     except Exception as exc:  # ORT's own error types
         raise CompressionError(f"cannot run the model to measure activation ranges: {exc}") from exc
     wanted = {i.name for i in session.get_inputs()}

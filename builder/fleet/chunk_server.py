@@ -20,13 +20,13 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from agent import protocol as proto
-from agent.errors import ProtocolError
-from agent.errors import MqttError
+from agent.errors import MqttError, ProtocolError
 from agent.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
 from agent.mqtt import MqttClient
+from builder.artifacts.download import compress_payload  # the one download-form policy (level by size)
 from builder.atomic_files import atomic_write_bytes
 from builder.errors import FleetError
 
@@ -63,19 +63,11 @@ class CompressedPayload:
         return cached
 
 
-def compress_payload(path: Path, level: int = 3) -> bytes:
-    import zstandard
-
-    cctx = zstandard.ZstdCompressor(level=level, threads=-1, write_content_size=True)
-    with open(path, "rb") as src:
-        return cctx.compress(src.read())
-
-
 class ChunkServer:
     """Serves windows of compressed payload chunks to devices that ask for them."""
 
     def __init__(self, client: MqttClient, lookup: ArtifactLookup, *, chunk_bytes: int = proto.MAX_CHUNK_BYTES,
-                 zstd_level: int = 3, cache_dir: Path | None = None, memory_cache_bytes: int = 512 << 20,
+                 zstd_level: int | None = None, cache_dir: Path | None = None, memory_cache_bytes: int = 512 << 20,
                  qos: int = 1, delay_per_chunk_s: float = 0.0) -> None:
         if not 0 < chunk_bytes <= proto.MAX_CHUNK_BYTES:
             raise FleetError(f"chunk size {chunk_bytes} is outside 1..{proto.MAX_CHUNK_BYTES} bytes; pick a smaller one")

@@ -12,7 +12,8 @@ from builder.fleet.store import DeviceRecord
 
 class ArtifactChooser:
     def __init__(self, registry: Any, data_dir: Path, *, artifact: str | None = None, model: str | None = None,
-                 input_shapes: list[str] | None = None, recipe: Path | None = None, precision: str | None = None) -> None:
+                 input_shapes: list[str] | None = None, recipe: Path | None = None, precision: str | None = None,
+                 data: str | None = None, train_data: str | None = None, task: str | None = None) -> None:
         self.registry = registry
         self.data_dir = Path(data_dir)
         self.artifact = registry.resolve(artifact) if artifact else None
@@ -22,6 +23,10 @@ class ArtifactChooser:
         self.precision = precision  # None: the profile's preferred precision
         if precision is not None and model is None:
             raise UsageError("--precision applies to --model builds; a registered --artifact already has one")
+        if model is None and (data or train_data or task):
+            raise UsageError("--data/--train-data/--task apply to --model builds; a registered --artifact is already verified")
+        # real inputs calibrate and verify the build; without them it is judged on generated inputs
+        self.data, self.train_data, self.task = data, train_data, task
         self._built: dict[str, str] = {}
         self.on_stage = lambda text: None  # set by the CLI to show build stages
 
@@ -51,5 +56,6 @@ class ArtifactChooser:
                              "checkout lacks; build first and push with --artifact ID") from exc
         shapes = ",".join(self.input_shapes) if self.input_shapes else None
         result = build_for_profile(str(self.model), profile, recipe=self.recipe, input_shapes=shapes,
-                                   registry_dir=self.data_dir, precision=self.precision, on_stage=self.on_stage)
+                                   registry_dir=self.data_dir, precision=self.precision, on_stage=self.on_stage,
+                                   data=self.data, train_data=self.train_data, task=self.task)
         return str(result.artifact_id)

@@ -273,15 +273,10 @@ def save_model(model: Any, path: Path) -> None:
 
 
 def _run(model: Any, feeds: Mapping[str, Any]) -> tuple[Optional[list[Any]], Optional[str]]:
-    import onnxruntime as ort
+    from builder.execution.sessions import open_session
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 4
     try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = open_session(model, threads=1, level="basic", log_severity=4)
         names = {i.name for i in session.get_inputs()}
         return session.run(None, {k: v for k, v in feeds.items() if k in names}), None
     except Exception as exc:  # onnxruntime's pybind error types; ValueError above 2 GB

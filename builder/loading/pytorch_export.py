@@ -193,16 +193,13 @@ def verify_export(module: Any, onnx_path: Path, inputs: Sequence[InputSpec], ten
                   reference: list[Any] | None = None) -> float:
     """Run the ONNX file with ONNX Runtime on ``tensors``; raise ModelLoadError if it differs from PyTorch."""
     import numpy as np
-    import onnxruntime as ort
+
+    from builder.execution.sessions import open_session
 
     if reference is None:
         reference = run_module(module, tensors, inputs)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 4  # a failing run is reported below as one line, not as ORT's log
-    try:
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    try:  # log severity 4: a failing run is reported below as one line, not as ORT's log
+        session = open_session(onnx_path, threads=1, log_severity=4)
         feed_names = [i.name for i in session.get_inputs()]
         feed = {name: t.detach().cpu().numpy() for name, t in zip([s.name for s in inputs], tensors) if name in feed_names}
         outputs = session.run(None, feed)

@@ -1,21 +1,15 @@
 """Get a ``torch.nn.Module`` from a TorchScript file or from ``package.module:factory``."""
 from __future__ import annotations
 
-import importlib
-import os
-import re
-import sys
 import zipfile
 from pathlib import Path
 from typing import Any
 
 from builder.errors import ModelLoadError
-
-FACTORY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
-
+from builder.loading.references import first_line as _first_line, is_reference, resolve_reference
 
 def is_factory_reference(source: str) -> bool:
-    return bool(FACTORY_PATTERN.match(source))
+    return is_reference(source)
 
 
 def is_torch_zip(path: Path) -> bool:
@@ -42,33 +36,11 @@ def load_torchscript(path: Path) -> Any:
 
 
 def load_factory(reference: str) -> Any:
-    """Import ``package.module`` and call ``factory()``; must return a ``torch.nn.Module``.
-
-    The current directory is importable for the duration (as with ``python -m``), so a user's own
-    package works from where the command is run.
-    """
+    """Resolve ``package.module:factory`` (``references.resolve_reference``) and call ``factory()``;
+    must return a ``torch.nn.Module``."""
     import torch
 
-    module_name, attr = reference.split(":", 1)
-    added = os.getcwd() not in sys.path
-    if added:
-        sys.path.insert(0, os.getcwd())
-    try:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                raise ModelLoadError(f"cannot import module '{module_name}' for {reference}; check the name and "
-                                     f"that its package is installed or in the current directory") from exc
-            raise ModelLoadError(f"importing '{module_name}' failed: {_first_line(exc)}; install what it needs") from exc
-        except Exception as exc:  # errors raised while executing the user's module
-            raise ModelLoadError(f"importing '{module_name}' failed: {type(exc).__name__}: {_first_line(exc)}") from exc
-    finally:
-        if added and sys.path and sys.path[0] == os.getcwd():
-            sys.path.pop(0)
-    if not hasattr(module, attr):
-        raise ModelLoadError(f"module '{module_name}' has no attribute '{attr}'; check the factory name in {reference}")
-    factory = getattr(module, attr)
+    factory = resolve_reference(reference)
     if isinstance(factory, torch.nn.Module):
         model = factory
     elif callable(factory):
@@ -84,6 +56,3 @@ def load_factory(reference: str) -> Any:
     return model.eval()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -100,11 +100,11 @@ def parse_fidelity(text: str, option: str = "--min-fidelity") -> float:
 
 
 def parse_duration_s(text: str, option: str = "--time-budget") -> float:
-    """``"30m"``, ``"1h"``, ``"90s"`` → seconds."""
+    """``"30m"``, ``"1h"``, ``"90s"``, ``"100ms"`` → seconds."""
     value, unit = _split(text, option, "30m, 1h or 90s")
-    factors = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+    factors = {"ms": 1e-3, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
     if unit.lower() not in factors:
-        raise UsageError(f"{option} '{text}' needs a unit s, m or h (e.g. 30m)")
+        raise UsageError(f"{option} '{text}' needs a unit ms, s, m or h (e.g. 30m)")
     result = value * factors[unit.lower()]
     if result <= 0:
         raise UsageError(f"{option} must be positive; got '{text}'")
@@ -380,7 +380,7 @@ def fleet_calibration(data_dir: Any, profile: str) -> Calibration:
 
     registry = Registry(data_dir)
     estimates: dict[str, float] = {}
-    for record in registry.list(profile=profile):
+    for record in registry.records(profile=profile):
         estimate = registry.manifest(record.artifact_id).metrics.get("est_device_latency_ms")
         if isinstance(estimate, (int, float)) and estimate > 0:
             estimates[record.artifact_id] = float(estimate)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import logging
 import multiprocessing
@@ -111,9 +110,9 @@ class SearchOutcome:
 
 
 def make_evaluator(config: SearchConfig) -> CandidateEvaluator:
-    module_name, _, attr = config.evaluator.partition(":")
-    factory = getattr(importlib.import_module(module_name), attr)
-    return factory(config.setup)
+    from builder.loading.references import resolve_reference
+
+    return resolve_reference(config.evaluator, SearchError)(config.setup)
 
 
 def default_study_name(evaluator: CandidateEvaluator, config: SearchConfig, space: SearchSpace) -> str:

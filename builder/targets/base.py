@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from agent.compare import compare_arrays, cosine
 from agent.manifest import TensorSpec
 
 
@@ -193,17 +194,6 @@ class TargetRuntime(Protocol):
                reference_outputs: Sequence[Mapping[str, np.ndarray]], tolerance: Tolerance) -> VerificationReport: ...
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.astype(np.float64).ravel()
-    b = b.astype(np.float64).ravel()
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na == 0.0 and nb == 0.0:
-        return 1.0
-    if na == 0.0 or nb == 0.0:  # an all-zero output (an empty detection map) matches only ~zero
-        return 1.0 if float(np.max(np.abs(a - b))) <= 1e-6 else 0.0
-    return float(np.dot(a, b) / (na * nb))
-
-
 def _drop_batch(a: np.ndarray) -> np.ndarray:
     return a[0] if a.ndim >= 1 and a.shape[0] == 1 else a
 
@@ -239,20 +229,19 @@ def compare_outputs(payload: str, outputs: Sequence[Mapping[str, np.ndarray]],
                 return OutputCheck(payload, ref_name, float("inf"), float("inf"), 0.0, 0.0, None, False,
                                    f"shape {got.shape} != reference {ref.shape}")
             got = got.reshape(ref.shape)
-            if not np.all(np.isfinite(got)):
-                nonfinite = True
-            diff = np.abs(got - ref)
-            diffs.append(float(np.nanmax(diff)) if diff.size else 0.0)
-            maxes.append(float(np.mean(diff)) if diff.size else 0.0)
-            cosines.append(_cosine(got, ref))
+            compared = compare_arrays(got, ref, tolerance.atol, tolerance.rtol)  # the agent's health check's rule
+            nonfinite = nonfinite or not compared.finite
+            diffs.append(compared.max_abs_diff)
+            maxes.append(compared.mean_abs_diff)
+            cosines.append(compared.cosine)
             if tolerance.elementwise:
-                within = within and bool(np.all(diff <= tolerance.atol + tolerance.rtol * np.abs(ref)))
+                within = within and compared.within
             refs.append(_drop_batch(ref))
             gots.append(_drop_batch(np.nan_to_num(got)))
         task = (tolerance.task if pos == 0 and tolerance.task else None) or detect_task(refs[0])
         score = task_score(task, refs, gots)
         if task == "dense_map":  # pooled: a nearly empty map's own cosine is noise (0.66 at IoU 0.998)
-            cosines = [_cosine(np.concatenate([g.ravel() for g in gots]), np.concatenate([r.ravel() for r in refs]))]
+            cosines = [cosine(np.concatenate([g.ravel() for g in gots]), np.concatenate([r.ravel() for r in refs]))]
         top1 = score if task == "classify" else None
         max_abs = float("inf") if nonfinite else max(diffs)
         reasons = []

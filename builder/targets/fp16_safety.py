@@ -3,7 +3,7 @@
 fp16 holds magnitudes up to 65504. A tensor past that (a BatchNorm variance of 9.8e7 in a Paddle text
 detector, a MatMul producing 1e5) becomes inf and the fp16 model outputs NaN or zeros. Before
 converting, the fp32 model is run on the samples with every intermediate tensor as an output
-(``compression.evaluate.session_with_outputs``); every node that produces or consumes a tensor (or
+(``execution.sessions.session_with_outputs``); every node that produces or consumes a tensor (or
 a weight) whose max |value| exceeds ``FP16_SAFE_MAX`` is kept in float (the converter's
 ``node_block_list``, with Casts around it). Half the fp16 range is the limit: the samples do not
 cover every input the device will see.
@@ -128,7 +128,7 @@ def tensor_ranges(model: Any, samples: Iterable[Mapping[str, np.ndarray]]) -> di
     import onnx
     from onnx import numpy_helper
 
-    from builder.compression.evaluate import session_with_outputs
+    from builder.execution.sessions import session_with_outputs
 
     ranges: dict[str, float] = {}
     for init in model.graph.initializer:
@@ -136,9 +136,8 @@ def tensor_ranges(model: Any, samples: Iterable[Mapping[str, np.ndarray]]) -> di
             array = numpy_helper.to_array(init)
             if array.size:
                 ranges[init.name] = float(np.max(np.abs(array)))
-    probe = onnx.ModelProto.FromString(model.SerializeToString())
-    names = [o for node in probe.graph.node for o in node.output if o]
-    session = session_with_outputs(probe, names)
+    names = [o for node in model.graph.node for o in node.output if o]
+    session = session_with_outputs(model, names)
     wanted = {i.name for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
     for sample in samples:

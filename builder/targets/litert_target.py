@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import statistics
-import time
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -22,6 +20,7 @@ import numpy as np
 
 from agent.manifest import TensorSpec
 from builder.errors import TargetError
+from builder.execution.timing import median_run_ms
 from builder.targets.base import (
     CompiledPayloads,
     OutputCheck,
@@ -239,10 +238,4 @@ def time_tflite(path: Path, sample: Mapping[str, np.ndarray], runs: int = 20) ->
     runner = it.get_signature_runner(SIGNATURE)
     details = runner.get_input_details()
     feed = {k: np.asarray(sample[k]).astype(details[k]["dtype"]) for k in details}
-    runner(**feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        runner(**feed)
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(statistics.median(times))
+    return median_run_ms(lambda: runner(**feed), runs)

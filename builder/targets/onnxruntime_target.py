@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import logging
 import shutil
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -21,6 +19,8 @@ import numpy as np
 
 from agent.manifest import TensorSpec
 from builder.errors import TargetError
+from builder.execution.sessions import open_session
+from builder.execution.timing import median_run_ms
 from builder.targets.base import (
     CompiledPayloads,
     OutputCheck,
@@ -42,29 +42,11 @@ OPT_LEVELS = ("disabled", "basic", "extended")  # "all" deliberately absent: not
 CONFIG_FILE = "required_operators_and_types.config"
 
 
-def session_options(threads: int = 1, level: str = "disabled"):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.graph_optimization_level = {
-        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[level]
-    return so
-
-
 def run_ort(path: Path, samples: Sequence[Mapping[str, np.ndarray]], threads: int = 1,
             level: str = "all") -> list[dict[str, np.ndarray]]:
     """Run an .onnx or .ort file on the CPU EP, one sample at a time; outputs in graph order."""
-    import onnxruntime as ort
-
     try:
-        sess = ort.InferenceSession(str(path), session_options(threads, level), providers=["CPUExecutionProvider"])
+        sess = open_session(path, threads, level)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... classes
         raise TargetError(f"ONNX Runtime cannot load {Path(path).name}: {str(exc).splitlines()[0]}") from exc
     names = [o.name for o in sess.get_outputs()]
@@ -87,18 +69,10 @@ def _cast_for_ort(value: np.ndarray, ort_type: str) -> np.ndarray:
 
 def time_ort(path: Path, sample: Mapping[str, np.ndarray], runs: int = 20, threads: int = 1) -> float:
     """Median single-thread latency (ms) of one sample on the host CPU EP, after one warm-up run."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), session_options(threads, "all"), providers=["CPUExecutionProvider"])
+    sess = open_session(path, threads, "all")
     types = {i.name: i.type for i in sess.get_inputs()}
     feed = {k: _cast_for_ort(v, types[k]) for k, v in sample.items() if k in types}
-    sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(statistics.median(times))
+    return median_run_ms(lambda: sess.run(None, feed), runs)
 
 
 def verify_with_ort(runtime: str, precision: str, files: Sequence[PayloadFile], output_names: Sequence[str],
@@ -135,7 +109,6 @@ class OnnxRuntimeTarget:
     def compile(self, model_onnx_path: Path, inputs: Sequence[TensorSpec], precision: str,
                 options: Mapping[str, Any], workdir: Path) -> CompiledPayloads:
         import onnx
-        import onnxruntime as ort
 
         fmt = str(options.get("format", "onnx"))
         level = str(options.get("optimization_level", "extended"))
@@ -147,9 +120,7 @@ class OnnxRuntimeTarget:
         workdir.mkdir(parents=True, exist_ok=True)
         portable = workdir / "model.onnx"
         try:
-            so = session_options(1, level)
-            so.optimized_model_filepath = str(portable)
-            ort.InferenceSession(str(model_onnx_path), so, providers=["CPUExecutionProvider"])
+            open_session(model_onnx_path, 1, level, optimized_path=portable)
         except Exception as exc:
             raise TargetError(f"ONNX Runtime could not optimise the model: {str(exc).splitlines()[0]}") from exc
         model = onnx.load(str(portable))

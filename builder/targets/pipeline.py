@@ -20,6 +20,7 @@ import numpy as np
 
 from agent.manifest import SAMPLE_FILE, Manifest, Target, TensorSpec, canonical_json
 from builder import __version__
+from builder.artifacts.download import download_bytes
 from builder.errors import DataError, UnsupportedOpError, UsageError, VerificationError
 from builder.targets import get_target
 from builder.targets.base import (
@@ -35,7 +36,6 @@ from builder.targets.base import (
 log = logging.getLogger(__name__)
 
 DEFAULT_VERIFY_SAMPLES = 16
-SMALL_PAYLOAD_BYTES = 16 << 20  # zstd 19 below this, zstd 9 above (level 19 on 90 MB takes a minute)
 
 
 @dataclass(frozen=True)
@@ -257,16 +257,6 @@ def write_sample_file(path: Path, compiled: CompiledPayloads, sample: Mapping[st
         np.savez(fh, **arrays)
 
 
-def download_bytes(paths: Sequence[Path]) -> tuple[int, int]:
-    """(zstd-compressed bytes of all payloads, zstd level used)."""
-    import zstandard
-
-    total_raw = sum(p.stat().st_size for p in paths)
-    level = 19 if total_raw <= SMALL_PAYLOAD_BYTES else 9
-    comp = zstandard.ZstdCompressor(level=level)
-    return sum(len(comp.compress(p.read_bytes())) for p in paths), level
-
-
 def estimate_device_latency_ms(onnx_path: Path, inputs: Sequence[TensorSpec], profile: Any, precision: str) -> float | None:
     """builder.analysis's roofline estimate for the profile; None when it cannot estimate this graph."""
     try:
@@ -340,7 +330,10 @@ def build_artifact(model: BuildModel, request: BuildRequest, samples: SampleSet,
         report = target.verify(compiled, samples.inputs, reference, tolerance)
         if not report.passed:
             raise VerificationError(f"artifact for {request.profile.name} ({request.runtime}/{request.precision}) failed "
-                                    f"verification, not registered: {report.summary()}: {report.worst.reason}")
+                                    f"verification, not registered: {report.summary()}: {report.worst.reason}"
+                                    + ("; it was judged on synthetic inputs (random values: for a text or image "
+                                       "model they say little), pass --data with real samples"
+                                       if samples.origin == "synthetic" else ""))
         metrics = _metrics(model, request, compiled, report, samples, reference, work)
         sample_path = work / SAMPLE_FILE
         write_sample_file(sample_path, compiled, samples.inputs[0], reference[0])

@@ -29,7 +29,7 @@ def test_same_payloads_registered_twice_are_reused_not_duplicated(keys, tmp_path
     first, _ = registry.add_artifact(package(tmp_path / "a", 1, keys[1]))
     again, reused = registry.add_artifact(package(tmp_path / "b", 1, keys[1], version="2"))
     assert reused and again.artifact_id == first.artifact_id and again.model_version == "1"  # immutable
-    assert len(registry.list()) == 1
+    assert len(registry.records()) == 1
 
 
 def test_verify_detects_flipped_payload_byte_and_tampered_manifest(keys, tmp_path):
@@ -89,6 +89,6 @@ def test_two_processes_registering_at_once_leave_a_consistent_registry(keys, tmp
     assert sorted(results[0]) == sorted(results[1])
     registry = Registry(Path(root))
     pub = load_public_key(keys[0].public)
-    assert len(registry.list()) == 6
-    for record in registry.list():
+    assert len(registry.records()) == 6
+    for record in registry.records():
         registry.verify(record.artifact_id, pub)

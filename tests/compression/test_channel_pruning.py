@@ -8,7 +8,7 @@ import torch
 
 from builder.compression._export import export_module
 from builder.compression.channel_pruning import ChannelPruneStep
-from builder.compression.evaluate import count_macs
+from builder.compression.evaluate import model_macs
 from compression_helpers import accuracy, context, torch_state
 from tests.support.models import DIGITS_INPUTS
 
@@ -26,8 +26,8 @@ def test_channels_removed_macs_halved_accuracy_within_budget(
     assert module.classifier[3].out_features == 10  # the classifier keeps its outputs
     assert record.facts["macs_after"] <= 0.5 * record.facts["macs_before"]
     export_module(module, DIGITS_INPUTS, tmp_path / "after.onnx")
-    macs_before = count_macs(onnx.load(str(tmp_path / "before.onnx")), DIGITS_INPUTS)
-    macs_after = count_macs(onnx.load(str(tmp_path / "after.onnx")), DIGITS_INPUTS)
+    macs_before = model_macs(onnx.load(str(tmp_path / "before.onnx")), DIGITS_INPUTS)
+    macs_after = model_macs(onnx.load(str(tmp_path / "after.onnx")), DIGITS_INPUTS)
     assert macs_after <= 0.5 * macs_before
     assert accuracy(module, digits_test_data) >= before_acc - 0.02
 

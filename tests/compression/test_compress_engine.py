@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from builder.compression.engine import run_recipe
-from builder.compression.evaluate import EvalConfig, run_onnx
+from builder.compression.evaluate import EvalConfig
+from builder.execution.sessions import run_onnx
 from builder.compression.recipe import Recipe, StepSpec
 from builder.errors import UsageError
 

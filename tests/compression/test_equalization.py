@@ -11,7 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from builder.compression.base import ModelState, StepContext
 from builder.compression.equalization import EqualizeStep, find_pairs
-from builder.compression.evaluate import compare_outputs, run_onnx
+from builder.compression.evaluate import output_fidelity
+from builder.execution.sessions import run_onnx
 from builder.compression.quantization import QuantizeStep
 from builder.loading.types import InputSpec
 
@@ -87,8 +88,8 @@ def test_equalization_cuts_static_int8_error_on_unbalanced_depthwise_ranges(tmp_
     error_plain = np.abs(run_onnx(plain, held_out) - reference).mean()
     error_eq = np.abs(run_onnx(balanced, held_out) - reference).mean()
     assert error_eq < 0.5 * error_plain
-    assert compare_outputs(reference, run_onnx(balanced, held_out), "classify").cosine_mean > \
-        compare_outputs(reference, run_onnx(plain, held_out), "classify").cosine_mean
+    assert output_fidelity(reference, run_onnx(balanced, held_out), "classify").cosine_mean > \
+        output_fidelity(reference, run_onnx(plain, held_out), "classify").cosine_mean
 
 
 def test_bias_correction_removes_the_mean_shift_of_int8_depthwise_outputs(tmp_path: Path) -> None:

@@ -8,8 +8,9 @@ import onnx
 import torch
 
 from builder.compression._export import export_module
-from builder.compression.evaluate import (EvalConfig, baseline_evaluation, compare_outputs, count_macs,
-                                          count_params, detect_task, evaluate_model)
+from builder.analysis.weights import count_parameters
+from builder.compression.evaluate import (EvalConfig, baseline_evaluation, output_fidelity, detect_task, evaluate_model,
+                                          model_macs)
 from tests.support.models import DIGITS_INPUTS
 
 FAST = EvalConfig(warmup_runs=2, timed_runs=10)
@@ -20,8 +21,8 @@ def test_macs_and_params_of_the_digits_cnn_match_the_architecture(digits_model, 
     model = onnx.load(str(tmp_path / "m.onnx"))
     # conv 1->32 @8x8, conv 32->64 @8x8, pool, conv 64->64 @4x4, fc 64->128, fc 128->10 (3x3 kernels)
     expected = 64 * 32 * 9 + 64 * 64 * 32 * 9 + 16 * 64 * 64 * 9 + 64 * 128 + 128 * 10
-    assert count_macs(model, DIGITS_INPUTS) == expected
-    params, nonzero = count_params(model)
+    assert model_macs(model, DIGITS_INPUTS) == expected
+    params, nonzero = count_parameters(model)
     torch_params = sum(p.numel() for n, p in digits_model.named_parameters() if "features.1" not in n
                        and "features.4" not in n and "features.8" not in n)  # BatchNorm folded away
     assert params == torch_params and nonzero == params
@@ -30,16 +31,16 @@ def test_macs_and_params_of_the_digits_cnn_match_the_architecture(digits_model, 
 def test_fidelity_metrics_for_classifiers_and_embeddings() -> None:
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((100, 10))
-    same = compare_outputs(logits, logits, "classify")
+    same = output_fidelity(logits, logits, "classify")
     assert same.agreement == 1.0 and same.cosine_mean > 0.9999
-    shuffled = compare_outputs(logits, rng.permutation(logits), "classify")
+    shuffled = output_fidelity(logits, rng.permutation(logits), "classify")
     assert shuffled.agreement < 0.3
     emb = rng.standard_normal((50, 16))
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     assert detect_task(emb, has_labels=False) == "embed"
     assert detect_task(logits, has_labels=False) == "classify"
     assert detect_task(emb, has_labels=True) == "classify"
-    noisy = compare_outputs(emb, emb + 0.01 * rng.standard_normal(emb.shape), "embed")
+    noisy = output_fidelity(emb, emb + 0.01 * rng.standard_normal(emb.shape), "embed")
     assert noisy.agreement > 0.9 and noisy.cosine_mean > 0.99
 
 

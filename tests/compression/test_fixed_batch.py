@@ -13,7 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from builder.compression.data import DataSource
 from builder.compression.engine import run_recipe
-from builder.compression.evaluate import EvalConfig, make_session, rebatch, run_onnx, static_batch
+from builder.compression.evaluate import EvalConfig
+from builder.execution.sessions import make_session, rebatch, run_onnx, static_batch
 from builder.compression.recipe import Recipe, StepSpec
 from builder.errors import DataError
 from builder.loading.types import InputSpec, LoadedModel

@@ -62,7 +62,7 @@ def _vad_arrays(n: int) -> dict[str, np.ndarray]:
 
 
 def test_zero_d_input_and_state_on_axis_1_come_in_from_an_npz(tmp_path):
-    from builder.compression.evaluate import run_onnx
+    from builder.execution.sessions import run_onnx
 
     model = _stateful(tmp_path / "rnn.onnx")
     np.savez(tmp_path / "d.npz", **_vad_arrays(10))

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from builder.compression.base import ModelState, StepContext
-from builder.compression.evaluate import run_onnx
+from builder.execution.sessions import run_onnx
 from builder.compression.quantization import QuantizeStep, latency_ratio
 from builder.compression.smoothing import SmoothStep
 from builder.errors import CompressionError, DataError, UsageError

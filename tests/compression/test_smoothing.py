@@ -9,7 +9,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from builder.compression.base import ModelState, StepContext
-from builder.compression.evaluate import run_onnx
+from builder.execution.sessions import run_onnx
 from builder.compression.smoothing import SmoothStep
 from builder.loading.types import InputSpec
 

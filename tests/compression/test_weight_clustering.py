@@ -9,7 +9,7 @@ from torch import nn
 
 from builder.compression._export import export_module
 from builder.compression.clustering import ClusterStep
-from builder.compression.payload import download_size
+from builder.artifacts.download import download_size
 from builder.loading.types import InputSpec
 from compression_helpers import accuracy, context, torch_state
 from tests.support.models import DIGITS_INPUTS

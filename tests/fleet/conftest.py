@@ -267,7 +267,7 @@ def slow_serve_with_one_agent(processes: Processes, home: Path, device: str, pro
     """`builder serve` (embedded broker, 0.1 s per chunk: downloads long enough to interrupt) and one
     agent registered by `builder fleet add-device`, online. Returns its agent.toml and process."""
     processes.start("serve", [PY, "-m", "builder.cli.main", "serve", "--port", str(free_port()), "--data-dir", str(home),
-                              "--chunk-delay-s", "0.1", "--no-loop"])
+                              "--chunk-delay", "100ms", "--no-loop"])
     wait_for(lambda: (home / "serve.json").is_file(), 30, "builder serve to start: " + processes.log("serve"))
     builder_cli("fleet", "add-device", device, "--profile", profile, "--agent-data-dir", str(data_dir), home=home)
     toml = home / "devices" / device / "agent.toml"

@@ -26,7 +26,7 @@ def test_embedded_serve_three_agents_push_each_status_and_plot(tmp_path: Path, f
     for device, profile in PROFILES.items():
         data_dirs[device] = tmp_path / "agents" / device
         out = builder_cli("fleet", "add-device", device, "--profile", profile, "--group", "demo",
-                          "--agent-data-dir", str(data_dirs[device]), "--telemetry-interval-s", "1", home=home)
+                          "--agent-data-dir", str(data_dirs[device]), "--telemetry-interval", "1s", home=home)
         assert "no authentication" in out.stdout
         toml = home / "devices" / device / "agent.toml"
         assert f'profile = "{profile}"' in toml.read_text() and oct(toml.stat().st_mode)[-3:] == "600"

@@ -29,7 +29,7 @@ def _add_devices(home: Path, broker_dir: Path, certs, port: int, tls_port: int, 
                     "--broker-config-dir", str(broker_dir), "--broker-port", str(port),
                     "--tls-port", str(tls_port), "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
                     "--ca-file", str(certs.ca_file), "--broker-url", f"mqtts://localhost:{tls_port}",
-                    "--agent-data-dir", str(agents_root / device), "--telemetry-interval-s", "1", home=home)
+                    "--agent-data-dir", str(agents_root / device), "--telemetry-interval", "1s", home=home)
 
 
 @pytest.fixture

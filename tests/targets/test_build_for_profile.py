@@ -39,3 +39,31 @@ def test_pi_default_build_quantizes_verifies_and_is_reused(digits_npz, keys, tmp
     assert m.metrics["size_bytes"] < 0.5 * 270_000  # int8 weights vs ~270 KB fp32
     again = build_for_profile("builder.zoo.digits_cnn:trained", "raspberry-pi-4", **kwargs)
     assert again.reused and again.artifact_id == first.artifact_id and again.report is None
+
+
+def test_a_refusal_on_generated_inputs_says_to_pass_real_data(keys, tmp_path):
+    """Verification on random inputs says little for a text/image model: the refusal names that
+    and the fix (--data), and nothing is registered."""
+    from builder.artifacts.registry import Registry
+    from builder.errors import VerificationError
+    from builder.zoo import digits_cnn
+
+    model = digits_cnn.write_onnx(tmp_path / "digits.onnx", digits_cnn.untrained())
+    home = tmp_path / "home"
+    with pytest.raises(VerificationError, match="judged on synthetic inputs.*pass --data with real samples"):
+        build_for_profile(str(model), "x86-64-host", precision="fp32", input_shapes="1x1x8x8", registry_dir=home,
+                          key_dir=keys[0].private.parent, min_cosine=1.5)  # a floor nothing can meet
+    assert Registry(home).records() == []
+
+
+def test_push_passes_data_to_its_build_and_refuses_it_with_an_artifact(tmp_path):
+    from builder.fleet.push_artifacts import ArtifactChooser
+
+    class NoRegistry:
+        def resolve(self, artifact):
+            return artifact
+
+    chooser = ArtifactChooser(NoRegistry(), tmp_path, model="m.onnx", data="builder.zoo.minilm:sentences", task="embed")
+    assert (chooser.data, chooser.task) == ("builder.zoo.minilm:sentences", "embed")
+    with pytest.raises(UsageError, match="--data/--train-data/--task apply to --model builds"):
+        ArtifactChooser(NoRegistry(), tmp_path, artifact="abc", data="x.npz")

@@ -36,5 +36,5 @@ def test_minilm_builds_for_pi_jetson_and_android(tmp_path, keys):
                                 registry=registry, private_key=keys[1])
         assert result.report.passed and result.report.worst.min_cosine > 0.999, result.report.summary()
         registry.verify(result.artifact_id, load_public_key(keys[0].public))
-    sizes = {r.profile: r.size_bytes for r in registry.list()}
+    sizes = {r.profile: r.size_bytes for r in registry.records()}
     assert sizes["jetson-orin-nano"] < 0.55 * sizes["raspberry-pi-4"]  # fp16 halves the weights

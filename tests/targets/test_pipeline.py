@@ -35,7 +35,7 @@ def test_corrupted_artifact_fails_verification_and_is_not_registered(digits, dig
         build_artifact(model, request, digits_samples, registry=registry, private_key=keys[1])
     message = str(info.value)
     assert "not registered" in message and "max |diff|" in message and "output" in message
-    assert registry.list() == []
+    assert registry.records() == []
     assert not any((tmp_path / "registry" / "blobs").rglob("*[0-9a-f]" * 8))
 
 

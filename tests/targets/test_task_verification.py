@@ -64,7 +64,7 @@ def test_nearest_neighbours_are_not_judged_on_too_few_samples_but_are_on_enough(
 
 
 def test_compression_fidelity_of_a_probability_map_is_iou_and_not_flagged():
-    from builder.compression.evaluate import EvalConfig, compare_outputs as fidelity_of, detect_task as stacked_task
+    from builder.compression.evaluate import EvalConfig, output_fidelity as fidelity_of, detect_task as stacked_task
 
     rng = np.random.default_rng(2)
     ref = 1 / (1 + np.exp(-4 * rng.standard_normal((16, 1, 20, 20))))
