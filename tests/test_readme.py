@@ -16,68 +16,19 @@ written into the checkout.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "deploy/README.md")
-SHELL_LANGUAGES = {"sh", "bash", "shell"}
-SKIP_MARKER = re.compile(r"^<!--\s*readme-test:\s*skip\s*\((?P<reason>[^)]+)\)\s*-->\s*$")
-FENCE = re.compile(r"^```(?P<lang>[\w+-]*)\s*$")
+from tests.support.readme import (DOCS, FENCE, PRELUDE, ROOT, SHELL_LANGUAGES, SKIP_MARKER, ShellBlock, all_blocks,
+                                  block_environment)
+
 BLOCK_TIMEOUT_S = 1200
 # Paths under the checkout that running code may create without it counting as "written into the checkout".
 SCRATCH_PARTS = ("__pycache__", ".pytest_cache", ".venv", ".egg-info")
-
-
-@dataclass(frozen=True)
-class ShellBlock:
-    doc: str
-    line: int  # 1-based line of the opening fence
-    code: str
-    skip_reason: str | None
-
-    @property
-    def where(self) -> str:
-        return f"{self.doc}:{self.line}"
-
-
-def shell_blocks(doc: str) -> list[ShellBlock]:
-    """The fenced blocks of ``doc`` in a shell language, with the skip reason of a marker line
-    right before the fence (blank lines between them are allowed)."""
-    lines = (ROOT / doc).read_text(encoding="utf-8").splitlines()
-    blocks: list[ShellBlock] = []
-    i = 0
-    pending_skip: str | None = None
-    while i < len(lines):
-        line = lines[i]
-        marker = SKIP_MARKER.match(line.strip())
-        fence = FENCE.match(line)
-        if marker:
-            pending_skip = marker.group("reason").strip()
-        elif fence:
-            start = i
-            i += 1
-            body = []
-            while i < len(lines) and not lines[i].startswith("```"):
-                body.append(lines[i])
-                i += 1
-            if fence.group("lang") in SHELL_LANGUAGES:
-                blocks.append(ShellBlock(doc, start + 1, "\n".join(body) + "\n", pending_skip))
-            pending_skip = None
-        elif line.strip():
-            pending_skip = None
-        i += 1
-    return blocks
-
-
-def all_blocks() -> list[ShellBlock]:
-    return [block for doc in DOCS if (ROOT / doc).is_file() for block in shell_blocks(doc)]
 
 
 def test_readme_blocks_are_found_and_every_skip_says_why():
@@ -104,19 +55,7 @@ def _checkout_state() -> set[str]:
 
 
 def _environment(home: Path) -> dict[str, str]:
-    venv = Path(sys.prefix)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("EDGEFLEET_", "XDG_", "PYTEST_", "VIRTUAL_ENV")) and k != "COLUMNS"}
-    env.update(HOME=str(home), PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(venv),
-               PYTHONPATH=str(ROOT), EDGEFLEET_CHECKOUT=str(ROOT), EDGEFLEET_VENV=str(venv),
-               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return env
-
-
-# Defined before every block: `make` is this checkout's Makefile with the running virtualenv, taken as made.
-PRELUDE = """\
-make() { command make -f "$EDGEFLEET_CHECKOUT/Makefile" VENV="$EDGEFLEET_VENV" -o "$EDGEFLEET_VENV/bin/.installed" "$@"; }
-"""
+    return block_environment(home, Path(sys.prefix))
 
 
 def _run_block(block: ShellBlock, cwd: Path, env: dict[str, str], log: Path) -> tuple[int, float]:
