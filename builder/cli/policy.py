@@ -47,8 +47,8 @@ def add_to_fleet(fleet: typer.Typer) -> None:
                    group: Optional[str] = typer.Option(None, "--group", help="Apply to a device group."),
                    data_dir: Optional[Path] = DataDirOption) -> None:
         """Validate a policy file and store it for a device, a group, or (neither given) the whole fleet."""
-        from builder.fleet.policy import PolicyStore, load_policy_file, scope_for
-        from builder.fleet.store import open_store
+        from builder.fleet.loop.policy import PolicyStore, load_policy_file, scope_for
+        from builder.fleet.transport.store import open_store
 
         scope = scope_for(device, group)
         policy = load_policy_file(file)
@@ -62,8 +62,8 @@ def add_to_fleet(fleet: typer.Typer) -> None:
     def policy_show(device: Optional[str] = typer.Option(None, "--device", help="Show the policy that applies to this device."),
                     as_json: bool = typer.Option(False, "--json"), data_dir: Optional[Path] = DataDirOption) -> None:
         """Show every stored policy, or the one that applies to a device (own > group > default)."""
-        from builder.fleet.policy import PolicyStore
-        from builder.fleet.store import open_store
+        from builder.fleet.loop.policy import PolicyStore
+        from builder.fleet.transport.store import open_store
 
         root = _data_dir(data_dir)
         store = PolicyStore(root / "fleet.sqlite")
@@ -93,7 +93,7 @@ def add_to_fleet(fleet: typer.Typer) -> None:
                       data_dir: Optional[Path] = DataDirOption) -> None:
         """Remove a device's, a group's or (neither given) the fleet default policy."""
         from builder.errors import UsageError
-        from builder.fleet.policy import PolicyStore, scope_for
+        from builder.fleet.loop.policy import PolicyStore, scope_for
 
         scope = scope_for(device, group)
         if not PolicyStore(_data_dir(data_dir) / "fleet.sqlite").remove(scope):
@@ -108,7 +108,7 @@ def add_to_fleet(fleet: typer.Typer) -> None:
              data_dir: Optional[Path] = DataDirOption) -> None:
         """Make a device slow on purpose (tests, demos of the re-compression loop): the agent's set_load command."""
         from builder.errors import FleetError, UsageError
-        from builder.fleet.link import FleetLink, resolve_endpoint
+        from builder.fleet.transport.link import FleetLink, resolve_endpoint
 
         if slowdown < 1.0 or cpu_burn_threads < 0 or not 0.0 <= cpu_burn_duty <= 1.0:
             raise UsageError("--slowdown must be >= 1, --cpu-burn-threads >= 0 and --cpu-burn-duty in 0..1")
@@ -128,8 +128,8 @@ def add_to_fleet(fleet: typer.Typer) -> None:
         """The re-compression loop's decisions with their reasons and numbers (oldest first)."""
         from builder.cli.fleet import parse_since
         from builder.cli.options import deprecated
-        from builder.fleet.loop import EVENT_PREFIX
-        from builder.fleet.store import open_store
+        from builder.fleet.loop.service import EVENT_PREFIX
+        from builder.fleet.transport.store import open_store
 
         if since_s is not None:
             deprecated("--since-s N", "--since Ns (or 10m, 2h)")

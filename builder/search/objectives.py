@@ -376,7 +376,7 @@ def fleet_calibration(data_dir: Any, profile: str) -> Calibration:
     if not store_path.is_file():
         return Calibration(source=f"none: no fleet store at {store_path} (uncalibrated roofline estimate)")
     from builder.artifacts.registry import Registry
-    from builder.fleet.store import open_store
+    from builder.fleet.transport.store import open_store
 
     registry = Registry(data_dir)
     estimates: dict[str, float] = {}

@@ -121,7 +121,7 @@ class Host:
         from paho.mqtt.enums import CallbackAPIVersion
 
         from agent import protocol as proto
-        from builder.fleet.chunk_server import ChunkServer
+        from builder.fleet.transport.chunk_server import ChunkServer
 
         self.proto = proto
         self.artifacts = artifacts
@@ -192,7 +192,7 @@ class Host:
         return self.wait(find, timeout_s, f"{device_id} reports {states} for {artifact_id[:12]}")
 
     def deploy(self, device_id: str, artifact_dir: Path, deployment_id: str | None = None):
-        from builder.fleet.chunk_server import publish_desired
+        from builder.fleet.transport.chunk_server import publish_desired
 
         message = publish_desired(self.client, device_id, artifact_dir, deployment_id)
         self.artifacts[message.artifact_id] = artifact_dir

@@ -205,8 +205,8 @@ def fleet_status(home: Path) -> dict[str, dict]:
 
 def store_status(home: Path) -> dict[str, dict]:
     """What `builder fleet status --json` prints, read in-process (cheap enough to poll)."""
-    from builder.fleet.status import collect_status
-    from builder.fleet.store import open_store
+    from builder.fleet.rollout.status import collect_status
+    from builder.fleet.transport.store import open_store
 
     with open_store(home) as store:
         return {r.device_id: r.to_dict() for r in collect_status(store, time.time())}

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from builder.errors import UsageError
-from builder.fleet.canary import CanaryEvidence, CanaryThresholds, judge_canaries, split_canaries
-from builder.fleet.plot import plot_series, render_plot
-from builder.fleet.status import format_power, status_cells, status_rows
-from builder.fleet.store import BenchmarkRow, DeploymentEvent, FleetStore, TelemetryRow
+from builder.fleet.rollout.canary import CanaryEvidence, CanaryThresholds, judge_canaries, split_canaries
+from builder.fleet.rollout.plot import plot_series, render_plot
+from builder.fleet.rollout.status import format_power, status_cells, status_rows
+from builder.fleet.transport.store import BenchmarkRow, DeploymentEvent, FleetStore, TelemetryRow
 
 
 def _tel(device: str, seq: int, ts: float, model: str | None, requests: int = 10, p50: float | None = 5.0,
@@ -150,8 +150,8 @@ def test_canary_verdict_stops_on_failure_or_regression() -> None:
 
 
 def test_push_table_compares_with_the_previous_model() -> None:
-    from builder.fleet.push import DeviceOutcome
-    from builder.fleet.push_report import comparison, format_bytes, outcome_cells
+    from builder.fleet.rollout.push import DeviceOutcome
+    from builder.fleet.rollout.push_report import comparison, format_bytes, outcome_cells
 
     before = BenchmarkRow("d", 1.0, "old", 4.0, 8.0, power_w=2.0, power_source="ina3221")
     after = BenchmarkRow("d", 2.0, "new", 2.0, 4.0, power_w=1.5, power_source="ina3221")
@@ -183,8 +183,8 @@ def test_cli_parses_durations_and_percentages() -> None:
 
 def test_ingest_keeps_power_estimates_labelled_and_never_invents_measurements() -> None:
     from agent import protocol as proto
-    from builder.fleet.serve import benchmark_row, telemetry_row
-    from builder.fleet.status import format_power
+    from builder.fleet.transport.serve import benchmark_row, telemetry_row
+    from builder.fleet.rollout.status import format_power
 
     report = proto.TelemetryReport(device_id="d", seq=3, ts=10.0, event="periodic", requests=5,
                                    latency_ms={"p50": 1.5, "p95": 2.5},
@@ -214,7 +214,7 @@ def test_push_result_table_renders_every_outcome() -> None:
     from rich.console import Console
 
     from builder.cli.push import outcome_table
-    from builder.fleet.push import DeviceOutcome
+    from builder.fleet.rollout.push import DeviceOutcome
 
     console = Console(record=True, width=200)
     console.print(outcome_table([DeviceOutcome("pi-01", "a" * 64, "active", model="cnn@1"),
@@ -226,8 +226,8 @@ def test_push_result_table_renders_every_outcome() -> None:
 
 def test_push_refuses_builds_for_other_profiles_unless_portable_or_forced() -> None:
     from builder.artifacts.registry import ArtifactRecord
-    from builder.fleet.push import check_runs_on
-    from builder.fleet.store import DeviceRecord
+    from builder.fleet.rollout.push import check_runs_on
+    from builder.fleet.transport.store import DeviceRecord
 
     pi = DeviceRecord("pi-01", profile="raspberry-pi-4", runtimes=("onnxruntime", "litert"))
 

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 AGENT_CMD = [sys.executable, "-c", "import sys; from agent.cli import app; sys.argv[0] = 'agent'; app()"]
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 DEVICE = "pi-1"
-SLOWDOWN = 50.0  # as the demo (builder.fleet.loop_demo.DEMO_SLOWDOWN): clears a loaded host's noise
+SLOWDOWN = 50.0  # as the demo (builder.demo.loop.DEMO_SLOWDOWN): clears a loaded host's noise
 
 POLICY = """
 [objective]
@@ -60,10 +60,10 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
     from builder.artifacts.signing import init_keys, load_private_key
-    from builder.fleet.link import BrokerEndpoint
-    from builder.fleet.loop import PusherActions, ServeLoopHook
-    from builder.fleet.loop_demo import build_digits_ladder
-    from builder.fleet.serve import FleetServer, ServeSettings
+    from builder.fleet.transport.link import BrokerEndpoint
+    from builder.fleet.loop.service import PusherActions, ServeLoopHook
+    from builder.fleet.transport.serve import FleetServer, ServeSettings
+    from builder.zoo.digits_ladder import build_digits_ladder
 
     root = tmp_path_factory.mktemp("loop-e2e")
     home = root / "home"
@@ -110,10 +110,10 @@ def windows_since(store, since: float):
 
 
 def test_throttle_steps_down_then_recovers_without_oscillation(world) -> None:
-    from builder.fleet.loop import LoopStateStore, count_changes, loop_events
-    from builder.fleet.loop_demo import LoadGenerator, calibrate_ladder_on_device, summarize_events, throttled_objective_ms
-    from builder.fleet.policy import PolicyStore, load_policy_file, scope_for
-    from builder.fleet.store import open_store
+    from builder.fleet.loop.service import LoopStateStore, count_changes, loop_events, summarize_events
+    from builder.fleet.loop.policy import PolicyStore, load_policy_file, scope_for
+    from builder.fleet.transport.store import open_store
+    from builder.zoo.digits_ladder import LoadGenerator, calibrate_ladder_on_device, throttled_objective_ms
 
     home, rungs, server = world["home"], world["rungs"], world["server"]
     wide, broken, narrow = (r.artifact_id for r in rungs)

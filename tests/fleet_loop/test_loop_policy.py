@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from builder.errors import UsageError
-from builder.fleet.policy import DEFAULT_SCOPE, Policy, PolicyStore, load_policy_file, scope_for
+from builder.fleet.loop.policy import DEFAULT_SCOPE, Policy, PolicyStore, load_policy_file, scope_for
 
 FULL = """
 [objective]

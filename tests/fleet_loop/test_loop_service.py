@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from builder.errors import UsageError
-from builder.fleet.controller import Rung
-from builder.fleet.loop import (
+from builder.fleet.loop.controller import Rung
+from builder.fleet.loop.service import (
     LoopStateStore, PushOutcome, ReCompressionLoop, StaticLadders, count_changes, latency_factors,
     loop_events,
 )
-from builder.fleet.policy import Pacing, Policy, PolicyStore, scope_for
-from builder.fleet.store import FleetStore, TelemetryRow
+from builder.fleet.loop.policy import Pacing, Policy, PolicyStore, scope_for
+from builder.fleet.transport.store import FleetStore, TelemetryRow
 
 LADDER = (Rung("fp32", 10.0, accuracy=0.98), Rung("int8", 5.0, accuracy=0.97), Rung("pruned", 2.5, accuracy=0.93))
 POLICY = Policy(latency_p95_ms=15.0, window_s=1.0, accuracy_floor=0.9,
@@ -137,7 +137,7 @@ def test_worker_thread_decides_from_hooks(fleet: FleetStore) -> None:
 
 
 def test_no_rung_fits_starts_a_search_once_or_says_why_not(fleet: FleetStore, tmp_path: Path) -> None:
-    from builder.fleet.loop import OptimizeLauncher
+    from builder.fleet.loop.service import OptimizeLauncher
 
     class Recorder:
         def __init__(self) -> None:

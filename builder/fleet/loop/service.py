@@ -1,7 +1,7 @@
 """The re-compression loop inside `builder serve`: telemetry in, pushes and rollbacks out.
 
 :class:`ReCompressionLoop` is the stateful wrapper around the pure
-:func:`builder.fleet.controller.decide`. For each telemetry window a device reports it
+:func:`builder.fleet.loop.controller.decide`. For each telemetry window a device reports it
 
 1. updates the device's latency factor (field p95 / the running rung's estimate),
 2. asks the decision function what to do with the device's policy, windows and ladder,
@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 from builder.errors import UsageError
-from builder.fleet.controller import (
+from builder.fleet.loop.controller import (
     Action, ChangeKind, Decision, DeviceLoopState, FieldWindow, PendingChange, Rung, SearchRequest,
     apply_decision, decide, update_latency_factor,
 )
-from builder.fleet.policy import Policy, PolicyStore
+from builder.fleet.loop.policy import Policy, PolicyStore
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ class LoopEvent:
 class ReCompressionLoop:
     """Runs the decision function for every device with a policy, from its telemetry.
 
-    ``store`` is a :class:`builder.fleet.store.FleetStore` (devices, telemetry, benchmarks, events);
+    ``store`` is a :class:`builder.fleet.transport.store.FleetStore` (devices, telemetry, benchmarks, events);
     the loop's own state lives in the same SQLite file.
     """
 
@@ -471,7 +471,7 @@ class ReCompressionLoop:
                                   {**detail, "dry_run": self.dry_run}))
 
     def _add_event(self, event: LoopEvent) -> None:
-        from builder.fleet.store import DeploymentEvent
+        from builder.fleet.transport.store import DeploymentEvent
 
         self.store.add_event(DeploymentEvent(device_id=event.device_id, ts=event.ts, kind=event.kind,
                                              artifact_id=event.artifact_id, detail=dict(event.detail)))
@@ -494,6 +494,17 @@ def count_changes(events: Iterable[Any]) -> dict[str, int]:
         if action in ("step_down", "step_up", "rollback"):
             counts[action] = counts.get(action, 0) + 1
     return counts
+
+
+def summarize_events(events: Sequence[Any], labels: dict[str, str]) -> list[str]:
+    """One line per loop event, artifact ids replaced by rung labels (for the demo and test logs)."""
+    lines = []
+    t0 = events[0].ts if events else 0.0
+    for e in events:
+        detail = dict(e.detail or {})
+        artifact = labels.get(e.artifact_id or "", (e.artifact_id or "")[:12])
+        lines.append(f"+{e.ts - t0:6.1f}s {e.kind:<18} {artifact:<8} {detail.get('reason', '')}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,7 +556,7 @@ class RegistryLadders:
 
 
 class PusherActions:
-    """:class:`DeviceActions` over the fleet's :class:`builder.fleet.push.Pusher`, connected lazily
+    """:class:`DeviceActions` over the fleet's :class:`builder.fleet.rollout.push.Pusher`, connected lazily
     (in the loop's worker thread) to the broker the running serve announced."""
 
     def __init__(self, data_dir: Path, benchmark_runs: int = 20) -> None:
@@ -558,9 +569,9 @@ class PusherActions:
     def _get(self) -> Any:
         if self._pusher is None:
             from builder.artifacts.registry import Registry
-            from builder.fleet.link import FleetLink, resolve_endpoint
-            from builder.fleet.push import PushOptions, Pusher
-            from builder.fleet.store import open_store
+            from builder.fleet.transport.link import FleetLink, resolve_endpoint
+            from builder.fleet.rollout.push import PushOptions, Pusher
+            from builder.fleet.transport.store import open_store
 
             self._link = FleetLink(resolve_endpoint(self.data_dir), client_id=f"edgefleet-loop-{id(self):x}").connect()
             self._store = open_store(self.data_dir)
@@ -642,7 +653,7 @@ class ServeLoopHook:
         with self._lock:
             if self.loop is None:
                 from builder.artifacts.registry import Registry
-                from builder.fleet.store import open_store
+                from builder.fleet.transport.store import open_store
 
                 store = open_store(self.data_dir)
                 ladders = self.ladders or RegistryLadders(Registry(self.data_dir))
