@@ -129,14 +129,13 @@ def register(app: typer.Typer) -> None:
         from builder.fleet.transport.store import open_store
 
         home = data_dir_or_default(data_dir)
+        factors: dict[str, float] = {}
         with open_store(home) as store:
             rows = collect_status(store, time.time(), group=group_name)
-            store_path = store.path
-        factors: dict[str, float] = {}
-        if verbose:
-            from builder.fleet.loop.service import latency_factors
+            if verbose:
+                from builder.fleet.loop.service import latency_factors
 
-            factors = latency_factors(store_path)
+                factors = latency_factors(store)
         if as_json:
             data = [r.to_dict() for r in rows]
             for item in data:

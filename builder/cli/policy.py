@@ -52,9 +52,8 @@ def add_to_fleet(fleet: typer.Typer) -> None:
 
         scope = scope_for(device, group)
         policy = load_policy_file(file)
-        root = _data_dir(data_dir)
-        open_store(root).close()  # creates the fleet file with its schema if this is the first command
-        PolicyStore(root / "fleet.sqlite").set(scope, policy, now=time.time())
+        with open_store(_data_dir(data_dir)) as fleet:  # creates the fleet file with its schema if this is the first command
+            PolicyStore(fleet).set(scope, policy, now=time.time())
         typer.echo(f"policy for {scope}: p95 <= {policy.latency_p95_ms:g} ms over {policy.window_s:g} s windows "
                    f"(act after {policy.pacing.violate_windows} windows, cooldown {policy.pacing.cooldown_s:g} s)")
 
@@ -65,18 +64,17 @@ def add_to_fleet(fleet: typer.Typer) -> None:
         from builder.fleet.loop.policy import PolicyStore
         from builder.fleet.transport.store import open_store
 
-        root = _data_dir(data_dir)
-        store = PolicyStore(root / "fleet.sqlite")
-        if device:
-            with open_store(root) as fleet:
+        with open_store(_data_dir(data_dir)) as fleet:
+            store = PolicyStore(fleet)
+            if device:
                 record = fleet.device(device)
-            scope, policy = store.resolve(device, (record.group,) if record.group else ())
-            policies: dict[str, "Policy"] = {} if policy is None or scope is None else {scope: policy}
-            if policy is None:
-                typer.echo(f"no policy applies to {device}; set one with `builder fleet policy set --device {device} --file P`")
-                return
-        else:
-            policies = store.all()
+                scope, policy = store.resolve(device, (record.group,) if record.group else ())
+                if scope is None or policy is None:  # both or neither
+                    typer.echo(f"no policy applies to {device}; set one with `builder fleet policy set --device {device} --file P`")
+                    return
+                policies: dict[str, "Policy"] = {scope: policy}
+            else:
+                policies = store.all()
         if as_json:
             typer.echo(json.dumps({scope: p.to_dict() for scope, p in policies.items()}, indent=2))
             return
@@ -94,9 +92,12 @@ def add_to_fleet(fleet: typer.Typer) -> None:
         """Remove a device's, a group's or (neither given) the fleet default policy."""
         from builder.errors import UsageError
         from builder.fleet.loop.policy import PolicyStore, scope_for
+        from builder.fleet.transport.store import open_store
 
         scope = scope_for(device, group)
-        if not PolicyStore(_data_dir(data_dir) / "fleet.sqlite").remove(scope):
+        with open_store(_data_dir(data_dir)) as fleet:
+            removed = PolicyStore(fleet).remove(scope)
+        if not removed:
             raise UsageError(f"no policy stored for {scope}; `builder fleet policy show` lists them")
         typer.echo(f"removed the policy for {scope}")
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from builder.errors import DemoError
 from builder.demo.child_processes import ChildProcesses
+from builder.errors import DemoError
+from builder.fleet.transport.store import FLEET_STORE_FILE
 
 MINILM = "builder.zoo.minilm:minilm"
 MINILM_SHAPES = "input_ids=1x128:int64,attention_mask=1x128:int64"
@@ -254,7 +255,7 @@ class FleetDemo:
         finally:
             self.children.stop_all()
         self.say("\n== fleet demo outputs ==")
-        self.say(f"data dir (registry, fleet.sqlite, keys): {self.home}")
+        self.say(f"data dir (registry, {FLEET_STORE_FILE}, keys): {self.home}")
         self.say(f"fleet status (JSON):  {self.out_dir / 'fleet-status.json'}")
         self.say(f"plots:                {self.out_dir / 'plots'}")
         self.say(f"process logs:         {self.out_dir / 'logs'}")

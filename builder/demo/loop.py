@@ -126,6 +126,7 @@ class LoopDemo:
             finally:
                 load.stop()
             events = loop_events(store, DEMO_DEVICE)
+            factor = latency_factors(store).get(DEMO_DEVICE)
         finally:
             store.close()
         self.say("\nthe loop's decisions (reasons and numbers in --json):")
@@ -134,7 +135,7 @@ class LoopDemo:
         (self.out_dir / "loop-events.json").write_text(self.builder("fleet", "events", "--device", DEMO_DEVICE, "--json",
                                                                     show=False), encoding="utf-8")
         self.summary = {**result, "changes": count_changes(events),
-                        "latency_factor": latency_factors(self.home / "fleet.sqlite").get(DEMO_DEVICE),
+                        "latency_factor": factor,
                         "events": summarize_events(events, labels)}
         (self.out_dir / "loop-summary.json").write_text(json.dumps(self.summary, indent=2), encoding="utf-8")
         return self.summary

@@ -11,7 +11,9 @@ from builder.errors import UsageError
 from builder.fleet.rollout.canary import CanaryEvidence, CanaryThresholds, judge_canaries, split_canaries
 from builder.fleet.rollout.plot import plot_series, render_plot
 from builder.fleet.rollout.status import format_power, status_cells, status_rows
-from builder.fleet.transport.store import BenchmarkRow, DeploymentEvent, FleetStore, TelemetryRow
+from builder.fleet.transport.store import (
+    BenchmarkRow, DeploymentEvent, FleetStore, TelemetryRow, fleet_store_path, open_store,
+)
 
 
 def _tel(device: str, seq: int, ts: float, model: str | None, requests: int = 10, p50: float | None = 5.0,
@@ -22,7 +24,7 @@ def _tel(device: str, seq: int, ts: float, model: str | None, requests: int = 10
 
 
 def test_store_keeps_registration_and_announcements(tmp_path: Path) -> None:
-    store = FleetStore(tmp_path / "fleet.sqlite")
+    store = open_store(tmp_path)
     store.register_device("pi-1", "raspberry-pi-4", group="kitchen")
     store.record_hello("pi-1", agent_version="0.1.0", profile="generic", machine="aarch64",
                        runtimes=("onnxruntime",), execution_providers=("CPUExecutionProvider",), active_artifact_id=None)
@@ -43,7 +45,7 @@ def test_store_keeps_registration_and_announcements(tmp_path: Path) -> None:
 
 
 def test_store_ignores_resent_telemetry_and_orders_by_time(tmp_path: Path) -> None:
-    store = FleetStore(tmp_path / "fleet.sqlite")
+    store = open_store(tmp_path)
     store.register_device("pi-1", "raspberry-pi-4")
     assert store.add_telemetry(_tel("pi-1", 2, 200.0, "m1"))
     assert store.add_telemetry(_tel("pi-1", 1, 100.0, "m1"))
@@ -55,7 +57,7 @@ def test_store_ignores_resent_telemetry_and_orders_by_time(tmp_path: Path) -> No
 
 
 def test_store_is_shared_by_threads_and_connections(tmp_path: Path) -> None:
-    path = tmp_path / "fleet.sqlite"
+    path = fleet_store_path(tmp_path)
     writers = [FleetStore(path) for _ in range(3)]
     writers[0].register_device("d", "raspberry-pi-4")
 
@@ -74,7 +76,7 @@ def test_store_is_shared_by_threads_and_connections(tmp_path: Path) -> None:
 
 
 def test_store_finds_benchmark_of_an_artifact(tmp_path: Path) -> None:
-    store = FleetStore(tmp_path / "fleet.sqlite")
+    store = open_store(tmp_path)
     store.add_benchmark(BenchmarkRow("d", 1.0, "old", 10.0, 12.0))
     store.add_benchmark(BenchmarkRow("d", 2.0, "new", 5.0, 6.0))
     assert store.latest_benchmark("d", "old").p95_ms == 12.0
@@ -82,7 +84,7 @@ def test_store_finds_benchmark_of_an_artifact(tmp_path: Path) -> None:
 
 
 def test_status_rows_show_field_latency_of_the_active_model_only(tmp_path: Path) -> None:
-    store = FleetStore(tmp_path / "fleet.sqlite")
+    store = open_store(tmp_path)
     store.register_device("pi-1", "raspberry-pi-4")
     store.register_device("jet-1", "jetson-orin-nano")
     store.record_status("pi-1", online=True, active_artifact_id="new", active_model="minilm@2")
@@ -200,7 +202,7 @@ def test_ingest_keeps_power_estimates_labelled_and_never_invents_measurements() 
 
 
 def test_store_knows_each_devices_last_desired_deployment(tmp_path: Path) -> None:
-    store = FleetStore(tmp_path / "fleet.sqlite")
+    store = open_store(tmp_path)
     store.add_event(DeploymentEvent("a", 1.0, "desired", "dep-1", "art-1"))
     store.add_event(DeploymentEvent("a", 2.0, "failed", "dep-1", "art-1"))
     store.add_event(DeploymentEvent("a", 3.0, "desired", "restore-1", "art-0", {"restore": True}))

@@ -141,7 +141,7 @@ def test_throttle_steps_down_then_recovers_without_oscillation(world) -> None:
         objective = throttled_objective_ms(rungs, SLOWDOWN)
         policy_file = world["root"] / "policy.toml"
         policy_file.write_text(POLICY.format(objective=objective))
-        PolicyStore(store.path).set(scope_for(device_id=DEVICE), load_policy_file(policy_file), now=time.time())
+        PolicyStore(store).set(scope_for(device_id=DEVICE), load_policy_file(policy_file), now=time.time())
 
         # Throttle on: the loop must try the broken rung (refused by the device, rolled back, marked
         # bad), then the narrow one, which brings p95 back under the objective.
@@ -197,7 +197,7 @@ def test_throttle_steps_down_then_recovers_without_oscillation(world) -> None:
     downs = [e.artifact_id for e in events if e.kind == "loop.step_down"]
     assert downs == [broken, narrow]  # the broken rung was tried once, never again
     assert any(e.kind == "loop.push_failed" and e.artifact_id == broken for e in events)
-    assert broken in LoopStateStore(store.path).load(DEVICE).state.bad_rungs
+    assert broken in LoopStateStore(store).load(DEVICE).state.bad_rungs
     assert 3 <= windows_to_react <= 6  # K = 3 violating windows (+ the window the throttle landed in)
     assert all(u.ts > off_at for u in ups) and up.detail["numbers"]["headroom_windows"] >= 5
     assert store.device(DEVICE).active_artifact_id == wide

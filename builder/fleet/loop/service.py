@@ -8,7 +8,7 @@
 3. carries the decision out through a :class:`DeviceActions` (push a rung, roll back) and a
    :class:`SearchLauncher` (start `builder optimize`), or only proposes it in dry-run mode,
 4. records it as a fleet event (``kind = "loop.<action>"``, detail = reason + numbers) and keeps
-   its own state (latency factor, pending change, bad rungs) in ``loop_state`` of the fleet file.
+   its own state (latency factor, pending change, bad rungs) in ``loop_state`` of the fleet store.
 
 Telemetry arrives on the MQTT thread; decisions and pushes run on the loop's own worker thread so
 a slow push never blocks telemetry intake. Tests drive :meth:`ReCompressionLoop.step` directly.
@@ -18,12 +18,11 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 from builder.errors import UsageError
 from builder.fleet.loop.controller import (
@@ -31,6 +30,9 @@ from builder.fleet.loop.controller import (
     apply_decision, decide, update_latency_factor,
 )
 from builder.fleet.loop.policy import Policy, PolicyStore
+
+if TYPE_CHECKING:
+    from builder.fleet.transport.store import FleetStore
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +112,7 @@ def load_ladder_json(path: Path) -> tuple[Optional[str], tuple[Rung, ...]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Persistent per-device loop state (own table in the fleet SQLite file)
-
-_STATE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS loop_state (
-    device_id TEXT PRIMARY KEY,
-    state_json TEXT NOT NULL,
-    updated_at REAL NOT NULL
-)
-"""
+# Persistent per-device loop state (table ``loop_state`` of the fleet store)
 
 
 @dataclass(frozen=True)
@@ -163,48 +157,27 @@ class LoopRecord:
 
 
 class LoopStateStore:
-    """``loop_state`` rows in the fleet database; one connection per call (shared with other processes)."""
+    """The loop's per-device records in a :class:`~builder.fleet.transport.store.FleetStore`, typed
+    (the store keeps them as JSON; other processes share the file)."""
 
-    def __init__(self, db_path: Path) -> None:
-        self.db_path = Path(db_path)
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.db_path, timeout=10)
-        conn.execute(_STATE_SCHEMA)
-        return conn
+    def __init__(self, store: "FleetStore") -> None:
+        self.store = store
 
     def load(self, device_id: str) -> LoopRecord:
-        conn = self._connect()
-        try:
-            row = conn.execute("SELECT state_json FROM loop_state WHERE device_id = ?", (device_id,)).fetchone()
-        finally:
-            conn.close()
-        return LoopRecord.from_json(row[0]) if row else LoopRecord()
+        text = self.store.loop_state(device_id)
+        return LoopRecord.from_json(text) if text is not None else LoopRecord()
 
     def save(self, device_id: str, record: LoopRecord, now: float) -> None:
-        conn = self._connect()
-        try:
-            with conn:
-                conn.execute("INSERT OR REPLACE INTO loop_state (device_id, state_json, updated_at) VALUES (?, ?, ?)",
-                             (device_id, record.to_json(), now))
-        finally:
-            conn.close()
+        self.store.save_loop_state(device_id, record.to_json(), now)
 
     def all(self) -> dict[str, LoopRecord]:
-        conn = self._connect()
-        try:
-            rows = conn.execute("SELECT device_id, state_json FROM loop_state ORDER BY device_id").fetchall()
-        finally:
-            conn.close()
-        return {device_id: LoopRecord.from_json(text) for device_id, text in rows}
+        return {device_id: LoopRecord.from_json(text) for device_id, text in self.store.loop_states().items()}
 
 
-def latency_factors(db_path: Path) -> dict[str, float]:
-    """Each device's calibrated latency factor (field latency / estimate), for `fleet status --verbose`.
+def latency_factors(store: "FleetStore") -> dict[str, float]:
+    """Each device's calibrated latency factor (field latency / estimate), for `fleet status --factors`.
     Devices the loop never measured are absent."""
-    if not Path(db_path).exists():
-        return {}
-    return {device_id: rec.state.latency_factor for device_id, rec in LoopStateStore(db_path).all().items()
+    return {device_id: rec.state.latency_factor for device_id, rec in LoopStateStore(store).all().items()
             if rec.state.factor_samples > 0}
 
 
@@ -226,8 +199,8 @@ class LoopEvent:
 class ReCompressionLoop:
     """Runs the decision function for every device with a policy, from its telemetry.
 
-    ``store`` is a :class:`builder.fleet.transport.store.FleetStore` (devices, telemetry, benchmarks, events);
-    the loop's own state lives in the same SQLite file.
+    ``store`` is a :class:`builder.fleet.transport.store.FleetStore` (devices, telemetry, benchmarks, events,
+    and the loop's own policies and state).
     """
 
     def __init__(self, store: Any, actions: Optional[DeviceActions], ladders: LadderSource,
@@ -241,8 +214,8 @@ class ReCompressionLoop:
         self.search = search
         self.dry_run = dry_run
         self.clock = clock
-        self.policies = PolicyStore(store.path)
-        self.states = LoopStateStore(store.path)
+        self.policies = PolicyStore(store)
+        self.states = LoopStateStore(store)
         self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
