@@ -15,38 +15,11 @@ from builder.demo.child_processes import ChildProcesses
 from builder.errors import DemoError
 from builder.fleet.loop.service import summarize_events
 from builder.zoo.digits_ladder import (
-    PROFILE, BuiltRung, LoadGenerator, build_digits_ladder, calibrate_ladder_on_device, throttled_objective_ms,
-    throttled_p95_ms,
+    PROFILE, SLOWDOWN, THROTTLE_POLICY, BuiltRung, LoadGenerator, build_digits_ladder, calibrate_ladder_on_device,
+    throttled_objective_ms, throttled_p95_ms,
 )
 
 DEMO_DEVICE = "pi-loop"
-# x50: the two rungs' sleeps then differ by ~40 ms, more than a loaded host's wake-up noise (at load
-# average ~17 with two CPU burners, x20 measured p95 57 ms wide vs 45 ms narrow: not apart).
-DEMO_SLOWDOWN = 50.0
-DEMO_POLICY = """\
-# Written by the demo: the objective is halfway (in log space) between the wide rung's field p95 on
-# the device slowed down {slowdown:g}x and the larger of its unthrottled p95 and the narrow rung's
-# p95 slowed down, all from this run's calibration: the wide rung meets it until the device is slowed down.
-[objective]
-latency_p95_ms = {objective}
-window_s = 1
-
-[floor]
-accuracy = 0.5
-
-[pacing]
-violate_windows = 3
-cooldown_s = 3
-judge_windows = 3
-min_improvement = 0.2
-headroom_fraction = 0.6
-headroom_windows = 5
-step_up_margin = 1.0
-min_samples = 10
-
-[search]
-enabled = false
-"""
 
 
 class LoopDemo:
@@ -155,8 +128,8 @@ class LoopDemo:
             self.builder("fleet", "load", "--device", DEMO_DEVICE, "--slowdown", f"{factor:g}", show=False)
 
         self.say(f"calibrating the ladder on the device: field p50/p95 of the narrow, then the wide rung, "
-                 f"unthrottled and slowed down x{DEMO_SLOWDOWN:g}")
-        rungs = calibrate_ladder_on_device(self.home, store, DEMO_DEVICE, rungs, push, throttle, DEMO_SLOWDOWN)
+                 f"unthrottled and slowed down x{SLOWDOWN:g}")
+        rungs = calibrate_ladder_on_device(self.home, store, DEMO_DEVICE, rungs, push, throttle, SLOWDOWN)
         est = {r.label: r.metrics["device_latency_ms"] for r in rungs}
         p50 = {r.label: r.metrics["field_p50_ms"] for r in rungs}
         start = time.time()
@@ -171,13 +144,13 @@ class LoopDemo:
                     and len([w for w in windows(start) if w.model_id == wide_id]) >= 3)
         self.children.wait_for(on_wide, 120, "the fleet store to show 3 windows on the wide rung")
         base_p95 = statistics.median(w.p95_ms for w in windows(start))
-        objective = throttled_objective_ms(rungs, DEMO_SLOWDOWN)
-        slow = {r.label: throttled_p95_ms(r, DEMO_SLOWDOWN) for r in rungs}
+        objective = throttled_objective_ms(rungs, SLOWDOWN)
+        slow = {r.label: throttled_p95_ms(r, SLOWDOWN) for r in rungs}
         self.say(f"field latency unthrottled: wide p50 {p50['wide']:.2f} / p95 {est['wide']:.2f} ms, "
-                 f"narrow p50 {p50['narrow']:.2f} / p95 {est['narrow']:.2f} ms; slowed down x{DEMO_SLOWDOWN:g}: "
+                 f"narrow p50 {p50['narrow']:.2f} / p95 {est['narrow']:.2f} ms; slowed down x{SLOWDOWN:g}: "
                  f"p95 wide {slow['wide']:.1f}, narrow {slow['narrow']:.1f} ms; objective {objective} ms")
         policy = self.out_dir / "policy.toml"
-        policy.write_text(DEMO_POLICY.format(objective=objective, slowdown=DEMO_SLOWDOWN), encoding="utf-8")
+        policy.write_text(THROTTLE_POLICY.format(objective=objective, slowdown=SLOWDOWN), encoding="utf-8")
         self.builder("fleet", "policy", "set", "--device", DEMO_DEVICE, "--file", str(policy))
         narrow = rungs[-1].artifact_id
         wide = rungs[0].artifact_id
@@ -197,7 +170,7 @@ class LoopDemo:
             return False
 
         throttle_at = time.time()
-        self.builder("fleet", "load", "--device", DEMO_DEVICE, "--slowdown", f"{DEMO_SLOWDOWN:g}")
+        self.builder("fleet", "load", "--device", DEMO_DEVICE, "--slowdown", f"{SLOWDOWN:g}")
         self.children.wait_for(lambda: settled(narrow, throttle_at), 180, "the loop to step down")
         events = loop_events(store, DEMO_DEVICE)
         first_down = next(e for e in events if e.kind == "loop.step_down")
@@ -209,7 +182,7 @@ class LoopDemo:
         # The windows the loop acted on (the first windows after `fleet load` may predate the slowdown).
         wide_throttled = float((first_down.detail or {}).get("numbers", {}).get("baseline_p95_ms") or statistics.median(
             w.p95_ms for w in windows(throttle_at) if w.model_id == wide and w.ts <= first_down.ts))
-        self.say(f"throttled x{DEMO_SLOWDOWN:g}: wide p95 {wide_throttled:.1f} ms > objective {objective} ms; "
+        self.say(f"throttled x{SLOWDOWN:g}: wide p95 {wide_throttled:.1f} ms > objective {objective} ms; "
                  f"the loop reacted after {react_windows} windows; narrow rung p95 {narrow_p95:.1f} ms")
 
         off_at = time.time()

@@ -253,6 +253,37 @@ def throttled_objective_ms(rungs: Sequence[BuiltRung], slowdown: float) -> float
     return round((low * high) ** 0.5, 3)
 
 
+# How much the demo and the e2e test slow the device down. x50: the two rungs' sleeps then differ by
+# ~40 ms, more than a loaded host's wake-up noise (at load average ~17 with two CPU burners, x20
+# measured p95 57 ms wide vs 45 ms narrow: not apart).
+SLOWDOWN = 50.0
+# The policy they set (``.format(objective=throttled_objective_ms(...), slowdown=SLOWDOWN)``).
+THROTTLE_POLICY = """\
+# The objective is halfway (in log space) between the wide rung's field p95 on
+# the device slowed down {slowdown:g}x and the larger of its unthrottled p95 and the narrow rung's
+# p95 slowed down, all from this run's calibration: the wide rung meets it until the device is slowed down.
+[objective]
+latency_p95_ms = {objective}
+window_s = 1
+
+[floor]
+accuracy = 0.5
+
+[pacing]
+violate_windows = 3
+cooldown_s = 3
+judge_windows = 3
+min_improvement = 0.2
+headroom_fraction = 0.6
+headroom_windows = 5
+step_up_margin = 1.0
+min_samples = 10
+
+[search]
+enabled = false
+"""
+
+
 class LoadGenerator:
     """Calls a device's local ``POST /infer`` at a steady rate from one thread: the field traffic
     whose latency the agent reports. ``errors`` counts failed requests (e.g. during a model swap)."""

@@ -3,58 +3,22 @@ real `agent run` subprocess serving a digits CNN, field traffic from a load gene
 agent's slowdown switched on and off by remote command."""
 from __future__ import annotations
 
-import os
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from builder.zoo.digits_ladder import SLOWDOWN, THROTTLE_POLICY
 from tests.support.broker import MosquittoBroker, free_port, mosquitto_available
+from tests.support.processes import AGENT_CMD, CHILD_ENV, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.mosquitto,
               pytest.mark.skipif(not mosquitto_available(), reason="mosquitto not installed")]
 
 REPO = Path(__file__).resolve().parents[2]
-AGENT_CMD = [sys.executable, "-c", "import sys; from agent.cli import app; sys.argv[0] = 'agent'; app()"]
-CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 DEVICE = "pi-1"
-SLOWDOWN = 50.0  # as the demo (builder.demo.loop.DEMO_SLOWDOWN): clears a loaded host's noise
-
-POLICY = """
-[objective]
-latency_p95_ms = {objective}
-window_s = 1
-
-[floor]
-accuracy = 0.5
-
-[pacing]
-violate_windows = 3
-cooldown_s = 3
-judge_windows = 3
-min_improvement = 0.2
-headroom_fraction = 0.6
-headroom_windows = 5
-step_up_margin = 1.0
-min_samples = 10
-
-[search]
-enabled = false
-"""
-
-
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +104,7 @@ def test_throttle_steps_down_then_recovers_without_oscillation(world) -> None:
         # Halfway (in log space) between the two rungs' p95 predicted for the device slowed down SLOWDOWN times.
         objective = throttled_objective_ms(rungs, SLOWDOWN)
         policy_file = world["root"] / "policy.toml"
-        policy_file.write_text(POLICY.format(objective=objective))
+        policy_file.write_text(THROTTLE_POLICY.format(objective=objective, slowdown=SLOWDOWN))
         PolicyStore(store).set(scope_for(device_id=DEVICE), load_policy_file(policy_file), now=time.time())
 
         # Throttle on: the loop must try the broken rung (refused by the device, rolled back, marked
