@@ -218,8 +218,8 @@ def register(app: typer.Typer) -> None:
 
         from builder.artifacts.registry import Registry
         from builder.errors import FleetError
-        from builder.fleet.transport.link import FleetLink, resolve_endpoint
         from builder.fleet.rollout.push import Pusher
+        from builder.fleet.transport.link import FleetLink, resolve_endpoint
         from builder.fleet.transport.store import open_store
 
         home = data_dir_or_default(data_dir)

@@ -100,9 +100,9 @@ def register(app: typer.Typer) -> None:
         from builder.artifacts.registry import Registry
         from builder.errors import FleetError, UsageError
         from builder.fleet.rollout.canary import CanaryThresholds
-        from builder.fleet.transport.link import FleetLink, resolve_endpoint
         from builder.fleet.rollout.push import Pusher, PushOptions, outcome_summary
         from builder.fleet.rollout.push_artifacts import ArtifactChooser
+        from builder.fleet.transport.link import FleetLink, resolve_endpoint
         from builder.fleet.transport.store import open_store
 
         if (device is None) == (group is None):

@@ -67,8 +67,8 @@ class LoopDemo:
         import sys
 
         from builder.artifacts.signing import init_keys, key_paths, load_private_key
-        from builder.fleet.transport.devices import add_device
         from builder.fleet.loop.service import count_changes, latency_factors, loop_events
+        from builder.fleet.transport.devices import add_device
         from builder.fleet.transport.store import open_store
 
         keys = key_paths(self.home / "keys")

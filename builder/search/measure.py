@@ -66,8 +66,8 @@ def trial_target(profile: Any, precision: Optional[str]) -> Any:
 def open_device(setup: MeasureSetup, profile: Any) -> Any:
     """Connect and require the device to answer, before the search loads anything: an unknown or
     offline device is a one-line error naming it and the fix (``DeviceUnavailableError``)."""
-    from builder.fleet.transport.link import resolve_endpoint
     from builder.fleet.rollout.trial import DeviceTrials, TrialSettings
+    from builder.fleet.transport.link import resolve_endpoint
 
     trial_target(profile, None)  # a profile without ONNX Runtime cannot run the candidates
     home = Path(setup.data_dir)

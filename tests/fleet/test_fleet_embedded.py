@@ -121,9 +121,9 @@ def _retained_desired(port: int) -> dict[str, str]:
 
 def test_push_refuses_when_no_serve_would_send_the_chunks(fleet_home) -> None:
     from builder.errors import FleetError
+    from builder.fleet.rollout.push import Pusher
     from builder.fleet.transport.embedded_broker import EmbeddedBroker, EmbeddedBrokerSettings
     from builder.fleet.transport.link import BrokerEndpoint, FleetLink
-    from builder.fleet.rollout.push import Pusher
     from builder.fleet.transport.store import open_store
 
     artifact = fleet_home.artifact("raspberry-pi-4")

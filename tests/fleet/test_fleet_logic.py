@@ -185,8 +185,8 @@ def test_cli_parses_durations_and_percentages() -> None:
 
 def test_ingest_keeps_power_estimates_labelled_and_never_invents_measurements() -> None:
     from agent import protocol as proto
-    from builder.fleet.transport.serve import benchmark_row, telemetry_row
     from builder.fleet.rollout.status import format_power
+    from builder.fleet.transport.serve import benchmark_row, telemetry_row
 
     report = proto.TelemetryReport(device_id="d", seq=3, ts=10.0, event="periodic", requests=5,
                                    latency_ms={"p50": 1.5, "p95": 2.5},

@@ -49,8 +49,8 @@ def trial_fleet(tmp_path: Path, fleet_home, processes):
 
 
 def _trials(fleet, **settings):
-    from builder.fleet.transport.link import resolve_endpoint
     from builder.fleet.rollout.trial import DeviceTrials, TrialSettings
+    from builder.fleet.transport.link import resolve_endpoint
 
     endpoint = resolve_endpoint(fleet["home"], fleet["broker"].url)
     return DeviceTrials(endpoint, fleet["home"], DEVICE, TrialSettings(**{"runs": 30, "warmup": 3, "timeout_s": 120.0,

@@ -24,8 +24,8 @@ DEVICE = "pi-1"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
     from builder.artifacts.signing import init_keys, load_private_key
-    from builder.fleet.transport.link import BrokerEndpoint
     from builder.fleet.loop.service import PusherActions, ServeLoopHook
+    from builder.fleet.transport.link import BrokerEndpoint
     from builder.fleet.transport.serve import FleetServer, ServeSettings
     from builder.zoo.digits_ladder import build_digits_ladder
 
@@ -74,8 +74,8 @@ def windows_since(store, since: float):
 
 
 def test_throttle_steps_down_then_recovers_without_oscillation(world) -> None:
-    from builder.fleet.loop.service import LoopStateStore, count_changes, loop_events, summarize_events
     from builder.fleet.loop.policy import PolicyStore, load_policy_file, scope_for
+    from builder.fleet.loop.service import LoopStateStore, count_changes, loop_events, summarize_events
     from builder.fleet.transport.store import open_store
     from builder.zoo.digits_ladder import LoadGenerator, calibrate_ladder_on_device, throttled_objective_ms
 

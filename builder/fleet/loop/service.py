@@ -542,8 +542,8 @@ class PusherActions:
     def _get(self) -> Any:
         if self._pusher is None:
             from builder.artifacts.registry import Registry
-            from builder.fleet.transport.link import FleetLink, resolve_endpoint
             from builder.fleet.rollout.push import PushOptions, Pusher
+            from builder.fleet.transport.link import FleetLink, resolve_endpoint
             from builder.fleet.transport.store import open_store
 
             self._link = FleetLink(resolve_endpoint(self.data_dir), client_id=f"edgefleet-loop-{id(self):x}").connect()
