@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 if TYPE_CHECKING:
-    from builder.fleet.policy import Policy
+    from builder.fleet.loop.policy import Policy
 
 DataDirOption = typer.Option(None, "--data-dir", help="Fleet data directory (default: $EDGEFLEET_HOME or the user data dir).")
 
