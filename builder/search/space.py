@@ -84,7 +84,8 @@ def build_space(options: SpaceOptions, steps: Optional[Registry] = None) -> Sear
                 merged[param.name] = param
                 continue
             choices = known.choices + tuple(c for c in param.choices if c not in known.choices)
-            merged[param.name] = SearchParam(param.name, choices, param.start if param.start is not None else known.start)
+            start = param.start if param.start is not None else known.start
+            merged[param.name] = SearchParam(param.name, choices, start)
     return SearchSpace(options=options, parameters=tuple(merged.values()), techniques=techniques)
 
 
@@ -146,10 +147,8 @@ def _assemble(values: Mapping[str, Any], options: SpaceOptions,
     replaced = {name for p in placed for name in p.order.replaces}
     placed = [p for p in placed if p.step.name not in replaced]
     if not placed:
-        fallback = next(((cls, entry) for cls in techniques if (entry := cls.search_fallback(options)) is not None), None)
-        if fallback is None:
-            return ()
-        placed = [_Placed(*fallback)]
+        fallbacks = [_Placed(cls, entry) for cls in techniques if (entry := cls.search_fallback(options)) is not None]
+        placed = fallbacks[:1]
     ordered: list[_Placed] = []
     while placed:  # a stable topological sort: the first entry (registry order) that nothing left precedes
         ready = next((p for p in placed if not any(q is not p and q.precedes(p) for q in placed)), None)

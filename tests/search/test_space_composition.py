@@ -217,3 +217,35 @@ def test_starting_points_are_the_hand_written_designed_experiment():
         space = build_space(options)
         expected = _old_starting_points([(p.name, tuple(p.choices)) for p in space.parameters], options)
         assert starting_points(space) == expected, options
+
+
+def test_contradictory_declared_orders_are_refused_by_name():
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from builder.compression.base import CompressionStep, ModelForm, SearchEntry, SearchParam, StepOrder
+    from builder.errors import SearchError
+
+    @dataclass(frozen=True)
+    class _Toy(CompressionStep):
+        name: ClassVar[str] = "toy"
+        form: ClassVar[ModelForm] = ModelForm.ONNX
+        order: ClassVar[StepOrder] = StepOrder(after=("quantize",))  # but quantize must be last
+
+        @classmethod
+        def search_params(cls, options: SpaceOptions) -> tuple[SearchParam, ...]:
+            return (SearchParam("use_toy", (False, True)),)
+
+        @classmethod
+        def search_entries(cls, values: Mapping[str, Any], options: SpaceOptions) -> tuple[SearchEntry, ...]:
+            return (SearchEntry(),) if values.get("use_toy") else ()
+
+        def apply(self, state, ctx):  # never run here
+            raise NotImplementedError
+
+    registry = {**STEPS, "toy": _Toy}
+    options = SpaceOptions(torch_available=False, has_train_data=False, available_steps=frozenset(registry))
+    space = build_space(options, registry)
+    assert space.steps(space.sample(fixed({"use_toy": True, "quant_mode": "none"}))) == ({"type": "toy"},)
+    with pytest.raises(SearchError, match="toy"):
+        space.steps(space.sample(fixed({"use_toy": True, "quant_mode": "fp16"})))
