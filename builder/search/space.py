@@ -93,14 +93,15 @@ def starting_points(space: SearchSpace) -> list[dict[str, Any]]:
     """The study's first trials: a small designed experiment before the sampler takes over.
 
     Every parameter at its start (techniques off, the graph rewrite that fits the model: transformer
-    fusions for MatMul models, else fold), then the steps' own points: the quantize step's are the
-    engine's class recipe (``int8``: what ``--quantize int8`` does for this model and the profile's
-    CPU), then one point per quantization mode at the engine's recommended settings (dynamic int8 left
-    out for Conv-heavy models) — for int8 modes per-channel weights and, on MatMul models, smoothing
-    0.85 with uint8 weights rounded by GPTQ (what measured most faithful on MiniLM) and, for dynamic
-    int8, a second point with uint8 only for the fused attention (faster, slightly less faithful) —
-    plus the graph step alone. NSGA-II's random first generation rarely lands on such combinations in
-    a 30-minute budget (every technique has its own coin); starting from them, the search spends its
+    fusions for MatMul models, else fold), changed by the steps' ``search_starting_points``: the
+    quantize step's are one point per ``quant_mode`` — first the engine's class recipe (``int8``: what
+    ``--quantize int8`` does for this model and the profile's CPU), then each mode at the engine's
+    recommended settings (dynamic int8 left out for Conv-heavy models): for int8 modes per-channel
+    weights and, on MatMul models, smoothing 0.85 with uint8 weights rounded by GPTQ (what measured
+    most faithful on MiniLM) and, for dynamic int8, a second point with uint8 only for the fused
+    attention (faster, slightly less faithful) — plus the graph step alone. With no step's points, the
+    start alone. NSGA-II's random first generation rarely lands on such combinations in a 30-minute
+    budget (every technique has its own coin); starting from them, the search spends its
     trials improving on known-good recipes instead of rediscovering them.
     """
     choices = {p.name: p.choices for p in space.parameters}
