@@ -5,6 +5,11 @@ Steps that train (fine-tuning, distillation, clustering with centroid tuning) wo
 module; graph steps (quantization, fusion, ONNX-only pruning) work on the ONNX file. The engine
 (``builder.compression.engine``) orders them, exports PyTorch to ONNX between the two phases, and
 refuses impossible recipes (a torch step after a graph step, or on an ONNX-only model).
+
+A step also declares what the rest of the builder asks of it: the data it needs, its teacher, and its
+part of ``builder optimize``'s search (trial parameters, its recipe entry for a point, where that entry
+goes), which ``builder.search.space`` only composes. ``docs/architecture.md`` ("Adding a compression
+technique") walks through one.
 """
 from __future__ import annotations
 
