@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -71,7 +71,7 @@ def run(config: Path = CONFIG_OPTION, log_level: str = typer.Option("INFO", help
           f"endpoint {agent.endpoint.url if agent.endpoint else '-'}, data dir {cfg.data_dir}", flush=True)
     stopping = {"flag": False}
 
-    def _stop(signum, frame) -> None:  # noqa: ARG001
+    def _stop(signum: int, frame: object) -> None:  # noqa: ARG001
         stopping["flag"] = True
         agent._stop.set()
 
@@ -221,7 +221,7 @@ def status(config: Path = CONFIG_OPTION,
     Console().print(table)
 
 
-def status_rows(info: dict) -> list[tuple[str, str]]:
+def status_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     """`agent status` as (label, text) rows: ids shortened, the health answer spelled out."""
     def slot(name: str) -> str:
         artifact = info.get(f"{name}_artifact_id")

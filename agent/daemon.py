@@ -179,11 +179,12 @@ class Agent:
         tmp.write_text(json.dumps(info), encoding="utf-8")
         os.replace(tmp, self.data_dir / RUNTIME_FILE)
 
-    def _read_state(self) -> dict:
+    def _read_state(self) -> dict[str, Any]:
         try:
-            return json.loads((self.data_dir / STATE_FILE).read_text(encoding="utf-8"))
+            state: dict[str, Any] = json.loads((self.data_dir / STATE_FILE).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             return {"failed_deployments": [], "active_deployment": None}
+        return state
 
     def _save_state(self) -> None:
         self._state["failed_deployments"] = self._state.get("failed_deployments", [])[-100:]
@@ -269,6 +270,8 @@ class Agent:
                 if self._stop.is_set():
                     return
                 desired, self._pending_desired = self._pending_desired, None
+                if desired is None:  # woken by stop
+                    continue
                 self._deploying = desired.deployment_id
                 self.puller.cancel.clear()
             try:
@@ -357,7 +360,7 @@ class Agent:
         self._last_progress_pub = now
         self._progress(desired, "downloading", progress.bytes_done, progress.bytes_total)
 
-    def _auto_rollback(self, reason: str) -> dict:
+    def _auto_rollback(self, reason: str) -> dict[str, Any]:
         failed_deployment = self._state.get("active_deployment")
         try:
             loaded = self.installer.rollback()
@@ -410,7 +413,7 @@ class Agent:
                                            error=str(exc), ts=proto.now_s())
             self._publish(proto.Up.REPLY, reply)
 
-    def execute(self, args: proto.CommandArgs) -> dict:
+    def execute(self, args: proto.CommandArgs) -> dict[str, Any]:
         if isinstance(args, proto.StatusArgs):
             status = self._status("online").to_dict()
             status.update({"telemetry_interval_s": self.telemetry_interval_s, "outbox_reports": len(self.outbox),
@@ -437,7 +440,7 @@ class Agent:
             return {"load": self.load.as_dict()}
         raise ValueError(f"unknown command {args.COMMAND!r}")
 
-    def benchmark(self, runs: int = 50, warmup: int = 5) -> dict:
+    def benchmark(self, runs: int = 50, warmup: int = 5) -> dict[str, Any]:
         model = self.active.model
         if model is None:
             raise AgentError("no model active to benchmark")
@@ -450,19 +453,19 @@ class Agent:
         self._emit_telemetry("benchmark", benchmark=data)
         return data
 
-    def _on_trial_done(self, artifact_id: str, result: dict | None, error: str | None) -> None:
+    def _on_trial_done(self, artifact_id: str, result: dict[str, Any] | None, error: str | None) -> None:
         if result is not None:
             self._emit_telemetry("trial", benchmark=result, details={"trial_artifact_id": artifact_id})
         else:
             self._emit_telemetry("error", details={"trial_artifact_id": artifact_id, "reason": error})
 
     # -- telemetry ------------------------------------------------------------------------------
-    def _emit_telemetry(self, event: str, benchmark: dict | None = None, details: dict | None = None) -> None:
+    def _emit_telemetry(self, event: str, benchmark: dict[str, Any] | None = None, details: dict[str, Any] | None = None) -> None:
         report = self.build_report(event, benchmark=benchmark, details=details)
         self.outbox.put(report)
         self._telemetry_wakeup.set()
 
-    def build_report(self, event: str, benchmark: dict | None = None, details: dict | None = None) -> proto.TelemetryReport:
+    def build_report(self, event: str, benchmark: dict[str, Any] | None = None, details: dict[str, Any] | None = None) -> proto.TelemetryReport:
         import psutil
 
         window_s, requests, errors, latency = (0.0, 0, 0, None)
@@ -543,6 +546,7 @@ def _remove_partial(data_dir: Path, artifact_id: str) -> None:
 
 def _artifact_id_of(directory: Path) -> str | None:
     try:
-        return json.loads((directory / "manifest.json").read_text(encoding="utf-8")).get("artifact_id")
+        artifact_id = json.loads((directory / "manifest.json").read_text(encoding="utf-8")).get("artifact_id")
+        return str(artifact_id) if artifact_id is not None else None
     except (OSError, json.JSONDecodeError):
         return None

@@ -29,7 +29,7 @@ import re
 import struct
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping, TypeVar
+from typing import Any, Mapping, Self, TypeVar
 
 from agent.errors import ProtocolError
 
@@ -122,7 +122,7 @@ class _Message:
     REQUIRED: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)  # type: ignore[call-overload]
+        data: dict[str, Any] = asdict(self)  # type: ignore[call-overload]
         data["schema"] = SCHEMA
         return data
 
@@ -130,15 +130,15 @@ class _Message:
         return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False).encode("utf-8")
 
     @classmethod
-    def from_json(cls, raw: bytes | str | Mapping[str, Any]):
+    def from_json(cls, raw: bytes | str | Mapping[str, Any]) -> Self:
         data = _load_json(raw, cls.KIND)
         missing = [name for name in cls.REQUIRED if name not in data]
         if missing:
             raise ProtocolError(f"{cls.KIND} message lacks field(s) {', '.join(missing)}")
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]  # subclasses are dataclasses
         kwargs = {k: v for k, v in data.items() if k in known}  # unknown fields: ignored (forward compatible)
         try:
-            obj = cls(**kwargs)  # type: ignore[call-arg]
+            obj = cls(**kwargs)
             obj._validate()
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"{cls.KIND} message is malformed: {exc}") from exc

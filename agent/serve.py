@@ -31,7 +31,7 @@ def _handler_class(active: ActiveModel) -> type[BaseHTTPRequestHandler]:
         def log_message(self, fmt: str, *args: Any) -> None:  # route to logging, not stderr
             log.debug("http: " + fmt, *args)
 
-        def _send(self, status: int, body: dict) -> None:
+        def _send(self, status: int, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode("utf-8")
             self.send_response(status)
             self.send_header("Content-Type", "application/json")

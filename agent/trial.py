@@ -56,7 +56,7 @@ class _RssPeak(threading.Thread):
         """Stop sampling; returns the RSS now (the model still loaded)."""
         self._stop_event.set()
         self.join(timeout=1)
-        now = self._process.memory_info().rss
+        now = int(self._process.memory_info().rss)
         self.peak_bytes = max(self.peak_bytes, now)
         return now
 

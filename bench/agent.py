@@ -143,7 +143,7 @@ def main() -> int:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from agent import protocol as proto
-    from builder.fleet.chunk_server import ChunkServer
+    from builder.fleet.transport.chunk_server import ChunkServer
     from tests.agent.conftest import Host, agent_toml
     from tests.support.broker import MosquittoBroker
 
@@ -200,7 +200,7 @@ def main() -> int:
                 host = Host(broker.url, {artifact_id: artifact}, password=BUILDER_PW)
                 host.server._cache.update(server._cache)  # compressed once, as `builder serve` does
                 time.sleep(0.5)
-                from builder.fleet.chunk_server import clear_desired, publish_desired
+                from builder.fleet.transport.chunk_server import clear_desired, publish_desired
 
                 cpu_agent0, cpu_host0 = cpu_seconds(proc), cpu_seconds(psutil.Process())
                 broker_proc = psutil.Process(broker.process.pid)

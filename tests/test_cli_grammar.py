@@ -133,7 +133,7 @@ def test_keys_show_and_artifacts_verify_have_json(tmp_path: Path) -> None:
 
 
 def test_fleet_status_fits_80_columns_and_keeps_ids_and_profiles_whole(tmp_path: Path) -> None:
-    from builder.fleet.store import TelemetryRow, open_store
+    from builder.fleet.transport.store import TelemetryRow, open_store
 
     home = tmp_path / "home"
     with open_store(home) as store:
@@ -192,7 +192,7 @@ def test_quiet_stderr_silences_native_writes_but_not_our_stream() -> None:
 
 def test_optimize_warns_when_the_calibration_comes_from_agents_on_another_machine(tmp_path: Path) -> None:
     from builder.cli.optimize import calibration_host_warning
-    from builder.fleet.store import open_store
+    from builder.fleet.transport.store import open_store
     from builder.search.objectives import Calibration
 
     learned = Calibration(0.121, 3, "fleet store x (raspberry-pi-4 devices): 3 benchmarks")
@@ -209,7 +209,7 @@ def test_optimize_warns_when_the_calibration_comes_from_agents_on_another_machin
 
 
 def test_fleet_events_since_takes_a_duration_and_since_s_still_works(tmp_path: Path) -> None:
-    from builder.fleet.store import DeploymentEvent, open_store
+    from builder.fleet.transport.store import DeploymentEvent, open_store
 
     now = time.time()
     with open_store(tmp_path) as store:

@@ -67,8 +67,8 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from builder.errors import UsageError
-        from builder.fleet.devices import BrokerTls
-        from builder.fleet.devices import add_device as do_add
+        from builder.fleet.transport.devices import BrokerTls
+        from builder.fleet.transport.devices import add_device as do_add
 
         tls = None
         if tls_port is not None:
@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
         data_dir: Optional[Path] = DataDirOption,
     ) -> None:
         """Remove a device: its Mosquitto user, its agent.toml folder, and its rows in the fleet store."""
-        from builder.fleet.devices import remove_device as do_remove
+        from builder.fleet.transport.devices import remove_device as do_remove
 
         removed = do_remove(data_dir_or_default(data_dir), device_id, broker_config_dir=broker_config_dir)
         print(f"removed {removed.device_id}: " + ("; ".join(removed.removed) or "nothing was left"))
@@ -125,18 +125,17 @@ def register(app: typer.Typer) -> None:
             deprecated("fleet status --verbose", "fleet status --factors (-v before the command shows library logs)")
         verbose = show_factors or old_verbose
 
-        from builder.fleet.status import STATUS_COLUMNS, STATUS_DROP_ORDER, collect_status, status_cells
-        from builder.fleet.store import open_store
+        from builder.fleet.rollout.status import STATUS_COLUMNS, STATUS_DROP_ORDER, collect_status, status_cells
+        from builder.fleet.transport.store import open_store
 
         home = data_dir_or_default(data_dir)
+        factors: dict[str, float] = {}
         with open_store(home) as store:
             rows = collect_status(store, time.time(), group=group_name)
-            store_path = store.path
-        factors: dict[str, float] = {}
-        if verbose:
-            from builder.fleet.loop import latency_factors
+            if verbose:
+                from builder.fleet.loop.service import latency_factors
 
-            factors = latency_factors(store_path)
+                factors = latency_factors(store)
         if as_json:
             data = [r.to_dict() for r in rows]
             for item in data:
@@ -167,8 +166,8 @@ def register(app: typer.Typer) -> None:
 
         from rich.table import Table
 
-        from builder.fleet.status import DASH, format_power
-        from builder.fleet.store import open_store
+        from builder.fleet.rollout.status import DASH, format_power
+        from builder.fleet.transport.store import open_store
 
         with open_store(data_dir_or_default(data_dir)) as store:
             store.device(device)
@@ -196,8 +195,8 @@ def register(app: typer.Typer) -> None:
         data_dir: Optional[Path] = DataDirOption,
     ) -> None:
         """Field latency and power over time, deployments marked, as a PNG."""
-        from builder.fleet.plot import plot_series, render_plot
-        from builder.fleet.store import open_store
+        from builder.fleet.rollout.plot import plot_series, render_plot
+        from builder.fleet.transport.store import open_store
 
         start = parse_since(since)
         with open_store(data_dir_or_default(data_dir)) as store:
@@ -219,9 +218,9 @@ def register(app: typer.Typer) -> None:
 
         from builder.artifacts.registry import Registry
         from builder.errors import FleetError
-        from builder.fleet.link import FleetLink, resolve_endpoint
-        from builder.fleet.push import Pusher
-        from builder.fleet.store import open_store
+        from builder.fleet.rollout.push import Pusher
+        from builder.fleet.transport.link import FleetLink, resolve_endpoint
+        from builder.fleet.transport.store import open_store
 
         home = data_dir_or_default(data_dir)
         endpoint = resolve_endpoint(home, broker, username, read_password_file(password_file), ca_file)

@@ -221,7 +221,7 @@ def calibration_host_warning(home: Path, profile: str, calibration: Any, profile
     posing as a Pi on a laptop) scales estimates to that host: say so on its own line."""
     if calibration.samples == 0 or not str(calibration.source).startswith("fleet store"):
         return None
-    from builder.fleet.store import open_store
+    from builder.fleet.transport.store import open_store
     from builder.profiles import get_profile
 
     arch = get_profile(profile, [profiles_dir] if profiles_dir else None).arch.lower()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 if TYPE_CHECKING:
-    from builder.fleet.policy import Policy
+    from builder.fleet.loop.policy import Policy
 
 DataDirOption = typer.Option(None, "--data-dir", help="Fleet data directory (default: $EDGEFLEET_HOME or the user data dir).")
 
@@ -47,14 +47,13 @@ def add_to_fleet(fleet: typer.Typer) -> None:
                    group: Optional[str] = typer.Option(None, "--group", help="Apply to a device group."),
                    data_dir: Optional[Path] = DataDirOption) -> None:
         """Validate a policy file and store it for a device, a group, or (neither given) the whole fleet."""
-        from builder.fleet.policy import PolicyStore, load_policy_file, scope_for
-        from builder.fleet.store import open_store
+        from builder.fleet.loop.policy import PolicyStore, load_policy_file, scope_for
+        from builder.fleet.transport.store import open_store
 
         scope = scope_for(device, group)
         policy = load_policy_file(file)
-        root = _data_dir(data_dir)
-        open_store(root).close()  # creates the fleet file with its schema if this is the first command
-        PolicyStore(root / "fleet.sqlite").set(scope, policy, now=time.time())
+        with open_store(_data_dir(data_dir)) as fleet:  # creates the fleet file with its schema if this is the first command
+            PolicyStore(fleet).set(scope, policy, now=time.time())
         typer.echo(f"policy for {scope}: p95 <= {policy.latency_p95_ms:g} ms over {policy.window_s:g} s windows "
                    f"(act after {policy.pacing.violate_windows} windows, cooldown {policy.pacing.cooldown_s:g} s)")
 
@@ -62,21 +61,20 @@ def add_to_fleet(fleet: typer.Typer) -> None:
     def policy_show(device: Optional[str] = typer.Option(None, "--device", help="Show the policy that applies to this device."),
                     as_json: bool = typer.Option(False, "--json"), data_dir: Optional[Path] = DataDirOption) -> None:
         """Show every stored policy, or the one that applies to a device (own > group > default)."""
-        from builder.fleet.policy import PolicyStore
-        from builder.fleet.store import open_store
+        from builder.fleet.loop.policy import PolicyStore
+        from builder.fleet.transport.store import open_store
 
-        root = _data_dir(data_dir)
-        store = PolicyStore(root / "fleet.sqlite")
-        if device:
-            with open_store(root) as fleet:
+        with open_store(_data_dir(data_dir)) as fleet:
+            store = PolicyStore(fleet)
+            if device:
                 record = fleet.device(device)
-            scope, policy = store.resolve(device, (record.group,) if record.group else ())
-            policies: dict[str, "Policy"] = {} if policy is None or scope is None else {scope: policy}
-            if policy is None:
-                typer.echo(f"no policy applies to {device}; set one with `builder fleet policy set --device {device} --file P`")
-                return
-        else:
-            policies = store.all()
+                scope, policy = store.resolve(device, (record.group,) if record.group else ())
+                if scope is None or policy is None:  # both or neither
+                    typer.echo(f"no policy applies to {device}; set one with `builder fleet policy set --device {device} --file P`")
+                    return
+                policies: dict[str, "Policy"] = {scope: policy}
+            else:
+                policies = store.all()
         if as_json:
             typer.echo(json.dumps({scope: p.to_dict() for scope, p in policies.items()}, indent=2))
             return
@@ -93,10 +91,13 @@ def add_to_fleet(fleet: typer.Typer) -> None:
                       data_dir: Optional[Path] = DataDirOption) -> None:
         """Remove a device's, a group's or (neither given) the fleet default policy."""
         from builder.errors import UsageError
-        from builder.fleet.policy import PolicyStore, scope_for
+        from builder.fleet.loop.policy import PolicyStore, scope_for
+        from builder.fleet.transport.store import open_store
 
         scope = scope_for(device, group)
-        if not PolicyStore(_data_dir(data_dir) / "fleet.sqlite").remove(scope):
+        with open_store(_data_dir(data_dir)) as fleet:
+            removed = PolicyStore(fleet).remove(scope)
+        if not removed:
             raise UsageError(f"no policy stored for {scope}; `builder fleet policy show` lists them")
         typer.echo(f"removed the policy for {scope}")
 
@@ -109,7 +110,7 @@ def add_to_fleet(fleet: typer.Typer) -> None:
         """Make a device slow on purpose (tests, demos of the re-compression loop): the agent's set_load command."""
         from agent import protocol as proto
         from builder.errors import FleetError, UsageError
-        from builder.fleet.link import FleetLink, resolve_endpoint
+        from builder.fleet.transport.link import FleetLink, resolve_endpoint
 
         if slowdown < 1.0 or cpu_burn_threads < 0 or not 0.0 <= cpu_burn_duty <= 1.0:
             raise UsageError("--slowdown must be >= 1, --cpu-burn-threads >= 0 and --cpu-burn-duty in 0..1")
@@ -129,8 +130,8 @@ def add_to_fleet(fleet: typer.Typer) -> None:
         """The re-compression loop's decisions with their reasons and numbers (oldest first)."""
         from builder.cli.fleet import parse_since
         from builder.cli.options import deprecated
-        from builder.fleet.loop import EVENT_PREFIX
-        from builder.fleet.store import open_store
+        from builder.fleet.loop.service import EVENT_PREFIX
+        from builder.fleet.transport.store import open_store
 
         if since_s is not None:
             deprecated("--since-s N", "--since Ns (or 10m, 2h)")

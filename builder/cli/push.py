@@ -52,7 +52,7 @@ class RichObserver:
 def outcome_table(outcomes: list[Any], title: str) -> Any:
     from rich.table import Table
 
-    from builder.fleet.push_report import OUTCOME_COLUMNS, outcome_cells
+    from builder.fleet.rollout.push_report import OUTCOME_COLUMNS, outcome_cells
 
     table = Table(title=title)
     for column in OUTCOME_COLUMNS:
@@ -99,11 +99,11 @@ def register(app: typer.Typer) -> None:
 
         from builder.artifacts.registry import Registry
         from builder.errors import FleetError, UsageError
-        from builder.fleet.canary import CanaryThresholds
-        from builder.fleet.link import FleetLink, resolve_endpoint
-        from builder.fleet.push import Pusher, PushOptions, outcome_summary
-        from builder.fleet.push_artifacts import ArtifactChooser
-        from builder.fleet.store import open_store
+        from builder.fleet.rollout.canary import CanaryThresholds
+        from builder.fleet.rollout.push import Pusher, PushOptions, outcome_summary
+        from builder.fleet.rollout.push_artifacts import ArtifactChooser
+        from builder.fleet.transport.link import FleetLink, resolve_endpoint
+        from builder.fleet.transport.store import open_store
 
         if (device is None) == (group is None):
             raise UsageError("pass exactly one of --device ID or --group G")

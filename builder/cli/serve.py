@@ -62,7 +62,7 @@ def _telemetry_hooks(data_dir: Path, loop: bool, loop_dry_run: bool) -> list[Any
     re-compression loop (it acts only for devices with a policy: `builder fleet policy set`)."""
     if not loop:
         return []
-    from builder.fleet.loop import serve_hooks
+    from builder.fleet.loop.service import serve_hooks
 
     return list(serve_hooks(data_dir, dry_run=loop_dry_run))
 
@@ -86,9 +86,9 @@ def register(app: typer.Typer) -> None:
         """Run the fleet's host side until Ctrl-C: registry, telemetry store, chunk server."""
         from rich.console import Console
 
-        from builder.fleet.embedded_broker import EmbeddedBrokerSettings
-        from builder.fleet.link import resolve_endpoint
-        from builder.fleet.serve import FleetServer, ServeSettings
+        from builder.fleet.transport.embedded_broker import EmbeddedBrokerSettings
+        from builder.fleet.transport.link import resolve_endpoint
+        from builder.fleet.transport.serve import FleetServer, ServeSettings
 
         logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Iterator, Optional
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Optional
 
 from builder.compression._torch_layers import check_fraction, last_linear_name, weight_layers
-from builder.compression.base import ModelForm, ModelState, StepContext, StepRecord
+from builder.compression.base import (CompressionStep, ModelForm, ModelState, SearchEntry, SearchParam,
+                                      SpaceOptions, StepContext, StepRecord)
 from builder.compression.pruning_importance import (FluctuationImportance, InputStats, compensate_bias,
                                                      input_statistics, sample_rows)
 from builder.errors import CompressionError, UsageError
@@ -36,13 +37,13 @@ DEFAULT_LR = 1e-3
 # embedding distillation: cosine to the original 0.56 -> 0.67 / 0.70 / 0.69 at lr 1e-4 / 3e-4 / 1e-3.
 DEFAULT_TRANSFORMER_LR = 3e-4
 IMPORTANCES = ("magnitude", "activation")
+SEARCH_HEAD_RATIOS = (0.0, 0.25, 0.5)  # the search's grid for head_ratio (models with attention)
 
 
 @dataclass(frozen=True)
-class ChannelPruneStep:
+class ChannelPruneStep(CompressionStep):
     name: ClassVar[str] = "prune_channels"
     form: ClassVar[ModelForm] = ModelForm.TORCH
-    needs_data: ClassVar[bool] = False
 
     ratio: float = 0.3  # fraction of channels removed from each prunable layer (transformers: FFN units)
     head_ratio: Optional[float] = None  # fraction of attention heads removed; None: ratio with prune_heads, else 0
@@ -83,6 +84,21 @@ class ChannelPruneStep:
 
     def requires_train_data(self) -> bool:
         return bool(self.epochs)
+
+    @classmethod
+    def search_params(cls, options: SpaceOptions) -> tuple[SearchParam, ...]:
+        params = (SearchParam("use_prune_channels", (False, True)),
+                  SearchParam("channel_ratio", (0.1, 0.2, 0.3, 0.4, 0.5)))
+        return params + ((SearchParam("head_ratio", SEARCH_HEAD_RATIOS),) if options.attention else ())
+
+    @classmethod
+    def search_entries(cls, values: Mapping[str, Any], options: SpaceOptions) -> tuple[SearchEntry, ...]:
+        if not values.get("use_prune_channels"):
+            return ()
+        params: dict[str, Any] = {"ratio": float(values["channel_ratio"])}
+        if options.attention and float(values.get("head_ratio", 0.0)) > 0:
+            params["head_ratio"] = float(values["head_ratio"])
+        return (SearchEntry(params),)
 
     def apply(self, state: ModelState, ctx: StepContext) -> tuple[ModelState, StepRecord]:
         import torch

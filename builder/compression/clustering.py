@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import numpy as np
 
 from builder.compression._torch_layers import weight_layers
-from builder.compression.base import ModelForm, ModelState, StepContext, StepRecord
+from builder.compression.base import (CompressionStep, ModelForm, ModelState, SearchEntry, SearchParam,
+                                      SpaceOptions, StepContext, StepOrder, StepRecord)
 from builder.errors import UsageError
 
 DEFAULT_EPOCHS = 3
@@ -57,10 +58,11 @@ def _gather_module(centroids: Any, assignment: Any, mask: Any = None) -> Any:
 
 
 @dataclass(frozen=True)
-class ClusterStep:
+class ClusterStep(CompressionStep):
     name: ClassVar[str] = "cluster"
     form: ClassVar[ModelForm] = ModelForm.TORCH
-    needs_data: ClassVar[bool] = False
+    # the last PyTorch step: weights shared after every change to them (preserve_sparsity keeps zeros)
+    order: ClassVar[StepOrder] = StepOrder(after=("prune_channels", "lowrank", "distill", "prune"))
 
     clusters: int = 16
     epochs: Optional[int] = None  # centroid fine-tuning; None: DEFAULT_EPOCHS with --train-data
@@ -82,6 +84,14 @@ class ClusterStep:
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "tie", tuple(tuple(g) for g in self.tie))
+
+    @classmethod
+    def search_params(cls, options: SpaceOptions) -> tuple[SearchParam, ...]:
+        return (SearchParam("use_cluster", (False, True)), SearchParam("clusters", (8, 16, 32, 64)))
+
+    @classmethod
+    def search_entries(cls, values: Mapping[str, Any], options: SpaceOptions) -> tuple[SearchEntry, ...]:
+        return (SearchEntry({"clusters": int(values["clusters"])}),) if values.get("use_cluster") else ()
 
     def requires_train_data(self) -> bool:
         return bool(self.epochs)

@@ -23,12 +23,21 @@ import dataclasses
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 from builder.compression._torch_layers import check_fraction, last_linear_name
-from builder.compression.base import ModelForm, ModelState, StepContext, StepRecord
+from builder.compression.base import (CompressionStep, ModelForm, ModelState, SearchEntry, SearchParam,
+                                      SpaceOptions, StepContext, StepOrder, StepRecord)
 from builder.errors import CompressionError, ModelLoadError, UsageError
 from builder.loading.types import InputSpec
+
+# The search's modes: "recover": distil the compressed model from the original after structural steps;
+# "student": start from a half-width student derived from the teacher's weights.
+DISTILL_MODES = ("off", "recover", "student")
+DISTILL_EPOCHS = 8
+# distill's default lr (3e-3) suits small CNNs; Adam at that rate wrecks a pretrained transformer
+# (prune_channels' DEFAULT_TRANSFORMER_LR, measured on MiniLM).
+TRANSFORMER_DISTILL_LR = 3e-4
 
 
 def load_torch_source(source: str, inputs: Sequence[InputSpec]) -> Any:
@@ -106,10 +115,9 @@ def fewer_blocks(module: Any, keep: int) -> tuple[str, int]:
 
 
 @dataclass(frozen=True)
-class DistillStep:
+class DistillStep(CompressionStep):
     name: ClassVar[str] = "distill"
     form: ClassVar[ModelForm] = ModelForm.TORCH
-    needs_data: ClassVar[bool] = False
 
     teacher: Optional[str] = None  # resolved by the engine into ctx.teacher
     student: Optional[str] = None
@@ -139,6 +147,25 @@ class DistillStep:
 
     def requires_train_data(self) -> bool:
         return True
+
+    def teacher_source(self) -> Optional[str]:
+        return self.teacher
+
+    @classmethod
+    def search_params(cls, options: SpaceOptions) -> tuple[SearchParam, ...]:
+        return (SearchParam("distill", DISTILL_MODES),)
+
+    @classmethod
+    def search_entries(cls, values: Mapping[str, Any], options: SpaceOptions) -> tuple[SearchEntry, ...]:
+        mode = values.get("distill", "off")
+        lr = {"lr": TRANSFORMER_DISTILL_LR} if options.attention else {}
+        if mode == "student":  # the half-width student is the starting point of everything else
+            return (SearchEntry({"width": 0.5, "epochs": DISTILL_EPOCHS, **lr}, StepOrder(first=True)),)
+        if mode == "recover" and (values.get("use_prune_channels") or values.get("use_lowrank")):
+            # recovers what the structural steps lost, before fine-grained pruning and clustering
+            return (SearchEntry({"epochs": DISTILL_EPOCHS, **lr},
+                                StepOrder(after=("prune_channels", "lowrank"), before=("prune", "cluster"))),)
+        return ()
 
     def apply(self, state: ModelState, ctx: StepContext) -> tuple[ModelState, StepRecord]:
         from builder.compression import training

@@ -39,7 +39,7 @@ import numpy as np
 
 from builder.atomic_files import atomic_write_bytes
 from builder.compression._export import export_module
-from builder.compression.base import ModelForm, ModelState, StepContext, StepRecord
+from builder.compression.base import CompressionStep, ModelForm, ModelState, StepContext, StepRecord
 from builder.compression.data import DataSource
 from builder.compression.evaluate import EvalConfig, Evaluation, baseline_evaluation, evaluate_model, synthetic_data
 from builder.compression.recipe import Recipe
@@ -117,12 +117,12 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
-def _run(model: LoadedModel, recipe: Recipe, steps: list[Any], data: Optional[DataSource],
+def _run(model: LoadedModel, recipe: Recipe, steps: list[CompressionStep], data: Optional[DataSource],
          train_data: Optional[DataSource], out_dir: Path, work: Path, config: EvalConfig, teacher_module: Any,
          on_report: Optional[Callable[[StepReport], None]], seed: int) -> CompressionResult:
     eval_data = data if data is not None else synthetic_data(model.inputs, seed=seed)
     for step in steps:  # a recipe may name its teacher (--distill-from): load it before anything runs
-        source = getattr(step, "teacher", None)
+        source = step.teacher_source()
         if isinstance(source, str) and teacher_module is None:
             from builder.compression.distillation import load_torch_source
 

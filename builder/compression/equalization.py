@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Optional
 
 import numpy as np
 
-from builder.compression.base import ModelForm, ModelState, StepContext, StepRecord
+from builder.compression.base import CompressionStep, ModelForm, ModelState, StepContext, StepRecord
 from builder.errors import CompressionError, UsageError
 
 log = logging.getLogger(__name__)
@@ -156,12 +156,11 @@ def equalize(model: Any, pairs: list[ConvPair], iterations: int = 4, max_scale: 
 
 
 @dataclass(frozen=True)
-class EqualizeStep:
+class EqualizeStep(CompressionStep):
     """Cross-layer equalisation of Conv -> (ReLU) -> Conv pairs on the ONNX graph (see module doc)."""
 
     name: ClassVar[str] = "equalize"
     form: ClassVar[ModelForm] = ModelForm.ONNX
-    needs_data: ClassVar[bool] = False
     iterations: int = 4
     relu6_as_relu: bool = False
 

@@ -21,17 +21,19 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping, Optional
 
 import numpy as np
 
-from builder.compression.base import ModelForm, ModelState, StepContext, StepRecord
+from builder.compression.base import (CompressionStep, ModelForm, ModelState, SearchEntry, SearchParam,
+                                      SpaceOptions, StepContext, StepOrder, StepRecord)
 from builder.errors import CompressionError, UsageError
 
 log = logging.getLogger(__name__)
 
 NON_PORTABLE_DOMAINS = ("com.microsoft.nchwc",)
 PORTABLE_LEVELS = ("basic", "extended")
+GRAPH_REWRITE_ORDER = StepOrder(before=("smooth", "quantize"))  # smoothing and quantization see the rewritten graph
 
 
 # ---- BatchNorm folding -------------------------------------------------------------------------
@@ -158,13 +160,26 @@ def _ops(model: Any) -> dict[str, int]:
 
 # ---- steps --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class FoldStep:
+class FoldStep(CompressionStep):
     """BatchNorm folding + constant folding + onnxslim simplification; outputs unchanged (checked)."""
 
     name: ClassVar[str] = "fold"
     form: ClassVar[ModelForm] = ModelForm.ONNX
-    needs_data: ClassVar[bool] = False
+    order: ClassVar[StepOrder] = GRAPH_REWRITE_ORDER
     simplify: bool = True  # run onnxslim after BN folding
+
+    @classmethod
+    def search_params(cls, options: SpaceOptions) -> tuple[SearchParam, ...]:
+        # one graph rewrite or none: optimize_graph offers its own under the same name
+        return (SearchParam("graph", ("none", "fold"), start="fold"),)
+
+    @classmethod
+    def search_entries(cls, values: Mapping[str, Any], options: SpaceOptions) -> tuple[SearchEntry, ...]:
+        return (SearchEntry(),) if values.get("graph", "none") == "fold" else ()
+
+    @classmethod
+    def search_fallback(cls, options: SpaceOptions) -> Optional[SearchEntry]:
+        return SearchEntry()  # nothing switched on: fold alone (lossless, often faster)
 
     def apply(self, state: ModelState, ctx: StepContext) -> tuple[ModelState, StepRecord]:
         import onnx
@@ -194,12 +209,12 @@ class FoldStep:
 
 
 @dataclass(frozen=True)
-class OptimizeGraphStep:
+class OptimizeGraphStep(CompressionStep):
     """ONNX Runtime offline graph optimisation at a portable level (+ optional BERT fusions)."""
 
     name: ClassVar[str] = "optimize_graph"
     form: ClassVar[ModelForm] = ModelForm.ONNX
-    needs_data: ClassVar[bool] = False
+    order: ClassVar[StepOrder] = GRAPH_REWRITE_ORDER
     level: str = "extended"  # "basic" | "extended"; "all" is refused (NCHWc ops do not load on arm64)
     bert_fusions: bool = False  # onnxruntime.transformers.optimizer, model_type bert
     num_heads: int = 0  # 0 = let the optimizer detect it
@@ -209,6 +224,17 @@ class OptimizeGraphStep:
         if self.level not in PORTABLE_LEVELS:
             raise UsageError(f"optimize_graph level {self.level!r} is not portable; use one of "
                              f"{', '.join(PORTABLE_LEVELS)} ('all' writes x86-only NCHWc ops)")
+
+    @classmethod
+    def search_params(cls, options: SpaceOptions) -> tuple[SearchParam, ...]:
+        # the transformer fusions (attention, LayerNorm, GELU), for models with MatMuls
+        return (SearchParam("graph", ("none", "transformer"), start="transformer"),) if options.has_matmul else ()
+
+    @classmethod
+    def search_entries(cls, values: Mapping[str, Any], options: SpaceOptions) -> tuple[SearchEntry, ...]:
+        if values.get("graph", "none") != "transformer":
+            return ()
+        return (SearchEntry({"level": "basic", "bert_fusions": True}),)  # heads/hidden detected from the graph
 
     def apply(self, state: ModelState, ctx: StepContext) -> tuple[ModelState, StepRecord]:
         import onnx

@@ -27,11 +27,12 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import numpy as np
 
-from builder.compression.base import ModelForm, ModelState, StepContext, StepRecord
+from builder.compression.base import (CompressionStep, ModelForm, ModelState, SearchEntry, SearchParam,
+                                      SpaceOptions, StepContext, StepOrder, StepRecord)
 from builder.compression.cpu_features import Int8Support, int8_support
 from builder.errors import CompressionError, DataError
 
@@ -119,12 +120,13 @@ class Candidate:
 
 
 @dataclass(frozen=True)
-class Int8Step:
+class Int8Step(CompressionStep):
     """int8 by model class and CPU (see the module docstring); records the choice and why."""
 
     name: ClassVar[str] = "int8"
     form: ClassVar[ModelForm] = ModelForm.ONNX
-    needs_data: ClassVar[bool] = False
+    # it brings its own graph steps (fold / transformer fusions, smoothing) and picks its own settings
+    order: ClassVar[StepOrder] = StepOrder(last=True, replaces=("fold", "optimize_graph", "smooth", "quantize"))
     arch: Optional[str] = None  # the target CPU; None = this host
     dot_product: Optional[bool] = None
     min_cosine: float = 0.9  # the fidelity floor (below it the best result is kept and flagged)
@@ -140,6 +142,17 @@ class Int8Step:
 
     def requires_data(self) -> bool:
         return False  # encoders and recurrent nets have a data-free variant; a CNN says so when it runs
+
+    @classmethod
+    def search_params(cls, options: SpaceOptions) -> tuple[SearchParam, ...]:
+        # one of the quantization modes, ahead of quantize's own (which declares the rest)
+        return (SearchParam("quant_mode", (cls.name,)),) if options.usable("quantize") else ()
+
+    @classmethod
+    def search_entries(cls, values: Mapping[str, Any], options: SpaceOptions) -> tuple[SearchEntry, ...]:
+        if values.get("quant_mode", "none") != cls.name:
+            return ()
+        return (SearchEntry(dict(options.target_cpu or {})),)  # op formats for the profile's CPU
 
     # -- main ---------------------------------------------------------------------------------------
     def apply(self, state: ModelState, ctx: StepContext) -> tuple[ModelState, StepRecord]:

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import numpy as np
 
 from builder.compression._torch_layers import check_fraction, weight_layers
-from builder.compression.base import ModelForm, ModelState, StepContext, StepRecord
+from builder.compression.base import (CompressionStep, ModelForm, ModelState, SearchEntry, SearchParam,
+                                      SpaceOptions, StepContext, StepOrder, StepRecord)
 from builder.errors import UsageError
 
 DEFAULT_EPOCHS = 3
+# the search's order of prune_channels and lowrank (the parameter exists when both are searched)
+TORCH_ORDERS = ("channels_then_lowrank", "lowrank_then_channels")
 
 
 def rank_for_energy(singular_values: np.ndarray, energy: float) -> int:
@@ -28,10 +31,12 @@ def rank_for_energy(singular_values: np.ndarray, energy: float) -> int:
 
 
 @dataclass(frozen=True)
-class LowRankStep:
+class LowRankStep(CompressionStep):
     name: ClassVar[str] = "lowrank"
     form: ClassVar[ModelForm] = ModelForm.TORCH
-    needs_data: ClassVar[bool] = False
+    # prune_channels refuses factorised q/k/v, so attention models always prune first; other models
+    # search the order (``torch_order``)
+    order: ClassVar[StepOrder] = StepOrder(after=("prune_channels",))
 
     energy: float = 0.9
     epochs: Optional[int] = None  # None: DEFAULT_EPOCHS with --train-data
@@ -48,6 +53,22 @@ class LowRankStep:
 
     def requires_train_data(self) -> bool:
         return bool(self.epochs)
+
+    @classmethod
+    def search_params(cls, options: SpaceOptions) -> tuple[SearchParam, ...]:
+        params: tuple[SearchParam, ...] = (SearchParam("use_lowrank", (False, True)),
+                                           SearchParam("lowrank_energy", (0.8, 0.9, 0.95)))
+        if options.usable("prune_channels"):
+            params += (SearchParam("torch_order", TORCH_ORDERS),)
+        return params
+
+    @classmethod
+    def search_entries(cls, values: Mapping[str, Any], options: SpaceOptions) -> tuple[SearchEntry, ...]:
+        if not values.get("use_lowrank"):
+            return ()
+        first = values.get("torch_order") == "lowrank_then_channels" and not options.attention
+        return (SearchEntry({"energy": float(values["lowrank_energy"])},
+                            StepOrder(before=("prune_channels",)) if first else None),)
 
     def apply(self, state: ModelState, ctx: StepContext) -> tuple[ModelState, StepRecord]:
         import torch

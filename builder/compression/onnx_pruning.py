@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
 from builder.compression._torch_layers import check_fraction
-from builder.compression.base import ModelForm, ModelState, StepContext, StepRecord
+from builder.compression.base import (CompressionStep, ModelForm, ModelState, SearchEntry, SearchParam,
+                                      SpaceOptions, StepContext, StepOrder, StepRecord)
 from builder.errors import CompressionError, UsageError
 
 WEIGHT_INPUTS = {"Conv": (1,), "Gemm": (0, 1), "MatMul": (0, 1), "ConvTranspose": (1,)}
 
 
 @dataclass(frozen=True)
-class OnnxPruneStep:
+class OnnxPruneStep(CompressionStep):
     name: ClassVar[str] = "prune_onnx"
     form: ClassVar[ModelForm] = ModelForm.ONNX
-    needs_data: ClassVar[bool] = False
+    order: ClassVar[StepOrder] = StepOrder(before=("fold", "optimize_graph", "smooth", "quantize", "int8"))
 
     sparsity: float = 0.5
     scope: str = "tensor"  # "tensor" | "global"
@@ -34,6 +35,18 @@ class OnnxPruneStep:
         check_fraction("sparsity", self.sparsity, low_open=True)
         if self.scope not in ("tensor", "global"):
             raise UsageError(f"scope must be 'tensor' or 'global', got {self.scope!r}")
+
+    @classmethod
+    def search_params(cls, options: SpaceOptions) -> tuple[SearchParam, ...]:
+        if options.torch_available:  # a PyTorch model prunes with prune (same parameter names)
+            return ()
+        return (SearchParam("use_prune", (False, True)), SearchParam("sparsity", (0.3, 0.5, 0.7)))
+
+    @classmethod
+    def search_entries(cls, values: Mapping[str, Any], options: SpaceOptions) -> tuple[SearchEntry, ...]:
+        if options.torch_available or not values.get("use_prune"):
+            return ()
+        return (SearchEntry({"sparsity": float(values["sparsity"])}),)
 
     def apply(self, state: ModelState, ctx: StepContext) -> tuple[ModelState, StepRecord]:
         import onnx

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 from builder.compression._torch_layers import check_fraction, weight_layers
-from builder.compression.base import ModelForm, ModelState, StepContext, StepRecord
+from builder.compression.base import (CompressionStep, ModelForm, ModelState, SearchEntry, SearchParam,
+                                      SpaceOptions, StepContext, StepOrder, StepRecord)
 from builder.errors import UsageError
 
 DEFAULT_EPOCHS = 4
+SEARCH_SPARSITIES = (0.3, 0.5, 0.7, 0.8, 0.9)  # the search's grid for final_sparsity
 
 
 def polynomial_sparsity(step: int, *, initial: float, final: float, begin: int, end: int, power: float) -> float:
@@ -32,10 +34,11 @@ def polynomial_sparsity(step: int, *, initial: float, final: float, begin: int, 
 
 
 @dataclass(frozen=True)
-class PruneStep:
+class PruneStep(CompressionStep):
     name: ClassVar[str] = "prune"
     form: ClassVar[ModelForm] = ModelForm.TORCH
-    needs_data: ClassVar[bool] = False
+    # fine-grained zeros go in once the structure is settled (and the model distilled back)
+    order: ClassVar[StepOrder] = StepOrder(after=("prune_channels", "lowrank", "distill"))
 
     final_sparsity: float = 0.5
     initial_sparsity: float = 0.0
@@ -67,6 +70,14 @@ class PruneStep:
 
     def requires_train_data(self) -> bool:
         return bool(self.epochs)
+
+    @classmethod
+    def search_params(cls, options: SpaceOptions) -> tuple[SearchParam, ...]:
+        return (SearchParam("use_prune", (False, True)), SearchParam("sparsity", SEARCH_SPARSITIES))
+
+    @classmethod
+    def search_entries(cls, values: Mapping[str, Any], options: SpaceOptions) -> tuple[SearchEntry, ...]:
+        return (SearchEntry({"final_sparsity": float(values["sparsity"])}),) if values.get("use_prune") else ()
 
     def apply(self, state: ModelState, ctx: StepContext) -> tuple[ModelState, StepRecord]:
         from torch.nn.utils import prune

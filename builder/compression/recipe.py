@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from builder.compression.base import ModelForm
+from builder.compression.base import CompressionStep, ModelForm
 from builder.errors import UsageError
 
 if sys.version_info >= (3, 11):
@@ -172,7 +172,7 @@ class Recipe:
         return path
 
     # ---- checking ------------------------------------------------------------------------------
-    def build_steps(self) -> list[Any]:
+    def build_steps(self) -> list[CompressionStep]:
         """Instantiate every step (checks names and parameters); raises UsageError on the first bad one."""
         from builder.compression.steps import STEPS
 
@@ -181,7 +181,7 @@ class Recipe:
             cls = STEPS.get(spec.name)
             if cls is None:
                 raise UsageError(f"step {index}: unknown step type '{spec.name}'; available: {', '.join(sorted(STEPS))}")
-            fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+            fields: set[str] = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
             bad = sorted(set(spec.params) - fields) if fields else []
             if bad:
                 raise UsageError(f"step {index} ({spec.name}): unknown parameter(s) {bad}; "
@@ -194,7 +194,7 @@ class Recipe:
                 raise UsageError(f"step {index} ({spec.name}): bad parameters: {exc}") from exc
         return built
 
-    def validate(self, *, torch_available: bool, has_data: bool, has_train_data: bool) -> list[Any]:
+    def validate(self, *, torch_available: bool, has_data: bool, has_train_data: bool) -> list[CompressionStep]:
         """Build the steps and refuse impossible recipes; returns the step objects in order."""
         steps = self.build_steps()
         seen_onnx: Optional[str] = None
@@ -209,21 +209,11 @@ class Recipe:
                                      "put PyTorch steps (prune, prune_channels, cluster, distill, lowrank) first")
             else:
                 seen_onnx = seen_onnx or step.name
-            if step_requires_data(step) and not has_data:
+            if step.requires_data() and not has_data:
                 raise UsageError(f"{label} needs evaluation/calibration data; pass --data")
-            if step_requires_train_data(step) and not has_train_data:
+            if step.requires_train_data() and not has_train_data:
                 raise UsageError(f"{label} trains the model; pass --train-data (or set epochs = 0 where allowed)")
         return steps
-
-
-def step_requires_data(step: Any) -> bool:
-    method = getattr(step, "requires_data", None)
-    return bool(method()) if callable(method) else bool(getattr(step, "needs_data", False))
-
-
-def step_requires_train_data(step: Any) -> bool:
-    method = getattr(step, "requires_train_data", None)
-    return bool(method()) if callable(method) else False
 
 
 def _plain(value: Any) -> Any:

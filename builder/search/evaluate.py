@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
+from builder.compression.base import CompressionStep
 from builder.errors import BuilderError, SearchError
 from builder.search.device import estimate_on_profile
 from builder.search.objectives import Baseline, CandidateMetrics
@@ -226,10 +227,8 @@ def _has_matmul(onnx_path: Path) -> bool:
     return any(n.op_type == "MatMul" for n in onnx.load(str(onnx_path), load_external_data=False).graph.node)
 
 
-def _training_steps(steps: Mapping[str, type]) -> frozenset[str]:
+def _training_steps(steps: Mapping[str, type[CompressionStep]]) -> frozenset[str]:
     """Steps whose default parameters train (``requires_train_data()``): they need --train-data."""
-    from builder.compression.recipe import step_requires_train_data
-
     out = set()
     for name, cls in steps.items():
         try:
@@ -237,6 +236,6 @@ def _training_steps(steps: Mapping[str, type]) -> frozenset[str]:
         except Exception:  # noqa: BLE001 - a step with required parameters: treat as training to be safe
             out.add(name)
             continue
-        if step_requires_train_data(instance):
+        if instance.requires_train_data():
             out.add(name)
     return frozenset(out)

@@ -3,7 +3,7 @@
 A candidate that meets every host-side constraint (quality, size) is built for the search's profile
 as a signed artifact from exactly the ONNX file the search evaluated (the pipeline's compile,
 verify, package, sign and register, with the user's keys), sent to the device as a benchmark-only
-trial (``builder.fleet.trial``), and its latency objective becomes the measured p50. Candidates
+trial (``builder.fleet.rollout.trial``), and its latency objective becomes the measured p50. Candidates
 that fail a host-side constraint are not worth a device's time: they keep the calibrated estimate,
 and the report says which is which (``latency_source``).
 """
@@ -66,8 +66,8 @@ def trial_target(profile: Any, precision: Optional[str]) -> Any:
 def open_device(setup: MeasureSetup, profile: Any) -> Any:
     """Connect and require the device to answer, before the search loads anything: an unknown or
     offline device is a one-line error naming it and the fix (``DeviceUnavailableError``)."""
-    from builder.fleet.link import resolve_endpoint
-    from builder.fleet.trial import DeviceTrials, TrialSettings
+    from builder.fleet.rollout.trial import DeviceTrials, TrialSettings
+    from builder.fleet.transport.link import resolve_endpoint
 
     trial_target(profile, None)  # a profile without ONNX Runtime cannot run the candidates
     home = Path(setup.data_dir)

@@ -371,12 +371,13 @@ def fleet_calibration(data_dir: Any, profile: str) -> Calibration:
     (``est_device_latency_ms``, written by ``builder build``)."""
     from pathlib import Path
 
+    from builder.fleet.transport.store import fleet_store_path, open_store
+
     data_dir = Path(data_dir)
-    store_path = data_dir / "fleet.sqlite"
+    store_path = fleet_store_path(data_dir)
     if not store_path.is_file():
         return Calibration(source=f"none: no fleet store at {store_path} (uncalibrated roofline estimate)")
     from builder.artifacts.registry import Registry
-    from builder.fleet.store import open_store
 
     registry = Registry(data_dir)
     estimates: dict[str, float] = {}

@@ -205,7 +205,7 @@ def rung_metrics(c: ScoredCandidate, outcome: SearchOutcome, index: int,
 
 def write_ladder(out_dir: Path, rungs: Sequence[ScoredCandidate], outcome: SearchOutcome, profile: str,
                  model_name: str, artifact_ids: Sequence[Optional[str]]) -> Path:
-    """``ladder.json`` in the shape ``builder.fleet.loop.load_ladder_json`` reads, plus each rung's recipe."""
+    """``ladder.json`` in the shape ``builder.fleet.loop.service.load_ladder_json`` reads, plus each rung's recipe."""
     entries = []
     for index, (c, artifact_id) in enumerate(zip(rungs, artifact_ids)):
         metrics = rung_metrics(c, outcome, index)

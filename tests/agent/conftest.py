@@ -119,7 +119,7 @@ class Host:
                  persistent_session: bool = False) -> None:
         from agent import protocol as proto
         from agent.mqtt import ClientSettings, MqttClient, MqttVersion
-        from builder.fleet.chunk_server import ChunkServer
+        from builder.fleet.transport.chunk_server import ChunkServer
 
         self.proto = proto
         self.artifacts = artifacts
@@ -172,7 +172,7 @@ class Host:
         return self.wait(find, timeout_s, f"{device_id} reports {states} for {artifact_id[:12]}")
 
     def deploy(self, device_id: str, artifact_dir: Path, deployment_id: str | None = None):
-        from builder.fleet.chunk_server import publish_desired
+        from builder.fleet.transport.chunk_server import publish_desired
 
         message = publish_desired(self.client, device_id, artifact_dir, deployment_id)
         self.artifacts[message.artifact_id] = artifact_dir

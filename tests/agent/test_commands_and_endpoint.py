@@ -128,7 +128,7 @@ def test_chunk_server_compresses_once_and_refuses_unlisted_payloads(tmp_path, si
     import zstandard
 
     from agent import protocol as proto
-    from builder.fleet.chunk_server import ChunkServer
+    from builder.fleet.transport.chunk_server import ChunkServer
 
     key, _ = signing_key
     art = make_artifact(tmp_path / "art", key, seed=3, cols=8192)
@@ -157,7 +157,7 @@ def test_chunk_server_compresses_once_and_refuses_unlisted_payloads(tmp_path, si
 
 
 def test_broker_config_writes_hashed_passwords_and_pattern_acl(tmp_path):
-    from builder.fleet.broker_config import add_password, write_broker_config
+    from builder.fleet.transport.broker_config import add_password, write_broker_config
 
     cfg = write_broker_config(tmp_path / "conf", port=18830, devices={"pi-1": "secret1"}, builder_password="bpw")
     passwd = cfg.password_file.read_text()

@@ -84,7 +84,7 @@ def test_agent_killed_during_install_restarts_with_working_model(tmp_path, broke
         host.wait_progress("dev1", d2.artifact_id, ("installing",), WAIT_S)
         _wait_until(lambda: _health_ok_count(log) > stages_before, WAIT_S, "v2 passes its health check")
         _kill(proc)  # inside install: v2 written to the inactive slot and checked, pointer not switched
-        from builder.fleet.chunk_server import clear_desired
+        from builder.fleet.transport.chunk_server import clear_desired
 
         clear_desired(host.client, "dev1")  # so the restart shows what it serves before any new pull
         proc = _start_agent(config, log)

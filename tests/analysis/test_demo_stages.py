@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from builder.demo import STAGES, run_demo
+from builder.demo.stages import STAGES, run_demo
 from builder.errors import UsageError
 
 

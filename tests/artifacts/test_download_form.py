@@ -34,7 +34,7 @@ def test_what_the_chunk_server_sends_is_what_the_build_reports(tmp_path: Path, m
     """One policy: the chunk server's stream of a payload is byte for byte the download form whose
     size the pipeline (``download_bytes``) and the compression report (``download_size``) give."""
     from builder.artifacts.download import compress_payload, decompress_bytes, download_bytes
-    from builder.fleet.chunk_server import ChunkServer
+    from builder.fleet.transport.chunk_server import ChunkServer
 
     rng = np.random.default_rng(1)
     weights = rng.standard_normal(40_000).astype(np.float32)
@@ -50,7 +50,7 @@ def test_what_the_chunk_server_sends_is_what_the_build_reports(tmp_path: Path, m
     class Manifest:
         payloads = (Payload("model.onnx"), Payload("labels.txt"))
 
-    import builder.fleet.chunk_server as chunk_server
+    import builder.fleet.transport.chunk_server as chunk_server
 
     monkeypatch.setattr(chunk_server, "read_manifest", lambda directory: Manifest())
     server = ChunkServer(None, lambda aid: tmp_path)

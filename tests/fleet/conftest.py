@@ -13,34 +13,18 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pytest
 
+from tests.support.broker import free_port
+from tests.support.processes import AGENT_CMD, wait_for
+from tests.support.processes import CHILD_ENV as ONE_THREAD_ENV
+
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
-# Keep every process to one thread: the machine has 2 cores shared by several jobs.
-# agent/cli.py has no __main__ block: call its entry point the way the console script does.
-AGENT_CMD = [PY, "-c", "import sys; from agent.cli import app; sys.argv[0] = 'agent'; app()"]
-CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "250"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
+CHILD_ENV = {**ONE_THREAD_ENV, "COLUMNS": "250"}
 
 
 @pytest.fixture(scope="session")
@@ -205,8 +189,8 @@ def fleet_status(home: Path) -> dict[str, dict]:
 
 def store_status(home: Path) -> dict[str, dict]:
     """What `builder fleet status --json` prints, read in-process (cheap enough to poll)."""
-    from builder.fleet.status import collect_status
-    from builder.fleet.store import open_store
+    from builder.fleet.rollout.status import collect_status
+    from builder.fleet.transport.store import open_store
 
     with open_store(home) as store:
         return {r.device_id: r.to_dict() for r in collect_status(store, time.time())}

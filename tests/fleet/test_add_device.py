@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from builder.errors import ProfileError, UsageError
-from builder.fleet.devices import add_device, remove_device
-from builder.fleet.store import open_store
+from builder.fleet.transport.devices import add_device, remove_device
+from builder.fleet.transport.store import open_store
 
 
 def _keys(home: Path) -> Path:
@@ -104,7 +104,7 @@ def test_cli_add_device_twice_is_one_line_and_remove_device_works(tmp_path: Path
 def test_add_device_with_tls_opens_the_tls_listener_to_the_lan_and_keeps_plain_on_loopback(tmp_path: Path) -> None:
     import shutil
 
-    from builder.fleet.devices import BrokerTls
+    from builder.fleet.transport.devices import BrokerTls
     from tests.support.broker import make_test_certs
 
     if shutil.which("mosquitto_passwd") is None:

@@ -67,12 +67,12 @@ def test_re_adding_keeps_the_password_and_remove_device_revokes_the_broker_user(
 def test_unregistered_client_on_the_embedded_broker_is_marked_and_push_refuses_it(fleet_home) -> None:
     pytest.importorskip("iotcore")
     from builder.errors import UsageError
-    from builder.fleet.embedded_broker import EmbeddedBrokerSettings
-    from builder.fleet.link import BrokerEndpoint, FleetLink
-    from builder.fleet.push import Pusher
-    from builder.fleet.serve import FleetServer, ServeSettings
-    from builder.fleet.status import status_cells, collect_status
-    from builder.fleet.store import open_store
+    from builder.fleet.rollout.push import Pusher
+    from builder.fleet.rollout.status import status_cells, collect_status
+    from builder.fleet.transport.embedded_broker import EmbeddedBrokerSettings
+    from builder.fleet.transport.link import BrokerEndpoint, FleetLink
+    from builder.fleet.transport.serve import FleetServer, ServeSettings
+    from builder.fleet.transport.store import open_store
 
     artifact = fleet_home.artifact("raspberry-pi-4")
     with FleetServer(ServeSettings(data_dir=fleet_home.root, embedded=EmbeddedBrokerSettings(port=0))) as server:

@@ -9,7 +9,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from builder.errors import FleetError
-from builder.fleet.embedded_broker import EmbeddedBroker, EmbeddedBrokerSettings, rumqttd_config
+from builder.fleet.transport.embedded_broker import EmbeddedBroker, EmbeddedBrokerSettings, rumqttd_config
 
 pytest.importorskip("iotcore")
 

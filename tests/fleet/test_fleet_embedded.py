@@ -121,10 +121,10 @@ def _retained_desired(port: int) -> dict[str, str]:
 
 def test_push_refuses_when_no_serve_would_send_the_chunks(fleet_home) -> None:
     from builder.errors import FleetError
-    from builder.fleet.embedded_broker import EmbeddedBroker, EmbeddedBrokerSettings
-    from builder.fleet.link import BrokerEndpoint, FleetLink
-    from builder.fleet.push import Pusher
-    from builder.fleet.store import open_store
+    from builder.fleet.rollout.push import Pusher
+    from builder.fleet.transport.embedded_broker import EmbeddedBroker, EmbeddedBrokerSettings
+    from builder.fleet.transport.link import BrokerEndpoint, FleetLink
+    from builder.fleet.transport.store import open_store
 
     artifact = fleet_home.artifact("raspberry-pi-4")
     with EmbeddedBroker(EmbeddedBrokerSettings(port=0)) as broker, open_store(fleet_home.root) as store, \

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from builder.errors import UsageError
-from builder.fleet.canary import CanaryEvidence, CanaryThresholds, judge_canaries, split_canaries
-from builder.fleet.plot import plot_series, render_plot
-from builder.fleet.status import format_power, status_cells, status_rows
-from builder.fleet.store import BenchmarkRow, DeploymentEvent, FleetStore, TelemetryRow
+from builder.fleet.rollout.canary import CanaryEvidence, CanaryThresholds, judge_canaries, split_canaries
+from builder.fleet.rollout.plot import plot_series, render_plot
+from builder.fleet.rollout.status import format_power, status_cells, status_rows
+from builder.fleet.transport.store import (
+    BenchmarkRow, DeploymentEvent, FleetStore, TelemetryRow, fleet_store_path, open_store,
+)
 
 
 def _tel(device: str, seq: int, ts: float, model: str | None, requests: int = 10, p50: float | None = 5.0,
@@ -22,7 +24,7 @@ def _tel(device: str, seq: int, ts: float, model: str | None, requests: int = 10
 
 
 def test_store_keeps_registration_and_announcements(tmp_path: Path) -> None:
-    store = FleetStore(tmp_path / "fleet.sqlite")
+    store = open_store(tmp_path)
     store.register_device("pi-1", "raspberry-pi-4", group="kitchen")
     store.record_hello("pi-1", agent_version="0.1.0", profile="generic", machine="aarch64",
                        runtimes=("onnxruntime",), execution_providers=("CPUExecutionProvider",), active_artifact_id=None)
@@ -43,7 +45,7 @@ def test_store_keeps_registration_and_announcements(tmp_path: Path) -> None:
 
 
 def test_store_ignores_resent_telemetry_and_orders_by_time(tmp_path: Path) -> None:
-    store = FleetStore(tmp_path / "fleet.sqlite")
+    store = open_store(tmp_path)
     store.register_device("pi-1", "raspberry-pi-4")
     assert store.add_telemetry(_tel("pi-1", 2, 200.0, "m1"))
     assert store.add_telemetry(_tel("pi-1", 1, 100.0, "m1"))
@@ -55,7 +57,7 @@ def test_store_ignores_resent_telemetry_and_orders_by_time(tmp_path: Path) -> No
 
 
 def test_store_is_shared_by_threads_and_connections(tmp_path: Path) -> None:
-    path = tmp_path / "fleet.sqlite"
+    path = fleet_store_path(tmp_path)
     writers = [FleetStore(path) for _ in range(3)]
     writers[0].register_device("d", "raspberry-pi-4")
 
@@ -74,7 +76,7 @@ def test_store_is_shared_by_threads_and_connections(tmp_path: Path) -> None:
 
 
 def test_store_finds_benchmark_of_an_artifact(tmp_path: Path) -> None:
-    store = FleetStore(tmp_path / "fleet.sqlite")
+    store = open_store(tmp_path)
     store.add_benchmark(BenchmarkRow("d", 1.0, "old", 10.0, 12.0))
     store.add_benchmark(BenchmarkRow("d", 2.0, "new", 5.0, 6.0))
     assert store.latest_benchmark("d", "old").p95_ms == 12.0
@@ -82,7 +84,7 @@ def test_store_finds_benchmark_of_an_artifact(tmp_path: Path) -> None:
 
 
 def test_status_rows_show_field_latency_of_the_active_model_only(tmp_path: Path) -> None:
-    store = FleetStore(tmp_path / "fleet.sqlite")
+    store = open_store(tmp_path)
     store.register_device("pi-1", "raspberry-pi-4")
     store.register_device("jet-1", "jetson-orin-nano")
     store.record_status("pi-1", online=True, active_artifact_id="new", active_model="minilm@2")
@@ -150,8 +152,8 @@ def test_canary_verdict_stops_on_failure_or_regression() -> None:
 
 
 def test_push_table_compares_with_the_previous_model() -> None:
-    from builder.fleet.push import DeviceOutcome
-    from builder.fleet.push_report import comparison, format_bytes, outcome_cells
+    from builder.fleet.rollout.push import DeviceOutcome
+    from builder.fleet.rollout.push_report import comparison, format_bytes, outcome_cells
 
     before = BenchmarkRow("d", 1.0, "old", 4.0, 8.0, power_w=2.0, power_source="ina3221")
     after = BenchmarkRow("d", 2.0, "new", 2.0, 4.0, power_w=1.5, power_source="ina3221")
@@ -183,8 +185,8 @@ def test_cli_parses_durations_and_percentages() -> None:
 
 def test_ingest_keeps_power_estimates_labelled_and_never_invents_measurements() -> None:
     from agent import protocol as proto
-    from builder.fleet.serve import benchmark_row, telemetry_row
-    from builder.fleet.status import format_power
+    from builder.fleet.rollout.status import format_power
+    from builder.fleet.transport.serve import benchmark_row, telemetry_row
 
     report = proto.TelemetryReport(device_id="d", seq=3, ts=10.0, event="periodic", requests=5,
                                    latency_ms={"p50": 1.5, "p95": 2.5},
@@ -200,7 +202,7 @@ def test_ingest_keeps_power_estimates_labelled_and_never_invents_measurements() 
 
 
 def test_store_knows_each_devices_last_desired_deployment(tmp_path: Path) -> None:
-    store = FleetStore(tmp_path / "fleet.sqlite")
+    store = open_store(tmp_path)
     store.add_event(DeploymentEvent("a", 1.0, "desired", "dep-1", "art-1"))
     store.add_event(DeploymentEvent("a", 2.0, "failed", "dep-1", "art-1"))
     store.add_event(DeploymentEvent("a", 3.0, "desired", "restore-1", "art-0", {"restore": True}))
@@ -214,7 +216,7 @@ def test_push_result_table_renders_every_outcome() -> None:
     from rich.console import Console
 
     from builder.cli.push import outcome_table
-    from builder.fleet.push import DeviceOutcome
+    from builder.fleet.rollout.push import DeviceOutcome
 
     console = Console(record=True, width=200)
     console.print(outcome_table([DeviceOutcome("pi-01", "a" * 64, "active", model="cnn@1"),
@@ -226,8 +228,8 @@ def test_push_result_table_renders_every_outcome() -> None:
 
 def test_push_refuses_builds_for_other_profiles_unless_portable_or_forced() -> None:
     from builder.artifacts.registry import ArtifactRecord
-    from builder.fleet.push import check_runs_on
-    from builder.fleet.store import DeviceRecord
+    from builder.fleet.rollout.push import check_runs_on
+    from builder.fleet.transport.store import DeviceRecord
 
     pi = DeviceRecord("pi-01", profile="raspberry-pi-4", runtimes=("onnxruntime", "litert"))
 

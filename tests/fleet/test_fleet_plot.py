@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from builder.fleet.plot import plot_series, render_plot
-from builder.fleet.store import DeploymentEvent, TelemetryRow
+from builder.fleet.rollout.plot import plot_series, render_plot
+from builder.fleet.transport.store import DeploymentEvent, TelemetryRow
 
 A, B = "a" * 64, "b" * 64
 

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.mosquitto,
 
 
 def test_host_subscribe_raises_when_the_broker_refuses():
-    from builder.fleet.link import BrokerEndpoint, FleetLink
+    from builder.fleet.transport.link import BrokerEndpoint, FleetLink
 
     with MosquittoBroker(subscribe_allowed=[proto.all_devices_topic(proto.Up.STATUS)]) as broker, \
             FleetLink(BrokerEndpoint(broker.url)).connect() as link:

@@ -41,7 +41,7 @@ def test_push_refuses_other_profiles_takes_precision_and_ctrl_c_withdraws(tmp_pa
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode != 0 and len(lines) == 1 and "Traceback" not in refused.stderr, refused.stderr
     assert "jetson-orin-nano" in lines[0] and "raspberry-pi-4" in lines[0] and "--force" in lines[0]
-    from builder.fleet.store import open_store
+    from builder.fleet.transport.store import open_store
 
     with open_store(home) as store:
         assert store.events("pi-01") == []  # nothing was published

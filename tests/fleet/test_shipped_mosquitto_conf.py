@@ -70,7 +70,7 @@ def test_shipped_config_has_no_trailing_comments() -> None:
 
 @pytest.mark.timeout(120)
 def test_shipped_mosquitto_conf_starts_and_the_acl_confines_devices(world_readable_dir: Path) -> None:
-    from builder.fleet.broker_config import write_password_file
+    from builder.fleet.transport.broker_config import write_password_file
 
     work = world_readable_dir
     certs = make_test_certs(work)  # ca.pem, server.pem, server.key: the names the shipped file uses

@@ -30,7 +30,7 @@ MODEL = "builder.zoo.digits_cnn:trained"
 @pytest.fixture
 def trial_fleet(tmp_path: Path, fleet_home, processes):
     """Broker + builder credentials in the data dir + one running agent (no model yet)."""
-    from builder.fleet.link import save_builder_credentials
+    from builder.fleet.transport.link import save_builder_credentials
 
     broker = MosquittoBroker(devices={DEVICE: DEVICE_PASSWORD}, builder_password=BUILDER_PASSWORD).start()
     save_builder_credentials(fleet_home.root, "builder", BUILDER_PASSWORD, broker.url)
@@ -49,8 +49,8 @@ def trial_fleet(tmp_path: Path, fleet_home, processes):
 
 
 def _trials(fleet, **settings):
-    from builder.fleet.link import resolve_endpoint
-    from builder.fleet.trial import DeviceTrials, TrialSettings
+    from builder.fleet.rollout.trial import DeviceTrials, TrialSettings
+    from builder.fleet.transport.link import resolve_endpoint
 
     endpoint = resolve_endpoint(fleet["home"], fleet["broker"].url)
     return DeviceTrials(endpoint, fleet["home"], DEVICE, TrialSettings(**{"runs": 30, "warmup": 3, "timeout_s": 120.0,
@@ -60,7 +60,7 @@ def _trials(fleet, **settings):
 def _deploy(trials, home: Path, artifact_id: str) -> None:
     """Make ``artifact_id`` the device's active model (retained desired, chunks from ``trials``' server)."""
     from builder.artifacts.registry import Registry
-    from builder.fleet.chunk_server import publish_desired
+    from builder.fleet.transport.chunk_server import publish_desired
 
     trials.offer(artifact_id)
     publish_desired(trials.link.mqtt, DEVICE, Registry(home).manifest_dir(artifact_id))
@@ -88,7 +88,7 @@ def _retained_desired(trials) -> dict:
 
 @pytest.mark.slow
 def test_trial_measures_a_candidate_without_touching_the_active_model(trial_fleet) -> None:
-    from builder.fleet.store import open_store
+    from builder.fleet.transport.store import open_store
 
     home, data_dir = trial_fleet["home"], trial_fleet["data_dir"]
     active = trial_fleet["fleet_home"].artifact(PROFILE, version="1", width=8)
@@ -124,7 +124,7 @@ def test_trial_measures_a_candidate_without_touching_the_active_model(trial_flee
 def test_tampered_broken_and_concurrent_trials_are_refused_while_the_active_model_serves(trial_fleet) -> None:
     from builder.artifacts.registry import Registry
     from builder.errors import FleetError
-    from builder.fleet.chunk_server import desired_message
+    from builder.fleet.transport.chunk_server import desired_message
 
     home, data_dir = trial_fleet["home"], trial_fleet["data_dir"]
     fleet_home = trial_fleet["fleet_home"]
@@ -185,7 +185,7 @@ def digits_npz(tmp_path_factory) -> Path:
 def test_optimize_measure_on_reports_measured_latencies(trial_fleet, digits_npz, tmp_path) -> None:
     """With `builder serve` running for the data dir: optimize finds the broker through it (no
     --broker) and leaves the chunks to it."""
-    from builder.fleet.store import open_store
+    from builder.fleet.transport.store import open_store
 
     home, out, processes = trial_fleet["home"], tmp_path / "opt", trial_fleet["processes"]
     processes.start("serve", [PY, "-m", "builder.cli.main", "serve", "--broker", trial_fleet["broker"].url,
@@ -218,7 +218,7 @@ def test_optimize_measure_on_reports_measured_latencies(trial_fleet, digits_npz,
 
 @pytest.mark.slow
 def test_optimize_measure_on_unknown_or_offline_device_is_one_line_before_the_search(trial_fleet, digits_npz, tmp_path) -> None:
-    from builder.fleet.store import open_store
+    from builder.fleet.transport.store import open_store
 
     home = trial_fleet["home"]
     with open_store(home) as store:

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from builder.cli.main import typer_app
 from builder.errors import UsageError
-from builder.fleet.store import DeploymentEvent, open_store
+from builder.fleet.transport.store import DeploymentEvent, open_store
 
 
 def invoke(*args: str):

@@ -7,11 +7,11 @@ from typing import Callable
 
 import pytest
 
-from builder.fleet.controller import (
+from builder.fleet.loop.controller import (
     Action, ChangeKind, DeviceLoopState, FieldWindow, PendingChange, Rung, apply_decision, decide,
     update_latency_factor,
 )
-from builder.fleet.policy import Pacing, Policy
+from builder.fleet.loop.policy import Pacing, Policy
 
 LADDER = (
     Rung("fp32", estimated_latency_ms=10.0, accuracy=0.98, fidelity=1.0, label="fp32"),

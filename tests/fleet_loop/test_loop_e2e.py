@@ -3,68 +3,32 @@ real `agent run` subprocess serving a digits CNN, field traffic from a load gene
 agent's slowdown switched on and off by remote command."""
 from __future__ import annotations
 
-import os
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from agent import protocol as proto
+from builder.zoo.digits_ladder import SLOWDOWN, THROTTLE_POLICY
 from tests.support.broker import MosquittoBroker, free_port, mosquitto_available
+from tests.support.processes import AGENT_CMD, CHILD_ENV, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.mosquitto,
               pytest.mark.skipif(not mosquitto_available(), reason="mosquitto not installed")]
 
 REPO = Path(__file__).resolve().parents[2]
-AGENT_CMD = [sys.executable, "-c", "import sys; from agent.cli import app; sys.argv[0] = 'agent'; app()"]
-CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 DEVICE = "pi-1"
-SLOWDOWN = 50.0  # as the demo (builder.fleet.loop_demo.DEMO_SLOWDOWN): clears a loaded host's noise
-
-POLICY = """
-[objective]
-latency_p95_ms = {objective}
-window_s = 1
-
-[floor]
-accuracy = 0.5
-
-[pacing]
-violate_windows = 3
-cooldown_s = 3
-judge_windows = 3
-min_improvement = 0.2
-headroom_fraction = 0.6
-headroom_windows = 5
-step_up_margin = 1.0
-min_samples = 10
-
-[search]
-enabled = false
-"""
-
-
-def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
     from builder.artifacts.signing import init_keys, load_private_key
-    from builder.fleet.link import BrokerEndpoint
-    from builder.fleet.loop import PusherActions, ServeLoopHook
-    from builder.fleet.loop_demo import build_digits_ladder
-    from builder.fleet.serve import FleetServer, ServeSettings
+    from builder.fleet.loop.service import PusherActions, ServeLoopHook
+    from builder.fleet.transport.link import BrokerEndpoint
+    from builder.fleet.transport.serve import FleetServer, ServeSettings
+    from builder.zoo.digits_ladder import build_digits_ladder
 
     root = tmp_path_factory.mktemp("loop-e2e")
     home = root / "home"
@@ -111,10 +75,10 @@ def windows_since(store, since: float):
 
 
 def test_throttle_steps_down_then_recovers_without_oscillation(world) -> None:
-    from builder.fleet.loop import LoopStateStore, count_changes, loop_events
-    from builder.fleet.loop_demo import LoadGenerator, calibrate_ladder_on_device, summarize_events, throttled_objective_ms
-    from builder.fleet.policy import PolicyStore, load_policy_file, scope_for
-    from builder.fleet.store import open_store
+    from builder.fleet.loop.policy import PolicyStore, load_policy_file, scope_for
+    from builder.fleet.loop.service import LoopStateStore, count_changes, loop_events, summarize_events
+    from builder.fleet.transport.store import open_store
+    from builder.zoo.digits_ladder import LoadGenerator, calibrate_ladder_on_device, throttled_objective_ms
 
     home, rungs, server = world["home"], world["rungs"], world["server"]
     wide, broken, narrow = (r.artifact_id for r in rungs)
@@ -141,8 +105,8 @@ def test_throttle_steps_down_then_recovers_without_oscillation(world) -> None:
         # Halfway (in log space) between the two rungs' p95 predicted for the device slowed down SLOWDOWN times.
         objective = throttled_objective_ms(rungs, SLOWDOWN)
         policy_file = world["root"] / "policy.toml"
-        policy_file.write_text(POLICY.format(objective=objective))
-        PolicyStore(store.path).set(scope_for(device_id=DEVICE), load_policy_file(policy_file), now=time.time())
+        policy_file.write_text(THROTTLE_POLICY.format(objective=objective, slowdown=SLOWDOWN))
+        PolicyStore(store).set(scope_for(device_id=DEVICE), load_policy_file(policy_file), now=time.time())
 
         # Throttle on: the loop must try the broken rung (refused by the device, rolled back, marked
         # bad), then the narrow one, which brings p95 back under the objective.
@@ -198,7 +162,7 @@ def test_throttle_steps_down_then_recovers_without_oscillation(world) -> None:
     downs = [e.artifact_id for e in events if e.kind == "loop.step_down"]
     assert downs == [broken, narrow]  # the broken rung was tried once, never again
     assert any(e.kind == "loop.push_failed" and e.artifact_id == broken for e in events)
-    assert broken in LoopStateStore(store.path).load(DEVICE).state.bad_rungs
+    assert broken in LoopStateStore(store).load(DEVICE).state.bad_rungs
     assert 3 <= windows_to_react <= 6  # K = 3 violating windows (+ the window the throttle landed in)
     assert all(u.ts > off_at for u in ups) and up.detail["numbers"]["headroom_windows"] >= 5
     assert store.device(DEVICE).active_artifact_id == wide

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from builder.errors import UsageError
-from builder.fleet.policy import DEFAULT_SCOPE, Policy, PolicyStore, load_policy_file, scope_for
+from builder.fleet.loop.policy import DEFAULT_SCOPE, Policy, PolicyStore, load_policy_file, scope_for
+from builder.fleet.transport.store import open_store
 
 FULL = """
 [objective]
@@ -89,7 +90,7 @@ def test_missing_file_names_it(tmp_path: Path) -> None:
 
 
 def test_store_resolves_device_then_group_then_default(tmp_path: Path) -> None:
-    store = PolicyStore(tmp_path / "fleet.sqlite")
+    store = PolicyStore(open_store(tmp_path))
     default, group, own = Policy(latency_p95_ms=50), Policy(latency_p95_ms=20), Policy(latency_p95_ms=5)
     assert store.resolve("pi-1", ("kitchen",)) == (None, None)
     store.set(scope_for(), default, now=1.0)

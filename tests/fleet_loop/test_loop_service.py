@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from builder.errors import UsageError
-from builder.fleet.controller import Rung
-from builder.fleet.loop import (
+from builder.fleet.loop.controller import Rung
+from builder.fleet.loop.policy import Pacing, Policy, PolicyStore, scope_for
+from builder.fleet.loop.service import (
     LoopStateStore, PushOutcome, ReCompressionLoop, StaticLadders, count_changes, latency_factors,
     loop_events,
 )
-from builder.fleet.policy import Pacing, Policy, PolicyStore, scope_for
-from builder.fleet.store import FleetStore, TelemetryRow
+from builder.fleet.transport.store import FleetStore, TelemetryRow, open_store
 
 LADDER = (Rung("fp32", 10.0, accuracy=0.98), Rung("int8", 5.0, accuracy=0.97), Rung("pruned", 2.5, accuracy=0.93))
 POLICY = Policy(latency_p95_ms=15.0, window_s=1.0, accuracy_floor=0.9,
@@ -56,10 +56,10 @@ def run(loop: ReCompressionLoop, store: FleetStore, clock: Clock, slowdown, n: i
 
 @pytest.fixture()
 def fleet(tmp_path: Path):
-    store = FleetStore(tmp_path / "fleet.sqlite")
+    store = open_store(tmp_path)
     store.register_device("pi", profile="raspberry-pi-4", group="kitchen")
     store.record_status("pi", online=True, active_artifact_id="fp32")
-    PolicyStore(store.path).set(scope_for(group="kitchen"), POLICY, now=0.0)
+    PolicyStore(store).set(scope_for(group="kitchen"), POLICY, now=0.0)
     yield store
     store.close()
 
@@ -70,7 +70,7 @@ def test_throttle_then_recover_records_events_and_factor(fleet: FleetStore) -> N
     run(loop, fleet, clock, lambda i: 1.0, 5)
     run(loop, fleet, clock, lambda i: 2.0, 10, start_seq=5)
     assert device.pushes == ["int8"]
-    assert latency_factors(fleet.path)["pi"] == pytest.approx(2.0, rel=0.15)
+    assert latency_factors(fleet)["pi"] == pytest.approx(2.0, rel=0.15)
     run(loop, fleet, clock, lambda i: 1.0, 20, start_seq=15)
     assert device.pushes == ["int8", "fp32"]
     events = loop_events(fleet, "pi")
@@ -81,7 +81,7 @@ def test_throttle_then_recover_records_events_and_factor(fleet: FleetStore) -> N
     assert down.artifact_id == "int8" and down.detail["from_artifact"] == "fp32"
     assert down.detail["numbers"]["violating_p95_ms"] == [20.0, 20.0, 20.0]
     assert count_changes(events) == {"step_down": 1, "step_up": 1}
-    assert LoopStateStore(fleet.path).load("pi").changes == 2
+    assert LoopStateStore(fleet).load("pi").changes == 2
 
 
 def test_failed_push_is_rolled_back_marked_bad_and_never_retried(fleet: FleetStore) -> None:
@@ -90,7 +90,7 @@ def test_failed_push_is_rolled_back_marked_bad_and_never_retried(fleet: FleetSto
     run(loop, fleet, clock, lambda i: 2.0, 30)
     assert device.pushes.count("int8") == 1
     assert device.pushes[-1] == "pruned"
-    state = LoopStateStore(fleet.path).load("pi").state
+    state = LoopStateStore(fleet).load("pi").state
     assert "int8" in state.bad_rungs
     kinds = [e.kind for e in loop_events(fleet, "pi")]
     assert "loop.push_failed" in kinds and "loop.rollback" in kinds
@@ -110,7 +110,7 @@ def test_dry_run_proposes_without_pushing(fleet: FleetStore) -> None:
 
 
 def test_device_without_policy_is_left_alone(fleet: FleetStore, tmp_path: Path) -> None:
-    PolicyStore(fleet.path).remove("group:kitchen")
+    PolicyStore(fleet).remove("group:kitchen")
     clock, device = Clock(), FakeFleet(fleet)
     loop = ReCompressionLoop(fleet, device, StaticLadders.of(LADDER), clock=clock)
     run(loop, fleet, clock, lambda i: 5.0, 10)
@@ -137,7 +137,7 @@ def test_worker_thread_decides_from_hooks(fleet: FleetStore) -> None:
 
 
 def test_no_rung_fits_starts_a_search_once_or_says_why_not(fleet: FleetStore, tmp_path: Path) -> None:
-    from builder.fleet.loop import OptimizeLauncher
+    from builder.fleet.loop.service import OptimizeLauncher
 
     class Recorder:
         def __init__(self) -> None:

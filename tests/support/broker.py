@@ -8,7 +8,7 @@
 Without ``devices`` the broker is anonymous and open (``subscribe_allowed``: anonymous, but Mosquitto's
 dynamic-security plugin refuses every SUBSCRIBE outside those filters; its ``acl_file`` never
 refuses one, it only filters what is delivered). With ``devices`` it uses the fleet's real config
-writer (``builder.fleet.broker_config``): password file + pattern ACL. Files live in a 0755 temp
+writer (``builder.fleet.transport.broker_config``): password file + pattern ACL. Files live in a 0755 temp
 directory because Mosquitto started as root drops to the ``mosquitto`` user (pytest's tmp_path is
 0700 and would be unreadable). Everything is removed on ``close()``.
 """
@@ -145,7 +145,7 @@ class MosquittoBroker:
 
     def _write_config(self, require_client_cert: bool) -> Path:
         if self.devices or self.certs is not None:
-            from builder.fleet.broker_config import TlsFiles, write_broker_config
+            from builder.fleet.transport.broker_config import TlsFiles, write_broker_config
 
             tls = (TlsFiles(self.certs.ca_file, self.certs.server_cert, self.certs.server_key, require_client_cert)
                    if self.certs is not None else None)

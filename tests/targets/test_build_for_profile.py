@@ -57,7 +57,7 @@ def test_a_refusal_on_generated_inputs_says_to_pass_real_data(keys, tmp_path):
 
 
 def test_push_passes_data_to_its_build_and_refuses_it_with_an_artifact(tmp_path):
-    from builder.fleet.push_artifacts import ArtifactChooser
+    from builder.fleet.rollout.push_artifacts import ArtifactChooser
 
     class NoRegistry:
         def resolve(self, artifact):

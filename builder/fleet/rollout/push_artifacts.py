@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import UsageError
-from builder.fleet.store import DeviceRecord
+from builder.fleet.transport.store import DeviceRecord
 
 
 class ArtifactChooser:

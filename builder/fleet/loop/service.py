@@ -1,14 +1,14 @@
 """The re-compression loop inside `builder serve`: telemetry in, pushes and rollbacks out.
 
 :class:`ReCompressionLoop` is the stateful wrapper around the pure
-:func:`builder.fleet.controller.decide`. For each telemetry window a device reports it
+:func:`builder.fleet.loop.controller.decide`. For each telemetry window a device reports it
 
 1. updates the device's latency factor (field p95 / the running rung's estimate),
 2. asks the decision function what to do with the device's policy, windows and ladder,
 3. carries the decision out through a :class:`DeviceActions` (push a rung, roll back) and a
    :class:`SearchLauncher` (start `builder optimize`), or only proposes it in dry-run mode,
 4. records it as a fleet event (``kind = "loop.<action>"``, detail = reason + numbers) and keeps
-   its own state (latency factor, pending change, bad rungs) in ``loop_state`` of the fleet file.
+   its own state (latency factor, pending change, bad rungs) in ``loop_state`` of the fleet store.
 
 Telemetry arrives on the MQTT thread; decisions and pushes run on the loop's own worker thread so
 a slow push never blocks telemetry intake. Tests drive :meth:`ReCompressionLoop.step` directly.
@@ -18,19 +18,21 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 from builder.errors import UsageError
-from builder.fleet.controller import (
+from builder.fleet.loop.controller import (
     Action, ChangeKind, Decision, DeviceLoopState, FieldWindow, PendingChange, Rung, SearchRequest,
     apply_decision, decide, update_latency_factor,
 )
-from builder.fleet.policy import Policy, PolicyStore
+from builder.fleet.loop.policy import Policy, PolicyStore
+
+if TYPE_CHECKING:
+    from builder.fleet.transport.store import FleetStore
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +112,7 @@ def load_ladder_json(path: Path) -> tuple[Optional[str], tuple[Rung, ...]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Persistent per-device loop state (own table in the fleet SQLite file)
-
-_STATE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS loop_state (
-    device_id TEXT PRIMARY KEY,
-    state_json TEXT NOT NULL,
-    updated_at REAL NOT NULL
-)
-"""
+# Persistent per-device loop state (table ``loop_state`` of the fleet store)
 
 
 @dataclass(frozen=True)
@@ -163,48 +157,27 @@ class LoopRecord:
 
 
 class LoopStateStore:
-    """``loop_state`` rows in the fleet database; one connection per call (shared with other processes)."""
+    """The loop's per-device records in a :class:`~builder.fleet.transport.store.FleetStore`, typed
+    (the store keeps them as JSON; other processes share the file)."""
 
-    def __init__(self, db_path: Path) -> None:
-        self.db_path = Path(db_path)
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.db_path, timeout=10)
-        conn.execute(_STATE_SCHEMA)
-        return conn
+    def __init__(self, store: "FleetStore") -> None:
+        self.store = store
 
     def load(self, device_id: str) -> LoopRecord:
-        conn = self._connect()
-        try:
-            row = conn.execute("SELECT state_json FROM loop_state WHERE device_id = ?", (device_id,)).fetchone()
-        finally:
-            conn.close()
-        return LoopRecord.from_json(row[0]) if row else LoopRecord()
+        text = self.store.loop_state(device_id)
+        return LoopRecord.from_json(text) if text is not None else LoopRecord()
 
     def save(self, device_id: str, record: LoopRecord, now: float) -> None:
-        conn = self._connect()
-        try:
-            with conn:
-                conn.execute("INSERT OR REPLACE INTO loop_state (device_id, state_json, updated_at) VALUES (?, ?, ?)",
-                             (device_id, record.to_json(), now))
-        finally:
-            conn.close()
+        self.store.save_loop_state(device_id, record.to_json(), now)
 
     def all(self) -> dict[str, LoopRecord]:
-        conn = self._connect()
-        try:
-            rows = conn.execute("SELECT device_id, state_json FROM loop_state ORDER BY device_id").fetchall()
-        finally:
-            conn.close()
-        return {device_id: LoopRecord.from_json(text) for device_id, text in rows}
+        return {device_id: LoopRecord.from_json(text) for device_id, text in self.store.loop_states().items()}
 
 
-def latency_factors(db_path: Path) -> dict[str, float]:
-    """Each device's calibrated latency factor (field latency / estimate), for `fleet status --verbose`.
+def latency_factors(store: "FleetStore") -> dict[str, float]:
+    """Each device's calibrated latency factor (field latency / estimate), for `fleet status --factors`.
     Devices the loop never measured are absent."""
-    if not Path(db_path).exists():
-        return {}
-    return {device_id: rec.state.latency_factor for device_id, rec in LoopStateStore(db_path).all().items()
+    return {device_id: rec.state.latency_factor for device_id, rec in LoopStateStore(store).all().items()
             if rec.state.factor_samples > 0}
 
 
@@ -226,8 +199,8 @@ class LoopEvent:
 class ReCompressionLoop:
     """Runs the decision function for every device with a policy, from its telemetry.
 
-    ``store`` is a :class:`builder.fleet.store.FleetStore` (devices, telemetry, benchmarks, events);
-    the loop's own state lives in the same SQLite file.
+    ``store`` is a :class:`builder.fleet.transport.store.FleetStore` (devices, telemetry, benchmarks, events,
+    and the loop's own policies and state).
     """
 
     def __init__(self, store: Any, actions: Optional[DeviceActions], ladders: LadderSource,
@@ -241,8 +214,8 @@ class ReCompressionLoop:
         self.search = search
         self.dry_run = dry_run
         self.clock = clock
-        self.policies = PolicyStore(store.path)
-        self.states = LoopStateStore(store.path)
+        self.policies = PolicyStore(store)
+        self.states = LoopStateStore(store)
         self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
@@ -471,7 +444,7 @@ class ReCompressionLoop:
                                   {**detail, "dry_run": self.dry_run}))
 
     def _add_event(self, event: LoopEvent) -> None:
-        from builder.fleet.store import DeploymentEvent
+        from builder.fleet.transport.store import DeploymentEvent
 
         self.store.add_event(DeploymentEvent(device_id=event.device_id, ts=event.ts, kind=event.kind,
                                              artifact_id=event.artifact_id, detail=dict(event.detail)))
@@ -494,6 +467,17 @@ def count_changes(events: Iterable[Any]) -> dict[str, int]:
         if action in ("step_down", "step_up", "rollback"):
             counts[action] = counts.get(action, 0) + 1
     return counts
+
+
+def summarize_events(events: Sequence[Any], labels: dict[str, str]) -> list[str]:
+    """One line per loop event, artifact ids replaced by rung labels (for the demo and test logs)."""
+    lines = []
+    t0 = events[0].ts if events else 0.0
+    for e in events:
+        detail = dict(e.detail or {})
+        artifact = labels.get(e.artifact_id or "", (e.artifact_id or "")[:12])
+        lines.append(f"+{e.ts - t0:6.1f}s {e.kind:<18} {artifact:<8} {detail.get('reason', '')}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,7 +529,7 @@ class RegistryLadders:
 
 
 class PusherActions:
-    """:class:`DeviceActions` over the fleet's :class:`builder.fleet.push.Pusher`, connected lazily
+    """:class:`DeviceActions` over the fleet's :class:`builder.fleet.rollout.push.Pusher`, connected lazily
     (in the loop's worker thread) to the broker the running serve announced."""
 
     def __init__(self, data_dir: Path, benchmark_runs: int = 20) -> None:
@@ -558,9 +542,9 @@ class PusherActions:
     def _get(self) -> Any:
         if self._pusher is None:
             from builder.artifacts.registry import Registry
-            from builder.fleet.link import FleetLink, resolve_endpoint
-            from builder.fleet.push import PushOptions, Pusher
-            from builder.fleet.store import open_store
+            from builder.fleet.rollout.push import PushOptions, Pusher
+            from builder.fleet.transport.link import FleetLink, resolve_endpoint
+            from builder.fleet.transport.store import open_store
 
             self._link = FleetLink(resolve_endpoint(self.data_dir), client_id=f"edgefleet-loop-{id(self):x}").connect()
             self._store = open_store(self.data_dir)
@@ -642,7 +626,7 @@ class ServeLoopHook:
         with self._lock:
             if self.loop is None:
                 from builder.artifacts.registry import Registry
-                from builder.fleet.store import open_store
+                from builder.fleet.transport.store import open_store
 
                 store = open_store(self.data_dir)
                 ladders = self.ladders or RegistryLadders(Registry(self.data_dir))

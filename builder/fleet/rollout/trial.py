@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from agent import protocol as proto
 from builder.errors import BuilderError, DeviceUnavailableError, FleetError
-from builder.fleet.link import BrokerEndpoint, FleetLink, read_serve_state
+from builder.fleet.transport.link import BrokerEndpoint, FleetLink, read_serve_state
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class DeviceTrials:
     def open(self) -> "DeviceTrials":
         """Connect, serve chunks unless this data dir's `builder serve` does, and require the
         device to answer ``status`` (DeviceUnavailableError naming the device and the fix)."""
-        from builder.fleet.store import open_store
+        from builder.fleet.transport.store import open_store
 
         self.link = FleetLink(self.endpoint, client_id=f"edgefleet-trials-{self.device_id}-{time.time_ns() % 10**9}")
         try:
@@ -114,8 +114,8 @@ class DeviceTrials:
 
     def _serve_chunks(self) -> None:
         from builder.artifacts.registry import Registry
-        from builder.fleet.chunk_server import ChunkServer
-        from builder.fleet.serve import ArtifactDirectories
+        from builder.fleet.transport.chunk_server import ChunkServer
+        from builder.fleet.transport.serve import ArtifactDirectories
 
         assert self.link is not None
         self.chunk_server = ChunkServer(self.link.mqtt, ArtifactDirectories(Registry(self.data_dir),
@@ -164,7 +164,7 @@ class DeviceTrials:
         when it stops answering.
         """
         from builder.artifacts.registry import Registry
-        from builder.fleet.chunk_server import desired_message
+        from builder.fleet.transport.chunk_server import desired_message
 
         if self.link is None:
             raise FleetError("internal: DeviceTrials.measure before open()")
@@ -219,8 +219,8 @@ class DeviceTrials:
 
     def _record(self, measurement: TrialMeasurement) -> None:
         """Benchmark row in the fleet store: `builder fleet status` shows it, calibration learns from it."""
-        from builder.fleet.serve import benchmark_row
-        from builder.fleet.store import open_store
+        from builder.fleet.transport.serve import benchmark_row
+        from builder.fleet.transport.store import open_store
 
         with open_store(self.data_dir) as store:
             store.add_benchmark(benchmark_row(self.device_id, dict(measurement.result), time.time(), measurement.artifact_id))

@@ -1,7 +1,7 @@
 """`builder fleet add-device`: register a device, give it broker credentials, write its agent.toml.
 
 With ``broker_config_dir`` the device gets a Mosquitto user (hashed password in ``passwd``) and is
-confined by the fleet's pattern ACL (``builder.fleet.broker_config``): the ACL has no per-device
+confined by the fleet's pattern ACL (``builder.fleet.transport.broker_config``): the ACL has no per-device
 lines, so adding a device only adds a user. The first device also creates the config, the builder
 user and its credentials (saved 0600 in the data dir). Without it the device is set up for the
 embedded broker, which has no authentication (laptop and demo only).
@@ -25,8 +25,8 @@ from typing import Any
 from agent import protocol as proto
 from agent.errors import ProtocolError
 from builder.errors import FleetError, UsageError
-from builder.fleet.link import load_builder_credentials, read_serve_state, save_builder_credentials
-from builder.fleet.store import open_store
+from builder.fleet.transport.link import load_builder_credentials, read_serve_state, save_builder_credentials
+from builder.fleet.transport.store import open_store
 
 DEFAULT_AGENT_DATA_DIR = "/var/lib/edgefleet"
 KEY_DIR_NAME = "keys"
@@ -138,7 +138,7 @@ def add_device(data_dir: Path, device_id: str, profile: str, *, group: str | Non
     config_file: Path | None = None
     protocol = "auto"
     if broker_config_dir is not None:
-        from builder.fleet.broker_config import BUILDER_USER, TlsFiles, add_password, write_broker_config
+        from builder.fleet.transport.broker_config import BUILDER_USER, TlsFiles, add_password, write_broker_config
 
         if device_id == BUILDER_USER:
             raise UsageError(f"device id '{device_id}' is the builder's broker user; choose another id")
@@ -222,7 +222,7 @@ def remove_device(data_dir: Path, device_id: str, broker_config_dir: Path | None
         Path(record["broker_config_dir"]) if record.get("broker_config_dir") else None)
     config_file = None
     if config_dir is not None:
-        from builder.fleet.broker_config import remove_password
+        from builder.fleet.transport.broker_config import remove_password
 
         if remove_password(config_dir / "passwd", device_id):
             removed.append(f"Mosquitto user in {config_dir / 'passwd'}")

@@ -3,7 +3,7 @@
 Given a device's policy, what the loop remembers about it (:class:`DeviceLoopState`), its recent
 field telemetry windows and its model's ladder (rungs ordered from most accurate to fastest), it
 returns one :class:`Decision`: keep, wait, step down, step up, accept or roll back a change, or
-start a search. ``builder.fleet.loop`` carries decisions out; this module never does I/O.
+start a search. ``builder.fleet.loop.service`` carries decisions out; this module never does I/O.
 
 Rules (``docs/loop.md`` explains them with numbers):
 
@@ -31,7 +31,7 @@ import statistics
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional, Sequence
 
-from builder.fleet.policy import Policy
+from builder.fleet.loop.policy import Policy
 
 CALIBRATION_ALPHA = 0.3
 # One window may move the latency factor by at most this ratio, so a single spike cannot swing it.

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
-from builder.fleet.store import DeviceRecord, FleetStore, TelemetryRow
+from builder.fleet.transport.store import DeviceRecord, FleetStore, TelemetryRow
 
 DASH = "—"
 

@@ -71,10 +71,10 @@ def analyse_minilm(ctx: DemoContext) -> None:
 STAGES: tuple[DemoStage, ...] = (
     DemoStage("analyse", "Analyse all-MiniLM-L6-v2 (seq 128): layers, totals, estimates per device", analyse_minilm),
     DemoStage("fleet", "Deploy to a fleet: embedded broker, builder serve, 3 agents (Pi 4, Jetson Orin Nano, Android), push, status, plot",
-              lambda ctx: __import__("builder.fleet.fleet_demo", fromlist=["demo_stage"]).demo_stage(ctx)),
+              lambda ctx: __import__("builder.demo.fleet", fromlist=["demo_stage"]).demo_stage(ctx)),
     # Keep last: the re-compression loop reacting to a device slowed down on purpose (own serve + agent).
     DemoStage("loop", "Keep devices fast: throttle one device, watch the re-compression loop step down and back up",
-              lambda ctx: __import__("builder.fleet.loop_demo", fromlist=["demo_stage"]).demo_stage(ctx)),
+              lambda ctx: __import__("builder.demo.loop", fromlist=["demo_stage"]).demo_stage(ctx)),
 )
 
 
@@ -88,7 +88,7 @@ def run_demo(out_dir: Path, stage_names: Sequence[str] | None = None, console: A
     unknown = [name for name in stage_names or () if name not in known]
     if unknown:
         raise UsageError(f"unknown demo stage '{unknown[0]}'; stages: {', '.join(s.name for s in STAGES)}")
-    from builder.demo_output import prepare_output_dir
+    from builder.demo.output import prepare_output_dir
 
     out_dir = prepare_output_dir(Path(out_dir))  # fresh on every run; the fleet stage's builds are kept
     ctx = DemoContext(out_dir=out_dir, console=console or wide_console(), profiles=load_profiles())

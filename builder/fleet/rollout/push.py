@@ -22,10 +22,10 @@ from typing import Any, Callable, Protocol, Sequence
 from agent import protocol as proto
 from agent.errors import ProtocolError
 from builder.errors import BuilderError, FleetError, UsageError
-from builder.fleet.canary import CanaryEvidence, CanaryThresholds, CanaryVerdict, judge_canaries, split_canaries
-from builder.fleet.link import SERVE_TOPIC, FleetLink
-from builder.fleet.serve import ArtifactDirectories, benchmark_row
-from builder.fleet.store import BenchmarkRow, DeploymentEvent, FleetStore
+from builder.fleet.rollout.canary import CanaryEvidence, CanaryThresholds, CanaryVerdict, judge_canaries, split_canaries
+from builder.fleet.transport.link import SERVE_TOPIC, FleetLink
+from builder.fleet.transport.serve import ArtifactDirectories, benchmark_row
+from builder.fleet.transport.store import BenchmarkRow, DeploymentEvent, FleetStore
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ class Pusher:
         directory = self.dirs(artifact_id)
         if directory is None:
             raise FleetError(f"artifact {artifact_id[:12]} is not in the registry at {self.registry.root}")
-        from builder.fleet.chunk_server import publish_desired
+        from builder.fleet.transport.chunk_server import publish_desired
 
         deployment_id = f"{artifact_id[:12]}-{int(time.time() * 1000)}"
         progress_q = self.watch.follow(deployment_id)
@@ -324,7 +324,7 @@ class Pusher:
 
     def _restore_desired(self, device_id: str, running_artifact: str | None) -> None:
         """Make the retained desired state name what the device still runs (or clear it)."""
-        from builder.fleet.chunk_server import clear_desired, publish_desired
+        from builder.fleet.transport.chunk_server import clear_desired, publish_desired
 
         directory = self.dirs(running_artifact) if running_artifact else None
         try:

@@ -1,8 +1,8 @@
 """The table `builder push` ends with, as pure functions of the outcomes (tested without a broker)."""
 from __future__ import annotations
 
-from builder.fleet.push import DeviceOutcome
-from builder.fleet.status import DASH, format_power
+from builder.fleet.rollout.push import DeviceOutcome
+from builder.fleet.rollout.status import DASH, format_power
 
 OUTCOME_COLUMNS = ("device", "state", "artifact", "size", "p50 ms", "p95 ms", "power", "vs previous model")
 

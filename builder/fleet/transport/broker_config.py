@@ -45,7 +45,7 @@ def acl_text(builder_user: str = BUILDER_USER) -> str:
     """The ACL: the builder user sees everything; each device only its own up/ (write) and down/ (read)."""
     root = proto.TOPIC_ROOT
     return (
-        "# EdgeFleet ACL (written by builder.fleet.broker_config). Denials are SILENT to clients.\n"
+        "# EdgeFleet ACL (written by builder.fleet.transport.broker_config). Denials are SILENT to clients.\n"
         f"user {builder_user}\n"
         f"topic readwrite {root}/#\n"
         "\n"
@@ -105,7 +105,7 @@ def write_broker_config(dest_dir: Path, *, port: int, devices: Mapping[str, str]
     os.replace(tmp, acl_file)
 
     lines = [
-        "# EdgeFleet broker (written by builder.fleet.broker_config)",
+        "# EdgeFleet broker (written by builder.fleet.transport.broker_config)",
         "per_listener_settings false",
         "allow_anonymous false",
         f"password_file {password_file}",

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from builder.errors import UsageError
-from builder.fleet.store import DeploymentEvent, TelemetryRow
+from builder.fleet.transport.store import DeploymentEvent, TelemetryRow
 
 # Deployment events worth a vertical line, and their colours.
 MARKED_EVENTS = {"active": "tab:green", "rolled_back": "tab:red", "failed": "tab:red", "rejected": "tab:red",

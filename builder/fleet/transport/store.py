@@ -1,8 +1,12 @@
-"""The fleet store: device registry, telemetry, benchmarks, deployment events and push history.
+"""The fleet store: device registry, telemetry, benchmarks, deployment events, push history, and
+the re-compression loop's policies and per-device state.
 
 SQLite in WAL mode with a busy timeout, so `builder serve` (writing from its MQTT thread) and
-`builder push` / `builder fleet status` (other processes) share one file safely. Every row that
-crosses the module boundary is a frozen dataclass; SQL stays in this file.
+`builder push` / `builder fleet status` (other processes) share one file safely. This module owns
+every table of the file, under one schema version (``SCHEMA_VERSION``, upgraded in place by
+``_MIGRATIONS``), and the file's name (:func:`fleet_store_path`). Every row that crosses the module
+boundary is a frozen dataclass or, for the loop's rows, the JSON text its typed views
+(``builder.fleet.loop``) read and write; SQL stays in this file.
 
 A PostgreSQL adapter would implement the same public methods of ``FleetStore`` (they are the whole
 interface the rest of the fleet code uses) over psycopg; ``open_store`` is where it would plug in
@@ -20,9 +24,14 @@ from typing import Any, Mapping
 
 from builder.errors import FleetError, UsageError
 
-SCHEMA_VERSION = 1
+FLEET_STORE_FILE = "fleet.sqlite"
 
-_SCHEMA = """
+SCHEMA_VERSION = 2
+
+_META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+
+# Version 1: devices, telemetry, benchmarks, deployment events, push history.
+_SCHEMA_1 = """
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY,
     profile TEXT,
@@ -92,8 +101,33 @@ CREATE TABLE IF NOT EXISTS pushes (
     reason TEXT,
     finished_at REAL
 );
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+# Version 2: the re-compression loop's tables, which the loop and policy code used to create on
+# their own connections outside the schema version (an older file may have them: rows are kept).
+_SCHEMA_2 = """
+CREATE TABLE IF NOT EXISTS loop_policies (
+    scope TEXT PRIMARY KEY,
+    policy_json TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS loop_state (
+    device_id TEXT PRIMARY KEY,
+    state_json TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+# _MIGRATIONS[n] takes a file from schema version n to n + 1 (0: a new, empty file). Append only:
+# a released step is never edited. Every statement is idempotent (IF NOT EXISTS), so a step also
+# adopts a table an older builder made outside the schema version.
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA_1, _SCHEMA_2)
+assert len(_MIGRATIONS) == SCHEMA_VERSION
+
+
+def fleet_store_path(data_dir: Path) -> Path:
+    """Where a data directory keeps its fleet store."""
+    return Path(data_dir) / FLEET_STORE_FILE
 
 
 @dataclass(frozen=True)
@@ -209,13 +243,9 @@ class FleetStore:
             self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = NORMAL")
-            self._db.executescript(_SCHEMA)
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row["value"]) != SCHEMA_VERSION:
-                raise FleetError(f"fleet store {self.path} has schema {row['value']}, this builder reads {SCHEMA_VERSION}; "
-                                 "upgrade the builder or use another --data-dir")
+            self._db.execute(_META)
+            if self._schema_version() != SCHEMA_VERSION:
+                self._migrate()
         except sqlite3.DatabaseError as exc:
             raise FleetError(f"cannot open the fleet store {self.path} ({exc}); check the file or use another --data-dir") from exc
 
@@ -247,6 +277,25 @@ class FleetStore:
 
     def _tx(self) -> "FleetStore._Tx":
         return FleetStore._Tx(self)
+
+    def _schema_version(self) -> int:
+        """The file's schema version; 0 for a new file."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return 0 if row is None else int(row["value"])
+
+    def _migrate(self) -> None:
+        """Bring the file to ``SCHEMA_VERSION`` in one transaction (another process may be at it too:
+        the version is read again under the write lock). A newer file than this builder is refused."""
+        with self._tx() as db:
+            version = self._schema_version()
+            if version > SCHEMA_VERSION:
+                raise FleetError(f"fleet store {self.path} has schema {version}, this builder reads {SCHEMA_VERSION}; "
+                                 "upgrade the builder or use another --data-dir")
+            for script in _MIGRATIONS[version:]:
+                for statement in script.split(";"):  # one by one: executescript would commit
+                    if statement.strip():
+                        db.execute(statement)
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -434,6 +483,37 @@ class FleetStore:
         return [PushRecord(r["push_id"], r["created_at"], r["target"], json.loads(r["plan_json"]), r["state"],
                            r["reason"], r["finished_at"]) for r in rows]
 
+    # -- re-compression loop: policies by scope and per-device state, as JSON text ------------
+    # Typed by builder.fleet.loop (PolicyStore, LoopStateStore), which the fleet store does not import.
+    def set_loop_policy(self, scope: str, policy_json: str, now: float) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO loop_policies (scope, policy_json, updated_at) VALUES (?, ?, ?)",
+                       (scope, policy_json, now))
+
+    def remove_loop_policy(self, scope: str) -> bool:
+        """Forget a scope's policy; False when there was none."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM loop_policies WHERE scope = ?", (scope,)).rowcount > 0
+
+    def loop_policies(self) -> dict[str, str]:
+        """Every stored policy's JSON by scope, in scope order."""
+        return {r["scope"]: r["policy_json"]
+                for r in self._query("SELECT scope, policy_json FROM loop_policies ORDER BY scope")}
+
+    def loop_state(self, device_id: str) -> str | None:
+        rows = self._query("SELECT state_json FROM loop_state WHERE device_id = ?", (device_id,))
+        return rows[0]["state_json"] if rows else None
+
+    def save_loop_state(self, device_id: str, state_json: str, now: float) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO loop_state (device_id, state_json, updated_at) VALUES (?, ?, ?)",
+                       (device_id, state_json, now))
+
+    def loop_states(self) -> dict[str, str]:
+        """Every device's loop state JSON, in device order."""
+        return {r["device_id"]: r["state_json"]
+                for r in self._query("SELECT device_id, state_json FROM loop_state ORDER BY device_id")}
+
 
 def _device(r: sqlite3.Row) -> DeviceRecord:
     return DeviceRecord(
@@ -470,6 +550,6 @@ def latency_percentiles(latency_ms: Mapping[str, Any]) -> tuple[float | None, fl
 
 
 def open_store(data_dir: Path) -> FleetStore:
-    """The fleet store of a data directory (``<data_dir>/fleet.sqlite``)."""
-    return FleetStore(Path(data_dir) / "fleet.sqlite")
+    """The fleet store of a data directory (:func:`fleet_store_path`)."""
+    return FleetStore(fleet_store_path(data_dir))
 

@@ -32,19 +32,21 @@ over the fleet default ``*``)::
     input_shape = "x=1x1x8x8"  # optional, as for builder optimize
     trials = 20
 
-Policies are stored in the fleet database (table ``loop_policies``) so ``builder serve`` and the CLI
-see the same thing; :func:`load_policy_file` validates before anything is written.
+Policies are stored in the fleet store (table ``loop_policies`` of its schema) so ``builder serve``
+and the CLI see the same thing; :func:`load_policy_file` validates before anything is written.
 """
 from __future__ import annotations
 
 import json
-import sqlite3
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from builder.errors import UsageError
+
+if TYPE_CHECKING:
+    from builder.fleet.transport.store import FleetStore
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -227,15 +229,7 @@ def load_policy_file(path: Path) -> Policy:
 
 
 # ---------------------------------------------------------------------------------------------
-# Storage: one table in the fleet database, keyed by scope ("device:ID", "group:G" or "*").
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS loop_policies (
-    scope TEXT PRIMARY KEY,
-    policy_json TEXT NOT NULL,
-    updated_at REAL NOT NULL
-)
-"""
+# Storage: one table of the fleet store, keyed by scope ("device:ID", "group:G" or "*").
 
 
 def scope_for(device_id: Optional[str] = None, group: Optional[str] = None) -> str:
@@ -250,34 +244,20 @@ def scope_for(device_id: Optional[str] = None, group: Optional[str] = None) -> s
 
 
 class PolicyStore:
-    """Policies in the fleet SQLite file. Opens a connection per call (serve and CLI share the file)."""
+    """The policies of a :class:`~builder.fleet.transport.store.FleetStore`, typed (the store keeps
+    them as JSON by scope; serve and the CLI share the file)."""
 
-    def __init__(self, db_path: Path) -> None:
-        self.db_path = Path(db_path)
-
-    def _connect(self) -> sqlite3.Connection:
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.db_path, timeout=10)
-        conn.execute(_SCHEMA)
-        return conn
+    def __init__(self, store: "FleetStore") -> None:
+        self.store = store
 
     def set(self, scope: str, policy: Policy, now: float) -> None:
-        with self._connect() as conn:
-            conn.execute("INSERT OR REPLACE INTO loop_policies(scope, policy_json, updated_at) VALUES (?,?,?)",
-                         (scope, json.dumps(policy.to_dict(), sort_keys=True), now))
-        conn.close()
+        self.store.set_loop_policy(scope, json.dumps(policy.to_dict(), sort_keys=True), now)
 
     def remove(self, scope: str) -> bool:
-        with self._connect() as conn:
-            cur = conn.execute("DELETE FROM loop_policies WHERE scope = ?", (scope,))
-        conn.close()
-        return cur.rowcount > 0
+        return self.store.remove_loop_policy(scope)
 
     def all(self) -> dict[str, Policy]:
-        with self._connect() as conn:
-            rows = conn.execute("SELECT scope, policy_json FROM loop_policies ORDER BY scope").fetchall()
-        conn.close()
-        return {scope: Policy.from_dict(json.loads(text)) for scope, text in rows}
+        return {scope: Policy.from_dict(json.loads(text)) for scope, text in self.store.loop_policies().items()}
 
     def resolve(self, device_id: str, groups: tuple[str, ...] = ()) -> tuple[Optional[str], Optional[Policy]]:
         """The policy that applies to a device (own > first matching group > default) and its scope."""

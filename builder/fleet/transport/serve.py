@@ -26,9 +26,9 @@ from agent import protocol as proto
 from agent.errors import ProtocolError
 from agent.manifest import MANIFEST_FILE, SIGNATURE_FILE
 from builder.errors import BuilderError, FleetError
-from builder.fleet.embedded_broker import EmbeddedBroker, EmbeddedBrokerSettings
-from builder.fleet.link import (SERVE_STATE_FILE, SERVE_TOPIC, BrokerEndpoint, FleetLink, write_serve_state)
-from builder.fleet.store import BenchmarkRow, DeploymentEvent, FleetStore, TelemetryRow, open_store
+from builder.fleet.transport.embedded_broker import EmbeddedBroker, EmbeddedBrokerSettings
+from builder.fleet.transport.link import (SERVE_STATE_FILE, SERVE_TOPIC, BrokerEndpoint, FleetLink, write_serve_state)
+from builder.fleet.transport.store import BenchmarkRow, DeploymentEvent, FleetStore, TelemetryRow, open_store
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class FleetServer:
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> "FleetServer":
         from builder.artifacts.registry import Registry
-        from builder.fleet.chunk_server import ChunkServer
+        from builder.fleet.transport.chunk_server import ChunkServer
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = open_store(self.data_dir)
@@ -182,7 +182,7 @@ class FleetServer:
                 self.link.publish(proto.device_topic(device_id, proto.Down.DESIRED), message.to_json(), retain=True)
 
     def _last_desired_message(self, device_id: str, event: DeploymentEvent) -> proto.DesiredDeployment | None:
-        from builder.fleet.chunk_server import desired_message
+        from builder.fleet.transport.chunk_server import desired_message
 
         directory = self.chunk_server.lookup(event.artifact_id) if event.artifact_id else None
         if directory is None:

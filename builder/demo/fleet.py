@@ -6,7 +6,7 @@ Raspberry Pi 4, a Jetson Orin Nano and an Android phone (own data dir and profil
 push` to each; real requests to each agent's local endpoint (field latency); `builder fleet
 status`; a latency/power plot per device. Everything is written under ``out_dir``.
 
-``builder.demo`` calls ``run_fleet_demo``; ``python -m builder.fleet.fleet_demo OUT_DIR`` runs it alone.
+``builder.demo`` calls ``run_fleet_demo``; ``python -m builder.demo.fleet OUT_DIR`` runs it alone.
 """
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from builder.demo.child_processes import ChildProcesses
 from builder.errors import DemoError
-from builder.fleet.child_processes import ChildProcesses
+from builder.fleet.transport.store import FLEET_STORE_FILE
 
 MINILM = "builder.zoo.minilm:minilm"
 MINILM_SHAPES = "input_ids=1x128:int64,attention_mask=1x128:int64"
@@ -141,7 +142,7 @@ class FleetDemo:
         self.say(f"`builder serve` running (pid {self.children.procs['serve'].pid}) with the embedded broker on {url}")
 
     def agents(self) -> None:
-        from builder.fleet.devices import add_device
+        from builder.fleet.transport.devices import add_device
 
         for device, profile in DEVICES.items():
             data_dir = self.out_dir / "agents" / device
@@ -154,7 +155,7 @@ class FleetDemo:
             self.say(f"{device}: agent process {self.children.procs[device].pid} as {profile} (config {added.agent_toml})")
 
         def online() -> bool:
-            from builder.fleet.store import open_store
+            from builder.fleet.transport.store import open_store
 
             with open_store(self.home) as store:
                 return all(store.device(d).online for d in DEVICES if store.find_device(d))
@@ -227,8 +228,8 @@ class FleetDemo:
 
     def plots(self) -> None:
         """The same as `builder fleet plot --device D --out FILE`, in-process (one matplotlib import)."""
-        from builder.fleet.plot import plot_series, render_plot
-        from builder.fleet.store import open_store
+        from builder.fleet.rollout.plot import plot_series, render_plot
+        from builder.fleet.transport.store import open_store
 
         with open_store(self.home) as store:
             for device in DEVICES:
@@ -254,7 +255,7 @@ class FleetDemo:
         finally:
             self.children.stop_all()
         self.say("\n== fleet demo outputs ==")
-        self.say(f"data dir (registry, fleet.sqlite, keys): {self.home}")
+        self.say(f"data dir (registry, {FLEET_STORE_FILE}, keys): {self.home}")
         self.say(f"fleet status (JSON):  {self.out_dir / 'fleet-status.json'}")
         self.say(f"plots:                {self.out_dir / 'plots'}")
         self.say(f"process logs:         {self.out_dir / 'logs'}")
@@ -281,7 +282,7 @@ def demo_stage(ctx: Any) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from builder.cli.errors import guarded
-    from builder.demo_output import FLEET_KEEP, prepare_output_dir
+    from builder.demo.output import FLEET_KEEP, prepare_output_dir
     from builder.errors import BuilderError
 
     args = sys.argv[1:] if argv is None else argv
