@@ -38,8 +38,9 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from agent import protocol as proto
-from tests.fleet.conftest import Mosquitto, free_port, store_status, wait_for
-from tests.support.broker import mosquitto_available
+from tests.fleet.conftest import Mosquitto, store_status
+from tests.support.broker import free_port, mosquitto_available
+from tests.support.processes import wait_for
 from tests.support.readme import PRELUDE, ROOT, ShellBlock, block_environment, shell_blocks
 
 pytestmark = [pytest.mark.mosquitto,
@@ -266,12 +267,13 @@ def test_deploy_readme_host_side_as_written_then_a_device_joins_over_tls(world_r
         run_block("start", code["start"], s.root, env, s.logs)
         assert s.debian_conf.is_symlink() and s.debian_conf.resolve() == (s.broker_dir / "mosquitto.conf").resolve()
         broker = Mosquitto(s.debian_conf, [port, tls_port]).start()
-        broker.reload()
-        assert broker.proc is not None and broker.proc.poll() is None, "mosquitto died on SIGHUP (reload)"
-
-        # the builder's credentials (add-device wrote them) on the loopback listener
+        # the builder's credentials (add-device wrote them) on the loopback listener. Its CONNACK also
+        # says Mosquitto's main loop runs: it sets its SIGHUP handler after it opens its ports, so a
+        # SIGHUP as soon as they are open can end it (systemd waits for its readiness notification).
         creds = json.loads((s.data_dir / "broker-credentials.json").read_text(encoding="utf-8"))
         host, seen_by_host = mqtt_client(port, creds["username"], creds["password"], "walkthrough-host")
+        broker.reload()
+        assert broker.proc is not None and broker.proc.poll() is None, "mosquitto died on SIGHUP (reload)"
         host.subscribe(proto.all_devices_topic("up/#"), qos=1)
         host.subscribe(proto.all_devices_topic("down/#"), qos=1)
 
