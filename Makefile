@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 ONNX2TORCH := onnx2torch==1.5.15
 EXTRAS ?= builder,litert,broker,dev,convert-litert,bench
 
-.PHONY: venv demo test test-fast bench dist clean
+.PHONY: venv demo check test test-fast bench dist clean
 
 # Made once; remade only when pyproject.toml or this file changes (a second `make demo` starts at once).
 $(BIN)/.installed: $(ROOT)/pyproject.toml $(ROOT)/Makefile
@@ -27,6 +27,11 @@ venv: $(BIN)/.installed
 
 demo: venv
 	$(BIN)/python -m builder.demo
+
+# Lint and types (configured in pyproject.toml); CI runs it before the tests.
+check: venv
+	cd $(ROOT) && $(BIN)/ruff check builder agent tests bench
+	cd $(ROOT) && $(BIN)/mypy
 
 test: venv
 	cd $(ROOT) && $(BIN)/python -m pytest

@@ -119,7 +119,7 @@ def run_benchmark(run: Callable[[Mapping[str, np.ndarray]], Any], feeds: Mapping
     proc = psutil.Process()
     cpu0 = proc.cpu_times()
     energy_counter = next((s for s in power_sensors if hasattr(s, "energy_j")), None)
-    energy0 = energy_counter.energy_j() if energy_counter is not None else None  # type: ignore[union-attr]
+    energy0 = energy_counter.energy_j() if energy_counter is not None else None
     sampler = _PowerSampler([s for s in power_sensors if s is not energy_counter] if energy0 is not None else power_sensors)
     sampler.start()
     samples_ms = []
@@ -131,7 +131,7 @@ def run_benchmark(run: Callable[[Mapping[str, np.ndarray]], Any], feeds: Mapping
     wall_s = time.perf_counter() - wall0
     sampler.stop()
     cpu1 = proc.cpu_times()
-    energy1 = energy_counter.energy_j() if energy_counter is not None else None  # type: ignore[union-attr]
+    energy1 = energy_counter.energy_j() if energy_counter is not None else None
     cpu_percent = 100.0 * ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / max(wall_s, 1e-9)
 
     power_w, source, energy_j = None, "not measured", None

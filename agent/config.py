@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
-from agent.errors import ConfigError
-from agent.protocol import ProtocolError, validate_device_id
+from agent.errors import ConfigError, ProtocolError
+from agent.protocol import validate_device_id
 
 if sys.version_info >= (3, 11):
     import tomllib

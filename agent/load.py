@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import asdict
-from typing import Hashable
+from typing import Any, Hashable
 
 from agent.config import LoadSettings
 
@@ -38,7 +38,7 @@ class LoadController:
     def settings(self) -> LoadSettings:
         return self._settings
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self._settings)
 
     def apply(self, settings: LoadSettings) -> LoadSettings:

@@ -18,9 +18,12 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from agent.errors import ProtocolError, SignatureError
+
+if TYPE_CHECKING:  # annotations only: the functions import cryptography where they use it
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 MANIFEST_SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -111,7 +114,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["target"]["runtime_options"] = dict(self.target.runtime_options)
-        return _jsonable(data)
+        return {str(k): _jsonable(v) for k, v in data.items()}
 
     def canonical_bytes(self) -> bytes:
         return canonical_json(self.to_dict())
@@ -177,7 +180,7 @@ def key_id(public_key_raw: bytes) -> str:
     return hashlib.sha256(public_key_raw).hexdigest()[:16]
 
 
-def load_public_key(pem_or_path: bytes | str | Path):
+def load_public_key(pem_or_path: bytes | str | Path) -> Ed25519PublicKey:
     """Ed25519 public key from PEM bytes or a PEM file path."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -198,14 +201,15 @@ def load_public_key(pem_or_path: bytes | str | Path):
     return key
 
 
-def public_key_id(public_key) -> str:
+def public_key_id(public_key: Ed25519PublicKey) -> str:
     from cryptography.hazmat.primitives import serialization
 
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return key_id(raw)
 
 
-def verify_signature(manifest_bytes: bytes, signature_doc: Mapping[str, Any] | bytes, public_key) -> Manifest:
+def verify_signature(manifest_bytes: bytes, signature_doc: Mapping[str, Any] | bytes,
+                     public_key: Ed25519PublicKey) -> Manifest:
     """Check the Ed25519 signature over the manifest's canonical bytes; return the parsed manifest.
 
     The bytes are re-canonicalised first, so a re-indented but unchanged manifest still verifies and
@@ -213,18 +217,21 @@ def verify_signature(manifest_bytes: bytes, signature_doc: Mapping[str, Any] | b
     """
     from cryptography.exceptions import InvalidSignature
 
+    doc: Mapping[str, Any]
     if isinstance(signature_doc, (bytes, bytearray)):
         try:
-            signature_doc = json.loads(bytes(signature_doc).decode("utf-8"))
+            doc = json.loads(bytes(signature_doc).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SignatureError("signature file is not valid JSON") from exc
-    if signature_doc.get("alg") != "ed25519":
-        raise SignatureError(f"unsupported signature algorithm {signature_doc.get('alg')!r}; expected ed25519")
+    else:
+        doc = signature_doc
+    if doc.get("alg") != "ed25519":
+        raise SignatureError(f"unsupported signature algorithm {doc.get('alg')!r}; expected ed25519")
     expected_kid = public_key_id(public_key)
-    if signature_doc.get("key_id") != expected_kid:
-        raise SignatureError(f"manifest signed by key {signature_doc.get('key_id')}, but this device trusts key {expected_kid}")
+    if doc.get("key_id") != expected_kid:
+        raise SignatureError(f"manifest signed by key {doc.get('key_id')}, but this device trusts key {expected_kid}")
     try:
-        signature = base64.b64decode(signature_doc["signature"], validate=True)
+        signature = base64.b64decode(doc["signature"], validate=True)
     except (KeyError, ValueError) as exc:
         raise SignatureError("signature is missing or not base64") from exc
     manifest = Manifest.from_bytes(manifest_bytes)
@@ -249,7 +256,7 @@ def verify_payload_file(path: Path, entry: PayloadEntry) -> None:
         raise SignatureError(f"payload {entry.name} sha256 {actual[:12]}… does not match manifest {entry.sha256[:12]}…")
 
 
-def verify_artifact_dir(directory: Path, public_key) -> Manifest:
+def verify_artifact_dir(directory: Path, public_key: Ed25519PublicKey) -> Manifest:
     """Verify signature, then every payload, of an artifact directory; return the manifest."""
     directory = Path(directory)
     try:

@@ -22,7 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 from agent import protocol as proto
 from agent.errors import ProtocolError, SignatureError, TransferError
@@ -120,8 +120,10 @@ class ChunkPuller:
         for entry in manifest.payloads:
             final = dest_dir / entry.name
             if not (final.is_file() and final.stat().st_size == entry.size_bytes and sha256_file(final) == entry.sha256):
-                self._pull_payload(manifest.artifact_id, entry, work, final,
-                                   lambda frac, base=done_before, size=entry.size_bytes: self._progress(base + int(frac * size), total))
+                def on_fraction(frac: float, base: int = done_before, size: int = entry.size_bytes) -> None:
+                    self._progress(base + int(frac * size), total)
+
+                self._pull_payload(manifest.artifact_id, entry, work, final, on_fraction)
             done_before += entry.size_bytes
             self._progress(done_before, total)
         self.stats["pull_s"] = round(time.monotonic() - started, 4)
@@ -181,7 +183,7 @@ class ChunkPuller:
         self._drain_stale_frames()
         phase_started = time.monotonic()
         received_chunks = received_bytes = 0
-        buffered: dict[int, bytes] = {}
+        buffered: dict[int, bytes | memoryview] = {}
         requested_upto = next_index
         last_activity = time.monotonic()
         seen_connects = self.connect_count()
@@ -278,9 +280,9 @@ class _PayloadSink:
     def __init__(self, final: Path) -> None:
         self.final = final
         self.tmp = final.with_name(final.name + ".tmp")
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
+        self._queue: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=64)
         self._thread: threading.Thread | None = None
-        self._out = None
+        self._out: BinaryIO | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -294,10 +296,10 @@ class _PayloadSink:
         self._size = 0
         self._dobj = zstandard.ZstdDecompressor().decompressobj()
         self._out = open(self.tmp, "wb")
-        self._thread = threading.Thread(target=self._work, name="decompress", daemon=True)
+        self._thread = threading.Thread(target=self._work, args=(self._out,), name="decompress", daemon=True)
         self._thread.start()
 
-    def _work(self) -> None:
+    def _work(self, out: BinaryIO) -> None:
         while True:
             data = self._queue.get()
             if data is None:
@@ -309,7 +311,7 @@ class _PayloadSink:
                 if raw:
                     self._payload_hash.update(raw)
                     self._size += len(raw)
-                    self._out.write(raw)
+                    out.write(raw)
             except Exception as exc:  # noqa: BLE001 - reported by feed()/finish() in the caller's thread
                 self._error = exc
 
@@ -328,7 +330,7 @@ class _PayloadSink:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 self.feed(block)
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         self._raise_if_failed()
         self._queue.put(data)
 
@@ -341,20 +343,22 @@ class _PayloadSink:
     def finish(self, entry: PayloadEntry) -> None:
         """Check size and sha256 against the signed manifest, fsync, and move into place."""
         self._join()
+        out = self._out
+        assert out is not None  # opened by reset()
         try:
             self._raise_if_failed()
             if not self._dobj.eof:
                 raise TransferError(f"{entry.name}: the zstd stream is truncated; will download again")
-            self._out.flush()
-            os.fsync(self._out.fileno())
+            out.flush()
+            os.fsync(out.fileno())
             if self._size != entry.size_bytes or self._payload_hash.hexdigest() != entry.sha256:
                 raise SignatureError(f"payload {entry.name} ({self._size} bytes, sha256 {self._payload_hash.hexdigest()[:12]}…) "
                                      f"does not match the signed manifest ({entry.size_bytes} bytes, {entry.sha256[:12]}…)")
         except BaseException:
-            self._out.close()
+            out.close()
             self.tmp.unlink(missing_ok=True)
             raise
-        self._out.close()
+        out.close()
         os.replace(self.tmp, self.final)
 
 
@@ -363,14 +367,15 @@ def _remove_stream(work: Path, name: str) -> None:
     (work / f"{name}.meta.json").unlink(missing_ok=True)
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        return value
     except (OSError, json.JSONDecodeError):
         return {}
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(obj, fh, indent=1, sort_keys=True)

@@ -84,13 +84,13 @@ def raw_broker_throughput(port: int, frames: list[bytes], runs: int = 2, infligh
         sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-sub-{run}", protocol=mqtt.MQTTv5)
         sub.username_pw_set(DEVICE, DEVICE_PW)
 
-        def on_message(c, u, m):
+        def on_message(c, u, m, received=received, done=done):  # this run's counter and event (B023)
             received["n"] += 1
             if received["n"] == len(frames):
                 done.set()
         sub.on_message = on_message
         subscribed = threading.Event()
-        sub.on_subscribe = lambda c, u, mid, rc, p: subscribed.set()
+        sub.on_subscribe = lambda c, u, mid, rc, p, subscribed=subscribed: subscribed.set()
         sub.connect("127.0.0.1", port)
         sub.loop_start()
         sub.subscribe(topic, qos=1)
@@ -219,7 +219,7 @@ def main() -> int:
                     raise RuntimeError(f"delivery failed: {final.error}")
                 if t_installing - t_publish < best_transfer_s:
                     best_transfer_s, t_active_s = t_installing - t_publish, t_active - t_publish
-                install = host.wait(lambda: [json.loads(t) for t in host.of_kind(DEVICE, proto.Up.TELEMETRY)
+                install = host.wait(lambda host=host: [json.loads(t) for t in host.of_kind(DEVICE, proto.Up.TELEMETRY)
                                              if json.loads(t)["event"] == "install"], 30, "install telemetry")[-1]
                 transfer = install["details"]["transfer"]
                 best_chunk_phase_s = min(best_chunk_phase_s, transfer["chunk_phase_s"])

@@ -12,8 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import importlib
-from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -109,7 +108,7 @@ def text_pages(names: Sequence[str], count: int, size: int, seed: int) -> np.nda
     for i in range(count):
         n_lines = int(rng.integers(2, 6))
         lines = text_lines(names, n_lines, line_h, int(size * rng.uniform(0.5, 0.9)), seed * 1000 + i)
-        for j, line in enumerate(lines):
+        for line in lines:
             y = int(rng.integers(0, size - line_h))
             x = int(rng.integers(0, size - line.shape[1] + 1))
             scenes[i, y:y + line_h, x:x + line.shape[1]] = line

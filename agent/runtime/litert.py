@@ -5,7 +5,7 @@ tflite-runtime 2.14 rejects newer op versions and needs numpy<2 (docs), hence th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -13,7 +13,7 @@ from agent.errors import RuntimeBackendError
 from agent.runtime.base import TensorInfo
 
 
-def _interpreter_class():
+def _interpreter_class() -> tuple[Any, str]:
     try:
         from ai_edge_litert.interpreter import Interpreter
 
@@ -21,7 +21,7 @@ def _interpreter_class():
     except ImportError:
         pass
     try:
-        from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+        from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef, unused-ignore]  # needed where ai_edge_litert has types
 
         return Interpreter, "tflite_runtime"
     except ImportError as exc:
@@ -42,7 +42,7 @@ def default_threads() -> int:
     return int(physical or os.cpu_count() or 1)
 
 
-def _shape(detail: Mapping) -> tuple[int | None, ...]:
+def _shape(detail: Mapping[str, Any]) -> tuple[int | None, ...]:
     """The tensor's shape, a dynamic dimension (-1 in ``shape_signature``) as None."""
     signature = detail.get("shape_signature")
     if signature is None or len(signature) != len(detail["shape"]):

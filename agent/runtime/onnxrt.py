@@ -105,4 +105,4 @@ class OnnxRuntime:
         return {info.name: value for info, value in zip(self._outputs, values)}
 
     def close(self) -> None:
-        self._session = None  # type: ignore[assignment]
+        self._session = None

@@ -307,8 +307,8 @@ def _subgraph_cost(node: Any, infos: Mapping[str, TensorInfo], scalars: Mapping[
     params = sum(b.params for b in bodies.values())
     weight_bytes = sum(b.weight_bytes for b in bodies.values())
     label = node.name or node.op_type
-    for body in bodies.values():
-        notes.extend(body.notes)
+    for sub in bodies.values():
+        notes.extend(sub.notes)
     if node.op_type == "If" and bodies:
         branch = max(bodies, key=lambda name: bodies[name].macs)
         chosen = bodies[branch]

@@ -119,6 +119,8 @@ def estimate_latency(stats: GraphStats, profile: DeviceProfile, precision: str |
         layer_prec = _layer_precision(layer, precision, profile)
         emulated = layer_prec == "fp16" and not _native_fp16(profile)
         compute_s = layer.flops / (peak_ops_per_s(profile, "fp32" if emulated else layer_prec) * compute_rate_eff)
+        traffic: float
+        activations: float
         if precision is None:
             traffic = layer.traffic_bytes
         elif layer.traffic_bytes == 0:

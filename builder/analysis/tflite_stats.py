@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from builder.analysis.graph_stats import GraphStats, LayerStats
 from builder.analysis.weights import element_count

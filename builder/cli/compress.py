@@ -17,7 +17,7 @@ from builder.units import format_bytes
 if TYPE_CHECKING:  # heavy or not needed for `builder --help`
     from rich.table import Table
 
-    from builder.compression.engine import StepReport
+    from builder.compression.engine import CompressionResult, StepReport
     from builder.compression.recipe import Recipe
 
 
@@ -185,20 +185,20 @@ def _report_json(report: "StepReport") -> dict:
             "evaluation": dataclasses.asdict(e) if dataclasses.is_dataclass(e) else str(e)}
 
 
-def _refuse_collapse(result: "object", rows: "list[StepReport]", max_accuracy_drop: float) -> None:
+def _refuse_collapse(result: "CompressionResult", rows: "list[StepReport]", max_accuracy_drop: float) -> None:
     """The output stays written and flagged; an accuracy collapse still exits non-zero (one line)."""
     from builder.errors import CompressionError
 
-    flags = list(getattr(result, "flags", ()))
+    flags = list(result.flags)
     if not flags:
         return
     base, final = rows[0].evaluation, rows[-1].evaluation
     if "accuracy_drop" in flags and base.accuracy is not None and final.accuracy is not None:
         raise CompressionError(f"accuracy fell from {base.accuracy:.3f} to {final.accuracy:.3f}, more than "
                                f"--max-accuracy-drop {max_accuracy_drop:.1%}; the model was still written to "
-                               f"{getattr(result, 'model_path')} and flagged in its report (pass a larger "
+                               f"{result.model_path} and flagged in its report (pass a larger "
                                f"--max-accuracy-drop to accept it)")
-    print(f"warning: the final model is flagged: {', '.join(flags)} (see {getattr(result, 'report_path')})",
+    print(f"warning: the final model is flagged: {', '.join(flags)} (see {result.report_path})",
           file=sys.stderr)
 
 

@@ -1,9 +1,8 @@
 """PyTorch -> ONNX for the engine (between the PyTorch and the ONNX phase, and to evaluate each
-PyTorch step). Uses ``builder.loading.export_to_onnx`` when that exists; until then the legacy
-exporter (opset 17, one file, dynamic axes from the InputSpecs)."""
+PyTorch step), through ``builder.loading.export_to_onnx`` (one file, dynamic axes from the InputSpecs,
+checked against PyTorch)."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,28 +26,17 @@ def example_inputs(inputs: Sequence[InputSpec], sample: dict | None = None) -> t
 
 def export_module(module: Any, inputs: Sequence[InputSpec], path: Path,
                   output_names: Sequence[str] = ("output",)) -> tuple[str, ...]:
-    """Export ``module`` to a single ONNX file at ``path``; returns the graph's output names."""
+    """Export ``module`` to a single ONNX file at ``path``; returns the graph's output names.
+
+    ``output_names`` is not used: ``export_to_onnx`` names the outputs ``output`` / ``output_<i>``."""
     import onnx
-    import torch
+
+    from builder.loading import export_to_onnx
 
     module = module.eval()
     path = Path(path)
     try:
-        from builder.loading import export_to_onnx  # type: ignore[attr-defined]
-    except ImportError:
-        export_to_onnx = None
-    try:
-        if export_to_onnx is not None:
-            export_to_onnx(module, tuple(inputs), path)
-        else:
-            dynamic_axes = {spec.name: dict(spec.dynamic_axes) for spec in inputs}
-            for name in output_names:
-                dynamic_axes[name] = {0: "batch"}
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(module, example_inputs(inputs), str(path), input_names=[s.name for s in inputs],
-                                  output_names=list(output_names), dynamic_axes=dynamic_axes, opset_version=17,
-                                  dynamo=False, do_constant_folding=True)
+        export_to_onnx(module, tuple(inputs), path)
     except Exception as exc:  # exporter failures come in many types
         raise ModelLoadError(f"exporting the compressed PyTorch model to ONNX failed: {exc}") from exc
     graph = onnx.load(str(path), load_external_data=False).graph

@@ -17,8 +17,8 @@ def weight_layers(module: Any, include: Sequence[str] = (), exclude: Sequence[st
         if not any(name == wanted or name.startswith(wanted + ".") for name in known):
             raise UsageError(f"no Conv/Linear layer named '{wanted}'; layers are: {', '.join(sorted(known))}")
     if include:
-        layers = [(n, l) for n, l in layers if any(n == w or n.startswith(w + ".") for w in include)]
-    return [(n, l) for n, l in layers if not any(n == w or n.startswith(w + ".") for w in exclude)]
+        layers = [(n, m) for n, m in layers if any(n == w or n.startswith(w + ".") for w in include)]
+    return [(n, m) for n, m in layers if not any(n == w or n.startswith(w + ".") for w in exclude)]
 
 
 def last_linear_name(module: Any) -> str | None:

@@ -108,6 +108,7 @@ class ChannelPruneStep(CompressionStep):
         from builder.compression._export import example_inputs
 
         module = state.torch_module
+        assert module is not None  # a TORCH-form step: Recipe.validate refuses it without a module
         example = example_inputs(state.inputs)
         head = last_linear_name(module)
         named = dict(module.named_modules())
@@ -137,9 +138,9 @@ class ChannelPruneStep(CompressionStep):
                 if importance == "activation" else None
             compensated += pruner.step(stats)
             if round_epochs:
-                stats = training.fine_tune(module, ctx, state.inputs, epochs=round_epochs, lr=lr, task=ctx.task,
+                tuned = training.fine_tune(module, ctx, state.inputs, epochs=round_epochs, lr=lr, task=ctx.task,
                                            teacher=ctx.teacher)
-                tune_stats.append(dataclasses.asdict(stats))
+                tune_stats.append(dataclasses.asdict(tuned))
         module.eval()
         with torch.no_grad():
             macs_after, params_after = tp.utils.count_ops_and_params(module, example)

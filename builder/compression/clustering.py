@@ -45,6 +45,9 @@ def _gather_module(centroids: Any, assignment: Any, mask: Any = None) -> Any:
     from torch import nn
 
     class ClusteredWeight(nn.Module):
+        assignment: torch.Tensor  # buffers, registered below
+        mask: torch.Tensor
+
         def __init__(self) -> None:
             super().__init__()
             self.centroids = nn.Parameter(centroids)
@@ -103,6 +106,7 @@ class ClusterStep(CompressionStep):
         from builder.compression import training
 
         module = state.torch_module
+        assert module is not None  # a TORCH-form step: Recipe.validate refuses it without a module
         layers = dict(weight_layers(module, self.include, self.exclude))
         groups = self._groups(module, layers)
         tied_names = {n for g in groups if len(g) > 1 for n in g}

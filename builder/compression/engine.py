@@ -186,6 +186,7 @@ def _run(model: LoadedModel, recipe: Recipe, steps: list[CompressionStep], data:
             on_report(report)
 
     model_path = out_dir / "model.onnx"
+    assert state.onnx_path is not None  # the loaded model's, or a step's (checked after each step)
     _atomic_copy(Path(state.onnx_path), model_path)
     final_state = dataclasses.replace(state, onnx_path=model_path, torch_module=None)
     report_path = out_dir / "report.json"
@@ -226,7 +227,7 @@ def _json_default(value: Any) -> Any:
         return str(value)
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
-    if dataclasses.is_dataclass(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     return repr(value)
 

@@ -235,6 +235,7 @@ class Int8Step(CompressionStep):
 
         folded, fold_record = FoldStep().apply(state, self._sub(ctx, "fold"))
         equalized: Optional[tuple[ModelState, StepRecord]] = None
+        assert folded.onnx_path is not None  # FoldStep writes its result
         ends = first_and_last_weighted(Path(folded.onnx_path))
         base = {"mode": "static", "per_channel": True, "activation_type": "uint8", "weight_type": "int8",
                 "calibration": self.calibrations[0] if self.calibrations else "minmax", "keep_float": tuple(ends)}
@@ -243,11 +244,11 @@ class Int8Step(CompressionStep):
 
         def run(candidate: Candidate) -> tuple[ModelState, StepRecord]:
             nonlocal equalized
-            source, pre = folded, [fold_record]
+            source = folded
             if candidate.equalize:
                 if equalized is None:
                     equalized = EqualizeStep().apply(folded, self._sub(ctx, "equalize"))
-                source, pre = equalized[0], [fold_record, equalized[1]]
+                source = equalized[0]
             out_state, record = self._quantize_step(ctx, **candidate.quantize).apply(
                 source, self._sub(ctx, f"q{len(tried):02d}"))
             results[candidate.label] = (out_state, record, candidate)

@@ -27,7 +27,7 @@ def rank_for_energy(singular_values: np.ndarray, energy: float) -> int:
     """Smallest r with sum(s[:r]^2) >= energy * sum(s^2)."""
     squared = np.asarray(singular_values, dtype=np.float64) ** 2
     cumulative = np.cumsum(squared) / max(squared.sum(), 1e-30)
-    return int(min(np.searchsorted(cumulative, energy - 1e-12) + 1, len(squared)))
+    return min(int(np.searchsorted(cumulative, energy - 1e-12)) + 1, len(squared))
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ class LowRankStep(CompressionStep):
         from builder.compression import training
 
         module = state.torch_module
+        assert module is not None  # a TORCH-form step: Recipe.validate refuses it without a module
         factored: dict[str, list[int]] = {}
         skipped: dict[str, str] = {}
         # These torch modules read their Linear children's .weight directly (fused fast paths), so
@@ -102,6 +103,8 @@ class LowRankStep(CompressionStep):
             first_w = (root[:, None] * vh[:rank]).float()
             second_w = (u[:, :rank] * root[None, :]).float()
             bias = layer.bias.detach() if layer.bias is not None else None
+            first: nn.Linear | nn.Conv2d
+            second: nn.Linear | nn.Conv2d
             if isinstance(layer, nn.Linear):
                 first, second = nn.Linear(in_dim, rank, bias=False), nn.Linear(rank, out_dim, bias=bias is not None)
                 first.weight.data.copy_(first_w)
@@ -111,7 +114,7 @@ class LowRankStep(CompressionStep):
                 second = nn.Conv2d(rank, out_dim, 1, bias=bias is not None)
                 first.weight.data.copy_(first_w[:, :, None, None])
                 second.weight.data.copy_(second_w[:, :, None, None])
-            if bias is not None:
+            if bias is not None and second.bias is not None:  # second has a bias exactly when bias is set
                 second.bias.data.copy_(bias)
             _replace(module, name, nn.Sequential(first, second))
             factored[name] = [int(out_dim), int(in_dim), rank]

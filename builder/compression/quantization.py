@@ -752,7 +752,7 @@ class QuantizeStep(CompressionStep):
         """
         candidates = [n for n in weighted_nodes(prepared) if n not in self.keep_float]
         probe = workdir / "probe.onnx"
-        ranking = []
+        ranking: list[dict[str, Any]] = []
         for node in candidates:  # sensitivity: how much fidelity comes back when only this node stays float
             self._quantize(mode, prepared, probe, [*self.keep_float, node], calib)
             cos_mean, _, agreement = fidelity(reference, probe, evals, task)

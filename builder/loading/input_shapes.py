@@ -122,7 +122,7 @@ def infer_batch_axes(graph_inputs: Sequence[tuple[str, tuple[int | str | None, .
     """The batch axis of each input (module docstring): declared, else by the batch symbol, else 0."""
     declared = dict(declared or {})
     known = {n for n, _, _ in graph_inputs}
-    for name, axis in declared.items():
+    for name in declared:
         if name not in known:
             raise UsageError(f"a batch axis is declared for '{name}' but the model's inputs are {', '.join(sorted(known))}")
     symbol = next((dims[0] for _, dims, _ in graph_inputs if dims and isinstance(dims[0], str)), None)
@@ -156,6 +156,7 @@ def reconcile_with_graph(graph_inputs: Sequence[tuple[str, tuple[int | str | Non
     axes_by_name = infer_batch_axes(graph_inputs, batch_axes)
     data_shapes = dict(data_shapes or {})
     given_by_name: dict[str, InputSpec] = {}
+    spec: InputSpec | None  # a given spec, then each input's (None when not given)
     if given:
         if not named:
             if len(given) != 1 or len(graph_inputs) != 1:

@@ -115,7 +115,7 @@ def export_to_onnx(module: Any, inputs: Sequence[InputSpec], path: Path, opset: 
         raise ModelLoadError("the model returned no tensors; it must return at least one output")
     other_specs = varied_specs(inputs)
     other_tensors = example_tensors(other_specs, seed=1) if other_specs else None
-    other_reference = run_module(module, other_tensors, other_specs) if other_specs else None
+    other_reference = run_module(module, other_tensors, other_specs) if other_specs and other_tensors is not None else None
     output_names = ["output"] if len(reference) == 1 else [f"output_{i}" for i in range(len(reference))]
     batch = inputs[0].shape[0] if inputs and inputs[0].shape else None
     dynamic_axes: dict[str, dict[int, str]] = {spec.name: dict(spec.dynamic_axes) for spec in inputs}
@@ -133,7 +133,7 @@ def export_to_onnx(module: Any, inputs: Sequence[InputSpec], path: Path, opset: 
             try:
                 _export(exporter, module, trace_with, inputs, output_names, dynamic_axes, tmp, opset or DEFAULT_OPSET, big)
                 diff = verify_export(module, tmp, inputs, tensors, reference)
-                if other_specs is not None:
+                if other_specs is not None and other_tensors is not None:
                     diff = max(diff, verify_export(module, tmp, other_specs, other_tensors, other_reference))
             except (UsageError, UnsupportedOpError):
                 raise

@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from builder.errors import BuilderError, DeviceUnavailableError, SearchError, UsageError
 from builder.search.cache import CandidateCache, cache_key
@@ -292,7 +292,7 @@ def _objective(config: SearchConfig, evaluator: CandidateEvaluator, space: Searc
     return objective
 
 
-def _prune(trial: Any, names: Sequence[str], reason: str, cache_hit: bool) -> None:
+def _prune(trial: Any, names: Sequence[str], reason: str, cache_hit: bool) -> NoReturn:
     """Record a candidate that misses its quality floor and stop the trial (optuna PRUNED)."""
     import optuna
 

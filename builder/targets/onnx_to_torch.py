@@ -281,7 +281,7 @@ def _StaticSlice(flip_dims: list[int], pos: list[Any], neg: list[Any]) -> Any:  
 def constant_propagation_for_export(max_elements: int = INLINE_MAX_ELEMENTS) -> Iterator[None]:
     """Let fake tensors carry the values of inlined constants up to ``max_elements`` (torch keeps
     only 1-element constants by default), so ``.tolist()`` on a shape vector is a real list."""
-    fake_tensor = importlib.import_module("torch._subclasses.fake_tensor")
+    fake_tensor: Any = importlib.import_module("torch._subclasses.fake_tensor")  # ModuleType has no attributes
     before = fake_tensor.CONSTANT_NUMEL_LIMIT
     fake_tensor.CONSTANT_NUMEL_LIMIT = max(before, max_elements)
     try:

@@ -254,7 +254,7 @@ def write_sample_file(path: Path, compiled: CompiledPayloads, sample: Mapping[st
     for pos, spec in enumerate(compiled.outputs):
         arrays[f"out:{spec.name}"] = np.asarray(ref_values[pos]).astype(spec.dtype)  # the agent checks dtypes too
     with open(path, "wb") as fh:
-        np.savez(fh, **arrays)
+        np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub lets **kwds fill allow_pickle: bool
 
 
 def estimate_device_latency_ms(onnx_path: Path, inputs: Sequence[TensorSpec], profile: Any, precision: str) -> float | None:
@@ -313,7 +313,7 @@ def build_artifact(model: BuildModel, request: BuildRequest, samples: SampleSet,
     if samples.origin == "synthetic":
         warnings.append("verified (and any int8 calibration done) on synthetic inputs; pass --data with real samples")
     own_tmp = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="edgefleet-build-")) if own_tmp else Path(workdir)
+    work = Path(tempfile.mkdtemp(prefix="edgefleet-build-")) if workdir is None else Path(workdir)
     try:
         options = dict(request.options)
         options.update(format=request.format, torch_module=model.torch_module,

@@ -174,7 +174,7 @@ def build_for_profile(model: str, profile: str, *, recipe: Path | None = None, q
                           reference_onnx_path=loaded.onnx_path, torch_module=loaded.torch_module,
                           source_sha256=source_fingerprint(str(model), loaded.onnx_path, loaded.torch_module),
                           recipe=recipe_dict)
-        floors = dict(task=task, min_cosine=min_cosine, min_agreement=min_agreement)
+        floors: dict[str, Any] = dict(task=task, min_cosine=min_cosine, min_agreement=min_agreement)
         request = BuildRequest(prof, choice.runtime, choice.precision, choice.format, dict(options or {}), **floors)
         train_source, train_sha256 = None, None
         if train_data is not None:
@@ -221,7 +221,7 @@ def build_for_profile(model: str, profile: str, *, recipe: Path | None = None, q
             f".{fallback.format} for {prof.name} instead")
     stage(line)
     try:
-        result = build_for_profile(model, profile, recipe=recipe, quantize=quantize, prune=prune, input_shapes=input_shapes,
+        built = build_for_profile(model, profile, recipe=recipe, quantize=quantize, prune=prune, input_shapes=input_shapes,
                                    data=data, registry_dir=registry_dir, key_dir=key_dir, runtime=fallback.runtime,
                                    precision=fallback.precision, fmt=fallback.format, name=name, version=version,
                                    out_dir=out_dir, profiles_dirs=profiles_dirs, verify_samples=verify_samples,
@@ -233,7 +233,7 @@ def build_for_profile(model: str, profile: str, *, recipe: Path | None = None, q
     why = f"LiteRT refused {failure.op.describe()}: {failure.op.reason}"
     if fallback.runtime == "onnxruntime":
         why += f"; on the device the .{fallback.format} runs with execution providers {', '.join(prof.onnxruntime_providers)}"
-    return dataclasses.replace(result, fallback=line, warnings=(why,) + result.warnings)
+    return dataclasses.replace(built, fallback=line, warnings=(why,) + built.warnings)
 
 
 def refuse_unconvertible(onnx_path: Path) -> None:

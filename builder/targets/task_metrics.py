@@ -132,7 +132,7 @@ def relative_error_score(reference: Sequence[np.ndarray], candidate: Sequence[np
     """1 - ||candidate - reference|| / ||reference|| over all samples (clipped at 0)."""
     r, c = _flat(reference), _flat(candidate)
     denom = max(float(np.linalg.norm(r)), 1e-12)
-    return float(max(0.0, 1.0 - np.linalg.norm(c - r) / denom))
+    return float(max(0.0, 1.0 - float(np.linalg.norm(c - r)) / denom))
 
 
 SCORES = {"classify": top1_agreement, "embed": nearest_neighbour_agreement, "dense_map": map_iou,

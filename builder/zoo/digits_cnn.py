@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 INPUT_SHAPE = (1, 1, 8, 8)
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,8 @@ class DigitsCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 30, lr: float = 3e-3,
-          batch_size: int = 64, seed: int = 0) -> nn.Module:
+def train(model: ModuleT, x: np.ndarray, y: np.ndarray, epochs: int = 30, lr: float = 3e-3,
+          batch_size: int = 64, seed: int = 0) -> ModuleT:
     """Plain Adam + cross-entropy; deterministic for a given seed."""
     gen = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)

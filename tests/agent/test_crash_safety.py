@@ -97,7 +97,7 @@ def test_agent_killed_during_install_restarts_with_working_model(tmp_path, broke
         _kill(proc)
         agent_toml(config, broker.url, "dev1", DEVICES["dev1"], pub, data)
         proc = _start_agent(config, log)
-        d3 = host.deploy("dev1", v2, deployment_id="v2-retry")
+        host.deploy("dev1", v2, deployment_id="v2-retry")
         host.wait(lambda: [p for p in host.progress("dev1") if p.deployment_id == "v2-retry" and p.state == "active"],
                   WAIT_S, "v2 active after restart")
         assert _http(data, "/health")["artifact_id"] == d2.artifact_id

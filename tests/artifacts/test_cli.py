@@ -21,7 +21,7 @@ def builder(home: Path, *args: str) -> subprocess.CompletedProcess:
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode != 0, proc.stdout
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("builder: error:"), proc.stderr
     return lines[0]
 

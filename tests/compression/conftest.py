@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from builder.compression._export import export_module  # noqa: E402
 from builder.compression.data import DataSource  # noqa: E402
-from builder.loading.types import InputSpec, LoadedModel  # noqa: E402
+from builder.loading.types import LoadedModel  # noqa: E402
 from builder.zoo import digits_cnn  # noqa: E402
 
 from tests.support.models import DIGITS_INPUTS  # noqa: E402,F401

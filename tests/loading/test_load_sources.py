@@ -2,7 +2,6 @@
 sources raise one-line typed errors."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import onnx

@@ -51,7 +51,7 @@ def test_optimize_digits_respects_targets_writes_outputs_and_reruns_from_cache(t
     every = [tuple(r[k] for k in ("quality", "device_latency_ms", "download_bytes")) for r in report["candidates"]]
     for point in front:  # quality is maximised: compare on (-quality, latency, size)
         neg = (-point[0], point[1], point[2])
-        assert not any(dominates((-q, l, s), neg) for q, l, s in every)
+        assert not any(dominates((-q, lat, s), neg) for q, lat, s in every)
     recipe = Recipe.from_toml(out / "recipe.toml")  # what `builder compress/build --recipe` read
     assert [s.name for s in recipe.steps] == [s["type"] for s in chosen["steps"]]
     assert (out / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

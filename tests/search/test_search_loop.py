@@ -15,7 +15,7 @@ from builder.search.evaluate import EvaluationSetup
 from builder.search.objectives import Targets
 from builder.search.optimize import SearchConfig, run_search
 from builder.search.pareto import dominates, front_of, recommend
-from tests.search.fakes import AnalyticEvaluator, count_evaluations
+from tests.search.fakes import count_evaluations
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = "tests.search.fakes:AnalyticEvaluator"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 
 def _bn_model(path: Path, duplicate_names: bool = False, constant_var: bool = False) -> Path:
