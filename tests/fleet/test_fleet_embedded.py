@@ -99,7 +99,6 @@ def test_embedded_serve_three_agents_push_each_status_and_plot(tmp_path: Path, f
 
 
 def _retained_desired(port: int) -> dict[str, str]:
-    import threading
     import time
 
     import paho.mqtt.client as mqtt

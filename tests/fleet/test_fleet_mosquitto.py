@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import tomllib
 from pathlib import Path
 
 import paho.mqtt.client as mqtt

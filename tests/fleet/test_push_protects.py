@@ -64,8 +64,10 @@ def test_push_refuses_other_profiles_takes_precision_and_ctrl_c_withdraws(tmp_pa
                              "--benchmark-runs", "0", "--data-dir", str(home)], cwd=REPO, env=CHILD_ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        parts = lambda: [p for p in (data_dir / "downloads").glob("*/*.part") if p.stat().st_size > 0] \
-            if (data_dir / "downloads").is_dir() else []
+        def parts() -> list[Path]:
+            downloads = data_dir / "downloads"
+            return [p for p in downloads.glob("*/*.part") if p.stat().st_size > 0] if downloads.is_dir() else []
+
         wait_for(parts, 90, "the big download to start: " + processes.log("agent"), interval_s=0.05)
         push.send_signal(signal.SIGINT)
         out, err = push.communicate(timeout=60)

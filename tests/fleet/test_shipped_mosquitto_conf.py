@@ -3,7 +3,6 @@ substituted), and the ACL'd users connect: the builder over loopback, a device o
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import ssl
 import threading

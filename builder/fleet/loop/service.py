@@ -81,7 +81,7 @@ class StaticLadders:
 
     @classmethod
     def of(cls, *ladders: Sequence[Rung], profile: Optional[str] = None) -> "StaticLadders":
-        return cls(tuple((profile, tuple(l)) for l in ladders))
+        return cls(tuple((profile, tuple(ladder)) for ladder in ladders))
 
     def ladder_for(self, device_id: str, profile: Optional[str], active_artifact_id: Optional[str]) -> Sequence[Rung]:
         for ladder_profile, rungs in self.ladders:

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -424,7 +424,7 @@ class Pusher:
                     future.result(timeout=30)
                 except (PushCancelled, TimeoutError):
                     pass
-            raise PushCancelled("push cancelled: desired deployments withdrawn; each device keeps its previous model")
+            raise PushCancelled("push cancelled: desired deployments withdrawn; each device keeps its previous model") from None
         finally:
             pool.shutdown(wait=True)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from agent import protocol as proto
 from agent.errors import ProtocolError
-from builder.errors import FleetError, UsageError
+from builder.errors import UsageError
 from builder.fleet.transport.link import load_builder_credentials, read_serve_state, save_builder_credentials
 from builder.fleet.transport.store import open_store
 
