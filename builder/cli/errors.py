@@ -39,7 +39,7 @@ def run_app(app: typer.Typer, error_types: tuple[type[BaseException], ...], prog
         sys.exit(130)
 
 
-def guarded(fn: Callable[[], None], error_types: tuple[type[BaseException], ...], prog: str) -> None:
+def guarded(fn: Callable[[], object], error_types: tuple[type[BaseException], ...], prog: str) -> None:
     """Same contract as run_app, for code that is not a Typer app (scripts, the demo)."""
     try:
         fn()

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,15 +44,16 @@ class FleetDemo:
     minilm_onnx: Path | None = None  # MiniLM already exported (the demo's analyse stage): skips a re-export
     litert_budget_s: float = 240.0
     traffic_s: float = 8.0
-    home: Path | None = None  # default: out_dir/home (its own registry, store and keys)
+    home_dir: InitVar[Path | None] = None  # default: out_dir/home (its own registry, store and keys)
     artifacts: dict[str, str] = field(default_factory=dict)
     litert_devices: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    home: Path = field(init=False)  # home_dir resolved
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, home_dir: Path | None) -> None:
         self.out_dir = Path(self.out_dir).resolve()
-        self.home = Path(self.home).resolve() if self.home else self.out_dir / "home"
+        self.home = Path(home_dir).resolve() if home_dir else self.out_dir / "home"
         self.env = {**os.environ, **CHILD_ENV_EXTRA, "EDGEFLEET_HOME": str(self.home)}
         self.children = ChildProcesses(self.out_dir / "logs", self.env)
 

@@ -236,7 +236,7 @@ def decide(policy: Policy, state: DeviceLoopState, current_artifact: Optional[st
     pacing = policy.pacing
     objective = policy.latency_p95_ms
     usable = [w for w in windows if w.p95_ms is not None and w.requests >= pacing.min_samples]
-    base = {"objective_p95_ms": objective, "latency_factor": round(state.latency_factor, 4)}
+    base: dict[str, Any] = {"objective_p95_ms": objective, "latency_factor": round(state.latency_factor, 4)}
 
     if state.pending is not None:
         return _judge(policy, state.pending, current_artifact, usable, base)
@@ -254,7 +254,9 @@ def decide(policy: Policy, state: DeviceLoopState, current_artifact: Optional[st
             return Decision(Action.KEEP, f"current rung fails the policy ({why}) and no rung on the ladder meets it",
                             numbers=base)
         target = min(allowed, key=lambda r: r.estimated_latency_ms)
-        return Decision(Action.STEP_UP if _find(ladder, target.artifact_id) < idx else Action.STEP_DOWN,
+        target_idx = _find(ladder, target.artifact_id)
+        assert target_idx is not None  # target is one of the ladder's rungs
+        return Decision(Action.STEP_UP if target_idx < idx else Action.STEP_DOWN,
                         f"current rung fails the policy ({why}); moving to the fastest rung that meets it",
                         target_artifact=target.artifact_id, change_kind=ChangeKind.RESTORE_FLOOR,
                         numbers={**base, "target_estimated_ms": target.estimated_latency_ms})
@@ -331,8 +333,8 @@ def _step_down(policy: Policy, state: DeviceLoopState, ladder: Sequence[Rung], i
                violating: Sequence[FieldWindow], cooldown_left: float, base: dict[str, Any]) -> Decision:
     objective = policy.latency_p95_ms
     current = ladder[idx]
-    p95s = [w.p95_ms for w in violating]
-    observed = _median(p95s)  # type: ignore[arg-type]
+    p95s = [w.p95_ms for w in violating if w.p95_ms is not None]  # all of them: violating windows are usable ones
+    observed = _median(p95s)
     # The factor over the violating windows describes the device *now* (the EWMA lags a sudden throttle).
     factor_now = observed / current.estimated_latency_ms
     numbers = {**base, "violating_p95_ms": [round(p, 4) for p in p95s], "baseline_p95_ms": round(observed, 4),

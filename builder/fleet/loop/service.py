@@ -379,13 +379,14 @@ class ReCompressionLoop:
             state = apply_decision(state, decision, current, None, now)
             outcome = self._push(device_id, target)
             done = self.clock()
-            assert state.pending is not None
+            pending = state.pending
+            assert pending is not None
             if outcome.ok:
                 # Judge (and cool down) from when the new rung is active: windows reported during the
                 # transfer still measure the old one.
-                state = replace(state, pending=replace(state.pending, at_ts=done), last_change_ts=done)
+                state = replace(state, pending=replace(pending, at_ts=done), last_change_ts=done)
             else:
-                state = replace(state, pending=replace(state.pending, device_failed=True, failure_reason=outcome.reason))
+                state = replace(state, pending=replace(pending, device_failed=True, failure_reason=outcome.reason))
                 self._record_plain(device_id, done, "push_failed", target,
                                    {"reason": outcome.reason, "action": decision.action.value})
             return replace(record, state=state, changes=record.changes + 1)
@@ -453,7 +454,7 @@ class ReCompressionLoop:
 def loop_events(store: Any, device_id: Optional[str] = None, since: Optional[float] = None) -> list[Any]:
     """The loop's events (fleet events whose kind starts with ``loop.``), oldest first."""
     devices = [device_id] if device_id else [d.device_id for d in store.devices()]
-    out = []
+    out: list[Any] = []
     for dev in devices:
         out.extend(e for e in store.events(dev, since=since) if e.kind.startswith(EVENT_PREFIX))
     return sorted(out, key=lambda e: e.ts)

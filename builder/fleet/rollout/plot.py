@@ -123,7 +123,7 @@ def plot_series(device_id: str, telemetry: Sequence[TelemetryRow], events: Seque
              if e.kind == "desired" and e.artifact_id and e.detail and e.detail.get("model")}
     gap_s = _gap_limit_s([r for r in ordered if r.event == "periodic"] or ordered)
     segments = tuple(
-        LatencySegment(model=names.get(run[0].model_id) or (run[0].model_id or "unknown model")[:12], t_s=tuple(r.ts - start for r in run),
+        LatencySegment(model=names.get(run[0].model_id or "") or (run[0].model_id or "unknown model")[:12], t_s=tuple(r.ts - start for r in run),
                        p50_ms=tuple(r.p50_ms for r in run), p95_ms=tuple(r.p95_ms for r in run),
                        requests=tuple(r.requests for r in run))
         for run in _split(field, lambda r: r.model_id, gap_s))
