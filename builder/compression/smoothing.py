@@ -182,7 +182,7 @@ def smooth_model(model: Any, ranges: dict[str, np.ndarray], alpha: Union[float, 
                     and tensor not in graph_outputs and len(producer.output) >= 1 and producer.output[0] == tensor
                     and all(c in nodes for c in consumers.get(tensor, []))
                     and all(name in inits for name in producer.input[1:3]) and len(producer.input) >= 3)
-        if foldable:
+        if foldable and producer is not None:
             for index in (1, 2):
                 array = numpy_helper.to_array(inits[producer.input[index]]).astype(np.float64) / scale
                 new_name = f"{producer.input[index]}_smoothed_{len(graph.initializer)}"
