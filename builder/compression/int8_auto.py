@@ -270,9 +270,11 @@ class Int8Step(CompressionStep):
         for calibration in self.calibrations[1:]:
             consider(dataclasses.replace(best, label=best.label.replace(best.quantize["calibration"], calibration),
                                          quantize={**best.quantize, "calibration": calibration}))
-        if cpu.u8s8_saturates:
+        if cpu.u8s8_saturates:  # ORT's two remedies for VPMADDUBSW's 16-bit saturation (docs/int8.md)
             consider(Candidate(best.label + ", 7-bit weights (no VNNI)", best.equalize,
                                {**best.quantize, "reduce_range": True}))
+            consider(Candidate(best.label.replace("u8/s8", "u8/u8") + " (no VNNI)", best.equalize,
+                               {**best.quantize, "weight_type": "uint8", "reduce_range": False}))
         consider(Candidate(best.label + ", bias correction", best.equalize, {**best.quantize, "bias_correction": True}))
         consider(Candidate("equalised, " + best.label, True, best.quantize))
         if len(ends) == 2:  # the classifier in int8 too: a large Gemm is most of a small CNN's size
