@@ -1,0 +1,165 @@
+"""What the dashboard shows, as JSON-ready dicts read from the fleet store and the artifact registry.
+
+No HTTP here: ``api.py`` turns these into responses. The fleet table reuses `builder fleet status`'s
+rows (:func:`builder.fleet.rollout.status.collect_status`), so the page and the CLI never disagree.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from builder.errors import UsageError
+from builder.fleet.loop.service import EVENT_PREFIX
+from builder.fleet.rollout.status import DeviceStatusRow, collect_status
+from builder.fleet.transport.store import DeploymentEvent, FleetStore, TelemetryRow
+
+STATES = ("online", "offline", "unregistered")
+SORT_KEYS = ("device_id", "state", "profile", "group", "model", "p50_ms", "p95_ms", "power_w", "temperature_c",
+             "last_seen")
+MAX_PER_PAGE = 500
+
+
+@dataclass(frozen=True)
+class DeviceQuery:
+    """Filter, order and page of the fleet table (``GET /api/devices``)."""
+
+    group: str | None = None
+    state: str | None = None
+    search: str | None = None  # substring of the device id
+    sort: str = "device_id"
+    descending: bool = False
+    page: int = 1
+    per_page: int = 50
+
+    def __post_init__(self) -> None:
+        if self.state is not None and self.state not in STATES:
+            raise UsageError(f"state must be one of {', '.join(STATES)}, not {self.state!r}")
+        if self.sort not in SORT_KEYS:
+            raise UsageError(f"sort must be one of {', '.join(SORT_KEYS)}, not {self.sort!r}")
+        if self.page < 1 or not 1 <= self.per_page <= MAX_PER_PAGE:
+            raise UsageError(f"page must be >= 1 and per_page in 1..{MAX_PER_PAGE}")
+
+
+def device_state(row: DeviceStatusRow) -> str:
+    if not row.registered:
+        return "unregistered"
+    return "online" if row.online else "offline"
+
+
+def device_json(row: DeviceStatusRow, now: float) -> dict[str, Any]:
+    """One fleet-table row. Power carries its source; ``power_estimated`` marks a profile estimate."""
+    return {
+        "device_id": row.device_id, "state": device_state(row), "profile": row.profile, "group": row.group,
+        "model": row.model, "artifact_id": row.artifact_id, "p50_ms": row.field_p50_ms, "p95_ms": row.field_p95_ms,
+        "requests": row.requests, "power_w": row.power_w, "power_source": row.power_source,
+        "power_estimated": row.power_w is not None and row.power_source.lower().startswith("estimate"),
+        "temperature_c": row.temperature_c, "last_seen": row.last_seen,
+        "last_seen_age_s": (max(0.0, now - row.last_seen) if row.last_seen is not None else None),
+    }
+
+
+def fleet_page(store: FleetStore, query: DeviceQuery, now: float | None = None) -> dict[str, Any]:
+    """The fleet table: filtered, sorted, one page of it, with the totals and the groups for the filters."""
+    now = time.time() if now is None else now
+    everyone = [device_json(r, now) for r in collect_status(store, now)]
+    counts = {state: sum(1 for d in everyone if d["state"] == state) for state in STATES}
+    groups = sorted({d["group"] for d in everyone if d["group"]})
+    chosen = [d for d in everyone
+              if (query.group is None or d["group"] == query.group)
+              and (query.state is None or d["state"] == query.state)
+              and (not query.search or query.search.lower() in d["device_id"].lower())]
+    present = [d for d in chosen if d.get(query.sort) is not None]
+    missing = [d for d in chosen if d.get(query.sort) is None]  # last, in both orders
+    present.sort(key=lambda d: d[query.sort], reverse=query.descending)
+    ordered = present + missing
+    start = (query.page - 1) * query.per_page
+    return {"total": len(ordered), "page": query.page, "per_page": query.per_page,
+            "pages": max(1, -(-len(ordered) // query.per_page)), "sort": query.sort, "descending": query.descending,
+            "counts": counts, "groups": groups, "devices": ordered[start:start + query.per_page]}
+
+
+def telemetry_json(row: TelemetryRow) -> dict[str, Any]:
+    return {"seq": row.seq, "ts": row.ts, "event": row.event, "artifact_id": row.model_id, "requests": row.requests,
+            "errors": row.errors, "p50_ms": row.p50_ms, "p95_ms": row.p95_ms, "power_w": row.power_w,
+            "power_source": row.power_source, "temperature_c": row.temperature_c, "cpu_percent": row.cpu_percent}
+
+
+def telemetry_series(store: FleetStore, device_id: str, since: float | None = None, limit: int = 500) -> list[dict[str, Any]]:
+    store.device(device_id)
+    return [telemetry_json(r) for r in store.telemetry(device_id, since=since, limit=limit)]
+
+
+def telemetry_after(store: FleetStore, device_id: str, after_ts: float, after_seq: int) -> list[dict[str, Any]]:
+    """Reports newer than (ts, seq), oldest first: what the live stream sends next."""
+    rows = store.telemetry(device_id, since=after_ts, limit=200)
+    return [telemetry_json(r) for r in rows if (r.ts, r.seq) > (after_ts, after_seq)]
+
+
+def event_json(event: DeploymentEvent) -> dict[str, Any]:
+    return {"ts": event.ts, "kind": event.kind, "deployment_id": event.deployment_id,
+            "artifact_id": event.artifact_id, "detail": dict(event.detail)}
+
+
+def device_detail(store: FleetStore, registry: Any, device_id: str, now: float | None = None) -> dict[str, Any]:
+    """One device: its table row, its slots, its deployments (with the on-device benchmark of each
+    artifact against the one before) and the loop's events with their reasons."""
+    now = time.time() if now is None else now
+    record = store.device(device_id)
+    row = next(r for r in collect_status(store, now) if r.device_id == device_id)
+    events = store.events(device_id)
+    deployments = [event_json(e) for e in events if not e.kind.startswith(EVENT_PREFIX)]
+    loop = [event_json(e) for e in events if e.kind.startswith(EVENT_PREFIX)]
+    benchmarks = {}
+    for artifact_id in {record.active_artifact_id, record.previous_artifact_id} - {None}:
+        bench = store.latest_benchmark(device_id, artifact_id)
+        if bench is not None:
+            benchmarks[artifact_id] = {"ts": bench.ts, "p50_ms": bench.p50_ms, "p95_ms": bench.p95_ms,
+                                       "mean_ms": bench.mean_ms, "power_w": bench.power_w,
+                                       "power_source": bench.power_source, "energy_mj": bench.energy_mj}
+    return {**device_json(row, now), "agent_version": record.agent_version, "machine": record.machine,
+            "runtimes": list(record.runtimes),
+            "slots": {"active": _slot(registry, record.active_artifact_id, record.active_model),
+                      "previous": _slot(registry, record.previous_artifact_id, None)},
+            "benchmarks": benchmarks, "deployments": deployments, "loop_events": loop}
+
+
+def _slot(registry: Any, artifact_id: str | None, model: str | None) -> dict[str, Any] | None:
+    if artifact_id is None:
+        return None
+    if model is None and registry is not None:
+        try:
+            rec = registry.get(artifact_id)
+            model = f"{rec.model_name}@{rec.model_version}"
+        except Exception:  # noqa: BLE001 - an artifact the registry no longer has still names the slot
+            model = None
+    return {"artifact_id": artifact_id, "model": model}
+
+
+def signing_key_id(registry: Any, artifact_id: str) -> str | None:
+    """The key id the manifest's signature names (``manifest.sig``), None when unreadable."""
+    from agent.manifest import SIGNATURE_FILE
+
+    try:
+        return json.loads((registry.manifest_dir(artifact_id) / SIGNATURE_FILE).read_text(encoding="utf-8")).get("key_id")
+    except (OSError, ValueError):
+        return None
+
+
+def artifacts_json(registry: Any, model: str | None = None) -> list[dict[str, Any]]:
+    """Registered artifacts, newest first, with their verification figures, size and signing key id."""
+    records: Sequence[Any] = registry.records(model_name=model)
+    out = []
+    for rec in sorted(records, key=lambda r: r.created_at, reverse=True):
+        out.append({"artifact_id": rec.artifact_id, "model": f"{rec.model_name}@{rec.model_version}",
+                    "model_name": rec.model_name, "model_version": rec.model_version, "profile": rec.profile,
+                    "runtime": rec.runtime, "precision": rec.precision, "format": rec.format,
+                    "size_bytes": rec.size_bytes, "created_at": rec.created_at,
+                    "verification": dict(rec.metrics), "key_id": signing_key_id(registry, rec.artifact_id)})
+    return out
+
+
+def pushes_json(store: FleetStore, limit: int = 50) -> list[dict[str, Any]]:
+    return [{"push_id": p.push_id, "created_at": p.created_at, "target": p.target, "state": p.state,
+             "reason": p.reason, "finished_at": p.finished_at, "plan": dict(p.plan)} for p in store.pushes(limit)]
