@@ -114,11 +114,11 @@ class RolloutActions:
 class DashboardServer:
     """uvicorn serving :func:`builder.fleet.dashboard.api.build_app` in a daemon thread."""
 
-    def __init__(self, data_dir: Path, host: str, port: int, token: DashboardToken, endpoint: Any = None) -> None:
+    def __init__(self, data_dir: Path, host: str, port: int, token: DashboardToken) -> None:
         self.data_dir = Path(data_dir)
         self.host, self.port = host, port
         self.token = token
-        self.endpoint = endpoint
+        self.endpoint: Any = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._store: Any = None
@@ -128,7 +128,10 @@ class DashboardServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/"
 
-    def start(self, timeout_s: float = 10.0) -> "DashboardServer":
+    def start(self, endpoint: Any = None, timeout_s: float = 10.0) -> "DashboardServer":
+        """Listen and serve. ``endpoint``: the broker `builder serve` uses (actions go through it);
+        None: a read-only dashboard (actions answer 503)."""
+        self.endpoint = endpoint
         try:
             import uvicorn
         except ImportError as exc:
@@ -163,6 +166,16 @@ class DashboardServer:
         log.info("dashboard on %s", self.url)
         return self
 
+    def banner(self) -> str:
+        """What `builder serve` prints: the URL, where the token is, and a warning off loopback."""
+        where = f"token in {self.token.source}" if self.token.source != "--http-token" else "token from --http-token"
+        text = f"dashboard: [bold]{self.url}[/] (reads open on loopback; actions need the bearer token, {where})"
+        if not self.token.reads_open:
+            text = (f"[bold yellow]warning:[/] the dashboard listens on {self.host}, not loopback: anyone who can reach "
+                    f"it and holds the token can push to and roll back every device (plain HTTP: put TLS in front).\n"
+                    f"dashboard: [bold]{self.url}[/] (reads and actions need the bearer token, {where})")
+        return text
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.should_exit = True
@@ -173,8 +186,9 @@ class DashboardServer:
             self._store = None
 
 
-def start_dashboard(data_dir: Path, address: str, *, token: str | None = None, token_file: Path | None = None,
-                    endpoint: Any = None) -> DashboardServer:
-    """What `builder serve --http HOST:PORT` calls once the fleet server is up."""
+def prepare_dashboard(data_dir: Path, address: str, *, token: str | None = None,
+                      token_file: Path | None = None) -> DashboardServer:
+    """`builder serve --http HOST:PORT`: the address and token checked (a ``UsageError`` before the
+    fleet server starts); ``start(endpoint)`` once it is up."""
     host, port = parse_http_address(address)
-    return DashboardServer(data_dir, host, port, resolve_token(data_dir, host, token, token_file), endpoint).start()
+    return DashboardServer(data_dir, host, port, resolve_token(data_dir, host, token, token_file))
