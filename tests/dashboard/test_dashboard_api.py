@@ -16,27 +16,11 @@ from starlette.testclient import TestClient  # noqa: E402
 from builder.errors import FleetError  # noqa: E402
 from builder.fleet.dashboard.api import DashboardConfig, build_app  # noqa: E402
 from builder.fleet.dashboard.server import parse_http_address, resolve_token  # noqa: E402
-from builder.fleet.transport.store import (BenchmarkRow, DeploymentEvent, FleetStore, TelemetryRow,  # noqa: E402
-                                           open_store)
+from builder.fleet.transport.store import BenchmarkRow, DeploymentEvent, FleetStore, TelemetryRow, open_store  # noqa: E402
+from tests.dashboard.fill import fill_fleet  # noqa: E402
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def fill_fleet(store: FleetStore, count: int, now: float) -> None:
-    """``count`` devices in three groups; every third offline, the last one unregistered; one field
-    report each (even devices with a measured power, odd ones with an estimate)."""
-    for i in range(count):
-        device = f"dev-{i:04d}"
-        if i < count - 1:
-            store.register_device(device, "raspberry-pi-4" if i % 2 else "jetson-orin-nano", group=f"g{i % 3}")
-        store.record_status(device, online=i % 3 != 1, active_artifact_id=f"art-{i % 2}", active_model=f"m@{i % 2}",
-                            ts=now - i)
-        store.add_telemetry(TelemetryRow(device, 1, now - 10, "window", model_id=f"art-{i % 2}", requests=5,
-                                         p50_ms=1.0 + i, p95_ms=2.0 + i, latency_ms={"p50": 1.0 + i, "p95": 2.0 + i},
-                                         temperature_c=40.0 + i % 10, power_w=3.0,
-                                         power_source="ina219" if i % 2 == 0 else "estimate: device profile",
-                                         received_at=now - 10))
 
 
 @pytest.fixture
@@ -221,3 +205,16 @@ def test_token_rules(tmp_path: Path) -> None:
     assert parse_http_address("[::1]:0") == ("::1", 0)
     with pytest.raises(UsageError):
         parse_http_address("127.0.0.1:http")
+
+
+@pytest.mark.parametrize("address, message", [("0.0.0.0:8080", "not loopback"), ("127.0.0.1:web", "HOST:PORT"),
+                                              ("dashboard.local:80", "not an IP address")])
+def test_serve_refuses_a_bad_http_address_before_starting(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                          address: str, message: str) -> None:
+    from tests.support.cli import run_builder
+
+    code, _, err = run_builder(monkeypatch, capsys, "serve", "--data-dir", str(tmp_path), "--port", "0",
+                               "--http", address)
+    assert code != 0 and message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "serve.json").exists()  # refused before the fleet server started
