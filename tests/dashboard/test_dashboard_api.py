@@ -11,13 +11,19 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("sse_starlette")
 
-from starlette.testclient import TestClient  # noqa: E402
+from starlette.testclient import TestClient
 
-from builder.errors import FleetError  # noqa: E402
-from builder.fleet.dashboard.api import DashboardConfig, build_app  # noqa: E402
-from builder.fleet.dashboard.server import parse_http_address, resolve_token  # noqa: E402
-from builder.fleet.transport.store import BenchmarkRow, DeploymentEvent, FleetStore, TelemetryRow, open_store  # noqa: E402
-from tests.dashboard.fill import fill_fleet  # noqa: E402
+from builder.errors import FleetError
+from builder.fleet.dashboard.api import DashboardConfig, build_app
+from builder.fleet.dashboard.server import parse_http_address, resolve_token
+from builder.fleet.transport.store import (
+    BenchmarkRow,
+    DeploymentEvent,
+    FleetStore,
+    TelemetryRow,
+    open_store,
+)
+from tests.dashboard.fill import fill_fleet
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.fleet.conftest import PY, Processes, agent_http_url, builder_cli, infer, start_agent, store_status
+from tests.fleet.conftest import (
+    PY,
+    Processes,
+    agent_http_url,
+    builder_cli,
+    infer,
+    start_agent,
+    store_status,
+)
 from tests.support.broker import free_port
 from tests.support.processes import wait_for
 

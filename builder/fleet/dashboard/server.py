@@ -128,7 +128,7 @@ class DashboardServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/"
 
-    def start(self, endpoint: Any = None, timeout_s: float = 10.0) -> "DashboardServer":
+    def start(self, endpoint: Any = None, timeout_s: float = 10.0) -> DashboardServer:
         """Listen and serve. ``endpoint``: the broker `builder serve` uses (actions go through it);
         None: a read-only dashboard (actions answer 503)."""
         self.endpoint = endpoint
