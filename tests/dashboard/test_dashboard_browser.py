@@ -126,6 +126,14 @@ def test_dashboard_in_a_browser(browser, fleet_home, processes: Processes, tmp_p
                for name in ("fleet", "device", "device-rolled-back", "artifacts", "pushes"))
     print(f"screenshots in {shots}")
 
+    # serve stops on SIGTERM with the page's event stream still open, without a traceback
+    browser.get(url + "#/device/pi-01")
+    wait_js(browser, "return document.body.dataset.loaded === 'device'", 20, "the device page")
+    start = time.monotonic()
+    processes.stop("serve")
+    assert time.monotonic() - start < 8, "serve took too long to stop"
+    assert "Traceback" not in processes.log("serve"), processes.log("serve")
+
 
 def test_thousand_devices_load_under_a_second(browser, tmp_path: Path) -> None:
     """The fleet page of 1,000 devices: from navigation to the first page of the table drawn."""

@@ -56,24 +56,24 @@ def _bearer(request: Request) -> str | None:
     return None
 
 
-def _int(request: Request, name: str, default: int) -> int:
+def _param(request: Request, name: str, kind: type, default: Any) -> Any:
+    """Query parameter ``name`` as ``kind`` (int or float); ``default`` when absent or empty."""
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        return kind(raw)
     except ValueError as exc:
-        raise UsageError(f"{name} must be an integer, not {raw!r}") from exc
+        raise UsageError(f"{name} must be {'an integer' if kind is int else 'a number'}, not {raw!r}") from exc
+
+
+def _int(request: Request, name: str, default: int) -> int:
+    return int(_param(request, name, int, default))
 
 
 def _float(request: Request, name: str) -> float | None:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise UsageError(f"{name} must be a number, not {raw!r}") from exc
+    value = _param(request, name, float, None)
+    return None if value is None else float(value)
 
 
 def build_app(store: FleetStore, registry: Any, config: DashboardConfig, act: Action | None = None) -> Starlette:

@@ -13,7 +13,7 @@ from typing import Any
 
 from builder.errors import UsageError
 from builder.fleet.loop.service import EVENT_PREFIX
-from builder.fleet.rollout.status import DeviceStatusRow, collect_status
+from builder.fleet.rollout.status import DeviceStatusRow, collect_status, status_rows
 from builder.fleet.transport.store import DeploymentEvent, FleetStore, TelemetryRow
 
 STATES = ("online", "offline", "unregistered")
@@ -108,7 +108,9 @@ def device_detail(store: FleetStore, registry: Any, device_id: str, now: float |
     artifact against the one before) and the loop's events with their reasons."""
     now = time.time() if now is None else now
     record = store.device(device_id)
-    row = next(r for r in collect_status(store, now) if r.device_id == device_id)
+    (row,) = status_rows([record], {device_id: store.latest_field_telemetry_for(device_id, record.active_artifact_id)},
+                         {device_id: store.latest_telemetry(device_id)},
+                         {device_id: store.requests_served(device_id, record.active_artifact_id)}, now)
     events = store.events(device_id)
     deployments = [event_json(e) for e in events if not e.kind.startswith(EVENT_PREFIX)]
     loop = [event_json(e) for e in events if e.kind.startswith(EVENT_PREFIX)]
