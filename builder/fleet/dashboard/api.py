@@ -11,9 +11,10 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ class DashboardConfig:
     token: str
     reads_open: bool = True  # loopback: reads need no token (actions always do)
     stream_poll_s: float = STREAM_POLL_S
+    stopping: threading.Event = field(default_factory=threading.Event)  # set: live streams end (server stops)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -169,7 +171,7 @@ def build_app(store: FleetStore, registry: Any, config: DashboardConfig, act: Ac
 
         async def events() -> AsyncIterator[dict[str, str]]:
             last, sent = (after_ts, after_seq), 0
-            while True:
+            while not config.stopping.is_set():
                 for row in await run_in_threadpool(queries.telemetry_after, store, device_id, *last):
                     last = (row["ts"], row["seq"])
                     yield {"event": "telemetry", "id": f"{row['ts']}:{row['seq']}", "data": json.dumps(row)}

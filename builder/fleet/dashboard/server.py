@@ -122,6 +122,7 @@ class DashboardServer:
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._store: Any = None
+        self._config: Any = None
 
     @property
     def url(self) -> str:
@@ -143,7 +144,8 @@ class DashboardServer:
         self._store = open_store(self.data_dir)
         registry = Registry(self.data_dir)
         act = RolloutActions(self.data_dir, self.endpoint, self._store, registry) if self.endpoint is not None else None
-        app = build_app(self._store, registry, DashboardConfig(self.token.token, reads_open=self.token.reads_open), act)
+        self._config = DashboardConfig(self.token.token, reads_open=self.token.reads_open)
+        app = build_app(self._store, registry, self._config, act)
         sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -177,6 +179,8 @@ class DashboardServer:
         return text
 
     def stop(self) -> None:
+        if self._config is not None:
+            self._config.stopping.set()  # event streams end first, so the shutdown cancels nothing
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:
