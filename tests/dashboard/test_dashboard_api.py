@@ -78,6 +78,10 @@ def client(home: Path, registry: Any):
     store.add_event(DeploymentEvent("dev-0000", now - 30, "loop.step_down", None, "art-0",
                                     {"reason": "p95 3.0 ms over the objective 2.0 ms"}))
     store.add_benchmark(BenchmarkRow("dev-0000", now - 45, "art-0", 1.5, 2.5, power_w=2.0, power_source="ina219"))
+    from builder.fleet.loop.policy import Policy, PolicyStore
+
+    PolicyStore(store).set("group:g1", Policy(latency_p95_ms=10.0), now)
+    PolicyStore(store).set("device:dev-0004", Policy(latency_p95_ms=3.0), now)
     actions = FakeActions()
     app = build_app(store, registry, DashboardConfig(TOKEN, reads_open=True, stream_poll_s=0.05), actions)
     with TestClient(app) as c:
@@ -97,6 +101,12 @@ def test_devices_filtered_sorted_paged(client: TestClient) -> None:
     assert first["profile"] == "jetson-orin-nano" and first["model"] == "m@0" and first["artifact_id"] == "art-0"
     assert first["p50_ms"] == 1.0 and first["p95_ms"] == 2.0 and first["temperature_c"] == 40.0
     assert first["power_w"] == 3.0 and first["power_estimated"] is False and first["last_seen"] is not None
+    assert first["objective_p95_ms"] is None and first["over_objective"] is False
+    objectives = {d["device_id"]: (d["objective_p95_ms"], d["policy_scope"], d["over_objective"])
+                  for d in client.get("/api/devices", params={"group": "g1"}).json()["devices"]}
+    assert objectives["dev-0001"] == (10.0, "group:g1", False)  # p95 3 ms
+    assert objectives["dev-0004"] == (3.0, "device:dev-0004", True)  # p95 6 ms: its own policy wins
+    assert objectives["dev-0013"] == (10.0, "group:g1", True)  # p95 15 ms
     odd = client.get("/api/devices/dev-0001").json()
     assert odd["power_estimated"] is True and odd["state"] == "offline"
 

@@ -115,6 +115,15 @@ def test_dashboard_in_a_browser(browser, fleet_home, processes: Processes, tmp_p
     assert infer(agent_http_url(data_dir))["artifact_id"] == v1
     browser.save_screenshot(str(shots / "device-rolled-back.png"))
 
+    # push v2 again from the page (the registry's artifacts for the device's profile)
+    wait_js(browser, f"return [...document.querySelectorAll('#push-artifact option')].some(o => o.value === '{v2}')", 20,
+            "v2 offered for a push")
+    browser.execute_script(f"document.querySelector('#push-artifact').value = '{v2}'")
+    browser.find_element("css selector", "#push").click()
+    wait_js(browser, "return document.querySelector('#action-msg').textContent.startsWith('pushed: active')", 90,
+            "the push: " + text_of(browser, "#action-msg"))
+    assert store_status(home)["pi-01"]["artifact_id"] == v2
+
     browser.get(url + "#/artifacts")
     wait_js(browser, "return document.querySelectorAll('#artifacts tbody tr').length === 2", 20, "two artifacts")
     assert "digits-cnn@2" in text_of(browser, "#artifacts")

@@ -208,7 +208,10 @@ def build_app(store: FleetStore, registry: Any, config: DashboardConfig, act: Ac
         except BuilderError as exc:
             return _error(500, str(exc))
         log.info("dashboard: %s of %s: %s", "push" if artifact_id else "rollback", device_id, outcome.get("state"))
-        return JSONResponse(outcome, status_code=200 if outcome.get("ok", True) else 409)
+        if not outcome.get("ok", True):
+            return JSONResponse({**outcome, "error": f"{outcome.get('state')}: {outcome.get('error') or 'see the device'}"},
+                                status_code=409)
+        return JSONResponse(outcome)
 
     async def index(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})

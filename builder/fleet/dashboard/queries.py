@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from builder.errors import UsageError
+from builder.fleet.loop.policy import Policy, PolicyStore
 from builder.fleet.loop.service import EVENT_PREFIX
 from builder.fleet.rollout.status import DeviceStatusRow, collect_status, status_rows
 from builder.fleet.transport.store import DeploymentEvent, FleetStore, TelemetryRow
 
 STATES = ("online", "offline", "unregistered")
-SORT_KEYS = ("device_id", "state", "profile", "group", "model", "p50_ms", "p95_ms", "power_w", "temperature_c",
-             "last_seen")
+SORT_KEYS = ("device_id", "state", "profile", "group", "model", "p50_ms", "p95_ms", "objective_p95_ms", "power_w",
+             "temperature_c", "last_seen")
 MAX_PER_PAGE = 500
 
 
@@ -49,9 +50,28 @@ def device_state(row: DeviceStatusRow) -> str:
     return "online" if row.online else "offline"
 
 
-def device_json(row: DeviceStatusRow, now: float) -> dict[str, Any]:
-    """One fleet-table row. Power carries its source; ``power_estimated`` marks a profile estimate."""
-    return {
+class _Objectives(PolicyStore):
+    """The loop's policies read once per request (``resolve`` asks ``all`` for every device)."""
+
+    def __init__(self, store: FleetStore) -> None:
+        super().__init__(store)
+        self._policies = super().all()
+
+    def all(self) -> dict[str, Policy]:
+        return self._policies
+
+    def objective(self, row: DeviceStatusRow) -> dict[str, Any]:
+        scope, policy = self.resolve(row.device_id, (row.group,) if row.group else ())
+        target = policy.latency_p95_ms if policy is not None else None
+        return {"objective_p95_ms": target, "policy_scope": scope,
+                "over_objective": (target is not None and row.field_p95_ms is not None and row.field_p95_ms > target)}
+
+
+def device_json(row: DeviceStatusRow, now: float, objectives: _Objectives | None = None) -> dict[str, Any]:
+    """One fleet-table row. Power carries its source; ``power_estimated`` marks a profile estimate;
+    ``objective_p95_ms``: the field p95 the loop's policy for the device asks for (None: no policy)."""
+    objective = objectives.objective(row) if objectives is not None else {}
+    return {**objective,
         "device_id": row.device_id, "state": device_state(row), "profile": row.profile, "group": row.group,
         "model": row.model, "artifact_id": row.artifact_id, "p50_ms": row.field_p50_ms, "p95_ms": row.field_p95_ms,
         "requests": row.requests, "power_w": row.power_w, "power_source": row.power_source,
@@ -64,7 +84,8 @@ def device_json(row: DeviceStatusRow, now: float) -> dict[str, Any]:
 def fleet_page(store: FleetStore, query: DeviceQuery, now: float | None = None) -> dict[str, Any]:
     """The fleet table: filtered, sorted, one page of it, with the totals and the groups for the filters."""
     now = time.time() if now is None else now
-    everyone = [device_json(r, now) for r in collect_status(store, now)]
+    objectives = _Objectives(store)
+    everyone = [device_json(r, now, objectives) for r in collect_status(store, now)]
     counts = {state: sum(1 for d in everyone if d["state"] == state) for state in STATES}
     groups = sorted({d["group"] for d in everyone if d["group"]})
     chosen = [d for d in everyone
@@ -121,7 +142,7 @@ def device_detail(store: FleetStore, registry: Any, device_id: str, now: float |
             benchmarks[artifact_id] = {"ts": bench.ts, "p50_ms": bench.p50_ms, "p95_ms": bench.p95_ms,
                                        "mean_ms": bench.mean_ms, "power_w": bench.power_w,
                                        "power_source": bench.power_source, "energy_mj": bench.energy_mj}
-    return {**device_json(row, now), "agent_version": record.agent_version, "machine": record.machine,
+    return {**device_json(row, now, _Objectives(store)), "agent_version": record.agent_version, "machine": record.machine,
             "runtimes": list(record.runtimes),
             "slots": {"active": _slot(registry, record.active_artifact_id, record.active_model),
                       "previous": _slot(registry, record.previous_artifact_id, None)},

@@ -59,7 +59,8 @@ async function loadFleet() {
     <td><a href="#/device/${encodeURIComponent(d.device_id)}">${esc(d.device_id)}</a></td>
     <td class="state-${esc(d.state)}">${esc(d.state)}</td><td>${esc(d.profile)}</td><td>${esc(d.group)}</td>
     <td>${esc(d.model || (d.artifact_id || "").slice(0, 12) || null)}</td>
-    <td class="num">${ms(d.p50_ms)}</td><td class="num">${ms(d.p95_ms)}</td>
+    <td class="num">${ms(d.p50_ms)}</td><td class="num${d.over_objective ? " over" : ""}">${ms(d.p95_ms)}</td>
+    <td class="num" title="${esc(d.policy_scope)}">${ms(d.objective_p95_ms)}</td>
     <td>${power(d.power_w, d.power_source, d.power_estimated)}</td>
     <td class="num">${d.temperature_c == null ? "—" : d.temperature_c.toFixed(0) + " °C"}</td>
     <td>${age(d.last_seen_age_s)}</td></tr>`);
@@ -106,6 +107,7 @@ async function deviceView(deviceId) {
     api(`/api/devices/${encodeURIComponent(deviceId)}/telemetry?limit=300`),
   ]);
   renderDevice(detail);
+  loadPushChoices(detail.profile).catch(showError);
   const width = Math.max(400, $("#view-device").clientWidth - 20);
   $("#chart-latency").innerHTML = ""; $("#chart-power").innerHTML = "";
   const lat = makeChart($("#chart-latency"), "field latency", [{ label: "p50 ms", color: "#1a73e8" }, { label: "p95 ms", color: "#e8710a" }], width);
@@ -138,7 +140,8 @@ function renderDevice(d) {
   $("#d-title").textContent = d.device_id;
   $("#d-facts").innerHTML = `<span class="state-${esc(d.state)}">${esc(d.state)}</span>
     <span>profile ${esc(d.profile)}</span><span>group ${esc(d.group)}</span><span>agent ${esc(d.agent_version)}</span>
-    <span>p50 ${ms(d.p50_ms)} ms · p95 ${ms(d.p95_ms)} ms</span><span>${power(d.power_w, d.power_source, d.power_estimated)}</span>
+    <span>p50 ${ms(d.p50_ms)} ms · <span class="${d.over_objective ? "over" : ""}">p95 ${ms(d.p95_ms)} ms</span>
+      ${d.objective_p95_ms == null ? "" : `(objective ${ms(d.objective_p95_ms)} ms, ${esc(d.policy_scope)})`}</span><span>${power(d.power_w, d.power_source, d.power_estimated)}</span>
     <span>${d.temperature_c == null ? "" : d.temperature_c.toFixed(0) + " °C"}</span><span>seen ${age(d.last_seen_age_s)}</span>`;
   const slot = (s) => (s ? `${esc(s.model || "")} <code>${esc(s.artifact_id.slice(0, 12))}</code>` : "—");
   $("#d-slots").innerHTML = `active: ${slot(d.slots.active)} · previous: ${slot(d.slots.previous)} `;
@@ -156,22 +159,31 @@ function renderDevice(d) {
     <td>${esc(e.kind.replace(/^loop\./, ""))}</td><td><code>${esc((e.artifact_id || "").slice(0, 12) || null)}</code></td>
     <td>${esc(e.detail.reason || "")}</td></tr>`).join("");
   $("#rollback").disabled = !d.slots.previous || d.state !== "online";
+  $("#push").disabled = d.state === "unregistered";
   $("#rollback").dataset.device = d.device_id;
 }
 
-async function rollback() {
+async function act(what, body) {
   const deviceId = $("#rollback").dataset.device;
   const msg = $("#action-msg");
-  msg.className = ""; msg.textContent = "rolling back…";
+  msg.className = ""; msg.textContent = what === "push" ? "pushing…" : "rolling back…";
+  $("#rollback").disabled = $("#push").disabled = true;
   try {
-    const out = await api(`/api/devices/${encodeURIComponent(deviceId)}/rollback`, { method: "POST" });
-    msg.className = "done";
-    msg.textContent = `rolled back: now on ${out.model || out.artifact_id}`;
-    renderDevice(await api(`/api/devices/${encodeURIComponent(deviceId)}`));
+    const out = await api(`/api/devices/${encodeURIComponent(deviceId)}/${what}`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: body ? JSON.stringify(body) : undefined });
+    msg.className = out.ok ? "done" : "refused";
+    msg.textContent = `${what === "push" ? "pushed" : "rolled back"}: ${out.state}, now on ${out.model || out.artifact_id}`;
   } catch (err) {
     msg.className = "refused";
     msg.textContent = `refused (${err.status || "error"}): ${err.message}`;
   }
+  renderDevice(await api(`/api/devices/${encodeURIComponent(deviceId)}`));
+}
+
+async function loadPushChoices(profile) {
+  const data = await api("/api/artifacts");
+  $("#push-artifact").innerHTML = data.artifacts.filter((a) => a.profile === profile)
+    .map((a) => `<option value="${esc(a.artifact_id)}">${esc(a.model)} ${esc(a.precision)} ${esc(a.artifact_id.slice(0, 12))}</option>`).join("");
 }
 
 // -- artifacts, pushes -------------------------------------------------------------------------
@@ -237,7 +249,8 @@ window.addEventListener("DOMContentLoaded", () => {
   $("#f-search").addEventListener("input", () => { state.page = 1; loadFleet().catch(showError); });
   $("#prev").addEventListener("click", () => { state.page -= 1; loadFleet().catch(showError); });
   $("#next").addEventListener("click", () => { state.page += 1; loadFleet().catch(showError); });
-  $("#rollback").addEventListener("click", rollback);
+  $("#rollback").addEventListener("click", () => act("rollback"));
+  $("#push").addEventListener("click", () => act("push", { artifact_id: $("#push-artifact").value }));
   window.addEventListener("hashchange", route);
   route();
 });
