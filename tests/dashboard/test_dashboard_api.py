@@ -146,7 +146,21 @@ def test_artifacts_with_verification_size_and_key(client: TestClient, registry: 
     assert art["model"] == "digits-cnn@3" and art["precision"] == "int8" and art["size_bytes"] > 0
     assert art["verification"]["verification"] == {"max_abs": 0.01}
     assert art["key_id"] and len(art["key_id"]) == 16
-    assert client.get("/api/pushes").json() == {"pushes": []}
+    assert client.get("/api/pushes").json()["pushes"] == []
+
+
+def test_deployments_in_flight_with_their_stage(client: TestClient) -> None:
+    store: FleetStore = client.store  # type: ignore[attr-defined]
+    now = time.time()
+    store.add_event(DeploymentEvent("dev-0005", now - 5, "desired", "dep-5", "art-1"))
+    store.add_event(DeploymentEvent("dev-0005", now - 4, "downloading", "dep-5", "art-1", {"bytes_total": 10}))
+    store.add_event(DeploymentEvent("dev-0006", now - 900, "desired", "dep-6", "art-1"))
+    store.add_event(DeploymentEvent("dev-0006", now - 899, "failed", "dep-6", "art-1", {"error": "health check"}))
+    flight = {d["device_id"]: d for d in client.get("/api/pushes").json()["deployments"]}
+    assert set(flight) == {"dev-0000", "dev-0005"}  # dev-0006 ended long ago
+    assert flight["dev-0005"]["stage"] == "downloading" and flight["dev-0005"]["progress"] == 0.25
+    assert not flight["dev-0005"]["final"]
+    assert flight["dev-0000"]["state"] == "active" and flight["dev-0000"]["progress"] == 1.0 and flight["dev-0000"]["final"]
 
 
 def test_actions_need_the_token(client: TestClient) -> None:

@@ -130,6 +130,7 @@ def test_dashboard_in_a_browser(browser, fleet_home, processes: Processes, tmp_p
     browser.save_screenshot(str(shots / "artifacts.png"))
     browser.get(url + "#/pushes")
     wait_js(browser, "return document.body.dataset.loaded === 'pushes'", 20, "the pushes page")
+    assert browser.execute_script("return document.querySelector('#deployments tr[data-device=\"pi-01\"] progress').value") == 1
     browser.save_screenshot(str(shots / "pushes.png"))
     assert all((shots / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
                for name in ("fleet", "device", "device-rolled-back", "artifacts", "pushes"))

@@ -148,7 +148,8 @@ def build_app(store: FleetStore, registry: Any, config: DashboardConfig, act: Ac
         return {"artifacts": queries.artifacts_json(registry, model=request.query_params.get("model") or None)}
 
     def pushes(request: Request) -> dict[str, Any]:
-        return {"pushes": queries.pushes_json(store, limit=min(max(_int(request, "limit", 50), 1), 500))}
+        return {"pushes": queries.pushes_json(store, limit=min(max(_int(request, "limit", 50), 1), 500)),
+                "deployments": queries.deployments_in_flight(store)}
 
     async def stream(request: Request) -> Response:
         """``text/event-stream``: one ``telemetry`` event per new report (``limit``: end after N, for scripts)."""

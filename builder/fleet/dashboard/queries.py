@@ -187,3 +187,29 @@ def artifacts_json(registry: Any, model: str | None = None) -> list[dict[str, An
 def pushes_json(store: FleetStore, limit: int = 50) -> list[dict[str, Any]]:
     return [{"push_id": p.push_id, "created_at": p.created_at, "target": p.target, "state": p.state,
              "reason": p.reason, "finished_at": p.finished_at, "plan": dict(p.plan)} for p in store.pushes(limit)]
+
+
+# Where a deployment stands, as the stages a device reports (agent.protocol.TRANSFER_STATES) after
+# the host published it ("desired"); the page draws a bar per device from ``stage / len - 1``.
+DEPLOYMENT_STAGES = ("desired", "downloading", "verifying", "installing", "active")
+FINAL_KINDS = ("active", "failed", "rejected", "rolled_back", "cancelled")
+
+
+def deployments_in_flight(store: FleetStore, include_finished_s: float = 300.0,
+                          now: float | None = None) -> list[dict[str, Any]]:
+    """Per device, its latest desired deployment that is not final yet (or ended in the last
+    ``include_finished_s``): its stage, the fraction of the stages done, and its state."""
+    now = time.time() if now is None else now
+    out = []
+    for device_id, desired in sorted(store.latest_desired().items()):
+        events = [e for e in store.events(device_id, since=desired.ts) if e.deployment_id == desired.deployment_id]
+        last = events[-1] if events else desired
+        final = last.kind in FINAL_KINDS
+        if final and now - last.ts > include_finished_s:
+            continue
+        stage = max((DEPLOYMENT_STAGES.index(e.kind) for e in events if e.kind in DEPLOYMENT_STAGES), default=0)
+        out.append({"device_id": device_id, "deployment_id": desired.deployment_id, "artifact_id": desired.artifact_id,
+                    "started": desired.ts, "updated": last.ts, "state": last.kind, "final": final,
+                    "stage": DEPLOYMENT_STAGES[stage], "progress": stage / (len(DEPLOYMENT_STAGES) - 1),
+                    "error": last.detail.get("error")})
+    return out
