@@ -248,3 +248,37 @@ def test_serve_refuses_a_bad_http_address_before_starting(monkeypatch: pytest.Mo
                                "--http", address)
     assert code != 0 and message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "serve.json").exists()  # refused before the fleet server started
+
+
+def test_serve_off_loopback_warns_and_wants_the_token_for_reads(tmp_path: Path) -> None:
+    """`builder serve --http 0.0.0.0:0 --http-token-file F`: the warning, then reads refused without the token."""
+    import re
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from tests.support.processes import CHILD_ENV, wait_for
+
+    token_file = tmp_path / "token"
+    token_file.write_text("off-loopback-token\n")
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "builder.cli.main", "serve", "--port", "0", "--no-loop",
+                                 "--data-dir", str(tmp_path / "home"), "--http", "0.0.0.0:0",
+                                 "--http-token-file", str(token_file)],
+                                env={**CHILD_ENV, "COLUMNS": "250"}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        port = wait_for(lambda: (m := re.search(r"dashboard: http://0\.0\.0\.0:(\d+)/", log.read_text())) and m.group(1),
+                        60, "the dashboard's banner")
+        text = log.read_text()
+        assert "warning:" in text and "not loopback" in text and "reads and actions need the bearer token" in text
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/devices", timeout=5)
+        assert refused.value.code == 401
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/devices",
+                                         headers={"Authorization": "Bearer off-loopback-token"})
+        assert json.loads(urllib.request.urlopen(request, timeout=5).read())["total"] == 0
+    finally:
+        proc.terminate()
+        proc.wait(15)
