@@ -85,6 +85,7 @@ def register(app: typer.Typer) -> None:
         http: Optional[str] = typer.Option(None, "--http", help="Serve the dashboard and its JSON API on HOST:PORT, e.g. 127.0.0.1:8080 (off by default; docs/api.md)."),
         http_token: Optional[str] = typer.Option(None, "--http-token", help="Bearer token of the dashboard's actions (default: DATA_DIR/dashboard-token, made on loopback)."),
         http_token_file: Optional[Path] = typer.Option(None, "--http-token-file", help="File holding the dashboard's token (needed, or --http-token, off loopback)."),
+        http_reports: Optional[list[Path]] = typer.Option(None, "--http-reports", help="Folder of `builder optimize` outputs whose Pareto fronts the dashboard shows; repeatable."),
     ) -> None:
         """Run the fleet's host side until Ctrl-C: registry, telemetry store, chunk server."""
         from rich.console import Console
@@ -106,7 +107,8 @@ def register(app: typer.Typer) -> None:
         if http is not None:  # address and token checked before anything starts
             from builder.fleet.dashboard.server import prepare_dashboard
 
-            dashboard = prepare_dashboard(home, http, token=http_token, token_file=http_token_file)
+            dashboard = prepare_dashboard(home, http, token=http_token, token_file=http_token_file,
+                                          reports_dirs=tuple(http_reports or ()))
         server = FleetServer(settings, telemetry_hooks=_telemetry_hooks(home, loop, loop_dry_run))
         signal.signal(signal.SIGTERM, lambda signum, frame: server.request_stop())
         server.start()

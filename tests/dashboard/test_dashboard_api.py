@@ -23,7 +23,7 @@ from builder.fleet.transport.store import (
     TelemetryRow,
     open_store,
 )
-from tests.dashboard.fill import fill_fleet
+from tests.dashboard.fill import fill_fleet, write_optimize_report
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -282,3 +282,20 @@ def test_serve_off_loopback_warns_and_wants_the_token_for_reads(tmp_path: Path) 
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_optimize_runs_and_their_pareto_points(home: Path, registry: Any, tmp_path: Path) -> None:
+    reports = tmp_path / "runs"
+    write_optimize_report(reports / "digits" / "pi", study="digits-pi")
+    (reports / "other").mkdir()
+    (reports / "other" / "report.json").write_text("{not json")  # skipped, not an error
+    with open_store(home) as store, \
+            TestClient(build_app(store, registry, DashboardConfig(TOKEN, reports_dirs=(reports,)))) as c:
+        (run,) = c.get("/api/optimize-runs").json()["runs"]
+        assert run["id"] == "0/digits/pi" and run["study"] == "digits-pi" and run["front_size"] == 3
+        detail = c.get(f"/api/optimize-runs/{run['id']}").json()
+        assert len(detail["candidates"]) == 5 and sum(p["on_front"] for p in detail["candidates"]) == 3
+        assert detail["chosen"]["recipe"].startswith("quantize(int8)") and detail["candidates"][0]["device_latency_ms"] == 4.0
+        assert c.get("/api/optimize-runs/0/../../etc").status_code == 404
+        assert c.get("/api/optimize-runs/7/digits/pi").status_code == 404
+        assert c.get("/api/optimize-runs/0/other").status_code == 404

@@ -149,12 +149,13 @@ def test_thousand_devices_load_under_a_second(browser, tmp_path: Path) -> None:
     """The fleet page of 1,000 devices: from navigation to the first page of the table drawn."""
     from builder.fleet.dashboard.server import prepare_dashboard
     from builder.fleet.transport.store import open_store
-    from tests.dashboard.fill import fill_fleet
+    from tests.dashboard.fill import fill_fleet, write_optimize_report
 
     home = tmp_path / "home"
     with open_store(home) as store:
         fill_fleet(store, 1000, time.time())
-    dashboard = prepare_dashboard(home, "127.0.0.1:0").start(endpoint=None)
+    write_optimize_report(tmp_path / "runs" / "digits")
+    dashboard = prepare_dashboard(home, "127.0.0.1:0", reports_dirs=(tmp_path / "runs",)).start(endpoint=None)
     try:
         timings = []
         for _ in range(3):
@@ -164,6 +165,17 @@ def test_thousand_devices_load_under_a_second(browser, tmp_path: Path) -> None:
         assert browser.execute_script("return document.querySelectorAll('#fleet tbody tr').length") == 50
         assert "1000 shown" in text_of(browser, "#counts")
         browser.save_screenshot(str(tmp_path / "fleet-1000.png"))
+
+        # the Pareto front of an optimize run: hovering a point shows its recipe
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        browser.get(dashboard.url + "#/optimize")
+        wait_js(browser, "return document.body.dataset.loaded === 'optimize'", 20, "the optimize page")
+        assert browser.execute_script("return document.querySelector('#chart-pareto').dataset.points") == "5"
+        ActionChains(browser).move_to_element(browser.find_element("css selector", "#chart-pareto .u-over")).perform()
+        wait_js(browser, "return document.querySelector('#o-hover').textContent.startsWith('trial ')", 10, "the recipe on hover")
+        assert "quantize(int8)" in text_of(browser, "#o-hover")
+        browser.save_screenshot(str(tmp_path / "optimize.png"))
     finally:
         dashboard.stop()
     print(f"fleet page of 1,000 devices loaded in {', '.join(f'{t:.0f}' for t in timings)} ms")

@@ -45,6 +45,7 @@ class DashboardConfig:
     reads_open: bool = True  # loopback: reads need no token (actions always do)
     stream_poll_s: float = STREAM_POLL_S
     stopping: threading.Event = field(default_factory=threading.Event)  # set: live streams end (server stops)
+    reports_dirs: tuple[Path, ...] = ()  # folders of `builder optimize` outputs (report.json) to show
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -151,6 +152,15 @@ def build_app(store: FleetStore, registry: Any, config: DashboardConfig, act: Ac
         return {"pushes": queries.pushes_json(store, limit=min(max(_int(request, "limit", 50), 1), 500)),
                 "deployments": queries.deployments_in_flight(store)}
 
+    def optimize_runs(request: Request) -> dict[str, Any]:
+        return {"runs": queries.optimize_runs(config.reports_dirs)}
+
+    def optimize_run(request: Request) -> dict[str, Any]:
+        try:
+            return queries.optimize_run(config.reports_dirs, request.path_params["run_id"])
+        except UsageError as exc:
+            raise HTTPException(404, str(exc)) from exc
+
     async def stream(request: Request) -> Response:
         """``text/event-stream``: one ``telemetry`` event per new report (``limit``: end after N, for scripts)."""
         from sse_starlette import EventSourceResponse
@@ -233,6 +243,8 @@ def build_app(store: FleetStore, registry: Any, config: DashboardConfig, act: Ac
         Route("/api/devices/{device_id}/push", action, methods=["POST"]),
         Route("/api/artifacts", read(artifacts)),
         Route("/api/pushes", read(pushes)),
+        Route("/api/optimize-runs", read(optimize_runs)),
+        Route("/api/optimize-runs/{run_id:path}", read(optimize_run)),
         Route("/api/{rest:path}", api_unknown),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]

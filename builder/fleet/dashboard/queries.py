@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from builder.errors import UsageError
@@ -213,3 +214,55 @@ def deployments_in_flight(store: FleetStore, include_finished_s: float = 300.0,
                     "stage": DEPLOYMENT_STAGES[stage], "progress": stage / (len(DEPLOYMENT_STAGES) - 1),
                     "error": last.detail.get("error")})
     return out
+
+
+# -- builder optimize runs: the report.json files under the folders `serve --http-reports` names ------
+REPORT_FILE = "report.json"
+_CANDIDATE_FIELDS = ("trial", "recipe", "quality", "accuracy", "fidelity", "device_latency_ms", "latency_source",
+                     "download_bytes", "energy_mj", "precision", "feasible")
+
+
+def _read_report(path: Path) -> dict[str, Any] | None:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) and "front" in report and "candidates" in report else None
+
+
+def optimize_runs(reports_dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """Every `builder optimize` report under the folders, newest first; ``id`` names it for
+    :func:`optimize_run` (its index among the folders and its path inside that folder)."""
+    runs = []
+    for index, root in enumerate(reports_dirs):
+        for path in sorted(Path(root).rglob(REPORT_FILE)):
+            report = _read_report(path)
+            if report is None:
+                continue
+            chosen = report.get("chosen") or {}
+            runs.append({"id": f"{index}/{path.parent.relative_to(root).as_posix()}", "path": str(path),
+                         "modified": path.stat().st_mtime, "study": (report.get("study") or {}).get("name"),
+                         "trials": (report.get("study") or {}).get("trials"), "quality": report.get("quality"),
+                         "front_size": len(report["front"]), "chosen": chosen.get("recipe")})
+    return sorted(runs, key=lambda r: r["modified"], reverse=True)
+
+
+def optimize_run(reports_dirs: Sequence[Path], run_id: str) -> dict[str, Any]:
+    """One run's candidates (the front marked) and its choice, for the Pareto chart."""
+    index, _, rel = run_id.partition("/")
+    if not index.isdigit() or int(index) >= len(reports_dirs):
+        raise UsageError(f"no optimize run {run_id!r}")
+    root = Path(reports_dirs[int(index)]).resolve()
+    path = (root / rel / REPORT_FILE).resolve()
+    if root not in path.parents:
+        raise UsageError(f"no optimize run {run_id!r}")
+    report = _read_report(path)
+    if report is None:
+        raise UsageError(f"no optimize run {run_id!r}")
+
+    def point(c: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: c.get(k) for k in _CANDIDATE_FIELDS} | {"on_front": bool(c.get("on_front"))}
+
+    return {"id": run_id, "path": str(path), "quality_is": report.get("quality"), "targets": report.get("targets"),
+            "chosen": point(report["chosen"]) if report.get("chosen") else None,
+            "candidates": [point(c) for c in report["candidates"]]}

@@ -114,8 +114,10 @@ class RolloutActions:
 class DashboardServer:
     """uvicorn serving :func:`builder.fleet.dashboard.api.build_app` in a daemon thread."""
 
-    def __init__(self, data_dir: Path, host: str, port: int, token: DashboardToken) -> None:
+    def __init__(self, data_dir: Path, host: str, port: int, token: DashboardToken,
+                 reports_dirs: tuple[Path, ...] = ()) -> None:
         self.data_dir = Path(data_dir)
+        self.reports_dirs = reports_dirs
         self.host, self.port = host, port
         self.token = token
         self.endpoint: Any = None
@@ -144,7 +146,8 @@ class DashboardServer:
         self._store = open_store(self.data_dir)
         registry = Registry(self.data_dir)
         act = RolloutActions(self.data_dir, self.endpoint, self._store, registry) if self.endpoint is not None else None
-        self._config = DashboardConfig(self.token.token, reads_open=self.token.reads_open)
+        self._config = DashboardConfig(self.token.token, reads_open=self.token.reads_open,
+                                       reports_dirs=self.reports_dirs)
         app = build_app(self._store, registry, self._config, act)
         sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -190,9 +193,13 @@ class DashboardServer:
             self._store = None
 
 
-def prepare_dashboard(data_dir: Path, address: str, *, token: str | None = None,
-                      token_file: Path | None = None) -> DashboardServer:
+def prepare_dashboard(data_dir: Path, address: str, *, token: str | None = None, token_file: Path | None = None,
+                      reports_dirs: tuple[Path, ...] = ()) -> DashboardServer:
     """`builder serve --http HOST:PORT`: the address and token checked (a ``UsageError`` before the
     fleet server starts); ``start(endpoint)`` once it is up."""
     host, port = parse_http_address(address)
-    return DashboardServer(data_dir, host, port, resolve_token(data_dir, host, token, token_file))
+    for folder in reports_dirs:
+        if not Path(folder).is_dir():
+            raise UsageError(f"--http-reports {folder} is not a folder")
+    return DashboardServer(data_dir, host, port, resolve_token(data_dir, host, token, token_file),
+                           tuple(Path(f) for f in reports_dirs))

@@ -38,7 +38,7 @@ function showError(err) {
 }
 
 function show(view) {
-  for (const v of ["fleet", "device", "artifacts", "pushes"]) $(`#view-${v}`).hidden = v !== view;
+  for (const v of ["fleet", "device", "artifacts", "pushes", "optimize"]) $(`#view-${v}`).hidden = v !== view;
 }
 
 function stopLive() {
@@ -228,6 +228,43 @@ async function pushesView() {
   state.timer = setInterval(() => refresh().catch(showError), 5000);
 }
 
+// -- builder optimize: the Pareto front of a run (device latency against quality), hover for the recipe
+async function optimizeView() {
+  show("optimize");
+  const runs = (await api("/api/optimize-runs")).runs;
+  const sel = $("#o-run");
+  sel.innerHTML = runs.map((r) => `<option value="${esc(r.id)}">${esc(r.study || r.id)} (${esc(r.trials)} trials)</option>`).join("");
+  $("#o-info").textContent = runs.length ? "" : "no runs: start serve with --http-reports DIR (builder optimize --out folders)";
+  sel.onchange = () => drawPareto(sel.value).catch(showError);
+  if (runs.length) await drawPareto(runs[0].id);
+  document.body.dataset.loaded = "optimize";
+}
+
+async function drawPareto(runId) {
+  for (const c of state.charts) c.destroy();
+  const run = await api(`/api/optimize-runs/${runId.split("/").map(encodeURIComponent).join("/")}`);
+  const pts = run.candidates.filter((c) => c.device_latency_ms != null && c.quality != null)
+    .sort((a, b) => a.device_latency_ms - b.device_latency_ms);
+  const x = pts.map((c) => c.device_latency_ms);
+  const all = pts.map((c) => c.quality);
+  const front = pts.map((c) => (c.on_front ? c.quality : null));
+  $("#o-info").textContent = `${pts.length} candidates · quality: ${run.quality_is || "?"} · chosen: ${run.chosen ? run.chosen.recipe : "none"}`;
+  $("#chart-pareto").innerHTML = "";
+  const chart = new uPlot({
+    width: Math.max(400, $("#view-optimize").clientWidth - 20), height: 320, title: "device latency (ms) vs quality",
+    scales: { x: { time: false } },
+    series: [{ label: "latency ms" },
+      { label: "candidates", stroke: "#9aa0a6", paths: () => null, points: { show: true, size: 7 } },
+      { label: "Pareto front", stroke: "#1a73e8", width: 2, spanGaps: true, points: { show: true, size: 9 } }],
+    hooks: { setCursor: [(u) => {
+      const c = u.cursor.idx == null ? null : pts[u.cursor.idx];
+      $("#o-hover").textContent = c ? `trial ${c.trial}: ${c.recipe} — ${ms(c.device_latency_ms)} ms (${c.latency_source}), quality ${c.quality.toFixed(4)}, ${c.download_bytes == null ? "?" : size(c.download_bytes)}${c.on_front ? ", on the front" : ""}` : "hover a point to see its recipe";
+    }] },
+  }, [x, all, front], $("#chart-pareto"));
+  state.charts = [chart];
+  $("#chart-pareto").dataset.points = String(pts.length);
+}
+
 // -- routing ---------------------------------------------------------------------------------
 function route() {
   stopLive();
@@ -236,7 +273,8 @@ function route() {
   const hash = location.hash.replace(/^#/, "") || "/";
   const device = hash.match(/^\/device\/(.+)$/);
   const done = device ? deviceView(decodeURIComponent(device[1]))
-    : hash === "/artifacts" ? artifactsView() : hash === "/pushes" ? pushesView() : Promise.resolve(fleetView());
+    : hash === "/artifacts" ? artifactsView() : hash === "/pushes" ? pushesView()
+    : hash === "/optimize" ? optimizeView() : Promise.resolve(fleetView());
   done.catch(showError);
 }
 
