@@ -299,3 +299,20 @@ def test_optimize_runs_and_their_pareto_points(home: Path, registry: Any, tmp_pa
         assert c.get("/api/optimize-runs/0/../../etc").status_code == 404
         assert c.get("/api/optimize-runs/7/digits/pi").status_code == 404
         assert c.get("/api/optimize-runs/0/other").status_code == 404
+
+
+def test_policy_changes_need_the_token_and_a_valid_policy(client: TestClient) -> None:
+    body = {"objective": {"latency_p95_ms": 4.5}}
+    assert client.put("/api/policies/device:dev-0003", json=body).status_code == 401
+    done = client.put("/api/policies/device:dev-0003", json=body, headers=AUTH)
+    assert done.status_code == 200 and done.json()["policy"]["latency_p95_ms"] == 4.5
+    row = client.get("/api/devices/dev-0003").json()
+    assert (row["objective_p95_ms"], row["policy_scope"], row["over_objective"]) == (4.5, "device:dev-0003", True)  # p95 5
+    assert "device:dev-0003" in client.get("/api/policies").json()["policies"]
+    bad = client.put("/api/policies/device:dev-0003", json={"objective": {"p95": 1}}, headers=AUTH)
+    assert bad.status_code == 400 and "unknown key objective.p95" in bad.json()["error"]
+    assert client.put("/api/policies/planet:earth", json=body, headers=AUTH).status_code == 400
+    assert client.delete("/api/policies/device:dev-0003").status_code == 401
+    assert client.delete("/api/policies/device:dev-0003", headers=AUTH).json()["removed"] is True
+    assert client.delete("/api/policies/device:dev-0003", headers=AUTH).status_code == 404
+    assert client.get("/api/devices/dev-0003").json()["objective_p95_ms"] is None  # group g0 has none

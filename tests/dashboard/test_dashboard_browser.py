@@ -124,6 +124,19 @@ def test_dashboard_in_a_browser(browser, fleet_home, processes: Processes, tmp_p
             "the push: " + text_of(browser, "#action-msg"))
     assert store_status(home)["pi-01"]["artifact_id"] == v2
 
+    # a policy change from the page: the loop's p95 objective of this device
+    field = browser.find_element("css selector", "#objective")
+    field.clear()
+    field.send_keys("25")
+    browser.find_element("css selector", "#set-objective").click()
+    wait_js(browser, "return document.querySelector('#action-msg').textContent.startsWith('policy of device:pi-01')", 20,
+            "the policy change: " + text_of(browser, "#action-msg"))
+    from builder.fleet.loop.policy import PolicyStore
+    from builder.fleet.transport.store import open_store
+
+    with open_store(home) as store:
+        assert PolicyStore(store).resolve("pi-01")[1].latency_p95_ms == 25.0
+
     browser.get(url + "#/artifacts")
     wait_js(browser, "return document.querySelectorAll('#artifacts tbody tr').length === 2", 20, "two artifacts")
     assert "digits-cnn@2" in text_of(browser, "#artifacts")

@@ -224,6 +224,40 @@ def build_app(store: FleetStore, registry: Any, config: DashboardConfig, act: Ac
                                 status_code=409)
         return JSONResponse(outcome)
 
+    def policies(request: Request) -> dict[str, Any]:
+        from builder.fleet.loop.policy import PolicyStore
+
+        return {"policies": {scope: p.to_dict() for scope, p in PolicyStore(store).all().items()}}
+
+    async def policy_change(request: Request) -> Response:
+        """PUT: set the loop policy of a scope (``device:ID``, ``group:G``, ``*``) from the TOML's
+        sections as JSON; DELETE: remove it. Needs the token."""
+        from builder.fleet.loop.policy import DEFAULT_SCOPE, Policy, PolicyStore
+
+        if not authorised(request):
+            return _error(401, "policy changes need the dashboard token: Authorization: Bearer <token>")
+        scope = request.path_params["scope"]
+        kind, _, name = scope.partition(":")
+        if scope != DEFAULT_SCOPE and (kind not in ("device", "group") or not name):
+            return _error(400, f"scope must be device:ID, group:NAME or {DEFAULT_SCOPE}, not {scope!r}")
+        policy_store = PolicyStore(store)
+        if request.method == "DELETE":
+            removed = await run_in_threadpool(policy_store.remove, scope)
+            return JSONResponse({"scope": scope, "removed": removed}, status_code=200 if removed else 404)
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, 'a policy is JSON: {"objective": {"latency_p95_ms": 20}, ...} (the TOML\'s sections)')
+        try:
+            if not isinstance(body, dict):
+                raise UsageError("a policy is a JSON object of the TOML's sections")
+            policy = Policy.from_mapping(body, source=f"policy for {scope}")
+            await run_in_threadpool(policy_store.set, scope, policy, time.time())
+        except UsageError as exc:
+            return _error(400, str(exc))
+        log.info("dashboard: loop policy of %s set (p95 objective %s ms)", scope, policy.latency_p95_ms)
+        return JSONResponse({"scope": scope, "policy": policy.to_dict()})
+
     async def index(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
@@ -243,6 +277,8 @@ def build_app(store: FleetStore, registry: Any, config: DashboardConfig, act: Ac
         Route("/api/devices/{device_id}/push", action, methods=["POST"]),
         Route("/api/artifacts", read(artifacts)),
         Route("/api/pushes", read(pushes)),
+        Route("/api/policies", read(policies)),
+        Route("/api/policies/{scope:path}", policy_change, methods=["PUT", "DELETE"]),
         Route("/api/optimize-runs", read(optimize_runs)),
         Route("/api/optimize-runs/{run_id:path}", read(optimize_run)),
         Route("/api/{rest:path}", api_unknown),

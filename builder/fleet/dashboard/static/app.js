@@ -160,6 +160,7 @@ function renderDevice(d) {
     <td>${esc(e.detail.reason || "")}</td></tr>`).join("");
   $("#rollback").disabled = !d.slots.previous || d.state !== "online";
   $("#push").disabled = d.state === "unregistered";
+  if (document.activeElement !== $("#objective")) $("#objective").value = d.objective_p95_ms ?? "";
   $("#rollback").dataset.device = d.device_id;
 }
 
@@ -173,6 +174,22 @@ async function act(what, body) {
       method: "POST", headers: { "Content-Type": "application/json" }, body: body ? JSON.stringify(body) : undefined });
     msg.className = out.ok ? "done" : "refused";
     msg.textContent = `${what === "push" ? "pushed" : "rolled back"}: ${out.state}, now on ${out.model || out.artifact_id}`;
+  } catch (err) {
+    msg.className = "refused";
+    msg.textContent = `refused (${err.status || "error"}): ${err.message}`;
+  }
+  renderDevice(await api(`/api/devices/${encodeURIComponent(deviceId)}`));
+}
+
+async function setObjective() {
+  const deviceId = $("#rollback").dataset.device;
+  const msg = $("#action-msg");
+  try {
+    const out = await api(`/api/policies/device:${encodeURIComponent(deviceId)}`, {
+      method: "PUT", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ objective: { latency_p95_ms: Number($("#objective").value) } }) });
+    msg.className = "done";
+    msg.textContent = `policy of ${out.scope}: p95 objective ${out.policy.latency_p95_ms} ms`;
   } catch (err) {
     msg.className = "refused";
     msg.textContent = `refused (${err.status || "error"}): ${err.message}`;
@@ -295,6 +312,7 @@ window.addEventListener("DOMContentLoaded", () => {
   $("#next").addEventListener("click", () => { state.page += 1; loadFleet().catch(showError); });
   $("#rollback").addEventListener("click", () => act("rollback"));
   $("#push").addEventListener("click", () => act("push", { artifact_id: $("#push-artifact").value }));
+  $("#set-objective").addEventListener("click", setObjective);
   window.addEventListener("hashchange", route);
   route();
 });
