@@ -82,6 +82,10 @@ def register(app: typer.Typer) -> None:
         loop: bool = typer.Option(True, "--loop/--no-loop", help="Run the re-compression loop for devices that have a policy."),
         loop_dry_run: bool = typer.Option(False, help="The loop logs its decisions but pushes nothing."),
         log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING"),
+        http: Optional[str] = typer.Option(None, "--http", help="Serve the dashboard and its JSON API on HOST:PORT, e.g. 127.0.0.1:8080 (off by default; docs/api.md)."),
+        http_token: Optional[str] = typer.Option(None, "--http-token", help="Bearer token of the dashboard's actions (default: DATA_DIR/dashboard-token, made on loopback)."),
+        http_token_file: Optional[Path] = typer.Option(None, "--http-token-file", help="File holding the dashboard's token (needed, or --http-token, off loopback)."),
+        http_reports: Optional[list[Path]] = typer.Option(None, "--http-reports", help="Folder of `builder optimize` outputs whose Pareto fronts the dashboard shows; repeatable."),
     ) -> None:
         """Run the fleet's host side until Ctrl-C: registry, telemetry store, chunk server."""
         from rich.console import Console
@@ -99,6 +103,12 @@ def register(app: typer.Typer) -> None:
             endpoint = resolve_endpoint(home, broker, username, read_password_file(password_file), ca_file)
         settings = ServeSettings(data_dir=home, broker=endpoint, embedded=EmbeddedBrokerSettings(host=listen, port=port),
                                  chunk_delay_s=duration_or_seconds(chunk_delay, chunk_delay_s, "--chunk-delay"))
+        dashboard = None
+        if http is not None:  # address and token checked before anything starts
+            from builder.fleet.dashboard.server import prepare_dashboard
+
+            dashboard = prepare_dashboard(home, http, token=http_token, token_file=http_token_file,
+                                          reports_dirs=tuple(http_reports or ()))
         server = FleetServer(settings, telemetry_hooks=_telemetry_hooks(home, loop, loop_dry_run))
         signal.signal(signal.SIGTERM, lambda signum, frame: server.request_stop())
         server.start()
@@ -107,8 +117,18 @@ def register(app: typer.Typer) -> None:
         kind = ("embedded broker (rumqttd): loopback only, no ACLs — laptop/demo use" if server.embedded
                 else "external broker")
         console.print(f"builder serve: fleet on [bold]{server.endpoint.public_url()}[/] ({kind}); data dir {home}")
+        if dashboard is not None:
+            try:
+                dashboard.start(endpoint=server.endpoint)
+            except BaseException:
+                server.stop()
+                raise
+            console.print(dashboard.banner())
         console.print("Ctrl-C to stop.")
         try:
             server.run_forever()
         except KeyboardInterrupt:
             server.stop()
+        finally:
+            if dashboard is not None:
+                dashboard.stop()
