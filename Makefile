@@ -25,8 +25,10 @@ $(BIN)/.installed: $(ROOT)/pyproject.toml $(ROOT)/Makefile
 
 venv: $(BIN)/.installed
 
+# DEMO_ARGS=--no-wait: end after the stages (at a terminal the fleet's dashboard otherwise stays up until Ctrl-C)
+DEMO_ARGS ?=
 demo: venv
-	$(BIN)/python -m builder.demo
+	$(BIN)/python -m builder.demo $(DEMO_ARGS)
 
 # Lint and types (configured in pyproject.toml); CI runs it before the tests.
 check: venv

@@ -114,11 +114,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR,
                         help="output folder (default: ./demo-out; emptied on every run except its build cache)")
     parser.add_argument("--stage", action="append", help="run only this stage (repeatable)")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="end after the stages; by default, at a terminal, the fleet's dashboard stays up until Ctrl-C")
     args = parser.parse_args(argv)
-    guarded(lambda: _run_reporting_crashes(args.out, args.stage), (BuilderError,), "demo")
+    guarded(lambda: _run_reporting_crashes(args.out, args.stage, wait=not args.no_wait), (BuilderError,), "demo")
 
 
-def _run_reporting_crashes(out_dir: Path, stage_names: Sequence[str] | None) -> None:
+def _run_reporting_crashes(out_dir: Path, stage_names: Sequence[str] | None, wait: bool = False) -> None:
     """A bug (not a BuilderError) still ends in one line: the traceback goes to a file in the output
     folder, named in that line; Ctrl-C stops the children (the stages' ``finally``) and says so."""
     import sys
@@ -127,7 +129,14 @@ def _run_reporting_crashes(out_dir: Path, stage_names: Sequence[str] | None) -> 
     from builder.errors import BuilderError, DemoError
 
     try:
-        run_demo(out_dir, stage_names)
+        ctx = run_demo(out_dir, stage_names)
+        fleet = ctx.results.get("fleet")
+        if fleet is not None:
+            from builder.demo.dashboard import offer_dashboard
+
+            ctx.console.rule("[bold]dashboard[/bold]")
+            offer_dashboard(fleet.home, ctx.out_dir / "fleet" / "logs" / "dashboard.log",
+                            lambda text: ctx.console.print(text, markup=False, highlight=False), wait)
     except KeyboardInterrupt:
         print("demo: interrupted", file=sys.stderr)
         sys.exit(130)
