@@ -7,7 +7,6 @@ the terminal: ``--no-wait`` (or a non-interactive stdin, as in CI and the README
 """
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -17,12 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from builder.errors import DemoError
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from builder.fleet.transport.embedded_broker import free_port
 
 
 @dataclass
@@ -42,7 +36,7 @@ class DashboardProcess:
 
 def start_dashboard(home: Path, log_path: Path, timeout_s: float = 60.0) -> DashboardProcess:
     """``builder serve --http 127.0.0.1:PORT`` on ``home``; returns once its API answers."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
