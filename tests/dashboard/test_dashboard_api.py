@@ -316,3 +316,21 @@ def test_policy_changes_need_the_token_and_a_valid_policy(client: TestClient) ->
     assert client.delete("/api/policies/device:dev-0003", headers=AUTH).json()["removed"] is True
     assert client.delete("/api/policies/device:dev-0003", headers=AUTH).status_code == 404
     assert client.get("/api/devices/dev-0003").json()["objective_p95_ms"] is None  # group g0 has none
+
+
+def test_patching_the_objective_keeps_the_rest_of_the_policy_it_resolves_to(client: TestClient) -> None:
+    group = {"objective": {"latency_p95_ms": 9.0}, "budget": {"energy_mj": 3.5}, "pacing": {"cooldown_s": 120}}
+    assert client.put("/api/policies/group:g0", json=group, headers=AUTH).status_code == 200
+    patch = {"objective": {"latency_p95_ms": 4.5}}
+    assert client.patch("/api/policies/device:dev-0003", json=patch).status_code == 401
+    done = client.patch("/api/policies/device:dev-0003", json=patch, headers=AUTH)
+    assert done.status_code == 200
+    policy = client.get("/api/policies").json()["policies"]["device:dev-0003"]
+    # the field's one number changed; the group's budget and pacing the device ran under are kept
+    assert (policy["latency_p95_ms"], policy["energy_mj_budget"], policy["pacing"]["cooldown_s"]) == (4.5, 3.5, 120)
+    again = client.patch("/api/policies/device:dev-0003", json={"budget": {"memory_mb": 64}}, headers=AUTH).json()
+    assert (again["policy"]["latency_p95_ms"], again["policy"]["memory_mb_budget"]) == (4.5, 64)
+    bad = client.patch("/api/policies/device:dev-0003", json={"objective": {"latency_p95_ms": -1}}, headers=AUTH)
+    assert bad.status_code == 400
+    for scope in ("device:dev-0003", "group:g0"):
+        assert client.delete(f"/api/policies/{scope}", headers=AUTH).json()["removed"] is True

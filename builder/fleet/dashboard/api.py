@@ -231,7 +231,9 @@ def build_app(store: FleetStore, registry: Any, config: DashboardConfig, act: Ac
 
     async def policy_change(request: Request) -> Response:
         """PUT: set the loop policy of a scope (``device:ID``, ``group:G``, ``*``) from the TOML's
-        sections as JSON; DELETE: remove it. Needs the token."""
+        sections as JSON; PATCH: change some keys of the policy that applies there now (the scope's own,
+        else for a device the group's or default one it resolves to), kept as the scope's own; DELETE:
+        remove it. Needs the token."""
         from builder.fleet.loop.policy import DEFAULT_SCOPE, Policy, PolicyStore
 
         if not authorised(request):
@@ -251,12 +253,27 @@ def build_app(store: FleetStore, registry: Any, config: DashboardConfig, act: Ac
         try:
             if not isinstance(body, dict):
                 raise UsageError("a policy is a JSON object of the TOML's sections")
-            policy = Policy.from_mapping(body, source=f"policy for {scope}")
+            source = f"policy for {scope}"
+            if request.method == "PATCH":
+                base = await run_in_threadpool(_current_policy, policy_store, scope)
+                policy = base.patched(body, source) if base is not None else Policy.from_mapping(body, source)
+            else:
+                policy = Policy.from_mapping(body, source=source)
             await run_in_threadpool(policy_store.set, scope, policy, time.time())
         except UsageError as exc:
             return _error(400, str(exc))
         log.info("dashboard: loop policy of %s set (p95 objective %s ms)", scope, policy.latency_p95_ms)
         return JSONResponse({"scope": scope, "policy": policy.to_dict()})
+
+    def _current_policy(policy_store: Any, scope: str) -> Any:
+        """The policy a scope has now: its own, else (a device) the one it resolves to, else None."""
+        own = policy_store.all().get(scope)
+        kind, _, name = scope.partition(":")
+        if own is not None or kind != "device":
+            return own
+        device = store.find_device(name)
+        groups = (device.group,) if device is not None and device.group else ()
+        return policy_store.resolve(name, groups)[1]
 
     async def index(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
@@ -278,7 +295,7 @@ def build_app(store: FleetStore, registry: Any, config: DashboardConfig, act: Ac
         Route("/api/artifacts", read(artifacts)),
         Route("/api/pushes", read(pushes)),
         Route("/api/policies", read(policies)),
-        Route("/api/policies/{scope:path}", policy_change, methods=["PUT", "DELETE"]),
+        Route("/api/policies/{scope:path}", policy_change, methods=["PUT", "PATCH", "DELETE"]),
         Route("/api/optimize-runs", read(optimize_runs)),
         Route("/api/optimize-runs/{run_id:path}", read(optimize_run)),
         Route("/api/{rest:path}", api_unknown),

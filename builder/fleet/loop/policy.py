@@ -167,6 +167,20 @@ class Policy:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_sections(self) -> dict[str, Any]:
+        """The policy as the TOML's sections (what :meth:`from_mapping` and the HTTP API take)."""
+        return tomllib.loads(self.to_toml())
+
+    def patched(self, changes: Mapping[str, Any], source: str = "policy") -> "Policy":
+        """This policy with some keys of some sections replaced (a dashboard field changes one number
+        and must not reset the budgets, floors and pacing the operator set from a TOML file)."""
+        sections = self.to_sections()
+        for section, body in changes.items():
+            if not isinstance(body, Mapping):
+                raise UsageError(f"{source}: [{section}] must be a table")
+            sections.setdefault(section, {}).update(body)
+        return Policy.from_mapping(sections, source=source)
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Policy":
         data = dict(data)

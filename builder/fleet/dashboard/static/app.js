@@ -186,7 +186,7 @@ async function setObjective() {
   const msg = $("#action-msg");
   try {
     const out = await api(`/api/policies/device:${encodeURIComponent(deviceId)}`, {
-      method: "PUT", headers: { "Content-Type": "application/json" },
+      method: "PATCH", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ objective: { latency_p95_ms: Number($("#objective").value) } }) });
     msg.className = "done";
     msg.textContent = `policy of ${out.scope}: p95 objective ${out.policy.latency_p95_ms} ms`;
