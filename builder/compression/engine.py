@@ -87,6 +87,12 @@ class CompressionResult:
     def flags(self) -> tuple[str, ...]:
         return self.final.flags
 
+    @property
+    def retrained(self) -> bool:
+        """Some step changed the weights by training (fine-tuning epochs, distillation), not only by rounding
+        or removing them: the build then judges the result against the original by the task's score."""
+        return any(r.step == "distill" or (r.record.facts.get("epochs") or 0) > 0 for r in self.steps)
+
 
 def run_recipe(model: LoadedModel, recipe: Recipe, *, data: Optional[DataSource], train_data: Optional[DataSource],
                out_dir: Path, threads: int = 1, teacher_module: Any = None, eval_config: Optional[EvalConfig] = None,

@@ -206,7 +206,7 @@ def build_for_profile(model: str, profile: str, *, recipe: Path | None = None, q
                                                  result.final_state.precision or "fp32", choice.runtime)
             request = BuildRequest(prof, choice.runtime, precision_after, choice.format, dict(options or {}), **floors)
             build_model = BuildModel(base.name, base.version, Path(result.model_path), specs, loaded.onnx_path,
-                                     None, base.source_sha256, recipe_dict)
+                                     None, base.source_sha256, recipe_dict, trained=result.retrained)
         stage(f"building {choice.runtime}/{request.precision}/{choice.format} for {prof.name}")
         return build_artifact(build_model, request, samples, registry=registry, private_key=private_key,
                               workdir=work / "build", out_dir=out_dir, use_cache=False, key=key)
