@@ -6,7 +6,10 @@ outbox (``agent/telemetry.py``) and an asyncio fleet simulator drive the same ru
 * a record stays in the outbox until the host's ``TelemetryAck`` says it is **stored** (a broker's
   PUBACK only says the broker has it: Mosquitto drops what exceeds a subscriber's queue, and a host
   that is not subscribed at that moment never sees it);
-* at most ``window`` records are in flight (sent, not acked);
+* at most ``window`` records are in flight (sent, not acked), fewer while records time out: the
+  window halves on every round of timeouts and grows by one per acked record (AIMD, as TCP does),
+  so a fleet flushing at once backs off to what the broker's queue for the host absorbs instead of
+  re-flooding it in lockstep;
 * a record not acked within ``resend_after_s`` is sent again, its timeout doubling up to
   ``max_resend_after_s`` (a host that is down, or one too old to ack, costs a bounded trickle);
 * after a reconnect every unacked record may go again at once (``on_reconnect``).
@@ -28,7 +31,7 @@ from agent.protocol import TelemetryAck
 
 DEFAULT_WINDOW = 100  # records in flight per device: well under a broker's per-client queue (Mosquitto: 1000)
 DEFAULT_RESEND_AFTER_S = 10.0
-DEFAULT_MAX_RESEND_AFTER_S = 300.0
+DEFAULT_MAX_RESEND_AFTER_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class WindowStats:
     sent: int  # first sends
     resent: int  # sends of a record that had been sent before
     acked: int  # in-flight records an ack released
+    window: int  # records that may be in flight now (AIMD: <= the configured window)
 
 
 class AckWindow:
@@ -53,6 +57,7 @@ class AckWindow:
         self.resend_after_s = resend_after_s
         self.max_resend_after_s = max_resend_after_s
         self._in_flight: dict[int, tuple[float, int]] = {}  # seq -> (sent at, sends so far)
+        self._cwnd = float(window)
         self._sent = self._resent = self._acked = 0
 
     # -- queries ------------------------------------------------------------------------------
@@ -61,7 +66,8 @@ class AckWindow:
         return len(self._in_flight)
 
     def stats(self) -> WindowStats:
-        return WindowStats(in_flight=len(self._in_flight), sent=self._sent, resent=self._resent, acked=self._acked)
+        return WindowStats(in_flight=len(self._in_flight), sent=self._sent, resent=self._resent, acked=self._acked,
+                           window=int(self._cwnd))
 
     def _timeout_s(self, sends: int) -> float:
         return min(self.max_resend_after_s, self.resend_after_s * (2 ** min(max(sends - 1, 0), 20)))
@@ -81,8 +87,11 @@ class AckWindow:
         """The seqs to publish now, ascending: unsent or timed-out records among ``pending`` (the
         oldest ``window`` seqs of the outbox, ascending), as many as the window has room for."""
         self._forget_gone(pending)
+        expired = [seq for seq in self._in_flight if self._expired(seq, now) and self._in_flight[seq][0] > float("-inf")]
+        if expired:  # timeouts: something between here and the host's store is overloaded
+            self._cwnd = max(1.0, self._cwnd / 2)
         live = sum(1 for seq in self._in_flight if not self._expired(seq, now))
-        room = self.window - live
+        room = int(self._cwnd) - live
         out: list[int] = []
         for seq in pending:
             if room <= 0:
@@ -119,6 +128,7 @@ class AckWindow:
         for seq in [s for s in self._in_flight if ack.covers(s)]:
             del self._in_flight[seq]
             self._acked += 1
+            self._cwnd = min(float(self.window), self._cwnd + 1.0)
         return ack.ranges
 
     def on_reconnect(self) -> None:

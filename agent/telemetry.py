@@ -25,7 +25,7 @@ from typing import Callable
 from agent.bench import LatencyStats
 from agent.errors import MqttError
 from agent.mqtt import Delivery
-from agent.outbox import DEFAULT_RESEND_AFTER_S, DEFAULT_WINDOW, AckWindow, WindowStats
+from agent.outbox import DEFAULT_MAX_RESEND_AFTER_S, DEFAULT_RESEND_AFTER_S, DEFAULT_WINDOW, AckWindow, WindowStats
 from agent.protocol import TelemetryAck, TelemetryReport
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,8 @@ class TelemetrySender:
         self.legacy_grace_s = legacy_grace_s
         self.clock = clock
         self.window = AckWindow(outbox.incarnation, window=window,
-                                resend_after_s=resend_after_s, max_resend_after_s=max(resend_after_s, 300.0))
+                                resend_after_s=resend_after_s,
+                                max_resend_after_s=max(resend_after_s, DEFAULT_MAX_RESEND_AFTER_S))
         self._lock = threading.Lock()
         self._connected_at = clock()
         self._host_acks = outbox.host_acks
