@@ -4,7 +4,6 @@ over the agent's ``MqttClient``), many of them in one process."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -75,7 +74,7 @@ class Fleet:
         PUBACK mode of agents that never met an acking host, until its first ack)."""
         for device in self.devices:
             device.client.start()
-            wait_for(lambda: device.sender.host_acks, 30, f"{device.device_id} to learn the host acks", 0.02)
+            wait_for(lambda d=device: d.sender.host_acks, 30, f"{device.device_id} to learn the host acks", 0.02)
         self._thread.start()
         return self
 
