@@ -70,7 +70,7 @@ class AckWindow:
                            window=int(self._cwnd))
 
     def _timeout_s(self, sends: int) -> float:
-        return min(self.max_resend_after_s, self.resend_after_s * (2 ** min(max(sends - 1, 0), 20)))
+        return float(min(self.max_resend_after_s, self.resend_after_s * (2.0 ** min(max(sends - 1, 0), 20))))
 
     def _expired(self, seq: int, now: float) -> bool:
         sent_at, sends = self._in_flight[seq]
