@@ -68,6 +68,8 @@ class AgentConfig:
     chunk_timeout_s: float = 10.0
     telemetry_buffer_max_bytes: int = 8 << 20
     telemetry_buffer_max_age_s: float = 7 * 24 * 3600.0
+    telemetry_window: int = 100  # reports sent and not yet acknowledged by the host
+    telemetry_resend_s: float = 10.0  # an unacknowledged report is sent again after this (doubling, <= 300 s)
     rollback_after_errors: int = 3  # consecutive run-time failures of the active model
     latency_regression_factor: float = 3.0  # field p50 over this many times the install-time p50 -> rollback; 0 = off
     latency_min_requests: int = 20
@@ -140,6 +142,8 @@ def config_from_dict(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Age
             chunk_timeout_s=float(data.get("chunk_timeout_s", 10.0)),
             telemetry_buffer_max_bytes=int(data.get("telemetry_buffer_max_bytes", 8 << 20)),
             telemetry_buffer_max_age_s=float(data.get("telemetry_buffer_max_age_s", 7 * 24 * 3600.0)),
+            telemetry_window=int(data.get("telemetry_window", 100)),
+            telemetry_resend_s=float(data.get("telemetry_resend_s", 10.0)),
             rollback_after_errors=int(data.get("rollback_after_errors", 3)),
             latency_regression_factor=float(data.get("latency_regression_factor", 3.0)),
             latency_min_requests=int(data.get("latency_min_requests", 20)),
@@ -150,6 +154,8 @@ def config_from_dict(data: Mapping[str, Any], base_dir: Path = Path(".")) -> Age
         raise ConfigError("window_chunks must be in 1..256")
     if cfg.telemetry_interval_s <= 0:
         raise ConfigError("telemetry_interval_s must be > 0")
+    if not 1 <= cfg.telemetry_window <= 1000 or cfg.telemetry_resend_s <= 0:
+        raise ConfigError("telemetry_window must be in 1..1000 and telemetry_resend_s > 0")
     if load.slowdown_factor < 1.0 or not 0.0 <= load.cpu_burn_duty <= 1.0:
         raise ConfigError("load.slowdown_factor must be >= 1 and load.cpu_burn_duty in 0..1")
     return cfg

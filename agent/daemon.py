@@ -33,7 +33,7 @@ from agent.manifest import load_public_key
 from agent.mqtt import Delivery, Will
 from agent.sensors import power_sensors_for, profile_power_estimate_w, read_power, read_temperature
 from agent.serve import LocalEndpoint
-from agent.telemetry import FieldStats, TelemetryOutbox, drain_outbox
+from agent.telemetry import FieldStats, TelemetryOutbox, TelemetrySender
 from agent.transfer import ChunkPuller, Progress, TransferCancelled, verify_desired
 from agent.trial import TrialRunner
 
@@ -65,6 +65,7 @@ class Agent:
         self.outbox = TelemetryOutbox(self.data_dir / "telemetry.db", cfg.telemetry_buffer_max_bytes,
                                       cfg.telemetry_buffer_max_age_s)
         self.telemetry_interval_s = cfg.telemetry_interval_s
+        telemetry_topic = proto.device_topic(self.device_id, proto.Up.TELEMETRY)
         self._state = self._read_state()
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._commands: queue.Queue[bytes] = queue.Queue()
@@ -80,6 +81,9 @@ class Agent:
         will = proto.DeviceStatus(device_id=self.device_id, state="offline", agent_version=__version__)
         self.conn = agent_connection(self.device_id, cfg.broker, will=Will(self._topic(proto.Up.STATUS), will.to_json()),
                                      on_connected=self._on_connected)
+        self.sender = TelemetrySender(self.outbox, lambda body: self.conn.publish(telemetry_topic, body, qos=1),
+                                      lambda: self.conn.connected, window=cfg.telemetry_window,
+                                      resend_after_s=cfg.telemetry_resend_s)
         self.puller = ChunkPuller(self.device_id, self.data_dir / "downloads", self._publish_bytes,
                                   lambda: self.conn.connected, lambda: self.conn.connect_count,
                                   window_chunks=cfg.window_chunks, timeout_s=cfg.chunk_timeout_s,
@@ -93,6 +97,7 @@ class Agent:
         self.conn.subscribe(self._topic(proto.Down.DESIRED), lambda t, p: self._on_desired(p))
         self.conn.subscribe(self._topic(proto.Down.CHUNKS), self._on_chunk_frame)
         self.conn.subscribe(self._topic(proto.Down.COMMAND), lambda t, p: self._commands.put(p))
+        self.conn.subscribe(self._topic(proto.Down.ACK), self._on_ack)
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -200,7 +205,13 @@ class Agent:
 
     # -- MQTT callbacks (network thread: enqueue only) -------------------------------------------
     def _on_connected(self) -> None:
+        self.sender.on_connect()
         self._events.put(("connected", None))
+
+    def _on_ack(self, topic: str, payload: bytes) -> None:
+        # A malformed ack raises ProtocolError: the client's dispatch counts and logs it.
+        if self.sender.on_ack(payload):
+            self._telemetry_wakeup.set()  # room in the window: send the next reports
 
     def _on_chunk_frame(self, topic: str, payload: bytes) -> None:
         # Each puller queues frames only while it pulls and skips frames of other artifacts.
@@ -216,11 +227,7 @@ class Agent:
                 if self._deploying is not None:
                     self.puller.cancel.set()
             return
-        try:
-            desired = proto.DesiredDeployment.from_json(payload)
-        except ProtocolError as exc:
-            log.warning("ignoring malformed desired deployment: %s", exc)
-            return
+        desired = proto.DesiredDeployment.from_json(payload)  # ProtocolError: counted and logged by the client
         with self._desired_lock:
             if self._deploying == desired.deployment_id:
                 return  # re-read on reconnect while it is being pulled: carry on
@@ -259,7 +266,8 @@ class Agent:
         return proto.Hello(device_id=self.device_id, agent_version=__version__, profile=self.profile,
                            machine=platform.machine(), runtimes=tuple(dict.fromkeys(runtimes)), execution_providers=providers,
                            active_artifact_id=model.manifest.artifact_id if model else None,
-                           free_disk_bytes=shutil.disk_usage(self.data_dir).free, ts=proto.now_s())
+                           free_disk_bytes=shutil.disk_usage(self.data_dir).free, ts=proto.now_s(),
+                           incarnation=self.outbox.incarnation)
 
     def _deploy_loop(self) -> None:
         while not self._stop.is_set():
@@ -389,33 +397,42 @@ class Agent:
             except queue.Empty:
                 continue
             try:
-                command = proto.Command.from_json(raw)
-            except ProtocolError as exc:
-                log.warning("ignoring malformed command: %s", exc)
-                try:
-                    request_id = str(json.loads(raw).get("request_id", ""))
-                except (ValueError, AttributeError):
-                    continue
+                self._handle_command(raw)
+            except Exception as exc:  # noqa: BLE001 - the command thread must outlive any message
+                self.conn.count_error(self._topic(proto.Down.COMMAND), exc)
+
+    def _handle_command(self, raw: bytes) -> None:
+        """Decode (bounded: size and depth before parsing), run and answer one command."""
+        try:
+            command = proto.Command.from_json(raw)
+        except ProtocolError as exc:
+            self.conn.count_error(self._topic(proto.Down.COMMAND), exc)
+            request_id = proto.request_id_of(raw, proto.Command.KIND, proto.Command.MAX_BYTES)
+            if request_id is not None:
                 self._publish(proto.Up.REPLY, proto.CommandReply(request_id=request_id, command="unknown", ok=False,
                                                                  error=str(exc), ts=proto.now_s()))
-                continue
-            try:
-                args = command.parsed_args()
-                if isinstance(args, proto.TrialRequest):  # runs in its own thread and replies when done
-                    self.trials.start(command.request_id, args, lambda reply: self._publish(proto.Up.REPLY, reply))
-                    continue
-                result = self.execute(args)
-                reply = proto.CommandReply(request_id=command.request_id, command=command.command, ok=True,
-                                           result=result, ts=proto.now_s())
-            except (AgentError, ValueError, TypeError) as exc:
-                reply = proto.CommandReply(request_id=command.request_id, command=command.command, ok=False,
-                                           error=str(exc), ts=proto.now_s())
-            self._publish(proto.Up.REPLY, reply)
+            return
+        try:
+            args = command.parsed_args()
+            if isinstance(args, proto.TrialRequest):  # runs in its own thread and replies when done
+                self.trials.start(command.request_id, args, lambda reply: self._publish(proto.Up.REPLY, reply))
+                return
+            result = self.execute(args)
+            reply = proto.CommandReply(request_id=command.request_id, command=command.command, ok=True,
+                                       result=result, ts=proto.now_s())
+        except (AgentError, ValueError, TypeError) as exc:
+            reply = proto.CommandReply(request_id=command.request_id, command=command.command, ok=False,
+                                       error=str(exc), ts=proto.now_s())
+        self._publish(proto.Up.REPLY, reply)
 
     def execute(self, args: proto.CommandArgs) -> dict[str, Any]:
         if isinstance(args, proto.StatusArgs):
             status = self._status("online").to_dict()
+            window = self.sender.stats()
             status.update({"telemetry_interval_s": self.telemetry_interval_s, "outbox_reports": len(self.outbox),
+                           "telemetry": {"incarnation": self.outbox.incarnation, "in_flight": window.in_flight,
+                                         "sent": window.sent, "resent": window.resent, "acked": window.acked,
+                                         "host_acks": self.sender.host_acks, "dropped": self.outbox.dropped},
                            "deploying": self._deploying, "trial": self.trials.running,
                            "http_url": self.endpoint.url if self.endpoint else None})
             return status
@@ -489,10 +506,9 @@ class Agent:
             cpu_percent=proc.cpu_percent(None), memory_rss_bytes=proc.memory_info().rss,
             memory_available_bytes=psutil.virtual_memory().available, temperature_c=temp.celsius,
             power_w=power.watts if power.available else None, power_source=power.source,
-            benchmark=benchmark, details=details)
+            benchmark=benchmark, details=details, incarnation=self.outbox.incarnation)
 
     def _telemetry_loop(self) -> None:
-        topic = self._topic(proto.Up.TELEMETRY)
         interval = self.telemetry_interval_s
         next_periodic = time.monotonic() + interval
         while not self._stop.is_set():
@@ -500,6 +516,11 @@ class Agent:
                 interval = self.telemetry_interval_s
                 next_periodic = min(next_periodic, time.monotonic() + interval)
             timeout = max(0.0, next_periodic - time.monotonic())
+            resend_in = self.sender.next_due_in_s()  # unacknowledged reports time out: wake to resend them
+            if resend_in is not None:
+                timeout = min(timeout, resend_in + 0.05)
+            if not self.sender.host_acks:
+                timeout = min(timeout, 1.0)  # the legacy (PUBACK) grace period ends without an event
             self._telemetry_wakeup.wait(timeout)
             self._telemetry_wakeup.clear()
             if self._stop.is_set():
@@ -511,8 +532,7 @@ class Agent:
                     log.exception("building telemetry failed")
                 next_periodic = time.monotonic() + interval
             try:
-                drain_outbox(self.outbox, lambda body: self.conn.publish(topic, body, qos=1),
-                             lambda: self.conn.connected)
+                self.sender.pump()
             except Exception:  # noqa: BLE001
                 log.exception("sending telemetry failed")
 

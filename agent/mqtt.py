@@ -7,7 +7,9 @@ Modelled on aiomqtt's client: typed settings (``ClientSettings``, ``Will``, ``Tl
 delivered; its dynamic-security plugin answers a denied filter with 0x80 in MQTT 3.1.1 and 0x87
 "Not authorized" in MQTT 5), ``publish`` with QoS and retain returning a ``Delivery`` to wait on, and connect /
 disconnect callbacks. Handlers are ``(topic, payload)`` per topic filter, re-subscribed on every
-connect.
+connect. A handler that raises (a ``ProtocolError`` for a malformed message, or a bug) is isolated:
+the dispatch counts the error per (device, message kind) in ``handler_errors``, logs it (rate
+limited) and goes on, so one bad message can never stop the network thread.
 
 Threads: one network thread of our own drives ``client.loop()``, so reconnects follow a capped
 exponential backoff with jitter (paho's built-in reconnect has none) and MQTT 5 can fall back to
@@ -26,6 +28,7 @@ import logging
 import random
 import ssl
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -39,13 +42,25 @@ from paho.mqtt.properties import Properties as _Properties
 from agent.errors import (
     MqttConnectError,
     MqttError,
+    ProtocolError,
     PublishError,
     SubscribeRefusedError,
 )
+from agent.protocol import parse_device_topic
 
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
+MAX_ERROR_KEYS = 10_000  # (device, kind) pairs counted separately; beyond, errors count under ("*", kind)
+LOGGED_PER_KEY = 3  # the first errors of a (device, kind) are logged, then every 1000th
+
+
+def error_key(topic: str) -> tuple[str, str]:
+    """(device id, message kind) of a topic, for counting bad messages; ("?", topic) for others."""
+    try:
+        return parse_device_topic(topic)
+    except ProtocolError:
+        return "?", topic[:200]
 
 
 class MqttVersion(enum.Enum):
@@ -158,6 +173,7 @@ class MqttClient:
         self._was_connected = False  # a CONNACK succeeded since the last backoff (resets it)
         self._connack_seen = False  # any CONNACK on the current attempt
         self._dropped_before_connack = 0  # MQTT 5 CONNECTs answered by a closed socket
+        self.handler_errors: Counter[tuple[str, str]] = Counter()  # (device, kind) -> messages a handler refused
         self._paho = self._make_paho()
 
     # -- state --------------------------------------------------------------------------------
@@ -401,5 +417,21 @@ class MqttClient:
         for handler in handlers:
             try:
                 handler(message.topic, payload)
-            except Exception:  # noqa: BLE001 - one bad handler must not stop the network thread
-                log.exception("handler for %s failed", message.topic)
+            except Exception as exc:  # noqa: BLE001 - one bad message or handler must not stop the network thread
+                self.count_error(message.topic, exc)
+
+    def count_error(self, topic: str, exc: BaseException) -> None:
+        """Count (per device and kind) and log a message a handler could not take; also for handlers
+        that decode in a worker thread of their own (the agent's commands)."""
+        key = error_key(topic)
+        with self._lock:
+            if key not in self.handler_errors and len(self.handler_errors) >= MAX_ERROR_KEYS:
+                key = ("*", key[1])
+            self.handler_errors[key] += 1
+            n = self.handler_errors[key]
+        if n <= LOGGED_PER_KEY or n % 1000 == 0:
+            suffix = f" ({n} so far)" if n > 1 else ""
+            if isinstance(exc, ProtocolError):
+                log.warning("refused a message from %s on %s: %s%s", key[0], key[1], exc, suffix)
+            else:
+                log.error("handler for %s failed%s", topic, suffix, exc_info=exc)

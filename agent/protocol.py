@@ -14,22 +14,30 @@ Topic layout (``{id}`` is the device id, which is also its MQTT username and cli
     edgefleet/v1/devices/{id}/down/desired  host -> device  retained: the deployment it must run
     edgefleet/v1/devices/{id}/down/chunks   host -> device  binary chunk frames (see ChunkFrame)
     edgefleet/v1/devices/{id}/down/cmd      host -> device  commands
+    edgefleet/v1/devices/{id}/down/ack      host -> device  telemetry stored (TelemetryAck)
 
 A device publishes only under ``up/`` and reads only under ``down/`` of its own id, so two pattern
 ACL lines confine it (``pattern write edgefleet/v1/devices/%u/up/#`` and ``pattern read
 edgefleet/v1/devices/%u/down/#``): it can neither read another device's topics nor publish a
 desired deployment. Every JSON message carries ``"schema": 1``; a receiver refuses other versions
 with ``ProtocolError``. Chunks are binary frames, not base64-in-JSON (33% smaller, no decode cost).
+
+Decoding is bounded: every payload is checked against its kind's size limit (``MAX_BYTES``) and a
+nesting depth limit (``MAX_JSON_DEPTH``) *before* it is parsed, NaN/Infinity are refused, and each
+known field must have its declared JSON type (a list where an id belongs is refused, not hashed).
+Whatever is wrong with a message, decoding raises ``ProtocolError`` and nothing else.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 import time
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping, Self, TypeVar
+from dataclasses import Field, asdict, dataclass, field, fields
+from itertools import accumulate
+from typing import Any, Iterable, Mapping, Self, TypeVar
 
 from agent.errors import ProtocolError
 
@@ -62,6 +70,7 @@ class Down:
     DESIRED = "down/desired"
     CHUNKS = "down/chunks"
     COMMAND = "down/cmd"
+    ACK = "down/ack"
 
 
 def validate_device_id(device_id: str) -> str:
@@ -99,14 +108,74 @@ def now_s() -> float:
 # JSON messages
 
 
-def _load_json(raw: bytes | str | Mapping[str, Any], kind: str) -> dict[str, Any]:
+# Bounds checked before any payload is parsed (a 200 kB "[[[[..." must not reach json.loads: its
+# recursion limit raises RecursionError, which no handler expected). The sizes are generous for
+# what the agent and the host really send (a telemetry report is ~1 KiB, a desired deployment with
+# its inline manifest a few KiB).
+MAX_JSON_DEPTH = 32
+MAX_MESSAGE_BYTES = 256 * 1024  # the default limit of a JSON message
+MAX_CHUNK_HEADER_BYTES = 8192
+_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+# opening brackets -> 0x01, closing -> 0xff (-1 as a signed byte), everything else deleted
+_BRACKETS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[{]}")
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest bracket nesting of a JSON text, without parsing it (string contents ignored).
+    Linear, and in C for the common case: a regex strips the strings, ``translate`` keeps only
+    brackets as +1/-1 bytes, ``accumulate`` sums them."""
+    stripped = _STRING_RE.sub(b"", raw) if b'"' in raw else raw
+    brackets = stripped.translate(_BRACKETS, _NOT_BRACKETS)
+    if not brackets:
+        return 0
+    return max(0, max(accumulate(memoryview(brackets).cast("b"))))
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} overflows a float")
+    return value
+
+
+def decode_json(raw: bytes | str, kind: str, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
+    """The one bounded JSON decoder of the protocol: size, then depth, then parse (no NaN or
+    Infinity). Any failure is a ``ProtocolError``."""
+    data = raw.encode("utf-8") if isinstance(raw, str) else bytes(raw)
+    if len(data) > max_bytes:
+        raise ProtocolError(f"{kind} message of {len(data)} bytes exceeds its limit of {max_bytes} bytes")
+    if not data.strip():
+        raise ProtocolError(f"{kind} message is empty")
+    depth = json_depth(data)
+    if depth > MAX_JSON_DEPTH:
+        raise ProtocolError(f"{kind} message nests {depth} levels deep (limit {MAX_JSON_DEPTH})")
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise ProtocolError(f"{kind} message is not valid JSON ({exc})") from exc
+
+
+def request_id_of(raw: bytes, kind: str = "cmd", max_bytes: int = MAX_MESSAGE_BYTES) -> str | None:
+    """The ``request_id`` of a message that failed to decode, if it has a usable one (so the
+    sender can be told why); None otherwise. Never raises."""
+    try:
+        data = decode_json(raw, kind, max_bytes)
+    except ProtocolError:
+        return None
+    request_id = data.get("request_id") if isinstance(data, dict) else None
+    return request_id if isinstance(request_id, str) and len(request_id) <= 256 else None
+
+
+def _load_json(raw: bytes | str | Mapping[str, Any], kind: str, max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
     if isinstance(raw, Mapping):
         data = dict(raw)
     else:
-        try:
-            data = json.loads(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ProtocolError(f"{kind} message is not valid JSON ({exc})") from exc
+        data = decode_json(raw, kind, max_bytes)
     if not isinstance(data, dict):
         raise ProtocolError(f"{kind} message must be a JSON object")
     schema = data.get("schema")
@@ -115,11 +184,46 @@ def _load_json(raw: bytes | str | Mapping[str, Any], kind: str) -> dict[str, Any
     return data
 
 
+def _json_type_ok(annotation: str, value: Any) -> bool:
+    """Whether a decoded JSON value fits a field's annotation (as written in this module: str, int,
+    float, bool, Mapping[...], tuple[...], unions with None). Unknown annotations accept anything."""
+    for part in (p.strip() for p in annotation.split("|")):
+        if part == "None":
+            ok = value is None
+        elif part == "str":
+            ok = isinstance(value, str)
+        elif part == "bool":
+            ok = isinstance(value, bool)
+        elif part == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif part == "float":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif part.startswith("Mapping["):
+            ok = isinstance(value, dict)
+        elif part.startswith("tuple[str"):
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        elif part.startswith("tuple["):
+            ok = isinstance(value, (list, tuple))
+        else:
+            ok = True
+        if ok:
+            return True
+    return False
+
+
+def _check_types(cls_fields: tuple[Field[Any], ...], kwargs: Mapping[str, Any], kind: str) -> None:
+    for f in cls_fields:
+        if f.name in kwargs and isinstance(f.type, str) and not _json_type_ok(f.type, kwargs[f.name]):
+            raise ProtocolError(f"{kind} message is malformed: {f.name} must be {f.type}, "
+                                f"not {type(kwargs[f.name]).__name__}")
+
+
 class _Message:
     """Mixin: JSON encoding with the schema version, strict decoding of known fields."""
 
     KIND = "message"
     REQUIRED: tuple[str, ...] = ()
+    MAX_BYTES = MAX_MESSAGE_BYTES  # refused before parsing when larger
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = asdict(self)  # type: ignore[call-overload]
@@ -131,16 +235,18 @@ class _Message:
 
     @classmethod
     def from_json(cls, raw: bytes | str | Mapping[str, Any]) -> Self:
-        data = _load_json(raw, cls.KIND)
+        data = _load_json(raw, cls.KIND, cls.MAX_BYTES)
         missing = [name for name in cls.REQUIRED if name not in data]
         if missing:
             raise ProtocolError(f"{cls.KIND} message lacks field(s) {', '.join(missing)}")
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]  # subclasses are dataclasses
+        cls_fields = fields(cls)  # type: ignore[arg-type]  # subclasses are dataclasses
+        known = {f.name for f in cls_fields}
         kwargs = {k: v for k, v in data.items() if k in known}  # unknown fields: ignored (forward compatible)
+        _check_types(cls_fields, kwargs, cls.KIND)
         try:
             obj = cls(**kwargs)
             obj._validate()
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise ProtocolError(f"{cls.KIND} message is malformed: {exc}") from exc
         return obj
 
@@ -162,6 +268,7 @@ class DeviceStatus(_Message):
 
     KIND = "status"
     REQUIRED = ("device_id", "state")
+    MAX_BYTES = 16 * 1024
     device_id: str
     state: str  # "online" | "offline"
     active_artifact_id: str | None = None
@@ -183,6 +290,7 @@ class Hello(_Message):
 
     KIND = "hello"
     REQUIRED = ("device_id", "agent_version")
+    MAX_BYTES = 16 * 1024
     device_id: str
     agent_version: str
     profile: str | None = None
@@ -192,6 +300,7 @@ class Hello(_Message):
     active_artifact_id: str | None = None
     free_disk_bytes: int | None = None
     ts: float = 0.0
+    incarnation: str | None = None  # the telemetry outbox's incarnation (host answers with a TelemetryAck)
 
     def _validate(self) -> None:
         validate_device_id(self.device_id)
@@ -209,6 +318,7 @@ class DesiredDeployment(_Message):
 
     KIND = "desired"
     REQUIRED = ("deployment_id", "artifact_id", "manifest", "signature")
+    MAX_BYTES = 1024 * 1024  # the manifest and signature travel inline
     deployment_id: str
     artifact_id: str
     manifest: Mapping[str, Any]  # the manifest.json object
@@ -233,6 +343,7 @@ class ChunkRequest(_Message):
 
     KIND = "chunkreq"
     REQUIRED = ("request_id", "artifact_id", "payload", "start_index", "count")
+    MAX_BYTES = 4096
     request_id: str
     artifact_id: str
     payload: str  # a payload name from the manifest
@@ -253,6 +364,7 @@ class TransferProgress(_Message):
 
     KIND = "progress"
     REQUIRED = ("deployment_id", "artifact_id", "state")
+    MAX_BYTES = 16 * 1024
     deployment_id: str
     artifact_id: str
     state: str
@@ -268,8 +380,11 @@ class TransferProgress(_Message):
 
 @dataclass(frozen=True)
 class TelemetryReport(_Message):
-    """``up/telemetry``. ``seq`` increases by one per report on a device (also across restarts), so the
-    host can order, deduplicate and detect gaps. Power is ``None`` when not measured, never 0.
+    """``up/telemetry``. ``seq`` increases by one per report within an ``incarnation`` (a random id
+    the agent makes with a new outbox: a wiped data dir is a new incarnation, starting at seq 0), so
+    the host can order, deduplicate and detect gaps per (device, incarnation). The host acknowledges
+    stored seqs with a ``TelemetryAck``; the device keeps each report until then. Power is ``None``
+    when not measured, never 0. ``incarnation`` None: an agent that predates acks.
     """
 
     KIND = "telemetry"
@@ -292,9 +407,63 @@ class TelemetryReport(_Message):
     power_source: str = "not measured"
     benchmark: Mapping[str, Any] | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
+    incarnation: str | None = None
 
     def _validate(self) -> None:
         _require(isinstance(self.seq, int) and self.seq >= 0, "seq must be an integer >= 0")
+        _require(self.incarnation is None or _valid_incarnation(self.incarnation),
+                 "incarnation must be 1-64 letters, digits, '-' or '_'")
+
+
+_INCARNATION_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_ACK_RANGES = 256
+
+
+def _valid_incarnation(value: Any) -> bool:
+    return isinstance(value, str) and bool(_INCARNATION_RE.match(value))
+
+
+@dataclass(frozen=True)
+class TelemetryAck(_Message):
+    """``down/ack``: the host has *stored* these seqs of this incarnation (inclusive ``[first, last]``
+    ranges, ascending); the device may delete them from its outbox. An ack with no ranges (sent in
+    answer to a hello) only says "this host acknowledges telemetry". An ack of another incarnation
+    is ignored. See docs/protocol.md, "Telemetry delivery"."""
+
+    KIND = "ack"
+    REQUIRED = ("incarnation", "ranges")
+    MAX_BYTES = 16 * 1024
+    incarnation: str
+    ranges: tuple[tuple[int, int], ...]
+    ts: float = 0.0
+
+    def _validate(self) -> None:
+        _require(_valid_incarnation(self.incarnation), "incarnation must be 1-64 letters, digits, '-' or '_'")
+        _require(isinstance(self.ranges, (list, tuple)) and len(self.ranges) <= MAX_ACK_RANGES,
+                 f"ranges must be a list of at most {MAX_ACK_RANGES} [first, last] pairs")
+        ranges = []
+        for pair in self.ranges:
+            _require(isinstance(pair, (list, tuple)) and len(pair) == 2 and all(_is_int(v) and v >= 0 for v in pair)
+                     and pair[0] <= pair[1], "each range must be [first, last] with 0 <= first <= last")
+            ranges.append((int(pair[0]), int(pair[1])))
+        object.__setattr__(self, "ranges", tuple(ranges))
+
+    def covers(self, seq: int) -> bool:
+        return any(first <= seq <= last for first, last in self.ranges)
+
+    def count(self) -> int:
+        return sum(last - first + 1 for first, last in self.ranges)
+
+
+def seq_ranges(seqs: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    """Sorted, merged inclusive ranges of a set of seqs: [0, 1, 2, 5] -> ((0, 2), (5, 5))."""
+    out: list[list[int]] = []
+    for seq in sorted(set(seqs)):
+        if out and seq == out[-1][1] + 1:
+            out[-1][1] = seq
+        else:
+            out.append([seq, seq])
+    return tuple((a, b) for a, b in out)
 
 
 @dataclass(frozen=True)
@@ -305,6 +474,7 @@ class Command(_Message):
 
     KIND = "cmd"
     REQUIRED = ("request_id", "command")
+    MAX_BYTES = 1024 * 1024  # a trial carries a manifest inline
     request_id: str
     command: str
     args: Mapping[str, Any] = field(default_factory=dict)
@@ -330,6 +500,7 @@ class CommandReply(_Message):
 
     KIND = "reply"
     REQUIRED = ("request_id", "command", "ok")
+    MAX_BYTES = 1024 * 1024
     request_id: str
     command: str
     ok: bool
@@ -495,6 +666,7 @@ COMMANDS = tuple(COMMAND_ARGS)
 @dataclass(frozen=True)
 class ChunkHeader(_Message):
     KIND = "chunk"
+    MAX_BYTES = MAX_CHUNK_HEADER_BYTES
     REQUIRED = ("request_id", "artifact_id", "payload", "index", "chunk_count", "offset", "compressed_size", "sha256")
     request_id: str
     artifact_id: str
@@ -540,7 +712,9 @@ def decode_chunk_frame(frame: bytes) -> ChunkFrame:
     if len(frame) < 8 or frame[:4] != CHUNK_MAGIC:
         raise ProtocolError("chunk frame lacks the EFC1 magic")
     (head_len,) = struct.unpack(">I", frame[4:8])
-    if head_len > 8192 or 8 + head_len > len(frame):
+    if len(frame) > MAX_CHUNK_HEADER_BYTES + 8 + 128 * 1024:
+        raise ProtocolError(f"chunk frame of {len(frame)} bytes exceeds the largest chunk")
+    if head_len > MAX_CHUNK_HEADER_BYTES or 8 + head_len > len(frame):
         raise ProtocolError("chunk frame header length is invalid")
     header = ChunkHeader.from_json(bytes(frame[8:8 + head_len]))
     return ChunkFrame(header=header, data=memoryview(frame)[8 + head_len:])  # no copy of the chunk bytes

@@ -14,7 +14,8 @@ from builder.fleet.transport import store as store_module
 from builder.fleet.transport.store import SCHEMA_VERSION, DeploymentEvent, TelemetryRow, fleet_store_path, open_store
 
 REPO = Path(__file__).resolve().parents[2]
-TABLES = {"meta", "devices", "telemetry", "benchmarks", "events", "pushes", "loop_policies", "loop_state"}
+TABLES = {"meta", "devices", "telemetry", "benchmarks", "events", "pushes", "loop_policies", "loop_state",
+          "telemetry_streams"}
 
 
 def _tables(path: Path) -> set[str]:

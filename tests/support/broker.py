@@ -116,7 +116,8 @@ class MosquittoBroker:
 
     def __init__(self, *, devices: Mapping[str, str] | None = None, builder_password: str = "builder-pw",
                  tls: bool = False, require_client_cert: bool = False, port: int | None = None,
-                 persistence: bool = False, subscribe_allowed: Sequence[str] | None = None) -> None:
+                 persistence: bool = False, subscribe_allowed: Sequence[str] | None = None,
+                 extra_lines: Sequence[str] = ()) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="edgefleet-mosquitto-"))
         os.chmod(self.workdir, 0o755)
         self.port = port or free_port()
@@ -129,6 +130,7 @@ class MosquittoBroker:
         # restart (saved on SIGTERM), as on a production broker.
         self.persistence_dir = self.workdir / "db" if persistence else None
         self.subscribe_allowed = tuple(subscribe_allowed) if subscribe_allowed is not None else None
+        self.extra_lines = tuple(extra_lines)  # appended last: they override the defaults (e.g. max_queued_messages)
         self.config_file = self._write_config(require_client_cert)
         self.process: subprocess.Popen | None = None
         self._atexit_registered = False
@@ -152,7 +154,8 @@ class MosquittoBroker:
             if self.devices:
                 return write_broker_config(self.workdir / "conf", port=self.port, devices=self.devices,
                                            builder_password=self.builder_password, tls=tls, tls_port=self.tls_port,
-                                           log_file=self.log_file, persistence_dir=self.persistence_dir).config_file
+                                           log_file=self.log_file, persistence_dir=self.persistence_dir,
+                                           extra_lines=self.extra_lines).config_file
             lines = ["allow_anonymous true", f"listener {self.port} 127.0.0.1", f"listener {self.tls_port} 127.0.0.1",
                      f"cafile {tls.ca_file}", f"certfile {tls.cert_file}", f"keyfile {tls.key_file}",
                      "allow_anonymous true"]
@@ -168,7 +171,7 @@ class MosquittoBroker:
             lines += ["persistence true", f"persistence_location {self.persistence_dir}/"]
         else:
             lines.append("persistence false")
-        lines += [f"log_dest file {self.log_file}", "max_inflight_messages 64"]
+        lines += [f"log_dest file {self.log_file}", "max_inflight_messages 64", *self.extra_lines]
         path = self.workdir / "mosquitto.conf"
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         os.chmod(path, 0o644)

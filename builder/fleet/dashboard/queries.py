@@ -16,7 +16,7 @@ from builder.errors import UsageError
 from builder.fleet.loop.policy import Policy, PolicyStore
 from builder.fleet.loop.service import EVENT_PREFIX
 from builder.fleet.rollout.status import DeviceStatusRow, collect_status, status_rows
-from builder.fleet.transport.store import DeploymentEvent, FleetStore, TelemetryRow
+from builder.fleet.transport.store import TELEMETRY_EVENT_PREFIX, DeploymentEvent, FleetStore, TelemetryRow
 
 STATES = ("online", "offline", "unregistered")
 SORT_KEYS = ("device_id", "state", "profile", "group", "model", "p50_ms", "p95_ms", "objective_p95_ms", "power_w",
@@ -79,6 +79,7 @@ def device_json(row: DeviceStatusRow, now: float, objectives: _Objectives | None
         "power_estimated": row.power_w is not None and row.power_source.lower().startswith("estimate"),
         "temperature_c": row.temperature_c, "last_seen": row.last_seen,
         "last_seen_age_s": (max(0.0, now - row.last_seen) if row.last_seen is not None else None),
+        "telemetry_missing": row.telemetry_missing,
     }
 
 
@@ -132,10 +133,12 @@ def device_detail(store: FleetStore, registry: Any, device_id: str, now: float |
     record = store.device(device_id)
     (row,) = status_rows([record], {device_id: store.latest_field_telemetry_for(device_id, record.active_artifact_id)},
                          {device_id: store.latest_telemetry(device_id)},
-                         {device_id: store.requests_served(device_id, record.active_artifact_id)}, now)
+                         {device_id: store.requests_served(device_id, record.active_artifact_id)}, now,
+                         store.telemetry_missing(device_id))
     events = store.events(device_id)
-    deployments = [event_json(e) for e in events if not e.kind.startswith(EVENT_PREFIX)]
+    deployments = [event_json(e) for e in events if not e.kind.startswith((EVENT_PREFIX, TELEMETRY_EVENT_PREFIX))]
     loop = [event_json(e) for e in events if e.kind.startswith(EVENT_PREFIX)]
+    telemetry_events = [event_json(e) for e in events if e.kind.startswith(TELEMETRY_EVENT_PREFIX)][-50:]
     benchmarks = {}
     for artifact_id in {record.active_artifact_id, record.previous_artifact_id} - {None}:
         bench = store.latest_benchmark(device_id, artifact_id)
@@ -144,7 +147,7 @@ def device_detail(store: FleetStore, registry: Any, device_id: str, now: float |
                                        "mean_ms": bench.mean_ms, "power_w": bench.power_w,
                                        "power_source": bench.power_source, "energy_mj": bench.energy_mj}
     return {**device_json(row, now, _Objectives(store)), "agent_version": record.agent_version, "machine": record.machine,
-            "runtimes": list(record.runtimes),
+            "runtimes": list(record.runtimes), "telemetry_events": telemetry_events,
             "slots": {"active": _slot(registry, record.active_artifact_id, record.active_model),
                       "previous": _slot(registry, record.previous_artifact_id, None)},
             "benchmarks": benchmarks, "deployments": deployments, "loop_events": loop}

@@ -39,9 +39,10 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 from builder.errors import UsageError
 
@@ -259,23 +260,50 @@ def scope_for(device_id: Optional[str] = None, group: Optional[str] = None) -> s
 
 class PolicyStore:
     """The policies of a :class:`~builder.fleet.transport.store.FleetStore`, typed (the store keeps
-    them as JSON by scope; serve and the CLI share the file)."""
+    them as JSON by scope; serve and the CLI share the file).
 
-    def __init__(self, store: "FleetStore") -> None:
+    ``resolve`` (the loop asks it for every report) answers from memory: the policies are read
+    again only when the store's policy version changed, and that version is looked at no more than
+    every ``refresh_s`` (a policy set by another process, e.g. `builder fleet policy set`, applies
+    within that time; one set through this object applies at once)."""
+
+    def __init__(self, store: "FleetStore", refresh_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
+        self.refresh_s = refresh_s
+        self.clock = clock
+        self._cache: Optional[dict[str, Policy]] = None
+        self._cache_version = -1
+        self._checked_at = float("-inf")
+        self.reloads = 0
 
     def set(self, scope: str, policy: Policy, now: float) -> None:
         self.store.set_loop_policy(scope, json.dumps(policy.to_dict(), sort_keys=True), now)
+        self._cache = None
 
     def remove(self, scope: str) -> bool:
+        self._cache = None
         return self.store.remove_loop_policy(scope)
 
     def all(self) -> dict[str, Policy]:
+        """Every policy by scope, read from the store now."""
         return {scope: Policy.from_dict(json.loads(text)) for scope, text in self.store.loop_policies().items()}
+
+    def cached(self) -> dict[str, Policy]:
+        """Every policy by scope, from memory (see the class doc for when it is read again)."""
+        now = self.clock()
+        if self._cache is not None and now - self._checked_at < self.refresh_s:
+            return self._cache
+        self._checked_at = now
+        version = self.store.loop_policies_version()
+        if self._cache is None or version != self._cache_version:
+            self._cache, self._cache_version = self.all(), version
+            self.reloads += 1
+        return self._cache
 
     def resolve(self, device_id: str, groups: tuple[str, ...] = ()) -> tuple[Optional[str], Optional[Policy]]:
         """The policy that applies to a device (own > first matching group > default) and its scope."""
-        policies = self.all()
+        policies = self.cached()
         for scope in [f"device:{device_id}"] + [f"group:{g}" for g in groups] + [DEFAULT_SCOPE]:
             if scope in policies:
                 return scope, policies[scope]

@@ -31,6 +31,7 @@ class DeviceStatusRow:
     last_seen: float | None
     last_seen_age_s: float | None
     registered: bool = True  # False: it connected without `builder fleet add-device`
+    telemetry_missing: int = 0  # reports the host never stored (seq gaps, summed over incarnations)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -38,7 +39,7 @@ class DeviceStatusRow:
 
 def status_rows(devices: Sequence[DeviceRecord], field_telemetry: Mapping[str, TelemetryRow | None],
                 latest_telemetry: Mapping[str, TelemetryRow | None], requests: Mapping[str, int],
-                now: float) -> list[DeviceStatusRow]:
+                now: float, missing: Mapping[str, int] | None = None) -> list[DeviceStatusRow]:
     """One row per device. ``field_telemetry``: newest window with requests on the active model;
     ``latest_telemetry``: newest report of any kind (power, temperature); ``requests``: real requests
     served on the active model."""
@@ -62,6 +63,7 @@ def status_rows(devices: Sequence[DeviceRecord], field_telemetry: Mapping[str, T
             last_seen=device.last_seen,
             last_seen_age_s=(max(0.0, now - device.last_seen) if device.last_seen is not None else None),
             registered=device.registered,
+            telemetry_missing=int((missing or {}).get(device.device_id, 0)),
         ))
     return rows
 
@@ -91,9 +93,10 @@ def format_power(power_w: float | None, source: str) -> str:
     return f"{power_w:.2f} W"
 
 
-STATUS_COLUMNS = ("device", "state", "profile", "model", "p50 ms", "p95 ms", "requests", "power", "temp", "last seen")
+STATUS_COLUMNS = ("device", "state", "profile", "model", "p50 ms", "p95 ms", "requests", "power", "temp", "last seen",
+                  "missing")
 # what a narrow terminal leaves out first (`--json` has everything)
-STATUS_DROP_ORDER = ("temp", "power", "requests", "p50 ms", "last seen")
+STATUS_DROP_ORDER = ("missing", "temp", "power", "requests", "p50 ms", "last seen")
 
 
 def status_cells(row: DeviceStatusRow) -> tuple[str, ...]:
@@ -110,6 +113,7 @@ def status_cells(row: DeviceStatusRow) -> tuple[str, ...]:
         format_power(row.power_w, row.power_source),
         DASH if row.temperature_c is None else f"{row.temperature_c:.0f} °C",
         format_age(row.last_seen_age_s),
+        str(row.telemetry_missing) if row.telemetry_missing else DASH,  # reports the host never stored
     )
 
 
@@ -119,4 +123,4 @@ def collect_status(store: FleetStore, now: float, group: str | None = None) -> l
     field = {d.device_id: store.latest_field_telemetry_for(d.device_id, d.active_artifact_id) for d in devices}
     latest = {d.device_id: store.latest_telemetry(d.device_id) for d in devices}
     requests = {d.device_id: store.requests_served(d.device_id, d.active_artifact_id) for d in devices}
-    return status_rows(devices, field, latest, requests, now)
+    return status_rows(devices, field, latest, requests, now, store.telemetry_missing())

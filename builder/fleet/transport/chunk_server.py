@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from agent import protocol as proto
-from agent.errors import MqttError, ProtocolError
+from agent.errors import MqttError
 from agent.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
 from agent.mqtt import MqttClient
 from builder.artifacts.download import compress_payload  # the one download-form policy (level by size)
@@ -96,13 +96,10 @@ class ChunkServer:
             raise FleetError(f"the chunk server cannot listen for chunk requests: {exc}") from exc
 
     def on_request(self, topic: str, payload: bytes) -> None:
-        """Handler for ``up/chunkreq`` messages (call it from your own handler if you route messages yourself)."""
-        try:
-            device_id, _ = proto.parse_device_topic(topic)
-            request = proto.ChunkRequest.from_json(payload)
-        except ProtocolError as exc:
-            log.warning("ignoring bad chunk request on %s: %s", topic, exc)
-            return
+        """Handler for ``up/chunkreq`` messages (call it from your own handler if you route messages
+        yourself). A malformed request raises ``ProtocolError``: the client's dispatch counts it."""
+        device_id, _ = proto.parse_device_topic(topic)
+        request = proto.ChunkRequest.from_json(payload)
         with self._lock:  # overlapping subscriptions deliver a message twice: answer each request once
             key = (device_id, request.request_id)
             if key in self._recent_requests:

@@ -3,8 +3,12 @@
 It connects to the broker with the builder's credentials (or starts the embedded one), keeps the
 device registry from what devices announce (hello, retained status, last will), ingests telemetry,
 benchmarks and deployment progress into the fleet store, and answers devices' chunk requests from
-the artifact registry. Telemetry hooks (the re-compression controller of issue 8) are called after
-each report is stored.
+the artifact registry. Telemetry is decoded in the network thread and stored in batches by the
+ingest worker (``ingest.py``), which then acknowledges the stored seqs to each device and calls
+the telemetry hooks (the re-compression controller of issue 8) for each new report.
+
+A malformed message never stops a handler: decoding raises ``ProtocolError``, which the client's
+dispatch counts per (device, kind) (``message_errors``) and logs.
 
 Artifacts are served from a directory of symlinks per artifact (``serve-cache/<id>/``: manifest,
 signature, payloads pointing at the registry's content-addressed blobs), so nothing is copied.
@@ -23,12 +27,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from agent import protocol as proto
-from agent.errors import ProtocolError
 from agent.manifest import MANIFEST_FILE, SIGNATURE_FILE
 from builder.errors import BuilderError, FleetError
 from builder.fleet.transport.embedded_broker import EmbeddedBroker, EmbeddedBrokerSettings
+from builder.fleet.transport.ingest import IncomingReport, IngestQueue, IngestWorker, acks_for
 from builder.fleet.transport.link import (SERVE_STATE_FILE, SERVE_TOPIC, BrokerEndpoint, FleetLink, write_serve_state)
-from builder.fleet.transport.store import BenchmarkRow, DeploymentEvent, FleetStore, TelemetryRow, open_store
+from builder.fleet.transport.store import (TELEMETRY_RESET, BenchmarkRow, DeploymentEvent, FleetStore, TelemetryRow,
+                                           open_store)
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +73,7 @@ def telemetry_row(device_id: str, report: proto.TelemetryReport, received_at: fl
                         errors=report.errors, p50_ms=num("p50"), p95_ms=num("p95"), latency_ms=latency,
                         cpu_percent=report.cpu_percent, memory_rss_bytes=report.memory_rss_bytes,
                         temperature_c=report.temperature_c, power_w=power_w, power_source=power_source,
-                        received_at=received_at)
+                        received_at=received_at, incarnation=report.incarnation or "")
 
 
 def benchmark_row(device_id: str, result: dict[str, Any], ts: float, artifact_id: str | None = None) -> BenchmarkRow:
@@ -136,6 +141,9 @@ class FleetServer:
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
         self.reports_ingested = 0
+        self.ingest_queue = IngestQueue()
+        self.ingest: IngestWorker | None = None
+        self.acks_sent = 0
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> "FleetServer":
@@ -145,6 +153,7 @@ class FleetServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = open_store(self.data_dir)
         registry = Registry(self.data_dir)
+        self.ingest = IngestWorker(self.ingest_queue, self._store_batch).start()
         try:
             if self.settings.broker is None:
                 self.embedded = EmbeddedBroker(self.settings.embedded, config_dir=self.data_dir / "embedded-broker").start()
@@ -209,6 +218,9 @@ class FleetServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self.ingest is not None:  # store (and ack) what is queued while the link is still up
+            self.ingest.stop()
+            self.ingest = None
         for hook in self.telemetry_hooks:
             close = getattr(hook, "close", None)
             if callable(close):
@@ -252,23 +264,23 @@ class FleetServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # -- ingest (network thread) ------------------------------------------------------------
-    def _device(self, topic: str) -> str | None:
-        try:
-            return proto.parse_device_topic(topic)[0]
-        except ProtocolError as exc:
-            log.warning("ignoring message on %s: %s", topic, exc)
-            return None
+    def message_errors(self) -> dict[tuple[str, str], int]:
+        """Messages refused or failed so far, per (device id, message kind)."""
+        return dict(self.link.mqtt.handler_errors) if self.link is not None else {}
+
+    # -- ingest (network thread; ProtocolError goes to the client's dispatch: counted, logged) ---
+    def _device(self, topic: str) -> str:
+        return proto.parse_device_topic(topic)[0]
 
     def _on_hello(self, topic: str, payload: bytes) -> None:
         device_id = self._device(topic)
-        if device_id is None or self.store is None:
+        if self.store is None:
             return
-        try:
-            hello = proto.Hello.from_json(payload)
-        except ProtocolError as exc:
-            log.warning("bad hello from %s: %s", device_id, exc)
-            return
+        hello = proto.Hello.from_json(payload)
+        if hello.incarnation and self.link is not None:
+            # "this host acknowledges telemetry": the agent keeps its reports until acked from now on
+            ack = proto.TelemetryAck(incarnation=hello.incarnation, ranges=(), ts=proto.now_s())
+            self.link.publish_nowait(proto.device_topic(device_id, proto.Down.ACK), ack.to_json())
         log.info("%s says hello: profile %s, %s, runtimes %s, agent %s", device_id, hello.profile, hello.machine,
                  ",".join(hello.runtimes) or "-", hello.agent_version)
         self.store.record_hello(device_id, agent_version=hello.agent_version, profile=hello.profile,
@@ -284,13 +296,9 @@ class FleetServer:
 
     def _on_status(self, topic: str, payload: bytes) -> None:
         device_id = self._device(topic)
-        if device_id is None or self.store is None or not payload:
+        if self.store is None or not payload:
             return
-        try:
-            status = proto.DeviceStatus.from_json(payload)
-        except ProtocolError as exc:
-            log.warning("bad status from %s: %s", device_id, exc)
-            return
+        status = proto.DeviceStatus.from_json(payload)
         online = status.state == "online"
         log.info("%s %s, running %s", device_id, status.state, status.active_model or "no model")
         self.store.record_status(device_id, online=online, active_artifact_id=status.active_artifact_id,
@@ -299,35 +307,52 @@ class FleetServer:
                                  ts=time.time())
 
     def _on_telemetry(self, topic: str, payload: bytes) -> None:
+        """Decode and queue only: the ingest worker stores, acks and runs the hooks."""
         device_id = self._device(topic)
-        if device_id is None or self.store is None:
+        report = proto.TelemetryReport.from_json(payload)
+        if not self.ingest_queue.put(IncomingReport(device_id, report, time.time())):
+            log.warning("ingest queue full (%d reports): %s's report %d dropped unacked (it will be resent)",
+                        self.ingest_queue.max_items, device_id, report.seq)
+
+    def _store_batch(self, batch: list[IncomingReport]) -> None:
+        """The ingest worker: one transaction for the batch, then acks, then hooks for new reports."""
+        store = self.store
+        if store is None:
             return
-        try:
-            report = proto.TelemetryReport.from_json(payload)
-        except ProtocolError as exc:
-            log.warning("bad telemetry from %s: %s", device_id, exc)
-            return
-        new = self.store.add_telemetry(telemetry_row(device_id, report, time.time()))
-        if not new:
-            return  # a re-sent report (the agent's outbox after a reconnect)
-        self.reports_ingested += 1
-        if report.event == "benchmark" and report.benchmark:
-            self.store.add_benchmark(benchmark_row(device_id, dict(report.benchmark), report.ts, report_artifact_id(report)))
-        for hook in self.telemetry_hooks:
-            try:
-                hook(device_id, report)
-            except Exception:  # noqa: BLE001 - a controller bug must not stop ingest
-                log.exception("telemetry hook %r failed", hook)
+        result = store.add_telemetry_batch([telemetry_row(i.device_id, i.report, i.received_at) for i in batch])
+        for event in result.events:
+            if event.kind == TELEMETRY_RESET:
+                log.warning("%s started a new telemetry incarnation %s (previous %s up to seq %s): data dir wiped "
+                            "or a new agent", event.device_id, event.detail.get("incarnation"),
+                            event.detail.get("previous_incarnation") or "(none)", event.detail.get("previous_max_seq"))
+            else:
+                log.info("%s: telemetry gap of %s report(s) in incarnation %s (seq %s..%s; resends may fill it)",
+                         event.device_id, event.detail.get("missing"), event.detail.get("incarnation") or "''",
+                         event.detail.get("first_missing"), event.detail.get("last_missing"))
+        link = self.link
+        if link is not None:
+            for ack in acks_for(batch, proto.now_s()):
+                link.publish_nowait(ack.topic, ack.ack.to_json())
+                self.acks_sent += 1
+        for item, new in zip(batch, result.new):
+            if not new:
+                continue  # a re-sent report (acked again above)
+            self.reports_ingested += 1
+            report = item.report
+            if report.event == "benchmark" and report.benchmark:
+                store.add_benchmark(benchmark_row(item.device_id, dict(report.benchmark), report.ts,
+                                                  report_artifact_id(report)))
+            for hook in self.telemetry_hooks:
+                try:
+                    hook(item.device_id, report)
+                except Exception:  # noqa: BLE001 - a controller bug must not stop ingest
+                    log.exception("telemetry hook %r failed", hook)
 
     def _on_progress(self, topic: str, payload: bytes) -> None:
         device_id = self._device(topic)
-        if device_id is None or self.store is None:
+        if self.store is None:
             return
-        try:
-            progress = proto.TransferProgress.from_json(payload)
-        except ProtocolError as exc:
-            log.warning("bad progress from %s: %s", device_id, exc)
-            return
+        progress = proto.TransferProgress.from_json(payload)
         key = (device_id, progress.deployment_id)
         if self._last_state.get(key) == progress.state:
             return  # download percentages: one event per state is enough

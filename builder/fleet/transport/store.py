@@ -20,13 +20,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from builder.errors import FleetError, UsageError
 
 FLEET_STORE_FILE = "fleet.sqlite"
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 
@@ -118,10 +118,58 @@ CREATE TABLE IF NOT EXISTS loop_state (
 );
 """
 
+# Version 3: telemetry is keyed by (device, incarnation, seq): a device whose data dir was wiped
+# starts a new incarnation at seq 0 instead of being deduplicated away ('' = an agent that predates
+# incarnations, and every row of an older file). ``telemetry_streams`` keeps, per (device,
+# incarnation), the highest seq and how many distinct reports were stored, so missing reports
+# (gaps) are counted without scanning the telemetry table.
+_SCHEMA_3 = """
+DROP TABLE IF EXISTS telemetry_v3;
+CREATE TABLE telemetry_v3 (
+    device_id TEXT NOT NULL,
+    incarnation TEXT NOT NULL DEFAULT '',
+    seq INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    received_at REAL NOT NULL,
+    event TEXT NOT NULL,
+    model_id TEXT,
+    window_s REAL NOT NULL DEFAULT 0,
+    requests INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    p50_ms REAL,
+    p95_ms REAL,
+    latency_json TEXT NOT NULL DEFAULT '{}',
+    cpu_percent REAL,
+    memory_rss_bytes INTEGER,
+    temperature_c REAL,
+    power_w REAL,
+    power_source TEXT NOT NULL DEFAULT 'not measured',
+    PRIMARY KEY (device_id, incarnation, seq)
+);
+INSERT INTO telemetry_v3 (device_id, incarnation, seq, ts, received_at, event, model_id, window_s, requests, errors,
+    p50_ms, p95_ms, latency_json, cpu_percent, memory_rss_bytes, temperature_c, power_w, power_source)
+    SELECT device_id, '', seq, ts, received_at, event, model_id, window_s, requests, errors, p50_ms, p95_ms,
+    latency_json, cpu_percent, memory_rss_bytes, temperature_c, power_w, power_source FROM telemetry;
+DROP TABLE telemetry;
+ALTER TABLE telemetry_v3 RENAME TO telemetry;
+CREATE INDEX IF NOT EXISTS telemetry_by_time ON telemetry (device_id, ts);
+CREATE TABLE IF NOT EXISTS telemetry_streams (
+    device_id TEXT NOT NULL,
+    incarnation TEXT NOT NULL,
+    max_seq INTEGER NOT NULL,
+    received INTEGER NOT NULL,
+    first_received_at REAL NOT NULL,
+    last_received_at REAL NOT NULL,
+    PRIMARY KEY (device_id, incarnation)
+);
+INSERT OR IGNORE INTO telemetry_streams (device_id, incarnation, max_seq, received, first_received_at, last_received_at)
+    SELECT device_id, '', MAX(seq), COUNT(*), MIN(received_at), MAX(received_at) FROM telemetry GROUP BY device_id
+"""
+
 # _MIGRATIONS[n] takes a file from schema version n to n + 1 (0: a new, empty file). Append only:
 # a released step is never edited. Every statement is idempotent (IF NOT EXISTS), so a step also
 # adopts a table an older builder made outside the schema version.
-_MIGRATIONS: tuple[str, ...] = (_SCHEMA_1, _SCHEMA_2)
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA_1, _SCHEMA_2, _SCHEMA_3)
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -174,6 +222,7 @@ class TelemetryRow:
     power_w: float | None = None
     power_source: str = "not measured"
     received_at: float = 0.0
+    incarnation: str = ""  # the agent's outbox incarnation; "" for agents that predate it
 
 
 @dataclass(frozen=True)
@@ -202,6 +251,20 @@ class DeploymentEvent:
     deployment_id: str | None = None
     artifact_id: str | None = None
     detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TelemetryBatchResult:
+    """What one ``add_telemetry_batch`` did: per row (in order) whether it was new, and the gap and
+    reset events it recorded (also in the events table)."""
+
+    new: tuple[bool, ...]
+    events: tuple["DeploymentEvent", ...] = ()
+
+
+TELEMETRY_EVENT_PREFIX = "telemetry."
+TELEMETRY_GAP = "telemetry.gap"  # event kind: seqs skipped within an incarnation (may still arrive: resends)
+TELEMETRY_RESET = "telemetry.reset"  # event kind: a device started a new incarnation (wiped data dir, new agent)
 
 
 @dataclass(frozen=True)
@@ -318,7 +381,7 @@ class FleetStore:
         """Forget a device: its row, telemetry, benchmarks and deployment events (so `builder serve`
         does not publish its last desired deployment again)."""
         with self._tx() as db:
-            for table in ("devices", "telemetry", "benchmarks", "events"):
+            for table in ("devices", "telemetry", "benchmarks", "events", "telemetry_streams"):
                 db.execute(f"DELETE FROM {table} WHERE device_id = ?", (device_id,))
 
     def record_hello(self, device_id: str, *, agent_version: str | None, profile: str | None, machine: str,
@@ -385,18 +448,81 @@ class FleetStore:
 
     # -- telemetry --------------------------------------------------------------------------
     def add_telemetry(self, row: TelemetryRow) -> bool:
-        """Store one report; a re-sent (device_id, seq) is ignored. Returns True when it was new."""
+        """Store one report; a re-sent (device_id, incarnation, seq) is ignored. True when it was new."""
+        return self.add_telemetry_batch([row]).new[0]
+
+    def add_telemetry_batch(self, rows: Sequence[TelemetryRow]) -> TelemetryBatchResult:
+        """Store reports in ONE transaction (ingest batches them: a fleet-wide outbox flush is
+        thousands of reports). Re-sent ones are ignored. Per (device, incarnation) the stream's
+        highest seq and count are kept; a seq past the highest + 1 records a ``telemetry_gap``
+        event, and a device's first report of a new incarnation a ``telemetry_reset`` event."""
+        new: list[bool] = []
+        events: list[DeploymentEvent] = []
+        streams: dict[tuple[str, str], list[Any]] = {}  # (device, incarnation) -> [max_seq, received, first, last]
         with self._tx() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO telemetry (device_id, seq, ts, received_at, event, model_id, window_s, requests, "
-                "errors, p50_ms, p95_ms, latency_json, cpu_percent, memory_rss_bytes, temperature_c, power_w, "
-                "power_source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (row.device_id, row.seq, row.ts, row.received_at or time.time(), row.event, row.model_id, row.window_s,
-                 row.requests, row.errors, row.p50_ms, row.p95_ms, _json(dict(row.latency_ms)), row.cpu_percent,
-                 row.memory_rss_bytes, row.temperature_c, row.power_w, row.power_source))
-            db.execute("UPDATE devices SET last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE device_id = ?",
-                       (row.received_at or time.time(), row.device_id))
-            return cur.rowcount > 0
+            for row in rows:
+                received_at = row.received_at or time.time()
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO telemetry (device_id, incarnation, seq, ts, received_at, event, model_id, "
+                    "window_s, requests, errors, p50_ms, p95_ms, latency_json, cpu_percent, memory_rss_bytes, "
+                    "temperature_c, power_w, power_source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (row.device_id, row.incarnation, row.seq, row.ts, received_at, row.event, row.model_id,
+                     row.window_s, row.requests, row.errors, row.p50_ms, row.p95_ms, _json(dict(row.latency_ms)),
+                     row.cpu_percent, row.memory_rss_bytes, row.temperature_c, row.power_w, row.power_source))
+                inserted = cur.rowcount > 0
+                new.append(inserted)
+                if not inserted:
+                    continue
+                key = (row.device_id, row.incarnation)
+                stream = streams.get(key)
+                if stream is None:
+                    found = db.execute("SELECT max_seq, received, first_received_at FROM telemetry_streams "
+                                       "WHERE device_id = ? AND incarnation = ?", key).fetchone()
+                    if found is None:
+                        stream = [-1, 0, received_at, received_at]
+                        others = db.execute("SELECT incarnation, max_seq FROM telemetry_streams WHERE device_id = ? "
+                                            "ORDER BY last_received_at DESC LIMIT 1", (row.device_id,)).fetchone()
+                        if others is not None:
+                            events.append(DeploymentEvent(row.device_id, received_at, TELEMETRY_RESET, detail={
+                                "incarnation": row.incarnation, "previous_incarnation": others["incarnation"],
+                                "previous_max_seq": others["max_seq"], "first_seq": row.seq}))
+                    else:
+                        stream = [found["max_seq"], found["received"], found["first_received_at"], received_at]
+                    streams[key] = stream
+                if row.seq > stream[0] + 1:
+                    events.append(DeploymentEvent(row.device_id, received_at, TELEMETRY_GAP, detail={
+                        "incarnation": row.incarnation, "first_missing": stream[0] + 1, "last_missing": row.seq - 1,
+                        "missing": row.seq - 1 - stream[0]}))
+                stream[0] = max(stream[0], row.seq)
+                stream[1] += 1
+                stream[3] = max(stream[3], received_at)
+            for (device_id, incarnation), (max_seq, received, first, last) in streams.items():
+                db.execute("INSERT OR REPLACE INTO telemetry_streams (device_id, incarnation, max_seq, received, "
+                           "first_received_at, last_received_at) VALUES (?, ?, ?, ?, ?, ?)",
+                           (device_id, incarnation, max_seq, received, first, last))
+            for event in events:
+                db.execute("INSERT INTO events (device_id, ts, kind, deployment_id, artifact_id, detail_json) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", (event.device_id, event.ts, event.kind, event.deployment_id,
+                                                         event.artifact_id, _json(dict(event.detail))))
+            last_seen: dict[str, float] = {}
+            for row in rows:
+                last_seen[row.device_id] = max(last_seen.get(row.device_id, 0.0), row.received_at or time.time())
+            for device_id, seen in last_seen.items():
+                db.execute("UPDATE devices SET last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE device_id = ?",
+                           (seen, device_id))
+        return TelemetryBatchResult(new=tuple(new), events=tuple(events))
+
+    def telemetry_missing(self, device_id: str | None = None) -> dict[str, int]:
+        """Per device, how many reports are missing: seqs below each incarnation's highest stored
+        seq that were never stored (every incarnation starts at seq 0). Devices without telemetry
+        are absent. Resends shrink it; what the device's outbox dropped (its bounds) stays."""
+        sql = "SELECT device_id, SUM(max_seq + 1 - received) AS missing FROM telemetry_streams"
+        params: tuple[Any, ...] = ()
+        if device_id is not None:
+            sql += " WHERE device_id = ?"
+            params = (device_id,)
+        rows = self._query(sql + " GROUP BY device_id", params)
+        return {r["device_id"]: max(0, int(r["missing"])) for r in rows}
 
     def telemetry(self, device_id: str, since: float | None = None, until: float | None = None,
                   limit: int | None = None) -> list[TelemetryRow]:
@@ -489,11 +615,25 @@ class FleetStore:
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO loop_policies (scope, policy_json, updated_at) VALUES (?, ?, ?)",
                        (scope, policy_json, now))
+            self._bump_policies_version(db)
 
     def remove_loop_policy(self, scope: str) -> bool:
         """Forget a scope's policy; False when there was none."""
         with self._tx() as db:
-            return db.execute("DELETE FROM loop_policies WHERE scope = ?", (scope,)).rowcount > 0
+            removed = db.execute("DELETE FROM loop_policies WHERE scope = ?", (scope,)).rowcount > 0
+            self._bump_policies_version(db)
+            return removed
+
+    @staticmethod
+    def _bump_policies_version(db: sqlite3.Connection) -> None:
+        row = db.execute("SELECT value FROM meta WHERE key = 'loop_policies_version'").fetchone()
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('loop_policies_version', ?)",
+                   (str(int(row["value"]) + 1 if row else 1),))
+
+    def loop_policies_version(self) -> int:
+        """Changes with every policy set or removed (by any process): caches of the policies check it."""
+        rows = self._query("SELECT value FROM meta WHERE key = 'loop_policies_version'")
+        return int(rows[0]["value"]) if rows else 0
 
     def loop_policies(self) -> dict[str, str]:
         """Every stored policy's JSON by scope, in scope order."""
@@ -530,7 +670,7 @@ def _telemetry(r: sqlite3.Row) -> TelemetryRow:
         window_s=r["window_s"], requests=r["requests"], errors=r["errors"], p50_ms=r["p50_ms"], p95_ms=r["p95_ms"],
         latency_ms=json.loads(r["latency_json"] or "{}"), cpu_percent=r["cpu_percent"],
         memory_rss_bytes=r["memory_rss_bytes"], temperature_c=r["temperature_c"], power_w=r["power_w"],
-        power_source=r["power_source"], received_at=r["received_at"])
+        power_source=r["power_source"], received_at=r["received_at"], incarnation=r["incarnation"])
 
 
 def _benchmark(r: sqlite3.Row) -> BenchmarkRow:
