@@ -192,3 +192,43 @@ def test_progress_reaches_only_the_watcher_of_that_device_and_deployment() -> No
                 for client in (dev_a, dev_b):
                     client.disconnect()
                     client.loop_stop()
+
+
+def test_a_fleet_asking_for_an_uncompressed_payload_at_once_costs_one_compression(fleet_home, tmp_path: Path) -> None:
+    from agent.mqtt import ClientSettings, MqttClient, MqttVersion
+    from builder.fleet.transport.chunk_server import ChunkServer
+    from builder.fleet.transport.serve import ArtifactDirectories
+
+    artifact = fleet_home.artifact(PROFILE, version="1")
+    payload = fleet_home.registry.manifest(artifact).payloads[0].name
+    devices = [f"dev-{i:02d}" for i in range(30)]
+    with MosquittoBroker() as broker:
+        def client(name: str) -> MqttClient:
+            return MqttClient(ClientSettings("127.0.0.1", broker.port, name, version=MqttVersion.V311,
+                                             max_inflight=64)).connect(10)
+
+        host, listener = client("host"), client("listener")
+        frames: dict[str, list[proto.ChunkFrame]] = {d: [] for d in devices}
+        done = threading.Event()
+
+        def on_frame(topic: str, data: bytes) -> None:
+            frames[proto.parse_device_topic(topic)[0]].append(proto.decode_chunk_frame(data))
+            if all(frames[d] for d in devices):
+                done.set()
+
+        listener.subscribe(proto.all_devices_topic(proto.Down.CHUNKS), on_frame)
+        server = ChunkServer(host, ArtifactDirectories(fleet_home.registry, tmp_path / "serve-cache"))
+        try:
+            for device_id in devices:  # as the network thread would: one after the other, before any is served
+                request = proto.ChunkRequest(request_id=f"r-{device_id}", artifact_id=artifact, payload=payload,
+                                             start_index=0, count=64)
+                server.on_request(proto.device_topic(device_id, proto.Up.CHUNK_REQUEST), request.to_json())
+            assert done.wait(30), f"unanswered: {[d for d in devices if not frames[d]]}"
+        finally:
+            host.stop()
+            listener.stop()
+    assert server.payloads_loaded == 1  # not one compression (and one thread) per device
+    for device_id in devices:
+        frame = frames[device_id][0]
+        frame.verify()
+        assert (frame.header.request_id, frame.header.index, frame.header.error) == (f"r-{device_id}", 0, None)
