@@ -1,4 +1,4 @@
-"""Push an artifact to devices and follow them live; roll back; group pushes with a canary.
+"""Push an artifact to devices and follow them live; roll back; fleet pushes with a canary.
 
 The desired deployment is published retained, so a device that is offline installs it when it
 reconnects. The device pulls the chunks from `builder serve`, verifies, installs into its inactive
@@ -6,26 +6,30 @@ slot, runs the health check and switches; its progress messages drive ``PushObse
 "active" the host asks the device for an on-device benchmark and compares it with the previous
 model's. When a device refuses or fails, the retained desired state is set back to the artifact the
 device still runs (so what the broker says matches what runs).
+
+One device or a thousand go the same way: a ``Wave`` (``wave.py``) follows every device of a
+stage on one thread, from their events, with a bounded number of transfers in flight; a fleet
+push is canaries (one wave), their verdict, then the rest (another wave). ``push_fleet`` is the
+same as a plain function, for benchmarks and simulators.
 """
 from __future__ import annotations
 
-import json
 import logging
 import queue
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from agent import protocol as proto
-from agent.errors import ProtocolError
 from builder.errors import BuilderError, FleetError, UsageError
 from builder.fleet.rollout.canary import CanaryEvidence, CanaryThresholds, CanaryVerdict, judge_canaries, split_canaries
-from builder.fleet.transport.link import SERVE_TOPIC, FleetLink
+from builder.fleet.rollout.track import TrackLimits
+from builder.fleet.rollout.watch import DeviceWatch
+from builder.fleet.rollout.wave import Wave, WaveDevice, WavePlan, WaveSettings, new_deployment_id
+from builder.fleet.transport.link import FleetLink
 from builder.fleet.transport.serve import ArtifactDirectories, benchmark_row
-from builder.fleet.transport.store import BenchmarkRow, DeploymentEvent, FleetStore
+from builder.fleet.transport.store import BenchmarkRow, DeploymentEvent, DeviceRecord, FleetStore
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,28 @@ class PushOptions:
     benchmark_timeout_s: float = 180.0
     offline_wait_s: float = 0.0  # how long to wait for an offline device before reporting "pending"
     soak_s: float = 0.0  # canaries: serve real traffic this long before judging field telemetry
+    max_in_flight: int = 0  # devices transferring at once; 0: as many as IN_FLIGHT_BYTES allows
+
+    def limits(self) -> TrackLimits:
+        return TrackLimits(answer_timeout_s=self.stall_timeout_s, offline_wait_s=self.offline_wait_s,
+                           timeout_s=self.timeout_s, stall_timeout_s=self.stall_timeout_s,
+                           benchmark_timeout_s=self.benchmark_timeout_s)
+
+
+# What the chunk server may have queued for devices at once: each transferring device has up to one
+# window of chunks (64 × 127 KiB) in flight. Small models: up to MAX_IN_FLIGHT devices at once.
+IN_FLIGHT_BYTES = 256 << 20
+MAX_IN_FLIGHT = 256
+MIN_IN_FLIGHT = 8
+
+
+def transfer_slots(largest_bytes: int, max_in_flight: int = 0) -> int:
+    """How many devices transfer at once: ``max_in_flight`` when set, else what keeps the chunk
+    server's queued windows under ``IN_FLIGHT_BYTES``."""
+    if max_in_flight > 0:
+        return max_in_flight
+    window = min(max(int(largest_bytes), 1), proto.DEFAULT_WINDOW_CHUNKS * proto.MAX_CHUNK_BYTES)
+    return max(MIN_IN_FLIGHT, min(MAX_IN_FLIGHT, IN_FLIGHT_BYTES // window))
 
 
 @dataclass(frozen=True)
@@ -58,8 +84,9 @@ class DeviceOutcome:
     previous_model: str | None = None
     before: BenchmarkRow | None = None
     after: BenchmarkRow | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # its desired deployment -> its final state
     notes: tuple[str, ...] = ()
+    wait_s: float = 0.0  # queued (baseline benchmark, a free transfer slot) before its desired went out
 
     @property
     def ok(self) -> bool:
@@ -73,6 +100,11 @@ class GroupPushResult:
     rest: tuple[DeviceOutcome, ...]
     verdict: CanaryVerdict | None
     rolled_back: tuple[DeviceOutcome, ...] = ()
+    seconds: float = 0.0  # the whole push, from its start to the last device's final state
+
+    @property
+    def outcomes(self) -> tuple[DeviceOutcome, ...]:
+        return self.canaries + self.rest
 
     @property
     def ok(self) -> bool:
@@ -123,75 +155,17 @@ class PushCancelled(FleetError):
     exit_code = 130
 
 
-class DeviceWatch:
-    """Progress and retained status of every device, routed to whoever waits for them."""
+@dataclass(frozen=True)
+class _Target:
+    """One device's push, checked and planned before anything is published."""
 
-    def __init__(self, link: FleetLink) -> None:
-        self.link = link
-        self._lock = threading.Lock()
-        self._queues: dict[str, queue.Queue[proto.TransferProgress]] = {}
-        self._status: dict[str, proto.DeviceStatus] = {}
-        self._status_seen = threading.Condition(self._lock)
-        self._serve_state: dict[str, Any] | None = None
-        self._serve_seen = threading.Event()
-        link.subscribe(proto.all_devices_topic(proto.Up.PROGRESS), self._on_progress)
-        link.subscribe(proto.all_devices_topic(proto.Up.STATUS), self._on_status)
-        link.subscribe(SERVE_TOPIC, self._on_serve)
-        link.watch_replies()
-
-    def _on_progress(self, topic: str, payload: bytes) -> None:
-        try:
-            progress = proto.TransferProgress.from_json(payload)
-        except ProtocolError:
-            return
-        with self._lock:
-            q = self._queues.get(progress.deployment_id)
-        if q is not None:
-            q.put(progress)
-
-    def _on_status(self, topic: str, payload: bytes) -> None:
-        if not payload:
-            return
-        try:
-            device_id, _ = proto.parse_device_topic(topic)
-            status = proto.DeviceStatus.from_json(payload)
-        except ProtocolError:
-            return
-        with self._lock:
-            self._status[device_id] = status
-            self._status_seen.notify_all()
-
-    def _on_serve(self, topic: str, payload: bytes) -> None:
-        try:
-            self._serve_state = dict(json.loads(payload)) if payload else {"state": "offline"}
-        except (ValueError, TypeError):
-            self._serve_state = {"state": "unknown"}
-        self._serve_seen.set()
-
-    def require_serve(self, wait_s: float = 3.0) -> None:
-        """Refuse early when nobody serves chunks (the device would wait forever)."""
-        self._serve_seen.wait(wait_s)
-        if not self._serve_state or self._serve_state.get("state") != "online":
-            raise FleetError("no `builder serve` is running on this broker, so nobody would send the model's chunks; "
-                             "start `builder serve` (same --data-dir / --broker) and push again")
-
-    def status(self, device_id: str, wait_s: float = 2.0) -> proto.DeviceStatus | None:
-        """The device's retained status (None if it never connected)."""
-        deadline = time.monotonic() + wait_s
-        with self._lock:
-            while device_id not in self._status and time.monotonic() < deadline:
-                self._status_seen.wait(max(0.0, deadline - time.monotonic()))
-            return self._status.get(device_id)
-
-    def follow(self, deployment_id: str) -> "queue.Queue[proto.TransferProgress]":
-        q: queue.Queue[proto.TransferProgress] = queue.Queue()
-        with self._lock:
-            self._queues[deployment_id] = q
-        return q
-
-    def unfollow(self, deployment_id: str) -> None:
-        with self._lock:
-            self._queues.pop(deployment_id, None)
+    plan: WavePlan
+    artifact_id: str
+    model: str
+    size_bytes: int
+    previous_artifact_id: str | None
+    previous_model: str | None
+    notes: tuple[str, ...] = ()
 
 
 class Pusher:
@@ -206,89 +180,130 @@ class Pusher:
         self.observer: PushObserver = observer or SilentObserver()
         self.dirs = ArtifactDirectories(registry, Path(data_dir) / "serve-cache")
         self.watch = DeviceWatch(link)
-        self._cancel = threading.Event()  # Ctrl-C during a group push: every device's wait stops
+        self._desired: dict[str, proto.DesiredDeployment] = {}  # per artifact: the message devices get
 
     # -- one device -------------------------------------------------------------------------
     def push(self, device_id: str, artifact_id: str) -> DeviceOutcome:
+        """Push to one device and follow it to its final state. Raises (UsageError, FleetError)
+        when the push cannot start or the host could not publish; PushCancelled on Ctrl-C."""
+        record = self.registry.get(artifact_id)
+        device = self.store.device(device_id)
+        self._require_registered([device])
+        self.watch.require_serve()
+        self.watch.settle()
+        target = self._target(device, record.artifact_id)
+        try:
+            [outcome] = self._wave([target])
+        except KeyboardInterrupt as exc:
+            previous = target.previous_model or (target.previous_artifact_id or "")[:12]
+            raise PushCancelled(f"push cancelled: desired deployment to {device_id} withdrawn, {device_id} keeps "
+                                + (previous or "what it runs")) from exc
+        if outcome.state == "error":
+            raise FleetError(f"{device_id}: {outcome.error}")
+        return outcome
+
+    # -- many devices, canary first -----------------------------------------------------------
+    def push_devices(self, device_ids: Sequence[str], artifact_for: Callable[[DeviceRecord], str],
+                     canary_percent: float = 0.0, thresholds: CanaryThresholds | None = None,
+                     label: str = "devices") -> GroupPushResult:
+        """Canaries (online devices only) first; the rest only if the canaries hold against the
+        previous model; otherwise the canaries are rolled back. Every device is checked before
+        anything is published."""
         start = time.monotonic()
+        devices = [self.store.device(d) for d in dict.fromkeys(device_ids)]
+        if not devices:
+            raise UsageError("no devices to push to; add some with `builder fleet add-device ID --profile P`")
+        self._require_registered(devices)
+        self.watch.require_serve()
+        self.watch.settle()
+        targets = {d.device_id: self._target(d, artifact_for(d)) for d in devices}
+        online = [d for d, t in targets.items() if t.plan.online]
+        canaries, rest = split_canaries(online, canary_percent)
+        rest = rest + sorted(d for d in targets if d not in online)
+        verdict: CanaryVerdict | None = None
+        canary_outcomes: list[DeviceOutcome] = []
+        try:
+            if canaries:
+                for device_id in canaries:
+                    self.observer.stage(device_id, "canary")
+                canary_outcomes = self._wave([targets[d] for d in canaries])
+                if self.options.soak_s > 0 and all(o.state == "active" for o in canary_outcomes):
+                    self.observer.stage(",".join(canaries), f"soaking {self.options.soak_s:.0f} s on real traffic")
+                    time.sleep(self.options.soak_s)
+                verdict = judge_canaries([self._evidence(o) for o in canary_outcomes], thresholds)
+                if not verdict.proceed:
+                    active = [o for o in canary_outcomes if o.state == "active" and o.previous_artifact_id]
+                    rolled = self._rollback_many(active, "canary did not hold: " + "; ".join(verdict.reasons))
+                    return GroupPushResult(label, tuple(canary_outcomes), (), verdict, tuple(rolled),
+                                           seconds=time.monotonic() - start)
+            rest_outcomes = self._wave([targets[d] for d in rest]) if rest else []
+        except KeyboardInterrupt:
+            raise PushCancelled("push cancelled: desired deployments withdrawn; each device that was still "
+                                "transferring keeps its previous model") from None
+        return GroupPushResult(label, tuple(canary_outcomes), tuple(rest_outcomes), verdict,
+                               seconds=time.monotonic() - start)
+
+    def push_group(self, group: str, artifact_for: Callable[[str], str], canary_percent: float,
+                   thresholds: CanaryThresholds | None = None) -> GroupPushResult:
+        """Every device of a group; ``artifact_for(profile)`` names each one's artifact."""
+        devices = self.store.devices(group=group)
+        if not devices:
+            raise UsageError(f"group '{group}' has no devices; add some with `builder fleet add-device ID --profile P --group {group}`")
+        return self.push_devices([d.device_id for d in devices], lambda d: artifact_for(d.profile or ""),
+                                 canary_percent, thresholds, label=group)
+
+    def push_all(self, artifact_for: Callable[[str], str], canary_percent: float,
+                 thresholds: CanaryThresholds | None = None) -> GroupPushResult:
+        """Every registered device of the fleet (unregistered clients are never pushed to)."""
+        devices = [d for d in self.store.devices() if d.registered]
+        if not devices:
+            raise UsageError("the fleet has no registered devices; add some with `builder fleet add-device ID --profile P`")
+        return self.push_devices([d.device_id for d in devices], lambda d: artifact_for(d.profile or ""),
+                                 canary_percent, thresholds, label="all")
+
+    # -- planning ---------------------------------------------------------------------------
+    @staticmethod
+    def _require_registered(devices: Sequence[DeviceRecord]) -> None:
+        for device in devices:
+            if not device.registered:
+                raise UsageError(f"{device.device_id} is not registered (it connected without `builder fleet add-device`); "
+                                 f"register it with `builder fleet add-device {device.device_id} --profile P` or remove it")
+
+    def _target(self, device: DeviceRecord, artifact_id: str) -> _Target:
         record = self.registry.get(artifact_id)
         artifact_id = record.artifact_id
-        device = self.store.device(device_id)
-        if not device.registered:
-            raise UsageError(f"{device_id} is not registered (it connected without `builder fleet add-device`); "
-                             f"register it with `builder fleet add-device {device_id} --profile P` or remove it")
-        compat_notes = check_runs_on(record, device, self.options.allow_other_profile)
-        self.watch.require_serve()
-        status = self.watch.status(device_id)
+        notes = check_runs_on(record, device, self.options.allow_other_profile)
+        status = self.watch.status_now(device.device_id)
         online = status is not None and status.state == "online"
         previous = (status.active_artifact_id if status else None) or device.active_artifact_id
         previous_model = (status.active_model if status else None) or device.active_model
         model_label = f"{record.model_name}@{record.model_version}"
-        base = dict(device_id=device_id, artifact_id=artifact_id, model=model_label, size_bytes=record.size_bytes,
-                    previous_artifact_id=previous, previous_model=previous_model)
-        before = self._baseline(device_id, previous, artifact_id, online)
-        directory = self.dirs(artifact_id)
-        if directory is None:
-            raise FleetError(f"artifact {artifact_id[:12]} is not in the registry at {self.registry.root}")
-        from builder.fleet.transport.chunk_server import publish_desired
+        before, baseline = None, False
+        if previous is not None and previous != artifact_id:
+            before = self.store.latest_benchmark(device.device_id, previous)
+            baseline = before is None and online and self.options.benchmark_runs > 0
+        plan = WavePlan(device.device_id, self._desired_message(artifact_id), online, previous, baseline, before,
+                        {"model": model_label, "previous": previous})
+        return _Target(plan, artifact_id, model_label, record.size_bytes, previous, previous_model, notes)
 
-        deployment_id = f"{artifact_id[:12]}-{int(time.time() * 1000)}"
-        progress_q = self.watch.follow(deployment_id)
-        try:
-            publish_desired(self.link.mqtt, device_id, directory, deployment_id)
-            self.store.add_event(DeploymentEvent(device_id, time.time(), "desired", deployment_id, artifact_id,
-                                                 {"model": model_label, "previous": previous}))
-            self.observer.stage(device_id, f"desired deployment {deployment_id} published")
-            if not online and self.options.offline_wait_s <= 0:
-                self.observer.stage(device_id, "offline: it installs the model when it reconnects")
-                return DeviceOutcome(state="pending", deployment_id=deployment_id, before=before,
-                                     seconds=time.monotonic() - start,
-                                     notes=compat_notes + ("device offline; the retained desired deployment waits for it",), **base)
-            try:
-                final = self._wait_final(device_id, progress_q, online)
-            except (KeyboardInterrupt, PushCancelled) as exc:
-                self._restore_desired(device_id, previous)
-                self.store.add_event(DeploymentEvent(device_id, time.time(), "cancelled", deployment_id, artifact_id,
-                                                     {"restored": previous}))
-                raise PushCancelled(f"push cancelled: desired deployment {deployment_id} withdrawn, {device_id} keeps "
-                                    + (f"{previous_model or previous[:12]}" if previous else "what it runs")) from exc
-        finally:
-            self.watch.unfollow(deployment_id)
-        if final is None:
-            self.observer.stage(device_id, "no answer from the device")
-            if not online:
-                return DeviceOutcome(state="pending", deployment_id=deployment_id, before=before,
-                                     seconds=time.monotonic() - start,
-                                     notes=("device still offline; it installs the model when it reconnects",), **base)
-            return DeviceOutcome(state="timeout", deployment_id=deployment_id, before=before,
-                                 error="the device reported no progress in time", seconds=time.monotonic() - start, **base)
-        if final.state != "active":
-            self._restore_desired(device_id, previous)
-            return DeviceOutcome(state=final.state, deployment_id=deployment_id, error=final.error, before=before,
-                                 seconds=time.monotonic() - start, **base)
-        after, notes = None, list(compat_notes)
-        if self.options.benchmark_runs > 0:
-            self.observer.stage(device_id, f"on-device benchmark ({self.options.benchmark_runs} runs)")
-            try:
-                after = self.benchmark(device_id, artifact_id)
-            except FleetError as exc:
-                notes.append(f"benchmark after install failed: {exc}")
-        return DeviceOutcome(state="active", deployment_id=deployment_id, before=before, after=after,
-                             seconds=time.monotonic() - start, notes=tuple(notes), **base)
+    def _desired_message(self, artifact_id: str) -> proto.DesiredDeployment:
+        if artifact_id not in self._desired:
+            from builder.fleet.transport.chunk_server import desired_message
 
-    def _baseline(self, device_id: str, previous: str | None, new_artifact: str, online: bool) -> BenchmarkRow | None:
-        """The previous model's on-device benchmark: stored, else measured now (device online)."""
-        if previous is None or previous == new_artifact:
-            return None
-        stored = self.store.latest_benchmark(device_id, previous)
-        if stored is not None or not online or self.options.benchmark_runs <= 0:
-            return stored
-        self.observer.stage(device_id, "benchmarking the previous model for comparison")
-        try:
-            return self.benchmark(device_id, previous)
-        except FleetError as exc:
-            log.warning("baseline benchmark on %s failed: %s", device_id, exc)
-            return None
+            directory = self.dirs(artifact_id)
+            if directory is None:
+                raise FleetError(f"artifact {artifact_id[:12]} is not in the registry at {self.registry.root}")
+            self._desired[artifact_id] = desired_message(directory)
+        return self._desired[artifact_id]
+
+    def _wave(self, targets: Sequence[_Target]) -> list[DeviceOutcome]:
+        benchmark = (proto.BenchmarkArgs(runs=self.options.benchmark_runs, warmup=self.options.benchmark_warmup)
+                     if self.options.benchmark_runs > 0 else None)
+        slots = transfer_slots(max(t.size_bytes for t in targets), self.options.max_in_flight)
+        settings = WaveSettings(limits=self.options.limits(), max_in_flight=slots, benchmark=benchmark)
+        ended = Wave(self.link, self.watch, self.store, self.observer, [t.plan for t in targets], settings,
+                     self._restore_desired).run()
+        return [_outcome(t, ended[t.plan.device_id]) for t in targets]
 
     def benchmark(self, device_id: str, expected_artifact: str | None = None) -> BenchmarkRow:
         reply = self.link.command(device_id, proto.BenchmarkArgs(runs=self.options.benchmark_runs,
@@ -301,27 +316,6 @@ class Pusher:
             raise FleetError(f"{device_id} benchmarked {row.artifact_id[:12]}, not {expected_artifact[:12]} (it changed model meanwhile)")
         return row
 
-    def _wait_final(self, device_id: str, progress_q: "queue.Queue[proto.TransferProgress]",
-                    online: bool) -> proto.TransferProgress | None:
-        deadline = time.monotonic() + self.options.timeout_s
-        stall = self.options.stall_timeout_s if online else max(self.options.offline_wait_s, 0.1)
-        last_message = time.monotonic()
-        while time.monotonic() < deadline:
-            if self._cancel.is_set():
-                raise PushCancelled("push cancelled")
-            try:
-                progress = progress_q.get(timeout=0.25)
-            except queue.Empty:
-                if time.monotonic() - last_message > stall:
-                    return None
-                continue
-            last_message = time.monotonic()
-            stall = self.options.stall_timeout_s
-            self.observer.progress(device_id, progress)
-            if progress.state in FINAL_STATES:
-                return progress
-        return None
-
     def _restore_desired(self, device_id: str, running_artifact: str | None) -> None:
         """Make the retained desired state name what the device still runs (or clear it)."""
         from builder.fleet.transport.chunk_server import clear_desired, publish_desired
@@ -329,7 +323,7 @@ class Pusher:
         directory = self.dirs(running_artifact) if running_artifact else None
         try:
             if directory is not None:
-                deployment_id = f"restore-{running_artifact[:12]}-{int(time.time() * 1000)}"  # type: ignore[index]
+                deployment_id = f"restore-{new_deployment_id()}"
                 publish_desired(self.link.mqtt, device_id, directory, deployment_id)
                 self.store.add_event(DeploymentEvent(device_id, time.time(), "desired", deployment_id, running_artifact,
                                                      {"restore": True}))
@@ -351,10 +345,14 @@ class Pusher:
         current = status.active_artifact_id
         self.store.add_event(DeploymentEvent(device_id, time.time(), "rollback_requested", None, current, {"reason": reason}))
         reply = self.link.command(device_id, proto.RollbackArgs(reason=reason), timeout_s=60)
+        return self._rolled_back(device_id, reply, current, status.active_model or device.active_model,
+                                 time.monotonic() - start)
+
+    def _rolled_back(self, device_id: str, reply: proto.CommandReply, current: str | None, current_model: str | None,
+                     seconds: float) -> DeviceOutcome:
         if not reply.ok:
-            return DeviceOutcome(device_id, current or "", "failed", error=reply.error,
-                                 previous_artifact_id=current, previous_model=status.active_model,
-                                 seconds=time.monotonic() - start)
+            return DeviceOutcome(device_id, current or "", "failed", error=reply.error, previous_artifact_id=current,
+                                 previous_model=current_model, seconds=seconds)
         now_active = reply.result.get("active_artifact_id")
         self._restore_desired(device_id, now_active)
         model = None
@@ -365,68 +363,40 @@ class Pusher:
             except BuilderError:
                 model = None
         return DeviceOutcome(device_id, now_active or "", "rolled_back", error=None, model=model,
-                             previous_artifact_id=current, previous_model=status.active_model or device.active_model,
-                             seconds=time.monotonic() - start)
+                             previous_artifact_id=current, previous_model=current_model, seconds=seconds)
 
-    # -- group with canary ------------------------------------------------------------------
-    def push_group(self, group: str, artifact_for: Callable[[str], str], canary_percent: float,
-                   thresholds: CanaryThresholds | None = None) -> GroupPushResult:
-        """Canaries (online devices only) first; the rest only if the canaries hold against the
-        previous model; otherwise the canaries are rolled back."""
-        devices = self.store.devices(group=group)
-        if not devices:
-            raise UsageError(f"group '{group}' has no devices; add some with `builder fleet add-device ID --profile P --group {group}`")
-        self.watch.require_serve()
-        online = [d.device_id for d in devices if (s := self.watch.status(d.device_id, wait_s=1.0)) and s.state == "online"]
-        offline = [d.device_id for d in devices if d.device_id not in online]
-        canaries, rest = split_canaries(online, canary_percent)
-        rest = rest + sorted(offline)
-        artifacts = {d.device_id: artifact_for(d.profile or "") for d in devices}
-        for d in devices:  # refuse before anything is pushed, not after the canaries installed it
-            check_runs_on(self.registry.get(artifacts[d.device_id]), d, self.options.allow_other_profile)
-        verdict: CanaryVerdict | None = None
-        canary_outcomes: list[DeviceOutcome] = []
-        if canaries:
-            for device_id in canaries:
-                self.observer.stage(device_id, "canary")
-            canary_outcomes = self._parallel(canaries, artifacts)
-            if self.options.soak_s > 0 and all(o.state == "active" for o in canary_outcomes):
-                self.observer.stage(",".join(canaries), f"soaking {self.options.soak_s:.0f} s on real traffic")
-                time.sleep(self.options.soak_s)
-            verdict = judge_canaries([self._evidence(o) for o in canary_outcomes], thresholds)
-            if not verdict.proceed:
-                rolled = []
-                for outcome in canary_outcomes:
-                    if outcome.state == "active" and outcome.previous_artifact_id:
-                        try:
-                            rolled.append(self.rollback(outcome.device_id, reason="canary did not hold: " + "; ".join(verdict.reasons)))
-                        except FleetError as exc:
-                            rolled.append(DeviceOutcome(outcome.device_id, outcome.artifact_id, "failed", error=str(exc)))
-                return GroupPushResult(group, tuple(canary_outcomes), (), verdict, tuple(rolled))
-        rest_outcomes = self._parallel(rest, artifacts) if rest else []
-        return GroupPushResult(group, tuple(canary_outcomes), tuple(rest_outcomes), verdict)
+    def _rollback_many(self, outcomes: Sequence[DeviceOutcome], reason: str, timeout_s: float = 60.0) -> list[DeviceOutcome]:
+        """Roll back many devices at once (commands sent together, replies awaited together)."""
+        start = time.monotonic()
+        replies: queue.Queue[tuple[str, proto.CommandReply]] = queue.Queue()
+        pending: dict[str, str] = {}
+        def on_reply(device_id: str) -> Callable[[proto.CommandReply], None]:
+            return lambda reply: replies.put((device_id, reply))
 
-    def _parallel(self, device_ids: Sequence[str], artifacts: dict[str, str]) -> list[DeviceOutcome]:
-        def one(device_id: str) -> DeviceOutcome:
+        for outcome in outcomes:
+            self.store.add_event(DeploymentEvent(outcome.device_id, time.time(), "rollback_requested", None,
+                                                 outcome.artifact_id, {"reason": reason}))
+            pending[outcome.device_id] = self.link.send_command(outcome.device_id, proto.RollbackArgs(reason=reason),
+                                                                on_reply(outcome.device_id))
+        got: dict[str, proto.CommandReply] = {}
+        deadline = start + timeout_s
+        while len(got) < len(pending) and time.monotonic() < deadline:
             try:
-                return self.push(device_id, artifacts[device_id])
-            except BuilderError as exc:
-                return DeviceOutcome(device_id, artifacts[device_id], "error", error=str(exc))
-
-        pool = ThreadPoolExecutor(max_workers=max(1, min(8, len(device_ids))))
-        futures = [pool.submit(one, device_id) for device_id in device_ids]
-        try:
-            return [future.result() for future in futures]
-        except KeyboardInterrupt:
-            self._cancel.set()  # each device's push withdraws its desired deployment
-            for future in futures:
-                try:
-                    future.result(timeout=30)
-                except (PushCancelled, TimeoutError):
-                    pass
-            raise PushCancelled("push cancelled: desired deployments withdrawn; each device keeps its previous model") from None
-        finally:
-            pool.shutdown(wait=True)
+                device_id, reply = replies.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            got[device_id] = reply
+        rolled = []
+        for outcome in outcomes:
+            answer = got.get(outcome.device_id)
+            if answer is None:
+                self.link.forget_command(pending[outcome.device_id])
+                rolled.append(DeviceOutcome(outcome.device_id, outcome.artifact_id, "failed",
+                                            error=f"no answer to the rollback within {timeout_s:.0f} s"))
+                continue
+            rolled.append(self._rolled_back(outcome.device_id, answer, outcome.artifact_id, outcome.model,
+                                            time.monotonic() - start))
+        return rolled
 
     def _evidence(self, outcome: DeviceOutcome) -> CanaryEvidence:
         previous_field = (self.store.latest_field_telemetry_for(outcome.device_id, outcome.previous_artifact_id)
@@ -443,6 +413,25 @@ class Pusher:
             candidate_field_p95_ms=new_field.p95_ms if new_field else None,
             field_requests=sum(r.requests for r in windows), field_errors=sum(r.errors for r in windows),
             previous_power_w=_measured_power(outcome.before), candidate_power_w=_measured_power(outcome.after))
+
+
+def _outcome(target: _Target, ended: WaveDevice) -> DeviceOutcome:
+    track = ended.track
+    return DeviceOutcome(device_id=target.plan.device_id, artifact_id=target.artifact_id, state=track.phase.value,
+                         deployment_id=track.deployment_id, error=track.error, model=target.model,
+                         size_bytes=target.size_bytes, previous_artifact_id=target.previous_artifact_id,
+                         previous_model=target.previous_model, before=ended.before, after=ended.after,
+                         seconds=track.seconds, notes=target.notes + track.notes, wait_s=track.wait_s)
+
+
+def push_fleet(link: FleetLink, store: FleetStore, registry: Any, data_dir: Path, device_ids: Sequence[str],
+               artifact_id: str, *, canary_percent: float = 0.0, options: PushOptions | None = None,
+               observer: PushObserver | None = None, thresholds: CanaryThresholds | None = None) -> GroupPushResult:
+    """Push one artifact to many devices (canaries first when ``canary_percent``), returning as
+    soon as every device is final: what `builder push --all/--group` does, callable from a
+    benchmark or simulator on an open link and store. ``result.seconds`` is the push's wall time."""
+    pusher = Pusher(link, store, registry, data_dir, options or PushOptions(benchmark_runs=0), observer)
+    return pusher.push_devices(device_ids, lambda _device: artifact_id, canary_percent, thresholds, label="fleet")
 
 
 def _measured_power(row: BenchmarkRow | None) -> float | None:

@@ -9,6 +9,11 @@ disk when ``cache_dir`` is given), so a fleet pulling one artifact costs one com
 Embed it in any ``agent.mqtt.MqttClient``: ``ChunkServer(client, lookup).attach()``. Give that client
 ``max_inflight=64`` or more: paho's default of 20 in-flight QoS 1 messages throttles a device's
 window of chunks (agents ask for 64 at a time, topping up every 32).
+
+Threading: a request for a cached payload is answered inline in the network thread (publishing
+only queues frames). The first requests for a payload not yet compressed wait for ONE compression
+in ONE worker thread (a fleet asking at once used to start a thread and a compression per device),
+which then answers all of them.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +89,9 @@ class ChunkServer:
         self._cache: OrderedDict[tuple[str, str], CompressedPayload] = OrderedDict()
         self._recent_requests: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._lock = threading.Lock()
+        # payload being compressed -> requests waiting for it (answered by the compressing worker)
+        self._waiting: dict[tuple[str, str], list[tuple[str, proto.ChunkRequest]]] = {}
+        self.payloads_loaded = 0  # compressed, or read from the disk cache
         self.chunks_sent = 0
         self.requests_served = 0
 
@@ -107,17 +116,41 @@ class ChunkServer:
             self._recent_requests[key] = None
             while len(self._recent_requests) > 4096:
                 self._recent_requests.popitem(last=False)
+        key = (request.artifact_id, request.payload)
         with self._lock:
-            cached = (request.artifact_id, request.payload) in self._cache
-        if self.delay_per_chunk_s or not cached:
-            # First request (compression takes seconds) or rate-limited (tests, demos): serve in a
-            # worker so neither blocks the network loop.
+            cached = key in self._cache
+            if not cached and not self.delay_per_chunk_s:
+                waiting = self._waiting.get(key)
+                if waiting is not None:  # its compression is under way: answered when it is done
+                    waiting.append((device_id, request))
+                    return
+                self._waiting[key] = []
+        if self.delay_per_chunk_s:
+            # Rate-limited (tests, demos): serve in a worker so the sleeps never block the network loop.
             threading.Thread(target=self.serve_request, args=(device_id, request), daemon=True,
                              name=f"chunks-{device_id}").start()
+        elif not cached:
+            # First request (compression takes seconds): one worker compresses, then answers everyone
+            # who asked meanwhile.
+            threading.Thread(target=self._serve_first, args=(key, device_id, request), daemon=True,
+                             name=f"chunks-{request.artifact_id[:12]}").start()
         else:
             # Inline in the network thread: publishing only queues the frames, and handing them to
             # another thread would make the two fight over the GIL (measured: slower).
             self.serve_request(device_id, request)
+
+    def _serve_first(self, key: tuple[str, str], device_id: str, request: proto.ChunkRequest) -> None:
+        batch = [(device_id, request)]
+        while batch:
+            for one_device, one_request in batch:
+                try:
+                    self.serve_request(one_device, one_request)
+                except Exception:  # noqa: BLE001 - one device's failure must not strand the others
+                    log.exception("serving %s to %s failed", one_request.payload, one_device)
+            with self._lock:
+                batch = self._waiting.pop(key, [])
+                if batch:
+                    self._waiting[key] = []  # more may join while these are answered
 
     # -- serving ----------------------------------------------------------------------------
     def serve_request(self, device_id: str, request: proto.ChunkRequest) -> int:
@@ -164,6 +197,8 @@ class ChunkServer:
         if payload_name not in {p.name for p in manifest.payloads}:
             raise FleetError(f"artifact {artifact_id[:12]} has no payload {payload_name!r}")
         data = self._load_or_compress(Path(directory) / payload_name, artifact_id, payload_name)
+        with self._lock:
+            self.payloads_loaded += 1
         entry = CompressedPayload(artifact_id, payload_name, data, self.chunk_bytes, hashlib.sha256(data).hexdigest())
         with self._lock:
             self._cache[key] = entry
@@ -199,7 +234,7 @@ def desired_message(artifact_dir: Path, deployment_id: str | None = None) -> pro
         raise FleetError(f"{artifact_dir} lacks a readable {MANIFEST_FILE}/{SIGNATURE_FILE}; package the artifact first") from exc
     artifact_id = str(manifest_obj.get("artifact_id", ""))
     return proto.DesiredDeployment(
-        deployment_id=deployment_id or f"{artifact_id[:12]}-{int(time.time() * 1000)}",
+        deployment_id=deployment_id or uuid.uuid4().hex,  # unique: never the clock (shared within a ms)
         artifact_id=artifact_id, manifest=manifest_obj, signature=signature_obj, ts=proto.now_s())
 
 

@@ -161,6 +161,7 @@ class FleetLink:
         self.client_id = client_id or f"edgefleet-builder-{uuid.uuid4().hex[:8]}"
         self.reconnects = 0
         self._replies: dict[str, tuple[threading.Event, list[proto.CommandReply]]] = {}
+        self._reply_callbacks: dict[str, Callable[[proto.CommandReply], None]] = {}
         self._lock = threading.Lock()
         self._watching_replies = False
         self.mqtt = MqttClient(host_client_settings(endpoint, self.client_id, will), on_disconnect=self._on_disconnect)
@@ -244,9 +245,28 @@ class FleetLink:
             return
         with self._lock:
             waiter = self._replies.get(reply.request_id)
+            callback = self._reply_callbacks.pop(reply.request_id, None)
         if waiter is not None:
             waiter[1].append(reply)
             waiter[0].set()
+        if callback is not None:
+            callback(reply)
+
+    def send_command(self, device_id: str, args: proto.CommandArgs,
+                     on_reply: Callable[[proto.CommandReply], None]) -> str:
+        """Send a command without waiting: ``on_reply(reply)`` runs in the network thread when the
+        reply arrives (the caller keeps its own deadline; ``forget_command`` drops a late one)."""
+        self.watch_replies()
+        request_id = uuid.uuid4().hex
+        with self._lock:
+            self._reply_callbacks[request_id] = on_reply
+        message = proto.Command.of(request_id, args, ts=proto.now_s())
+        self.publish_nowait(proto.device_topic(device_id, proto.Down.COMMAND), message.to_json(), qos=1)
+        return request_id
+
+    def forget_command(self, request_id: str) -> None:
+        with self._lock:
+            self._reply_callbacks.pop(request_id, None)
 
     def command(self, device_id: str, args: proto.CommandArgs, timeout_s: float = 60.0) -> proto.CommandReply:
         """Send a command (its typed arguments) and wait for the reply carrying its request id."""
