@@ -119,7 +119,7 @@ def register(app: typer.Typer) -> None:
         console.print(f"builder serve: fleet on [bold]{server.endpoint.public_url()}[/] ({kind}); data dir {home}")
         if dashboard is not None:
             try:
-                dashboard.start(endpoint=server.endpoint)
+                dashboard.start(endpoint=server.endpoint, transfers=server.transfer_bytes)
             except BaseException:
                 server.stop()
                 raise

@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,8 @@ class DashboardConfig:
     stream_poll_s: float = STREAM_POLL_S
     stopping: threading.Event = field(default_factory=threading.Event)  # set: live streams end (server stops)
     reports_dirs: tuple[Path, ...] = ()  # folders of `builder optimize` outputs (report.json) to show
+    # serve's live byte counts per (device, deployment) (FleetServer.transfer_bytes); None: stages only
+    transfers: Callable[[], Mapping[tuple[str, str], tuple[int, int]]] | None = None
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -150,7 +152,8 @@ def build_app(store: FleetStore, registry: Any, config: DashboardConfig, act: Ac
 
     def pushes(request: Request) -> dict[str, Any]:
         return {"pushes": queries.pushes_json(store, limit=min(max(_int(request, "limit", 50), 1), 500)),
-                "deployments": queries.deployments_in_flight(store)}
+                "deployments": queries.deployments_in_flight(
+                    store, transfers=config.transfers() if config.transfers else None)}
 
     def optimize_runs(request: Request) -> dict[str, Any]:
         return {"runs": queries.optimize_runs(config.reports_dirs)}

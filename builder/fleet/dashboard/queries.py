@@ -199,10 +199,11 @@ DEPLOYMENT_STAGES = ("desired", "downloading", "verifying", "installing", "activ
 FINAL_KINDS = ("active", "failed", "rejected", "rolled_back", "cancelled")
 
 
-def deployments_in_flight(store: FleetStore, include_finished_s: float = 300.0,
-                          now: float | None = None) -> list[dict[str, Any]]:
+def deployments_in_flight(store: FleetStore, include_finished_s: float = 300.0, now: float | None = None,
+                          transfers: Mapping[tuple[str, str], tuple[int, int]] | None = None) -> list[dict[str, Any]]:
     """Per device, its latest desired deployment that is not final yet (or ended in the last
-    ``include_finished_s``): its stage, the fraction of the stages done, and its state."""
+    ``include_finished_s``): its stage, the fraction done, and its state. ``transfers``: serve's live
+    byte counts, which move the bar through the download stage byte by byte."""
     now = time.time() if now is None else now
     out = []
     for device_id, desired in sorted(store.latest_desired().items()):
@@ -212,9 +213,14 @@ def deployments_in_flight(store: FleetStore, include_finished_s: float = 300.0,
         if final and now - last.ts > include_finished_s:
             continue
         stage = max((DEPLOYMENT_STAGES.index(e.kind) for e in events if e.kind in DEPLOYMENT_STAGES), default=0)
+        done_bytes, total_bytes = (transfers or {}).get((device_id, desired.deployment_id or ""), (0, 0))
+        progress = stage / (len(DEPLOYMENT_STAGES) - 1)
+        if DEPLOYMENT_STAGES[stage] == "downloading" and total_bytes > 0:
+            progress = (stage + min(1.0, done_bytes / total_bytes)) / (len(DEPLOYMENT_STAGES) - 1)
         out.append({"device_id": device_id, "deployment_id": desired.deployment_id, "artifact_id": desired.artifact_id,
                     "started": desired.ts, "updated": last.ts, "state": last.kind, "final": final,
-                    "stage": DEPLOYMENT_STAGES[stage], "progress": stage / (len(DEPLOYMENT_STAGES) - 1),
+                    "stage": DEPLOYMENT_STAGES[stage], "progress": progress,
+                    "bytes_done": done_bytes if transfers else None, "bytes_total": total_bytes if transfers else None,
                     "error": last.detail.get("error")})
     return out
 

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from builder.errors import FleetError, UsageError
 
@@ -131,7 +131,8 @@ class DashboardServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/"
 
-    def start(self, endpoint: Any = None, timeout_s: float = 10.0) -> DashboardServer:
+    def start(self, endpoint: Any = None, timeout_s: float = 10.0,
+              transfers: Callable[[], Mapping[tuple[str, str], tuple[int, int]]] | None = None) -> DashboardServer:
         """Listen and serve. ``endpoint``: the broker `builder serve` uses (actions go through it);
         None: a read-only dashboard (actions answer 503)."""
         self.endpoint = endpoint
@@ -147,7 +148,7 @@ class DashboardServer:
         registry = Registry(self.data_dir)
         act = RolloutActions(self.data_dir, self.endpoint, self._store, registry) if self.endpoint is not None else None
         self._config = DashboardConfig(self.token.token, reads_open=self.token.reads_open,
-                                       reports_dirs=self.reports_dirs)
+                                       reports_dirs=self.reports_dirs, transfers=transfers)
         app = build_app(self._store, registry, self._config, act)
         sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -15,6 +15,7 @@ same as a plain function, for benchmarks and simulators.
 from __future__ import annotations
 
 import logging
+import uuid
 import queue
 import time
 from dataclasses import dataclass
@@ -149,6 +150,30 @@ def check_runs_on(record: Any, device: Any, allow_other_profile: bool = False) -
     return ()
 
 
+class PushLog:
+    """A fleet push as the store's ``pushes`` row: its devices, canaries and stage, for the dashboard
+    (writes are best-effort: a store hiccup must not fail a push that is reaching devices)."""
+
+    def __init__(self, store: FleetStore, target: str, plan: dict[str, Any]) -> None:
+        self.store, self.plan = store, dict(plan, stage="planned")
+        self.push_id = f"push-{uuid.uuid4().hex[:12]}"
+        self._write(lambda: self.store.start_push(self.push_id, target, self.plan))
+
+    def stage(self, name: str) -> None:
+        self.plan["stage"] = name
+        self._write(lambda: self.store.update_push(self.push_id, self.plan))
+
+    def finish(self, state: str, reason: str | None = None) -> None:
+        self._write(lambda: self.store.finish_push(self.push_id, state, reason))
+
+    @staticmethod
+    def _write(action: Callable[[], Any]) -> None:
+        try:
+            action()
+        except Exception as exc:  # sqlite busy, disk full: the push itself goes on
+            log.warning("push record not written: %s", exc)
+
+
 class PushCancelled(FleetError):
     """The user interrupted a push (Ctrl-C): the desired deployment was withdrawn."""
 
@@ -222,10 +247,14 @@ class Pusher:
         rest = rest + sorted(d for d in targets if d not in online)
         verdict: CanaryVerdict | None = None
         canary_outcomes: list[DeviceOutcome] = []
+        record = PushLog(self.store, label, {"devices": sorted(targets), "canaries": list(canaries),
+                                             "canary_percent": canary_percent,
+                                             "artifacts": sorted({t.artifact_id for t in targets.values()})})
         try:
             if canaries:
                 for device_id in canaries:
                     self.observer.stage(device_id, "canary")
+                record.stage("canary")
                 canary_outcomes = self._wave([targets[d] for d in canaries])
                 if self.options.soak_s > 0 and all(o.state == "active" for o in canary_outcomes):
                     self.observer.stage(",".join(canaries), f"soaking {self.options.soak_s:.0f} s on real traffic")
@@ -233,15 +262,26 @@ class Pusher:
                 verdict = judge_canaries([self._evidence(o) for o in canary_outcomes], thresholds)
                 if not verdict.proceed:
                     active = [o for o in canary_outcomes if o.state == "active" and o.previous_artifact_id]
-                    rolled = self._rollback_many(active, "canary did not hold: " + "; ".join(verdict.reasons))
+                    reason = "canary did not hold: " + "; ".join(verdict.reasons)
+                    rolled = self._rollback_many(active, reason)
+                    record.finish("rolled_back", reason)
                     return GroupPushResult(label, tuple(canary_outcomes), (), verdict, tuple(rolled),
                                            seconds=time.monotonic() - start)
+            record.stage("fleet" if canaries else "all")
             rest_outcomes = self._wave([targets[d] for d in rest]) if rest else []
         except KeyboardInterrupt:
+            record.finish("cancelled", "Ctrl-C: desired deployments withdrawn")
             raise PushCancelled("push cancelled: desired deployments withdrawn; each device that was still "
                                 "transferring keeps its previous model") from None
-        return GroupPushResult(label, tuple(canary_outcomes), tuple(rest_outcomes), verdict,
-                               seconds=time.monotonic() - start)
+        except BaseException as exc:
+            record.finish("failed", f"{type(exc).__name__}: {exc}")
+            raise
+        result = GroupPushResult(label, tuple(canary_outcomes), tuple(rest_outcomes), verdict,
+                                 seconds=time.monotonic() - start)
+        failed = [o.device_id for o in (*canary_outcomes, *rest_outcomes) if not o.ok]
+        record.finish("done" if not failed else "partial", f"{len(failed)} device(s) not active: "
+                      + ", ".join(failed[:5]) if failed else None)
+        return result
 
     def push_group(self, group: str, artifact_for: Callable[[str], str], canary_percent: float,
                    thresholds: CanaryThresholds | None = None) -> GroupPushResult:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 TelemetryHook = Callable[[str, proto.TelemetryReport], None]
 FINAL_STATES = ("active", "failed", "rejected", "rolled_back")
+MAX_TRACKED_TRANSFERS = 20_000  # byte counts kept for the dashboard (a few fleet-wide pushes)
 ESTIMATE_PREFIX = "estimate: "  # power_source of a profile-based estimate (no sensor on the device)
 
 
@@ -138,6 +139,9 @@ class FleetServer:
         self.store: FleetStore | None = None
         self.chunk_server: Any = None
         self._last_state: dict[tuple[str, str], str] = {}
+        # (device, deployment) -> (bytes_done, bytes_total) of the latest progress: the dashboard's bars
+        # (the store keeps one event per state; the percentages would be a row per window)
+        self._transfer_bytes: dict[tuple[str, str], tuple[int, int]] = {}
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
         self.reports_ingested = 0
@@ -348,12 +352,19 @@ class FleetServer:
                 except Exception:  # noqa: BLE001 - a controller bug must not stop ingest
                     log.exception("telemetry hook %r failed", hook)
 
+    def transfer_bytes(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """A copy of the latest byte counts per (device, deployment), for the dashboard's thread."""
+        return dict(self._transfer_bytes)
+
     def _on_progress(self, topic: str, payload: bytes) -> None:
         device_id = self._device(topic)
         if self.store is None:
             return
         progress = proto.TransferProgress.from_json(payload)
         key = (device_id, progress.deployment_id)
+        self._transfer_bytes[key] = (int(progress.bytes_done), int(progress.bytes_total))
+        if len(self._transfer_bytes) > MAX_TRACKED_TRANSFERS:  # oldest first (insertion order)
+            self._transfer_bytes.pop(next(iter(self._transfer_bytes)), None)
         if self._last_state.get(key) == progress.state:
             return  # download percentages: one event per state is enough
         self._last_state[key] = progress.state

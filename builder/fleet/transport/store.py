@@ -599,6 +599,11 @@ class FleetStore:
                        (push_id, now, target, _json(dict(plan))))
         return PushRecord(push_id, now, target, dict(plan), "running")
 
+    def update_push(self, push_id: str, plan: Mapping[str, Any]) -> None:
+        """A running push's plan moved on (its canary stage, say): the dashboard shows where it stands."""
+        with self._tx() as db:
+            db.execute("UPDATE pushes SET plan_json = ? WHERE push_id = ?", (_json(dict(plan)), push_id))
+
     def finish_push(self, push_id: str, state: str, reason: str | None = None) -> None:
         with self._tx() as db:
             db.execute("UPDATE pushes SET state = ?, reason = ?, finished_at = ? WHERE push_id = ?",

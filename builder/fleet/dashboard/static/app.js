@@ -234,11 +234,12 @@ async function pushesView() {
     $("#deployments tbody").innerHTML = data.deployments.map((d) => `<tr data-device="${esc(d.device_id)}">
       <td><a href="#/device/${encodeURIComponent(d.device_id)}">${esc(d.device_id)}</a></td>
       <td><code>${esc((d.artifact_id || "").slice(0, 12) || null)}</code></td><td>${esc(d.stage)}</td>
-      <td><progress max="1" value="${d.progress}"></progress></td>
+      <td><progress max="1" value="${d.progress}"></progress>${d.bytes_total ? ` ${size(d.bytes_done)} / ${size(d.bytes_total)}` : ""}</td>
       <td class="${d.state === "active" ? "done" : d.final ? "refused" : ""}">${esc(d.state)}</td>
       <td>${when(d.started)}</td><td>${esc(d.error || "")}</td></tr>`).join("");
     $("#pushes tbody").innerHTML = data.pushes.map((p) => `<tr><td>${esc(p.push_id)}</td><td>${esc(p.target)}</td>
-      <td>${esc(p.state)}</td><td>${when(p.created_at)}</td><td>${when(p.finished_at)}</td><td>${esc(p.reason)}</td></tr>`).join("");
+      <td>${esc((p.plan.devices || []).length)}</td><td>${esc((p.plan.canaries || []).join(", ") || "none")}</td>
+      <td>${esc(p.plan.stage)}</td><td>${esc(p.state)}</td><td>${when(p.created_at)}</td><td>${when(p.finished_at)}</td><td>${esc(p.reason)}</td></tr>`).join("");
     document.body.dataset.loaded = "pushes";
   };
   await refresh();
