@@ -297,6 +297,7 @@ class SimulatedDevice:
         self.active_model = f"{manifest.model_name}@{manifest.model_version}"
         total = manifest.total_size_bytes
         self._progress(desired, "active", total, total)
+        self.counters.deployments[desired.deployment_id]["compressed_bytes"] = pull.compressed_bytes
         self._publish(proto.Up.STATUS, self._status("online"), retain=True)
         self.emit_telemetry("install", details={"deployment_id": desired.deployment_id,
                                                 "transfer": {"compressed_bytes": pull.compressed_bytes,
