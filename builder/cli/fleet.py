@@ -269,9 +269,12 @@ def register(app: typer.Typer) -> None:
         behaviour = Behaviour(telemetry_interval_s=duration_or_seconds(telemetry_interval, None, "--telemetry-interval"),
                               requests_per_s=requests_per_s)
         plan = SimulationPlan(duration_s=duration_or_seconds(duration, None, "--duration"), flush_records=flush, seed=seed)
+        from builder.fleet.simulate.register import save_states
+
         summary = run_simulation(identities, behaviour, plan,
                                  on_started=lambda fleet: None if as_json else print(
-                                     f"{len(fleet.devices)} simulated devices connected; Ctrl-C to stop", flush=True))
+                                     f"{len(fleet.devices)} simulated devices connected; Ctrl-C to stop", flush=True),
+                                 on_stopped=lambda fleet: save_states(home, {d.device_id: d.state() for d in fleet.devices}))
         if as_json:
             print(json.dumps(summary.to_dict(), indent=2))
             return

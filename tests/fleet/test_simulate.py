@@ -103,3 +103,8 @@ def test_fleet_simulate_command_runs_and_reports(simulated_fleet_world) -> None:
     assert totals["records_acked"] == totals["records_built"]
     assert summary["overhead"]["wall_s"] > 0
     wait_for(lambda: sum(_stored(home).values()) - before >= totals["records_built"], 30, "the simulated reports stored")
+    # a second run continues each device's seq (persisted like the agent's): nothing is deduplicated away
+    stored_once = sum(_stored(home).values())
+    again = json.loads(builder_cli("fleet", "simulate", "--devices", "3", "--telemetry-interval", "10s", "--duration", "0.5s",
+                                   "--flush", "2", "--json", home=home, timeout_s=60).stdout)["totals"]
+    wait_for(lambda: sum(_stored(home).values()) - stored_once >= again["records_built"], 30, "the second run's reports stored")

@@ -38,6 +38,10 @@ class DeviceIdentity:
     client: ClientSettings
     trusted_key: Any  # Ed25519PublicKey
     profile: str | None = None
+    # What a real agent persists across restarts (``seq`` above all: the host dedupes by it)
+    first_seq: int = 0
+    active_artifact_id: str | None = None
+    active_model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -126,9 +130,9 @@ class SimulatedDevice:
         self.clock = clock
         self.counters = DeviceCounters()
         self.telemetry_interval_s = behaviour.telemetry_interval_s
-        self.seq = 0
-        self.active_artifact_id: str | None = None
-        self.active_model: str | None = None
+        self.seq = identity.first_seq
+        self.active_artifact_id: str | None = identity.active_artifact_id
+        self.active_model: str | None = identity.active_model
         self.previous_artifact_id: str | None = None
         self._desired: proto.DesiredDeployment | None = None
         self._pull: ArtifactPull | None = None
@@ -155,6 +159,10 @@ class SimulatedDevice:
     @property
     def connected(self) -> bool:
         return self.client.connected
+
+    def state(self) -> dict[str, Any]:
+        """What survives a restart of the simulator (``register.save_states``)."""
+        return {"seq": self.seq, "active_artifact_id": self.active_artifact_id, "active_model": self.active_model}
 
     def tick(self, now_monotonic: float) -> None:
         """About once a second: keep-alive, and a silent pull asks again from its first missing chunk."""

@@ -4,16 +4,39 @@ store rows for the rest, with their passwords hashed in one ``mosquitto_passwd``
 then connects with what its own ``agent.toml`` says, read by the agent's own config loader."""
 from __future__ import annotations
 
+import json
+import os
 import secrets
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from agent.config import load_config, parse_broker_url
 from agent.connection import agent_client_settings
 from agent.manifest import load_public_key
 from builder.errors import UsageError
 from builder.fleet.simulate.device import DeviceIdentity
+
+
+STATE_FILE = "sim-state.json"  # beside agent.toml: the simulated device's persisted seq and model
+
+
+def save_states(data_dir: Path, states: Mapping[str, Mapping[str, Any]]) -> None:
+    """Persist each device's ``seq`` and active model, as the agent does: a rerun continues the
+    sequence instead of restarting at 0 (the host would drop the reports as duplicates)."""
+    for device_id, state in states.items():
+        path = agent_toml_path(data_dir, device_id).with_name(STATE_FILE)
+        tmp = path.with_name(STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(dict(state)), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def simulated_ids(count: int, prefix: str = "sim-") -> list[str]:
@@ -82,6 +105,11 @@ def load_identities(data_dir: Path, device_ids: Sequence[str], broker_url: str |
             broker = replace(broker, host=override[0], port=override[1], tls=override[2])
         if cfg.trusted_key not in keys:
             keys[cfg.trusted_key] = load_public_key(cfg.trusted_key)
+        state = _read_state(path.with_name(STATE_FILE))
+        seq = state.get("seq")
         identities.append(DeviceIdentity(device_id=cfg.device_id, client=agent_client_settings(cfg.device_id, broker),
-                                         trusted_key=keys[cfg.trusted_key], profile=cfg.profile))
+                                         trusted_key=keys[cfg.trusted_key], profile=cfg.profile,
+                                         first_seq=seq if isinstance(seq, int) and seq >= 0 else 0,
+                                         active_artifact_id=state.get("active_artifact_id"),
+                                         active_model=state.get("active_model")))
     return identities

@@ -46,12 +46,14 @@ def reload_broker(pid: int) -> None:
 
 
 def run_simulation(identities: Sequence[DeviceIdentity], behaviour: Behaviour, plan: SimulationPlan,
-                   on_started: Callable[[SimulatedFleet], None] | None = None) -> SimulationSummary:
-    return asyncio.run(_simulate(identities, behaviour, plan, on_started))
+                   on_started: Callable[[SimulatedFleet], None] | None = None,
+                   on_stopped: Callable[[SimulatedFleet], None] | None = None) -> SimulationSummary:
+    return asyncio.run(_simulate(identities, behaviour, plan, on_started, on_stopped))
 
 
 async def _simulate(identities: Sequence[DeviceIdentity], behaviour: Behaviour, plan: SimulationPlan,
-                    on_started: Callable[[SimulatedFleet], None] | None) -> SimulationSummary:
+                    on_started: Callable[[SimulatedFleet], None] | None,
+                    on_stopped: Callable[[SimulatedFleet], None] | None) -> SimulationSummary:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -83,6 +85,8 @@ async def _simulate(identities: Sequence[DeviceIdentity], behaviour: Behaviour, 
         if device.active_artifact_id:
             active[device.active_artifact_id] = active.get(device.active_artifact_id, 0) + 1
     await fleet.stop()
+    if on_stopped is not None:
+        on_stopped(fleet)
     return SimulationSummary(totals=totals, overhead=overhead, connect_s=connect_s, active_artifacts=active)
 
 
