@@ -161,7 +161,7 @@ async def telemetry_phase(home: Path, fleet: SimulatedFleet, probe: ServeProbe, 
             await asyncio.sleep(0.5)
         fleet.stop_telemetry()
     else:
-        fleet.flush_outbox(20)
+        await fleet.flush_outbox(20)
     await fleet.wait_acked(timeout_s=60)
     overhead = fleet.overhead_since(mark)
     end = seq_marks(fleet.devices)
@@ -184,8 +184,15 @@ async def push_phase(home: Path, fleet: SimulatedFleet, group: str, artifact: st
         subprocess.run, [PY, "-m", "builder.cli.main", "push", "--group", group, "--artifact", artifact,
                          "--benchmark-runs", "0", "--timeout", timeout, "--json", "--data-dir", str(home)],
         cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=900))
-    active_s = await fleet.wait_active(artifact, timeout_s=900)
+    wait_all = asyncio.create_task(fleet.wait_active(artifact, timeout_s=900))
+    # A device the push gave up on ("timeout") gets its previous desired state back and never
+    # becomes active: stop waiting shortly after the command returned.
+    await asyncio.wait({wait_all, command}, return_when=asyncio.FIRST_COMPLETED)
     result = await command
+    try:
+        active_s = await asyncio.wait_for(wait_all, timeout=10.0)
+    except asyncio.TimeoutError:
+        active_s = None
     command_s = time.monotonic() - started
     overhead = fleet.overhead_since(mark)
     try:
@@ -212,7 +219,9 @@ async def run_size(home: Path, ids: list[str], group: str | None, artifact: str 
     out: dict[str, Any] = {"n": len(ids), "connect_s": time.monotonic() - t0}
     await asyncio.sleep(2.0)  # hellos and statuses settle in serve
     out["steady"] = await telemetry_phase(home, fleet, probe, "steady", steady_s)
+    print(f"  steady: {out['steady']}", flush=True)
     out["flush"] = await telemetry_phase(home, fleet, probe, "flush", steady_s)
+    print(f"  flush: {out['flush']}", flush=True)
     if artifact is not None and group is not None:
         out["push"] = await push_phase(home, fleet, group, artifact, probe, push_timeout)
     await fleet.stop()

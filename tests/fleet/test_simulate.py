@@ -58,7 +58,7 @@ def test_simulated_devices_telemetry_is_stored_and_a_group_push_gets_them_all_ac
         fleet.start_telemetry()
         await asyncio.sleep(1.5)
         fleet.stop_telemetry()
-        fleet.flush_outbox(5)
+        await fleet.flush_outbox(5)
         assert await fleet.wait_acked(timeout_s=20)
         built = fleet.totals().records_built
         push = await asyncio.to_thread(

@@ -66,7 +66,7 @@ async def _simulate(identities: Sequence[DeviceIdentity], behaviour: Behaviour, 
     if on_started is not None:
         on_started(fleet)
     if plan.flush_records:
-        fleet.flush_outbox(plan.flush_records)
+        await fleet.flush_outbox(plan.flush_records)
     if plan.telemetry:
         fleet.start_telemetry()
     try:
