@@ -321,7 +321,7 @@ def report(results: list[dict[str, Any]], cpu: str, steady_s: float) -> str:
         for p in pushes:
             active = f"{p['active_s']:.1f} s" if p["active_s"] is not None else f"not all ({p['active']} of {p['n']})"
             lines.append(f"| {p['n']} | {active} | {p['command_s']:.1f} s | {p['rc']} | **{p['false_timeouts']}** | "
-                         f"{', '.join(f'{k} {v}' for k, v in sorted(p['outcome_states'].items()))} | "
+                         f"{', '.join(f'{k} {v}' for k, v in sorted(p['outcome_states'].items())) or _last_line(p['stderr_tail'])} | "
                          f"{p['wire_ratio']:.2f} ({p['compressed_bytes']} B stream) | {p['serve_cpu_percent']:.0f}% | "
                          f"{overhead_text(p['overhead'])} |")
     lines += ["", "Reading it: *sent* = reports the devices published, *(PUBACKed)* = acknowledged by the broker, which "
@@ -332,6 +332,11 @@ def report(results: list[dict[str, Any]], cpu: str, steady_s: float) -> str:
               "lag far above the ingest latency would mean the simulator, not serve, is the bottleneck. Chunk bytes are "
               "whole frames (header + chunk) received by the devices. A shared 2-core VM: other jobs ran meanwhile."]
     return "\n".join(lines) + "\n"
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[-1][:160] if lines else "no outcome").replace("|", "/")
 
 
 def write_results(path: Path, section: str) -> None:
