@@ -435,3 +435,174 @@ class MqttClient:
                 log.warning("refused a message from %s on %s: %s%s", key[0], key[1], exc, suffix)
             else:
                 log.error("handler for %s failed%s", topic, suffix, exc_info=exc)
+
+
+class LoopMqttClient:
+    """One broker connection driven by an asyncio event loop instead of a thread of its own, so one
+    process can hold thousands of them (``builder fleet simulate``). paho's external-loop hooks
+    register the socket with the loop (``add_reader``; ``add_writer`` only while paho has bytes to
+    send), as aiomqtt does; ``tick()`` (about once a second) sends keep-alives.
+
+    Every method must be called from the loop's thread, and every callback runs there. Unlike
+    ``MqttClient`` it does not wait for SUBACKs and speaks one MQTT version (``AUTO`` means 5).
+    Reconnects follow the same capped, jittered backoff.
+    """
+
+    def __init__(self, settings: ClientSettings, loop: Any, *, on_connect: Callable[[], None] | None = None,
+                 on_disconnect: Callable[[str], None] | None = None,
+                 on_published: Callable[[int], None] | None = None) -> None:
+        self.settings = settings
+        self.loop = loop  # an asyncio.AbstractEventLoop
+        self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
+        self.on_published = on_published  # mid of a QoS 1 publish the broker acknowledged
+        self._handlers: list[tuple[str, int, MessageHandler]] = []
+        self._version = _MQTTProtocolVersion.MQTTv311 if settings.version == MqttVersion.V311 else _MQTTProtocolVersion.MQTTv5
+        self._paho = self._make_paho()
+        self._connected = False
+        self._stopping = False
+        self._attempt = 0
+        self._reconnect_handle: Any = None
+        self.connect_count = 0
+        self.last_error: str | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def _make_paho(self) -> _paho.Client:
+        s = self.settings
+        v5 = self._version == _MQTTProtocolVersion.MQTTv5
+        client = _paho.Client(_CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=self._version,
+                              clean_session=None if v5 else not s.persistent_session, reconnect_on_failure=False)
+        if s.username:
+            client.username_pw_set(s.username, s.password)
+        if s.tls is not None:
+            t = s.tls
+            client.tls_set(ca_certs=str(t.ca_file) if t.ca_file else None,
+                           certfile=str(t.client_cert) if t.client_cert else None,
+                           keyfile=str(t.client_key) if t.client_key else None,
+                           cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if s.will is not None:
+            client.will_set(s.will.topic, s.will.payload, qos=s.will.qos, retain=s.will.retain)
+        client.max_inflight_messages_set(s.max_inflight)
+        client.on_socket_open = lambda c, u, sock: self.loop.add_reader(sock, self._read)
+        client.on_socket_close = lambda c, u, sock: self.loop.remove_reader(sock)
+        client.on_socket_register_write = lambda c, u, sock: self.loop.add_writer(sock, self._write)
+        client.on_socket_unregister_write = lambda c, u, sock: self.loop.remove_writer(sock)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        return client
+
+    # -- subscribe / publish ------------------------------------------------------------------
+    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
+        """Call ``handler(topic, payload)`` for every message matching the filter; (re)subscribed on
+        every connect. Mosquitto's ACL never refuses a SUBSCRIBE anyway (see the module doc)."""
+        self._handlers.append((topic_filter, qos, handler))
+        if self._connected:
+            self._paho.subscribe(topic_filter, qos=qos)
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int | None:
+        """Queue a message; returns its mid (``on_published(mid)`` follows the PUBACK), or None when
+        there is no connection (nothing is queued: the caller keeps what it must resend)."""
+        if not self._connected:
+            return None
+        info = self._paho.publish(topic, payload, qos=qos, retain=retain)
+        return int(info.mid) if info.rc == _paho.MQTT_ERR_SUCCESS else None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect now (the TCP connect blocks the loop briefly); on failure retry with backoff."""
+        self._stopping = False
+        self._connect()
+
+    def _connect(self) -> None:
+        s = self.settings
+        self._reconnect_handle = None
+        if self._stopping:
+            return
+        try:
+            if self._version == _MQTTProtocolVersion.MQTTv5:
+                props = None
+                if s.persistent_session:
+                    props = _Properties(_PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                    props.SessionExpiryInterval = s.session_expiry_s
+                self._paho.connect(s.host, s.port, keepalive=s.keepalive_s, clean_start=not s.persistent_session,
+                                   properties=props)
+            else:
+                self._paho.connect(s.host, s.port, keepalive=s.keepalive_s)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self._schedule_reconnect()
+
+    def _schedule_reconnect(self) -> None:
+        if self._stopping or self._reconnect_handle is not None:
+            return
+        s = self.settings
+        delay = backoff_delay_s(self._attempt, s.reconnect_min_s, s.reconnect_max_s)
+        self._attempt += 1
+        self._reconnect_handle = self.loop.call_later(delay, self._connect)
+
+    def tick(self) -> None:
+        """Keep-alive and keep-alive timeout checks (paho's ``loop_misc``)."""
+        if self._paho.socket() is not None:
+            self._paho.loop_misc()
+
+    def stop(self, final: Will | None = None) -> None:
+        """Publish ``final`` (queued before the DISCONNECT, so it goes first), then disconnect."""
+        self._stopping = True
+        if self._reconnect_handle is not None:
+            self._reconnect_handle.cancel()
+            self._reconnect_handle = None
+        if final is not None and self._connected:
+            self._paho.publish(final.topic, final.payload, qos=final.qos, retain=final.retain)
+        if self._paho.socket() is not None:
+            self._paho.disconnect()
+
+    def _read(self) -> None:
+        self._paho.loop_read()
+
+    def _write(self) -> None:
+        self._paho.loop_write()
+
+    # -- paho callbacks (the loop's thread) ---------------------------------------------------
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            self.last_error = f"connection refused: {reason_code}"
+            log.warning("%s: broker refused the connection: %s", self.settings.client_id, reason_code)
+            return  # the broker closes the socket: _on_disconnect schedules the retry
+        self._connected = True
+        self._attempt = 0
+        self.connect_count += 1
+        self.last_error = None
+        for topic_filter, qos, _ in self._handlers:
+            client.subscribe(topic_filter, qos=qos)
+        if self.on_connect is not None:
+            try:
+                self.on_connect()
+            except Exception:  # noqa: BLE001 - a handler bug must not stop the loop
+                log.exception("on_connect handler failed")
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        was_connected, self._connected = self._connected, False
+        if was_connected and self.on_disconnect is not None:
+            try:
+                self.on_disconnect(str(reason_code))
+            except Exception:  # noqa: BLE001
+                log.exception("on_disconnect handler failed")
+        self._schedule_reconnect()
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        if self.on_published is not None:
+            self.on_published(mid)
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        payload = bytes(message.payload)
+        for flt, _, handler in list(self._handlers):
+            if _paho.topic_matches_sub(flt, message.topic):
+                try:
+                    handler(message.topic, payload)
+                except Exception:  # noqa: BLE001 - one bad handler must not stop the loop
+                    log.exception("handler for %s failed", message.topic)

@@ -1,4 +1,4 @@
-"""`builder fleet add-device|remove-device|status|telemetry|plot|rollback`: the fleet day to day."""
+"""`builder fleet add-device|remove-device|status|telemetry|plot|rollback|simulate`: the fleet day to day (and a simulated one)."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -230,6 +230,60 @@ def register(app: typer.Typer) -> None:
             raise FleetError(f"{device} did not roll back: {outcome.error}")
         Console().print(f"{device}: rolled back from {(outcome.previous_model or outcome.previous_artifact_id or '?')} "
                         f"to {outcome.model or outcome.artifact_id[:12]}")
+
+
+    @group.command("simulate")
+    def simulate(
+        devices: int = typer.Option(..., "--devices", "-n", min=1, help="How many devices to simulate (one process, one event loop)."),
+        prefix: str = typer.Option("sim-", "--prefix", help="Device ids are PREFIX00000, PREFIX00001, ..."),
+        broker: Optional[str] = typer.Option(None, "--broker", help="HOST:PORT or mqtt(s)://HOST:PORT (default: each device's agent.toml)."),
+        register_missing: bool = typer.Option(False, "--register", help="Register devices that are not yet (like add-device; needs --broker-config-dir)."),
+        broker_config_dir: Optional[Path] = typer.Option(None, help="Mosquitto config dir the new devices' users go into."),
+        broker_port: int = typer.Option(1883, help="Listener port written into a NEW Mosquitto config."),
+        reload_broker_pid: Optional[int] = typer.Option(None, "--reload-broker", help="PID of the running Mosquitto: SIGHUP it after registering."),
+        profile: str = typer.Option("raspberry-pi-4", "--profile", "-p", help="Profile of newly registered devices."),
+        group_name: Optional[str] = typer.Option(None, "--group", help="Group of newly registered devices (for `builder push --group`)."),
+        telemetry_interval: str = typer.Option("10s", "--telemetry-interval", help="Each device reports this often."),
+        duration: str = typer.Option("60s", "--duration", help="How long to run (0: until Ctrl-C)."),
+        flush: int = typer.Option(0, "--flush", min=0, help="After connecting, each device flushes this many buffered reports at once."),
+        requests_per_s: float = typer.Option(5.0, help="Synthetic inference requests per device per second."),
+        seed: int = typer.Option(0, help="Seed of the synthetic latencies."),
+        as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+        data_dir: Optional[Path] = DataDirOption,
+    ) -> None:
+        """Simulate N devices speaking the real protocol (telemetry, outbox flush, pulls of pushed models) to size a broker and a host."""
+        from builder.fleet.simulate.device import Behaviour
+        from builder.fleet.simulate.run import (SimulationPlan, ids_and_identities, normalise_broker_url, reload_broker,
+                                                run_simulation)
+
+        home = data_dir_or_default(data_dir)
+        url = normalise_broker_url(broker)
+        newly, identities = ids_and_identities(home, devices, prefix, url, register=register_missing,
+                                               broker_config_dir=broker_config_dir, profile=profile, group=group_name,
+                                               broker_port=broker_port)
+        if newly:
+            print(f"registered {len(newly)} device(s) ({newly[0]} ... {newly[-1]})", flush=True)
+            if reload_broker_pid is not None:
+                reload_broker(reload_broker_pid)
+                time.sleep(0.5)
+        behaviour = Behaviour(telemetry_interval_s=duration_or_seconds(telemetry_interval, None, "--telemetry-interval"),
+                              requests_per_s=requests_per_s)
+        plan = SimulationPlan(duration_s=duration_or_seconds(duration, None, "--duration"), flush_records=flush, seed=seed)
+        from builder.fleet.simulate.register import save_states
+
+        summary = run_simulation(identities, behaviour, plan,
+                                 on_started=lambda fleet: None if as_json else print(
+                                     f"{len(fleet.devices)} simulated devices connected; Ctrl-C to stop", flush=True),
+                                 on_stopped=lambda fleet: save_states(home, {d.device_id: d.state() for d in fleet.devices}))
+        if as_json:
+            print(json.dumps(summary.to_dict(), indent=2))
+            return
+        t, o = summary.totals, summary.overhead
+        print(f"devices {t.devices} (connected in {summary.connect_s:.1f} s); telemetry built {t.records_built}, "
+              f"PUBACKed {t.records_acked}; chunk frames {t.chunk_frames} ({t.chunk_bytes_received} bytes); "
+              f"deployments active {t.active_deployments}; errors {t.errors}")
+        print(f"simulator overhead: {o.cpu_percent:.1f}% of one core over {o.wall_s:.1f} s; "
+              f"event-loop lag p50 {o.loop_lag_p50_ms:.1f} ms, p99 {o.loop_lag_p99_ms:.1f} ms, max {o.loop_lag_max_ms:.1f} ms")
 
 
 def _interval(text: Optional[str], old_seconds: Optional[float]) -> Optional[float]:
