@@ -162,6 +162,12 @@ def test_deployments_in_flight_with_their_stage(client: TestClient) -> None:
     assert not flight["dev-0005"]["final"]
     assert flight["dev-0000"]["state"] == "active" and flight["dev-0000"]["progress"] == 1.0 and flight["dev-0000"]["final"]
 
+    from builder.fleet.dashboard.queries import deployments_in_flight
+
+    # with serve's live byte counts the download stage fills byte by byte: 4 of 10 bytes = 0.25 + 0.4 x 0.25
+    live = {d["device_id"]: d for d in deployments_in_flight(store, transfers={("dev-0005", "dep-5"): (4, 10)})}
+    assert live["dev-0005"]["progress"] == 0.35 and (live["dev-0005"]["bytes_done"], live["dev-0005"]["bytes_total"]) == (4, 10)
+
 
 def test_actions_need_the_token(client: TestClient) -> None:
     assert client.post("/api/devices/dev-0000/rollback").status_code == 401

@@ -121,6 +121,10 @@ def test_push_all_with_a_canary_then_a_group_then_two_pushes_at_once(world, flee
     assert len(set(ids)) == len(DEVICES)
     # each device was judged on its own deployment's progress, which serve stored too
     _active_deployments(fleet_home.root, {o["device_id"]: o["deployment_id"] for o in report["outcomes"][:-1]})
+    with open_store(fleet_home.root) as store:  # the push as the dashboard's pushes table shows it
+        (logged,) = store.pushes()
+    assert (logged.target, logged.state, logged.plan["stage"]) == ("all", "done", "fleet")
+    assert logged.plan["canaries"] == DEVICES[:2] and logged.plan["devices"] == sorted(DEVICES)
 
     # 2. push_fleet (the benchable API) to one group, in this process
     with open_store(fleet_home.root) as store, world.link() as link:
