@@ -8,6 +8,14 @@ each report is stored.
 
 Artifacts are served from a directory of symlinks per artifact (``serve-cache/<id>/``: manifest,
 signature, payloads pointing at the registry's content-addressed blobs), so nothing is copied.
+
+Several serve workers share one fleet with ``worker_group`` (`builder serve --worker-group NAME`,
+docs/scale.md): they connect with MQTT 5 and subscribe to the devices' hello, telemetry, progress and
+chunk requests as ``$share/NAME/…``, so the broker hands each message to one worker; every worker
+subscribes to the retained status normally (the registry's online state is an idempotent upsert).
+The duties one process must do alone (announce ``SERVE_TOPIC`` with its last will, publish the
+desired deployments again, run the re-compression loop) go to the worker holding the store's
+``serve-duties`` lock; the others poll for it every second and take over when its holder dies.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,10 +34,12 @@ from typing import Any, Callable, Sequence
 from agent import protocol as proto
 from agent.errors import ProtocolError
 from agent.manifest import MANIFEST_FILE, SIGNATURE_FILE
+from agent.mqtt import MqttVersion, shared_filter
 from builder.errors import BuilderError, FleetError
 from builder.fleet.transport.embedded_broker import EmbeddedBroker, EmbeddedBrokerSettings
 from builder.fleet.transport.link import (SERVE_STATE_FILE, SERVE_TOPIC, BrokerEndpoint, FleetLink, write_serve_state)
-from builder.fleet.transport.store import BenchmarkRow, DeploymentEvent, FleetStore, TelemetryRow, open_store
+from builder.fleet.transport.store import (BenchmarkRow, DeploymentEvent, FleetStore, SingletonLock, TelemetryRow,
+                                          open_store)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +54,8 @@ class ServeSettings:
     broker: BrokerEndpoint | None = None  # None: start the embedded broker
     embedded: EmbeddedBrokerSettings = field(default_factory=EmbeddedBrokerSettings)
     chunk_delay_s: float = 0.0  # simulate a slow link (tests, demo)
+    store_url: str | None = None  # postgresql://…; None: the data dir's fleet.sqlite
+    worker_group: str | None = None  # share the fleet's messages with the other workers of this group
 
 
 def report_artifact_id(report: proto.TelemetryReport) -> str | None:
@@ -136,6 +149,10 @@ class FleetServer:
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
         self.reports_ingested = 0
+        self.telemetry_received = 0
+        self._duties: SingletonLock | None = None  # worker groups only: who announces, republishes, loops
+        self._announcer: FleetLink | None = None  # the duty holder's connection with the SERVE_TOPIC will
+        self.leading = settings.worker_group is None  # a lone serve does every duty itself
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> "FleetServer":
@@ -143,7 +160,7 @@ class FleetServer:
         from builder.fleet.transport.chunk_server import ChunkServer
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = open_store(self.data_dir)
+        self.store = open_store(self.data_dir, self.settings.store_url)
         registry = Registry(self.data_dir)
         try:
             if self.settings.broker is None:
@@ -151,25 +168,73 @@ class FleetServer:
                 self.endpoint = BrokerEndpoint(self.embedded.url)
             else:
                 self.endpoint = self.settings.broker
-            offline = json.dumps({"state": "offline", "pid": os.getpid()}).encode()
-            self.link = FleetLink(self.endpoint, client_id=f"edgefleet-serve-{os.getpid()}", will=(SERVE_TOPIC, offline))
+            group = self.settings.worker_group
+            if group is None:
+                self.link = FleetLink(self.endpoint, client_id=f"edgefleet-serve-{os.getpid()}",
+                                      will=(SERVE_TOPIC, self._serve_state("offline")))
+            else:  # no will: one worker's death says nothing about the others; MQTT 5 for $share
+                shared_filter(group, "x")  # a bad group name fails before anything connects
+                self.link = FleetLink(self.endpoint, client_id=f"edgefleet-serve-{group}-{uuid.uuid4().hex[:8]}",
+                                      version=MqttVersion.V5)
             self.link.connect()
             self.chunk_server = ChunkServer(self.link.mqtt, ArtifactDirectories(registry, self.data_dir / "serve-cache"),
                                             cache_dir=self.data_dir / "chunk-cache",
-                                            delay_per_chunk_s=self.settings.chunk_delay_s)
+                                            delay_per_chunk_s=self.settings.chunk_delay_s, share_group=group)
             self.chunk_server.attach()
-            for suffix, handler in ((proto.Up.HELLO, self._on_hello), (proto.Up.STATUS, self._on_status),
-                                    (proto.Up.TELEMETRY, self._on_telemetry), (proto.Up.PROGRESS, self._on_progress)):
-                self.link.subscribe(proto.all_devices_topic(suffix), handler)
-            self._republish_desired()
-            online = json.dumps({"state": "online", "pid": os.getpid(), "since": time.time()}).encode()
-            self.link.publish(SERVE_TOPIC, online, retain=True)
+            for suffix, handler, shared in ((proto.Up.HELLO, self._on_hello, True), (proto.Up.STATUS, self._on_status, False),
+                                            (proto.Up.TELEMETRY, self._on_telemetry, True),
+                                            (proto.Up.PROGRESS, self._on_progress, True)):
+                topic_filter = proto.all_devices_topic(suffix)
+                self.link.subscribe(shared_filter(group, topic_filter) if group and shared else topic_filter, handler)
+            if group is None:
+                self._republish_desired()
+                self.link.publish(SERVE_TOPIC, self._serve_state("online"), retain=True)
+            else:
+                self._duties = self.store.singleton_lock(f"serve-duties-{group}")
+                self.poll_duties()
             write_serve_state(self.data_dir, self.endpoint, embedded=self.embedded is not None)
         except BaseException:
             self.stop()
             raise
         log.info("serving the fleet on %s (data dir %s)", self.endpoint.public_url(), self.data_dir)
         return self
+
+    @staticmethod
+    def _serve_state(state: str) -> bytes:
+        data: dict[str, Any] = {"state": state, "pid": os.getpid()}
+        if state == "online":
+            data["since"] = time.time()
+        return json.dumps(data).encode()
+
+    def poll_duties(self) -> bool:
+        """A worker of a group takes the singleton duties when nobody holds them (at start, then every
+        second from ``run_forever``), and gives them up when its lock was lost. True while it holds them."""
+        if self._duties is None or self.link is None or self.endpoint is None:
+            return self.leading
+        held = self._duties.held or self._duties.try_acquire()
+        if held and not self.leading:
+            announcer = FleetLink(self.endpoint, client_id=f"{self.link.client_id}-duties",
+                                  will=(SERVE_TOPIC, self._serve_state("offline")), version=MqttVersion.V5)
+            try:
+                announcer.connect()
+                announcer.publish(SERVE_TOPIC, self._serve_state("online"), retain=True)
+            except FleetError as exc:
+                announcer.close()
+                self._duties.release()
+                log.warning("could not take the serve duties of group %s: %s", self.settings.worker_group, exc)
+                return False
+            self._announcer = announcer
+            self.leading = True
+            self._republish_desired()
+            log.info("this worker does group %s's singleton duties (announce, republish desired, loop)",
+                     self.settings.worker_group)
+        elif not held and self.leading:
+            self.leading = False
+            if self._announcer is not None:
+                self._announcer.close()
+                self._announcer = None
+            log.warning("lost the serve duties lock of group %s; another worker takes them", self.settings.worker_group)
+        return self.leading
 
     def _republish_desired(self) -> None:
         """Retained desired deployments live in the broker's memory: the embedded broker (and a
@@ -219,13 +284,21 @@ class FleetServer:
         state = read_own_serve_state(self.data_dir)
         if state is not None and state.get("pid") == os.getpid():
             (self.data_dir / SERVE_STATE_FILE).unlink(missing_ok=True)
-        if self.link is not None:
+        announcer = self._announcer if self._duties is not None else self.link
+        if announcer is not None and self.leading:
             try:
-                if self.link.connected:
-                    self.link.publish(SERVE_TOPIC, json.dumps({"state": "offline", "pid": os.getpid()}).encode(),
-                                      retain=True, timeout_s=2)
+                if announcer.connected:
+                    announcer.publish(SERVE_TOPIC, self._serve_state("offline"), retain=True, timeout_s=2)
             except FleetError:
                 pass
+        if self._announcer is not None:
+            self._announcer.close()
+            self._announcer = None
+        if self._duties is not None:
+            self._duties.release()  # after the offline announcement: the next holder announces online
+            self._duties = None
+        self.leading = False
+        if self.link is not None:
             self.link.close()
             self.link = None
         if self.embedded is not None:
@@ -238,7 +311,8 @@ class FleetServer:
     def run_forever(self) -> None:
         try:
             while not self._stop_requested.wait(1.0):
-                pass
+                if self._duties is not None:
+                    self.poll_duties()
         finally:
             self.stop()
 
@@ -307,13 +381,14 @@ class FleetServer:
         except ProtocolError as exc:
             log.warning("bad telemetry from %s: %s", device_id, exc)
             return
+        self.telemetry_received += 1  # delivered to this worker (a worker group shares them)
         new = self.store.add_telemetry(telemetry_row(device_id, report, time.time()))
         if not new:
             return  # a re-sent report (the agent's outbox after a reconnect)
         self.reports_ingested += 1
         if report.event == "benchmark" and report.benchmark:
             self.store.add_benchmark(benchmark_row(device_id, dict(report.benchmark), report.ts, report_artifact_id(report)))
-        for hook in self.telemetry_hooks:
+        for hook in self.telemetry_hooks if self.leading else ():  # the loop: one worker of a group
             try:
                 hook(device_id, report)
             except Exception:  # noqa: BLE001 - a controller bug must not stop ingest

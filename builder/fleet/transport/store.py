@@ -21,6 +21,7 @@ import re
 import sqlite3
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -359,6 +360,65 @@ def _opt_float(value: Any) -> float | None:
         return None
 
 
+class SingletonLock:
+    """A lock on one named duty that at most one process holds at a time, kept in the store's own
+    engine so workers that share a store need nothing else: a PostgreSQL session advisory lock on a
+    connection of its own (freed when the holder's connection or process dies), or for SQLite an
+    ``flock`` on a file beside the store (freed when the holder's process dies; one host only, as the
+    file is). ``try_acquire`` never blocks; ``held`` turns False when the PostgreSQL connection broke."""
+
+    def __init__(self, store: "FleetStore", name: str) -> None:
+        self.name = name
+        self._url = store.url
+        self._path = None if store.path is None else store.path.with_name(f"{store.path.name}.{name}.lock")
+        self._handle: Any = None
+        self._key = zlib.crc32(f"edgefleet:{name}".encode()) & 0x7FFF_FFFF
+
+    @property
+    def held(self) -> bool:
+        if self._handle is None:
+            return False
+        if self._url is not None and (self._handle.closed or self._handle.broken):
+            self._handle = None
+            return False
+        return True
+
+    def try_acquire(self) -> bool:
+        if self.held:
+            return True
+        if self._url is not None:
+            import psycopg
+
+            try:
+                conn = psycopg.connect(self._url, autocommit=True, connect_timeout=5)
+                if conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()[0]:  # type: ignore[index]
+                    self._handle = conn
+                    return True
+                conn.close()
+            except psycopg.Error:
+                pass
+            return False
+        import fcntl
+
+        assert self._path is not None
+        handle = open(self._path, "a")  # noqa: SIM115 - held open while the lock is held
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return False
+        self._handle = handle
+        return True
+
+    def release(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            try:
+                handle.close()  # closing the connection / the file frees the lock
+            except Exception:  # noqa: BLE001 - a broken connection has nothing left to free
+                pass
+
+
 class FleetStore:
     """The fleet store on SQLite (a file path) or PostgreSQL (a ``postgresql://`` URL). Thread-safe
     within a process (one connection, one lock); several processes, and on PostgreSQL several
@@ -399,6 +459,11 @@ class FleetStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def singleton_lock(self, name: str) -> SingletonLock:
+        """A lock on a duty that one of several processes sharing this store must do alone
+        (`builder serve` workers: docs/scale.md)."""
+        return SingletonLock(self, name)
 
     # -- plumbing ---------------------------------------------------------------------------
     class _Tx:
