@@ -83,7 +83,7 @@ def refuse_existing(path: Path, force: bool) -> None:
 
 
 STORE_HELP = ("Fleet store: a postgresql://user@host/db URL (several `builder serve` workers share it: docs/scale.md); "
-              "default $EDGEFLEET_STORE, else fleet.sqlite in the data dir.")
+              "default $EDGEFLEET_STORE, else the SQLite file in the data dir.")
 
 
 def StoreOption() -> Any:  # noqa: N802 - reads like typer.Option

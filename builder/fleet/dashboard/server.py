@@ -117,7 +117,7 @@ class DashboardServer:
     def __init__(self, data_dir: Path, host: str, port: int, token: DashboardToken,
                  reports_dirs: tuple[Path, ...] = (), store_url: str | None = None) -> None:
         self.data_dir = Path(data_dir)
-        self.store_url = store_url  # None: the data dir's fleet.sqlite
+        self.store_url = store_url  # None: the data dir's SQLite file
         self.reports_dirs = reports_dirs
         self.host, self.port = host, port
         self.token = token

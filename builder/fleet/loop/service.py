@@ -618,7 +618,7 @@ class ServeLoopHook:
                  ladders: Optional[LadderSource] = None, actions: Optional[DeviceActions] = None,
                  store_url: Optional[str] = None) -> None:
         self.data_dir = Path(data_dir)
-        self.store_url = store_url  # None: the data dir's fleet.sqlite
+        self.store_url = store_url  # None: the data dir's SQLite file
         self.dry_run = dry_run
         self.search = search
         self.ladders = ladders

@@ -54,7 +54,7 @@ class ServeSettings:
     broker: BrokerEndpoint | None = None  # None: start the embedded broker
     embedded: EmbeddedBrokerSettings = field(default_factory=EmbeddedBrokerSettings)
     chunk_delay_s: float = 0.0  # simulate a slow link (tests, demo)
-    store_url: str | None = None  # postgresql://…; None: the data dir's fleet.sqlite
+    store_url: str | None = None  # postgresql://…; None: the data dir's SQLite file
     worker_group: str | None = None  # share the fleet's messages with the other workers of this group
 
 
