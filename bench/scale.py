@@ -61,7 +61,7 @@ def stored_count(store_url: str | None, data_dir: Path) -> int:
     from builder.fleet.transport.store import open_store
 
     with open_store(data_dir, store_url) as store:
-        return int(store._query("SELECT COUNT(*) AS n FROM telemetry")[0]["n"])
+        return store.telemetry_count()
 
 
 def wait_ready(logs: list[Path], procs: list[subprocess.Popen[bytes]], timeout_s: float = 90.0) -> None:

@@ -99,9 +99,15 @@ def register(app: typer.Typer) -> None:
         logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         refuse_open_embedded_broker(listen, broker)
-        if worker_group is not None and not broker:
+        if worker_group is not None:
+            from agent.mqtt import shared_filter
             from builder.errors import UsageError
 
+            try:
+                shared_filter(worker_group, "x")
+            except ValueError as exc:
+                raise UsageError(f"--worker-group: {exc}") from exc
+        if worker_group is not None and not broker:
             raise UsageError("--worker-group shares one broker between serve workers: pass --broker mqtt://HOST:PORT "
                              "(the embedded broker is this process's own)")
         home = data_dir_or_default(data_dir)

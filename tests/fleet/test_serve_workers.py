@@ -34,6 +34,11 @@ def _worker(broker: MosquittoBroker, data_dir: Path, store_url: str | None, grou
     return FleetServer(settings).start()
 
 
+def store_count(data_dir: Path, store_url: str | None) -> int:
+    with open_store(data_dir, store_url) as store:
+        return store.telemetry_count()
+
+
 def _device_client(broker: MosquittoBroker, name: str) -> MqttClient:
     return MqttClient(ClientSettings(host="127.0.0.1", port=broker.port, client_id=name, version=MqttVersion.V311,
                                      max_inflight=64)).connect(10)
@@ -70,7 +75,7 @@ def test_two_workers_share_telemetry_and_store_each_report_once(broker: Mosquitt
         with open_store(tmp_path, store_url) as store:
             stored = {(d, r.seq) for d in (f"dev-{i}" for i in range(DEVICES)) for r in store.telemetry(d)}
         received = [w.telemetry_received for w in workers]
-        assert len(stored) == total  # all stored
+        assert len(stored) == total == store_count(tmp_path, store_url)  # all stored, nothing else
         assert sum(received) == total  # each delivered once: no worker saw a report another one had
         assert sum(w.reports_ingested for w in workers) == total and all(n > 0 for n in received), received
         for s in senders:

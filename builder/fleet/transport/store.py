@@ -371,7 +371,8 @@ class SingletonLock:
         self.name = name
         self._url = store.url
         self._path = None if store.path is None else store.path.with_name(f"{store.path.name}.{name}.lock")
-        self._handle: Any = None
+        self._handle: Any = None  # the held lock: the PostgreSQL connection or the open lock file
+        self._conn: Any = None  # PostgreSQL: the connection the tries run on
         self._key = zlib.crc32(f"edgefleet:{name}".encode()) & 0x7FFF_FFFF
 
     @property
@@ -379,7 +380,7 @@ class SingletonLock:
         if self._handle is None:
             return False
         if self._url is not None and (self._handle.closed or self._handle.broken):
-            self._handle = None
+            self._handle = self._conn = None
             return False
         return True
 
@@ -389,14 +390,16 @@ class SingletonLock:
         if self._url is not None:
             import psycopg
 
-            try:
-                conn = psycopg.connect(self._url, autocommit=True, connect_timeout=5)
-                if conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()[0]:  # type: ignore[index]
-                    self._handle = conn
-                    return True
-                conn.close()
+            try:  # one connection kept for the tries (a follower asks every second)
+                if self._conn is None or self._conn.closed:
+                    self._conn = psycopg.connect(self._url, autocommit=True, connect_timeout=5)
+                row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self._key,)).fetchone()
             except psycopg.Error:
-                pass
+                self._conn = None
+                return False
+            if row is not None and row[0]:
+                self._handle = self._conn
+                return True
             return False
         import fcntl
 
@@ -411,7 +414,8 @@ class SingletonLock:
         return True
 
     def release(self) -> None:
-        handle, self._handle = self._handle, None
+        handle, self._handle = self._handle or getattr(self, "_conn", None), None
+        self._conn = None
         if handle is not None:
             try:
                 handle.close()  # closing the connection / the file frees the lock
@@ -628,6 +632,10 @@ class FleetStore:
             sql += " LIMIT ?"
             params += (int(limit),)
         return [_telemetry(r) for r in reversed(self._query(sql, params))]
+
+    def telemetry_count(self) -> int:
+        """Reports stored for the whole fleet (benchmarks and capacity checks)."""
+        return int(self._query("SELECT COUNT(*) AS n FROM telemetry")[0]["n"])
 
     def latest_field_telemetry(self, device_id: str) -> TelemetryRow | None:
         """The newest report that measured real requests (a window with at least one request)."""
