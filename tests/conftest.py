@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import pytest
 
-from builder.fleet.transport.store import FleetStore, open_store
 from tests.support.postgres import PostgresServer, postgres_bin_dir
+
+if TYPE_CHECKING:  # builder is imported only by the tests that use these fixtures
+    from builder.fleet.transport.store import FleetStore
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +34,8 @@ def store_url(request: pytest.FixtureRequest) -> str | None:
 
 
 @pytest.fixture
-def open_fleet_store(store_url: str | None) -> Callable[[Path], FleetStore]:
+def open_fleet_store(store_url: str | None) -> Callable[[Path], "FleetStore"]:
     """``open_store`` bound to this test's engine."""
+    from builder.fleet.transport.store import open_store
+
     return lambda data_dir: open_store(data_dir, store_url)
