@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # torch first and pinned: an unpinned or newer torch pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 ONNX2TORCH := onnx2torch==1.5.15
-EXTRAS ?= builder,litert,broker,dashboard,dev,convert-litert,bench
+EXTRAS ?= builder,litert,broker,dashboard,postgres,dev,convert-litert,bench
 
 .PHONY: venv demo check test test-fast bench dist clean
 

@@ -118,9 +118,30 @@ def backoff_delay_s(attempt: int, base_s: float, cap_s: float, rng: random.Rando
     return max(base_s / 2, uniform(0, ceiling))
 
 
+SHARED_PREFIX = "$share/"
+
+
+def shared_filter(group: str, topic_filter: str) -> str:
+    """The MQTT 5 shared subscription ``$share/GROUP/FILTER``: the broker hands each matching
+    message to one subscriber of the group, not to all (Mosquitto >= 1.6, EMQX, VerneMQ, HiveMQ,
+    AWS IoT Core). The group name may not hold ``/``, ``+`` or ``#``."""
+    if not group or any(c in group for c in "/+#"):
+        raise ValueError(f"a shared subscription group needs a name without '/', '+' or '#', not {group!r}")
+    return f"{SHARED_PREFIX}{group}/{topic_filter}"
+
+
+def _plain_filter(topic_filter: str) -> str:
+    """The filter a message's topic is matched against: without a ``$share/GROUP/`` prefix."""
+    if topic_filter.startswith(SHARED_PREFIX):
+        parts = topic_filter.split("/", 2)
+        return parts[2] if len(parts) == 3 else topic_filter
+    return topic_filter
+
+
 def topic_matches(topic_filter: str, topic: str) -> bool:
-    """Whether a topic matches a subscription filter (``+`` and ``#`` wildcards)."""
-    return bool(_paho.topic_matches_sub(topic_filter, topic))
+    """Whether a topic matches a subscription filter (``+`` and ``#`` wildcards; a shared
+    subscription's ``$share/GROUP/`` prefix is not part of the match)."""
+    return bool(_paho.topic_matches_sub(_plain_filter(topic_filter), topic))
 
 
 class Delivery:
@@ -412,7 +433,7 @@ class MqttClient:
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         with self._lock:
-            handlers = [handler for flt, _, handler in self._handlers if _paho.topic_matches_sub(flt, message.topic)]
+            handlers = [handler for flt, _, handler in self._handlers if topic_matches(flt, message.topic)]
         payload = bytes(message.payload)
         for handler in handlers:
             try:

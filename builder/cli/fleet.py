@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from builder.cli.options import deprecated, duration_or_seconds
+from builder.cli.options import StoreOption, deprecated, duration_or_seconds
 from builder.cli.tables import print_table
 from builder.cli.serve import BrokerOption, DataDirOption, data_dir_or_default, read_password_file
 
@@ -61,6 +61,7 @@ def register(app: typer.Typer) -> None:
         http_port: Optional[int] = typer.Option(None, "--http-port", help="Local inference endpoint port on the device (default 8765; 0 = any free port; set it for a second agent on one host)."),
         force: bool = typer.Option(False, "--force", help="Replace an already registered device (new password and agent.toml)."),
         data_dir: Optional[Path] = DataDirOption,
+        store_url: Optional[str] = StoreOption(),
         as_json: bool = typer.Option(False, "--json", help="Print what was registered and written as JSON."),
     ) -> None:
         """Register a device, create its broker credentials (Mosquitto: password + pattern ACL) and write its agent.toml."""
@@ -75,7 +76,7 @@ def register(app: typer.Typer) -> None:
             if not (tls_cert and tls_key and ca_file):
                 raise UsageError("--tls-port needs --tls-cert, --tls-key and --ca-file")
             tls = BrokerTls(tls_port, ca_file, tls_cert, tls_key, listen=tls_listen)
-        added = do_add(data_dir_or_default(data_dir), device_id, profile, group=group_name, broker_url=broker_url,
+        added = do_add(data_dir_or_default(data_dir), device_id, profile, group=group_name, store_url=store_url, broker_url=broker_url,
                        broker_config_dir=broker_config_dir, broker_port=broker_port, tls=tls, agent_ca_file=ca_file,
                        trusted_key=trusted_key, agent_data_dir=agent_data_dir, agent_toml=out,
                        telemetry_interval_s=_interval(telemetry_interval, telemetry_interval_s), http_port=http_port, force=force)
@@ -100,11 +101,12 @@ def register(app: typer.Typer) -> None:
         device_id: str = typer.Argument(..., help="Device id to remove."),
         broker_config_dir: Optional[Path] = typer.Option(None, help="Mosquitto config dir (default: the one add-device used)."),
         data_dir: Optional[Path] = DataDirOption,
+        store_url: Optional[str] = StoreOption(),
     ) -> None:
         """Remove a device: its Mosquitto user, its agent.toml folder, and its rows in the fleet store."""
         from builder.fleet.transport.devices import remove_device as do_remove
 
-        removed = do_remove(data_dir_or_default(data_dir), device_id, broker_config_dir=broker_config_dir)
+        removed = do_remove(data_dir_or_default(data_dir), device_id, broker_config_dir=broker_config_dir, store_url=store_url)
         print(f"removed {removed.device_id}: " + ("; ".join(removed.removed) or "nothing was left"))
         if removed.broker_config_file is not None:
             print(f"  mosquitto: {removed.broker_config_file} (running broker: send it SIGHUP to drop the user)")
@@ -116,6 +118,7 @@ def register(app: typer.Typer) -> None:
         show_factors: bool = typer.Option(False, "--factors", help="Also the loop's latency factor (field / estimate)."),
         old_verbose: bool = typer.Option(False, "--verbose", "-v", hidden=True),
         data_dir: Optional[Path] = DataDirOption,
+        store_url: Optional[str] = StoreOption(),
     ) -> None:
         """One row per device: online, profile, model, field p50/p95, requests, power, temperature, last seen."""
         from rich.console import Console
@@ -130,7 +133,7 @@ def register(app: typer.Typer) -> None:
 
         home = data_dir_or_default(data_dir)
         factors: dict[str, float] = {}
-        with open_store(home) as store:
+        with open_store(home, store_url) as store:
             rows = collect_status(store, time.time(), group=group_name)
             if verbose:
                 from builder.fleet.loop.service import latency_factors
@@ -160,6 +163,7 @@ def register(app: typer.Typer) -> None:
         limit: int = typer.Option(50, help="At most this many (the latest)."),
         as_json: bool = typer.Option(False, "--json"),
         data_dir: Optional[Path] = DataDirOption,
+        store_url: Optional[str] = StoreOption(),
     ) -> None:
         """A device's telemetry reports: field latency per window, requests, power, temperature."""
         from dataclasses import asdict
@@ -169,7 +173,7 @@ def register(app: typer.Typer) -> None:
         from builder.fleet.rollout.status import DASH, format_power
         from builder.fleet.transport.store import open_store
 
-        with open_store(data_dir_or_default(data_dir)) as store:
+        with open_store(data_dir_or_default(data_dir), store_url) as store:
             store.device(device)
             rows = store.telemetry(device, since=parse_since(since), limit=limit)
         if as_json:
@@ -193,13 +197,14 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("fleet-plot.png"), "--out", help="PNG file to write."),
         since: Optional[str] = typer.Option(None, "--since", help="30s, 10m, 2h, 1d or an ISO time."),
         data_dir: Optional[Path] = DataDirOption,
+        store_url: Optional[str] = StoreOption(),
     ) -> None:
         """Field latency and power over time, deployments marked, as a PNG."""
         from builder.fleet.rollout.plot import plot_series, render_plot
         from builder.fleet.transport.store import open_store
 
         start = parse_since(since)
-        with open_store(data_dir_or_default(data_dir)) as store:
+        with open_store(data_dir_or_default(data_dir), store_url) as store:
             store.device(device)
             series = plot_series(device, store.telemetry(device, since=start), store.events(device, since=start))
         print(render_plot(series, out))
@@ -212,6 +217,7 @@ def register(app: typer.Typer) -> None:
         password_file: Optional[Path] = typer.Option(None),
         ca_file: Optional[Path] = typer.Option(None),
         data_dir: Optional[Path] = DataDirOption,
+        store_url: Optional[str] = StoreOption(),
     ) -> None:
         """Switch a device back to the model in its other slot (and make the retained desired state match)."""
         from rich.console import Console
@@ -224,7 +230,7 @@ def register(app: typer.Typer) -> None:
 
         home = data_dir_or_default(data_dir)
         endpoint = resolve_endpoint(home, broker, username, read_password_file(password_file), ca_file)
-        with open_store(home) as store, FleetLink(endpoint).connect() as link:
+        with open_store(home, store_url) as store, FleetLink(endpoint).connect() as link:
             outcome = Pusher(link, store, Registry(home), home).rollback(device)
         if outcome.state != "rolled_back":
             raise FleetError(f"{device} did not roll back: {outcome.error}")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import typer
 
-from builder.cli.options import HiddenAlias, InputShapeOption, ProfileOption, merged_input_shapes, resolve_alias
+from builder.cli.options import HiddenAlias, InputShapeOption, ProfileOption, StoreOption, merged_input_shapes, resolve_alias
 from builder.cli.tables import fit_table, table_console
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ def register(app: typer.Typer) -> None:
         eval_samples: Optional[int] = typer.Option(None, "--eval-samples", help="Evaluate on the first N samples of --data only (faster)."),
         latency_factor: Optional[float] = typer.Option(None, "--latency-factor", help="Device latency = estimate x this (default: learned from the fleet store's benchmarks)."),
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", "--registry-dir", help="EdgeFleet data dir: registry, fleet store, candidate cache (default $EDGEFLEET_HOME or the user data dir)."),
+        store_url: Optional[str] = StoreOption(),
         cache: Optional[Path] = typer.Option(None, "--cache", help="Candidate cache file (default <data dir>/search-cache.sqlite)."),
         ladder: bool = typer.Option(True, "--ladder/--no-ladder", help="Build, sign and register the front as the model's ladder in the registry."),
         ladder_rungs: int = typer.Option(5, "--ladder-rungs", help="At most this many rungs (evenly over the front)."),
@@ -94,14 +95,14 @@ def register(app: typer.Typer) -> None:
                 raise UsageError("--latency-factor must be positive")
             calibration = obj.Calibration(latency_factor, 0, "--latency-factor")
         else:
-            calibration = obj.fleet_calibration(home, device)
+            calibration = obj.fleet_calibration(home, device, store_url)
         measure = None
         if measure_on is not None:
             from builder.search.measure import MeasureSetup
 
             if trial_runs < 1:
                 raise UsageError("--trial-runs must be at least 1")
-            measure = MeasureSetup(device_id=measure_on, data_dir=str(home), broker=broker, runs=trial_runs,
+            measure = MeasureSetup(device_id=measure_on, data_dir=str(home), store_url=store_url, broker=broker, runs=trial_runs,
                                    timeout_s=obj.parse_duration_s(trial_timeout, "--trial-timeout"))
         elif broker is not None:
             raise UsageError("--broker is for --measure-on DEVICE; pass both or neither")
@@ -122,7 +123,7 @@ def register(app: typer.Typer) -> None:
         console.print(f"[bold]builder optimize[/bold] {model} on {device}: {targets.describe()}; "
                       f"latency calibration ×{calibration.factor:.3g} ({calibration.source})"
                       + (f"; measuring candidates on {measure_on}" if measure_on else ""))
-        host_warning = calibration_host_warning(home, device, calibration, profiles_dir)
+        host_warning = calibration_host_warning(home, device, calibration, profiles_dir, store_url)
         if host_warning:
             typer.echo(f"warning: {host_warning}", err=True)
         outcome = _run_with_progress(config, console)
@@ -216,7 +217,8 @@ def _require_signing_key(home: Path, why: str, alternative: str = "") -> None:
 _SAME_ARCH = {"aarch64": "arm64", "arm64": "arm64", "x86_64": "x86_64", "amd64": "x86_64"}
 
 
-def calibration_host_warning(home: Path, profile: str, calibration: Any, profiles_dir: Optional[Path]) -> Optional[str]:
+def calibration_host_warning(home: Path, profile: str, calibration: Any, profiles_dir: Optional[Path],
+                             store_url: Optional[str] = None) -> Optional[str]:
     """A calibration learned from agents whose machine is not the profile's architecture (agents
     posing as a Pi on a laptop) scales estimates to that host: say so on its own line."""
     if calibration.samples == 0 or not str(calibration.source).startswith("fleet store"):
@@ -225,7 +227,7 @@ def calibration_host_warning(home: Path, profile: str, calibration: Any, profile
     from builder.profiles import get_profile
 
     arch = get_profile(profile, [profiles_dir] if profiles_dir else None).arch.lower()
-    with open_store(home) as store:
+    with open_store(home, store_url) as store:
         others = sorted({(d.device_id, d.machine) for d in store.devices() if d.profile == profile and d.machine
                          and _SAME_ARCH.get(d.machine.lower(), d.machine.lower()) != _SAME_ARCH.get(arch, arch)})
     if not others:

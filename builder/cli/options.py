@@ -80,3 +80,12 @@ def refuse_existing(path: Path, force: bool) -> None:
 
     if path.exists() and not force:
         raise UsageError(f"{path} already exists; pass --force to overwrite it or choose another --out")
+
+
+STORE_HELP = ("Fleet store: a postgresql://user@host/db URL (several `builder serve` workers share it: docs/scale.md); "
+              "default $EDGEFLEET_STORE, else the SQLite file in the data dir.")
+
+
+def StoreOption() -> Any:  # noqa: N802 - reads like typer.Option
+    """``--store URL`` (or ``$EDGEFLEET_STORE``): where the fleet store is, on every command that opens it."""
+    return typer.Option(None, "--store", envvar="EDGEFLEET_STORE", show_envvar=False, help=STORE_HELP)

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
+from builder.cli.options import StoreOption
+
 if TYPE_CHECKING:
     from builder.fleet.loop.policy import Policy
 
@@ -45,26 +47,27 @@ def add_to_fleet(fleet: typer.Typer) -> None:
     def policy_set(file: Path = typer.Option(..., "--file", help="Policy TOML (see docs/loop.md)."),
                    device: Optional[str] = typer.Option(None, "--device", help="Apply to one device."),
                    group: Optional[str] = typer.Option(None, "--group", help="Apply to a device group."),
-                   data_dir: Optional[Path] = DataDirOption) -> None:
+                   data_dir: Optional[Path] = DataDirOption, store_url: Optional[str] = StoreOption()) -> None:
         """Validate a policy file and store it for a device, a group, or (neither given) the whole fleet."""
         from builder.fleet.loop.policy import PolicyStore, load_policy_file, scope_for
         from builder.fleet.transport.store import open_store
 
         scope = scope_for(device, group)
         policy = load_policy_file(file)
-        with open_store(_data_dir(data_dir)) as fleet:  # creates the fleet file with its schema if this is the first command
+        with open_store(_data_dir(data_dir), store_url) as fleet:  # creates the fleet file with its schema if this is the first command
             PolicyStore(fleet).set(scope, policy, now=time.time())
         typer.echo(f"policy for {scope}: p95 <= {policy.latency_p95_ms:g} ms over {policy.window_s:g} s windows "
                    f"(act after {policy.pacing.violate_windows} windows, cooldown {policy.pacing.cooldown_s:g} s)")
 
     @policy_app.command("show")
     def policy_show(device: Optional[str] = typer.Option(None, "--device", help="Show the policy that applies to this device."),
-                    as_json: bool = typer.Option(False, "--json"), data_dir: Optional[Path] = DataDirOption) -> None:
+                    as_json: bool = typer.Option(False, "--json"), data_dir: Optional[Path] = DataDirOption,
+                    store_url: Optional[str] = StoreOption()) -> None:
         """Show every stored policy, or the one that applies to a device (own > group > default)."""
         from builder.fleet.loop.policy import PolicyStore
         from builder.fleet.transport.store import open_store
 
-        with open_store(_data_dir(data_dir)) as fleet:
+        with open_store(_data_dir(data_dir), store_url) as fleet:
             store = PolicyStore(fleet)
             if device:
                 record = fleet.device(device)
@@ -88,14 +91,14 @@ def add_to_fleet(fleet: typer.Typer) -> None:
     @policy_app.command("remove")
     def policy_remove(device: Optional[str] = typer.Option(None, "--device"),
                       group: Optional[str] = typer.Option(None, "--group"),
-                      data_dir: Optional[Path] = DataDirOption) -> None:
+                      data_dir: Optional[Path] = DataDirOption, store_url: Optional[str] = StoreOption()) -> None:
         """Remove a device's, a group's or (neither given) the fleet default policy."""
         from builder.errors import UsageError
         from builder.fleet.loop.policy import PolicyStore, scope_for
         from builder.fleet.transport.store import open_store
 
         scope = scope_for(device, group)
-        with open_store(_data_dir(data_dir)) as fleet:
+        with open_store(_data_dir(data_dir), store_url) as fleet:
             removed = PolicyStore(fleet).remove(scope)
         if not removed:
             raise UsageError(f"no policy stored for {scope}; `builder fleet policy show` lists them")
@@ -126,7 +129,8 @@ def add_to_fleet(fleet: typer.Typer) -> None:
                since: Optional[str] = typer.Option(None, "--since", help="Only since then: 30s, 10m, 2h, 1d or an ISO time."),
                since_s: Optional[float] = typer.Option(None, "--since-s", hidden=True),
                show_all: bool = typer.Option(False, "--all", help="Include deployment events, not only the loop's."),
-               as_json: bool = typer.Option(False, "--json"), data_dir: Optional[Path] = DataDirOption) -> None:
+               as_json: bool = typer.Option(False, "--json"), data_dir: Optional[Path] = DataDirOption,
+               store_url: Optional[str] = StoreOption()) -> None:
         """The re-compression loop's decisions with their reasons and numbers (oldest first)."""
         from builder.cli.fleet import parse_since
         from builder.cli.options import deprecated
@@ -136,7 +140,7 @@ def add_to_fleet(fleet: typer.Typer) -> None:
         if since_s is not None:
             deprecated("--since-s N", "--since Ns (or 10m, 2h)")
         start = parse_since(since) if since else (time.time() - since_s if since_s is not None else None)
-        with open_store(_data_dir(data_dir)) as fleet_store:
+        with open_store(_data_dir(data_dir), store_url) as fleet_store:
             ids = [device] if device else [d.device_id for d in fleet_store.devices()]
             if device:
                 fleet_store.device(device)  # unknown device: one clear error

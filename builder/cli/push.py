@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-from builder.cli.options import InputShapeOption, duration_or_seconds
+from builder.cli.options import InputShapeOption, StoreOption, duration_or_seconds
 from builder.cli.tables import fit_table, table_console
 from builder.cli.serve import BrokerOption, DataDirOption, data_dir_or_default, read_password_file
 
@@ -126,6 +126,7 @@ def register(app: typer.Typer) -> None:
         password_file: Optional[Path] = typer.Option(None, help="File holding the broker password."),
         ca_file: Optional[Path] = typer.Option(None, help="CA certificate for mqtts:// brokers."),
         data_dir: Optional[Path] = DataDirOption,
+        store_url: Optional[str] = StoreOption(),
         as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON instead of a table."),
     ) -> None:
         """Build (or reuse) the model for each device's profile, deploy it, follow it live and compare it
@@ -162,7 +163,7 @@ def register(app: typer.Typer) -> None:
                               benchmark_runs=benchmark_runs, soak_s=duration_or_seconds(soak, soak_s, "--soak"),
                               allow_other_profile=force or chooser.builds, max_in_flight=max(0, max_in_flight))
         thresholds = CanaryThresholds(max_latency_ratio=max_latency_ratio)
-        with open_store(home) as store, FleetLink(endpoint).connect() as link:
+        with open_store(home, store_url) as store, FleetLink(endpoint).connect() as link:
             with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(),
                           console=console, transient=False) as progress:
                 pusher = Pusher(link, store, registry, home, options, RichObserver(progress))

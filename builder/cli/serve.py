@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import typer
 
-from builder.cli.options import duration_or_seconds
+from builder.cli.options import StoreOption, duration_or_seconds
 
 DataDirOption = typer.Option(None, "--data-dir", help="Registry + fleet store directory (default $EDGEFLEET_HOME or the user data dir).")
 BrokerOption = typer.Option(None, "--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT of the fleet's broker; omit for the embedded one.")
@@ -57,14 +57,14 @@ def refuse_open_embedded_broker(listen: str, broker: Optional[str]) -> None:
                          "--broker-config-dir DIR` writes and pass --broker (see deploy/README.md)")
 
 
-def _telemetry_hooks(data_dir: Path, loop: bool, loop_dry_run: bool) -> list[Any]:
+def _telemetry_hooks(data_dir: Path, loop: bool, loop_dry_run: bool, store_url: Optional[str]) -> list[Any]:
     """Callables ``(device_id, TelemetryReport) -> None`` run after each stored report: the
     re-compression loop (it acts only for devices with a policy: `builder fleet policy set`)."""
     if not loop:
         return []
     from builder.fleet.loop.service import serve_hooks
 
-    return list(serve_hooks(data_dir, dry_run=loop_dry_run))
+    return list(serve_hooks(data_dir, dry_run=loop_dry_run, store_url=store_url))
 
 
 def register(app: typer.Typer) -> None:
@@ -75,6 +75,8 @@ def register(app: typer.Typer) -> None:
         password_file: Optional[Path] = typer.Option(None, help="File holding the broker password."),
         ca_file: Optional[Path] = typer.Option(None, help="CA certificate for mqtts:// brokers."),
         data_dir: Optional[Path] = DataDirOption,
+        store_url: Optional[str] = StoreOption(),
+        worker_group: Optional[str] = typer.Option(None, "--worker-group", help="Share the fleet with the other `builder serve` workers of this group (MQTT 5 shared subscriptions, each message to one worker; needs --broker and one store for all, e.g. --store postgresql://…: docs/scale.md)."),
         port: int = typer.Option(1883, help="Port of the embedded broker (0: any free port)."),
         listen: str = typer.Option("127.0.0.1", "--listen", help="Address of the embedded broker: loopback only (it has no authentication or ACLs)."),
         chunk_delay: str = typer.Option("0s", "--chunk-delay", help="Pause between chunks, e.g. 100ms (simulates a slow link; demos)."),
@@ -97,26 +99,41 @@ def register(app: typer.Typer) -> None:
         logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         refuse_open_embedded_broker(listen, broker)
+        if worker_group is not None:
+            from agent.mqtt import shared_filter
+            from builder.errors import UsageError
+
+            try:
+                shared_filter(worker_group, "x")
+            except ValueError as exc:
+                raise UsageError(f"--worker-group: {exc}") from exc
+        if worker_group is not None and not broker:
+            raise UsageError("--worker-group shares one broker between serve workers: pass --broker mqtt://HOST:PORT "
+                             "(the embedded broker is this process's own)")
         home = data_dir_or_default(data_dir)
         endpoint = None
         if broker:
             endpoint = resolve_endpoint(home, broker, username, read_password_file(password_file), ca_file)
         settings = ServeSettings(data_dir=home, broker=endpoint, embedded=EmbeddedBrokerSettings(host=listen, port=port),
-                                 chunk_delay_s=duration_or_seconds(chunk_delay, chunk_delay_s, "--chunk-delay"))
+                                 chunk_delay_s=duration_or_seconds(chunk_delay, chunk_delay_s, "--chunk-delay"),
+                                 store_url=store_url, worker_group=worker_group)
         dashboard = None
         if http is not None:  # address and token checked before anything starts
             from builder.fleet.dashboard.server import prepare_dashboard
 
             dashboard = prepare_dashboard(home, http, token=http_token, token_file=http_token_file,
-                                          reports_dirs=tuple(http_reports or ()))
-        server = FleetServer(settings, telemetry_hooks=_telemetry_hooks(home, loop, loop_dry_run))
+                                          reports_dirs=tuple(http_reports or ()), store_url=store_url)
+        server = FleetServer(settings, telemetry_hooks=_telemetry_hooks(home, loop, loop_dry_run, store_url))
         signal.signal(signal.SIGTERM, lambda signum, frame: server.request_stop())
         server.start()
         console = Console(stderr=True)
         assert server.endpoint is not None
         kind = ("embedded broker (rumqttd): loopback only, no ACLs — laptop/demo use" if server.embedded
                 else "external broker")
-        console.print(f"builder serve: fleet on [bold]{server.endpoint.public_url()}[/] ({kind}); data dir {home}")
+        assert server.store is not None
+        group_text = f"; worker of group {worker_group}" if worker_group else ""
+        console.print(f"builder serve: fleet on [bold]{server.endpoint.public_url()}[/] ({kind}); data dir {home}; "
+                      f"store {server.store.location}{group_text}")
         if dashboard is not None:
             try:
                 dashboard.start(endpoint=server.endpoint, transfers=server.transfer_bytes)

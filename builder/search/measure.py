@@ -32,6 +32,7 @@ class MeasureSetup:
 
     device_id: str
     data_dir: str  # registry, signing keys and fleet store
+    store_url: str | None = None  # the fleet store elsewhere: postgresql://… (--store)
     broker: Optional[str] = None  # None: the broker of this data dir's running `builder serve`
     runs: int = 50
     warmup: int = 5
@@ -77,7 +78,7 @@ def open_device(setup: MeasureSetup, profile: Any) -> Any:
         raise type(exc)(f"--measure-on {setup.device_id}: {exc}") from exc
     settings = TrialSettings(runs=setup.runs, warmup=setup.warmup, timeout_s=setup.timeout_s,
                              status_timeout_s=setup.status_timeout_s)
-    trials = DeviceTrials(endpoint, home, setup.device_id, settings).open()
+    trials = DeviceTrials(endpoint, home, setup.device_id, settings, store_url=setup.store_url).open()
     device_profile = trials.device_status.get("profile")
     if device_profile and device_profile != profile.name:
         log.warning("%s is a %s device but the search estimates %s: its measurements are %s's, not the profile's",

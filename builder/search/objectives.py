@@ -364,7 +364,7 @@ def score(key: str, steps: Sequence[Mapping[str, Any]], metrics: CandidateMetric
     )
 
 
-def fleet_calibration(data_dir: Any, profile: str) -> Calibration:
+def fleet_calibration(data_dir: Any, profile: str, store_url: str | None = None) -> Calibration:
     """Learn the device factor from agent benchmarks in the fleet store: ``median(measured p50 /
     the artifact's roofline estimate)`` over every (device of ``profile``, artifact of ``profile``)
     pair that has a benchmark. The estimate comes from the artifact's signed manifest
@@ -375,7 +375,7 @@ def fleet_calibration(data_dir: Any, profile: str) -> Calibration:
 
     data_dir = Path(data_dir)
     store_path = fleet_store_path(data_dir)
-    if not store_path.is_file():
+    if store_url is None and not store_path.is_file():
         return Calibration(source=f"none: no fleet store at {store_path} (uncalibrated roofline estimate)")
     from builder.artifacts.registry import Registry
 
@@ -386,7 +386,7 @@ def fleet_calibration(data_dir: Any, profile: str) -> Calibration:
         if isinstance(estimate, (int, float)) and estimate > 0:
             estimates[record.artifact_id] = float(estimate)
     pairs: list[tuple[float, float]] = []
-    with open_store(data_dir) as store:
+    with open_store(data_dir, store_url) as store:
         for device in store.devices():
             if device.profile != profile:
                 continue

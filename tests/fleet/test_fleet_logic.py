@@ -1,9 +1,10 @@
-"""Pure fleet logic and the SQLite store: no broker, no models."""
+"""Pure fleet logic and the fleet store (on SQLite and on PostgreSQL: same results): no broker, no models."""
 from __future__ import annotations
 
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -12,8 +13,10 @@ from builder.fleet.rollout.canary import CanaryEvidence, CanaryThresholds, judge
 from builder.fleet.rollout.plot import plot_series, render_plot
 from builder.fleet.rollout.status import format_power, status_cells, status_rows
 from builder.fleet.transport.store import (
-    BenchmarkRow, DeploymentEvent, FleetStore, TelemetryRow, fleet_store_path, open_store,
+    BenchmarkRow, DeploymentEvent, FleetStore, TelemetryRow, fleet_store_path,
 )
+
+OpenStore = Callable[[Path], FleetStore]  # tests/conftest.py: open_store on SQLite, then on PostgreSQL
 
 
 def _tel(device: str, seq: int, ts: float, model: str | None, requests: int = 10, p50: float | None = 5.0,
@@ -23,8 +26,8 @@ def _tel(device: str, seq: int, ts: float, model: str | None, requests: int = 10
                         power_source="ina3221" if power is not None else "not measured", received_at=ts)
 
 
-def test_store_keeps_registration_and_announcements(tmp_path: Path) -> None:
-    store = open_store(tmp_path)
+def test_store_keeps_registration_and_announcements(tmp_path: Path, open_fleet_store: OpenStore) -> None:
+    store = open_fleet_store(tmp_path)
     store.register_device("pi-1", "raspberry-pi-4", group="kitchen")
     store.record_hello("pi-1", agent_version="0.1.0", profile="generic", machine="aarch64",
                        runtimes=("onnxruntime",), execution_providers=("CPUExecutionProvider",), active_artifact_id=None)
@@ -44,8 +47,8 @@ def test_store_keeps_registration_and_announcements(tmp_path: Path) -> None:
         store.device("nope")
 
 
-def test_store_ignores_resent_telemetry_and_orders_by_time(tmp_path: Path) -> None:
-    store = open_store(tmp_path)
+def test_store_ignores_resent_telemetry_and_orders_by_time(tmp_path: Path, open_fleet_store: OpenStore) -> None:
+    store = open_fleet_store(tmp_path)
     store.register_device("pi-1", "raspberry-pi-4")
     assert store.add_telemetry(_tel("pi-1", 2, 200.0, "m1"))
     assert store.add_telemetry(_tel("pi-1", 1, 100.0, "m1"))
@@ -56,8 +59,8 @@ def test_store_ignores_resent_telemetry_and_orders_by_time(tmp_path: Path) -> No
     assert store.latest_field_telemetry_for("pi-1", "m2") is None
 
 
-def test_store_is_shared_by_threads_and_connections(tmp_path: Path) -> None:
-    path = fleet_store_path(tmp_path)
+def test_store_is_shared_by_threads_and_connections(tmp_path: Path, store_url: str | None) -> None:
+    path = store_url or fleet_store_path(tmp_path)
     writers = [FleetStore(path) for _ in range(3)]
     writers[0].register_device("d", "raspberry-pi-4")
 
@@ -75,16 +78,16 @@ def test_store_is_shared_by_threads_and_connections(tmp_path: Path) -> None:
     assert len(reader.telemetry("d")) == 150 and len(reader.events("d", kinds=("progress",))) == 150
 
 
-def test_store_finds_benchmark_of_an_artifact(tmp_path: Path) -> None:
-    store = open_store(tmp_path)
+def test_store_finds_benchmark_of_an_artifact(tmp_path: Path, open_fleet_store: OpenStore) -> None:
+    store = open_fleet_store(tmp_path)
     store.add_benchmark(BenchmarkRow("d", 1.0, "old", 10.0, 12.0))
     store.add_benchmark(BenchmarkRow("d", 2.0, "new", 5.0, 6.0))
     assert store.latest_benchmark("d", "old").p95_ms == 12.0
     assert store.latest_benchmark("d", None) is None
 
 
-def test_status_rows_show_field_latency_of_the_active_model_only(tmp_path: Path) -> None:
-    store = open_store(tmp_path)
+def test_status_rows_show_field_latency_of_the_active_model_only(tmp_path: Path, open_fleet_store: OpenStore) -> None:
+    store = open_fleet_store(tmp_path)
     store.register_device("pi-1", "raspberry-pi-4")
     store.register_device("jet-1", "jetson-orin-nano")
     store.record_status("pi-1", online=True, active_artifact_id="new", active_model="minilm@2")
@@ -201,8 +204,8 @@ def test_ingest_keeps_power_estimates_labelled_and_never_invents_measurements() 
     assert (bench.p95_ms, bench.power_w, bench.energy_mj) == (2.0, 5.0, 2.0)
 
 
-def test_store_knows_each_devices_last_desired_deployment(tmp_path: Path) -> None:
-    store = open_store(tmp_path)
+def test_store_knows_each_devices_last_desired_deployment(tmp_path: Path, open_fleet_store: OpenStore) -> None:
+    store = open_fleet_store(tmp_path)
     store.add_event(DeploymentEvent("a", 1.0, "desired", "dep-1", "art-1"))
     store.add_event(DeploymentEvent("a", 2.0, "failed", "dep-1", "art-1"))
     store.add_event(DeploymentEvent("a", 3.0, "desired", "restore-1", "art-0", {"restore": True}))

@@ -89,8 +89,8 @@ def test_missing_file_names_it(tmp_path: Path) -> None:
         load_policy_file(tmp_path / "nope.toml")
 
 
-def test_store_resolves_device_then_group_then_default(tmp_path: Path) -> None:
-    store = PolicyStore(open_store(tmp_path))
+def test_store_resolves_device_then_group_then_default(tmp_path: Path, store_url: str | None) -> None:
+    store = PolicyStore(open_store(tmp_path, store_url))
     default, group, own = Policy(latency_p95_ms=50), Policy(latency_p95_ms=20), Policy(latency_p95_ms=5)
     assert store.resolve("pi-1", ("kitchen",)) == (None, None)
     store.set(scope_for(), default, now=1.0)

@@ -115,8 +115,9 @@ class DashboardServer:
     """uvicorn serving :func:`builder.fleet.dashboard.api.build_app` in a daemon thread."""
 
     def __init__(self, data_dir: Path, host: str, port: int, token: DashboardToken,
-                 reports_dirs: tuple[Path, ...] = ()) -> None:
+                 reports_dirs: tuple[Path, ...] = (), store_url: str | None = None) -> None:
         self.data_dir = Path(data_dir)
+        self.store_url = store_url  # None: the data dir's SQLite file
         self.reports_dirs = reports_dirs
         self.host, self.port = host, port
         self.token = token
@@ -144,7 +145,7 @@ class DashboardServer:
         from builder.fleet.dashboard.api import DashboardConfig, build_app
         from builder.fleet.transport.store import open_store
 
-        self._store = open_store(self.data_dir)
+        self._store = open_store(self.data_dir, self.store_url)
         registry = Registry(self.data_dir)
         act = RolloutActions(self.data_dir, self.endpoint, self._store, registry) if self.endpoint is not None else None
         self._config = DashboardConfig(self.token.token, reads_open=self.token.reads_open,
@@ -195,7 +196,7 @@ class DashboardServer:
 
 
 def prepare_dashboard(data_dir: Path, address: str, *, token: str | None = None, token_file: Path | None = None,
-                      reports_dirs: tuple[Path, ...] = ()) -> DashboardServer:
+                      reports_dirs: tuple[Path, ...] = (), store_url: str | None = None) -> DashboardServer:
     """`builder serve --http HOST:PORT`: the address and token checked (a ``UsageError`` before the
     fleet server starts); ``start(endpoint)`` once it is up."""
     host, port = parse_http_address(address)
@@ -203,4 +204,4 @@ def prepare_dashboard(data_dir: Path, address: str, *, token: str | None = None,
         if not Path(folder).is_dir():
             raise UsageError(f"--http-reports {folder} is not a folder")
     return DashboardServer(data_dir, host, port, resolve_token(data_dir, host, token, token_file),
-                           tuple(Path(f) for f in reports_dirs))
+                           tuple(Path(f) for f in reports_dirs), store_url=store_url)

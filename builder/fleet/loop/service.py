@@ -533,8 +533,9 @@ class PusherActions:
     """:class:`DeviceActions` over the fleet's :class:`builder.fleet.rollout.push.Pusher`, connected lazily
     (in the loop's worker thread) to the broker the running serve announced."""
 
-    def __init__(self, data_dir: Path, benchmark_runs: int = 20) -> None:
+    def __init__(self, data_dir: Path, benchmark_runs: int = 20, store_url: Optional[str] = None) -> None:
         self.data_dir = Path(data_dir)
+        self.store_url = store_url
         self.benchmark_runs = benchmark_runs
         self._pusher: Any = None
         self._link: Any = None
@@ -548,7 +549,7 @@ class PusherActions:
             from builder.fleet.transport.store import open_store
 
             self._link = FleetLink(resolve_endpoint(self.data_dir), client_id=f"edgefleet-loop-{id(self):x}").connect()
-            self._store = open_store(self.data_dir)
+            self._store = open_store(self.data_dir, self.store_url)
             self._pusher = Pusher(self._link, self._store, Registry(self.data_dir), self.data_dir,
                                   PushOptions(timeout_s=300, stall_timeout_s=60, benchmark_runs=self.benchmark_runs))
         return self._pusher
@@ -614,8 +615,10 @@ class ServeLoopHook:
     hands every report to the loop's worker thread."""
 
     def __init__(self, data_dir: Path, dry_run: bool = False, search: Optional[SearchLauncher] = None,
-                 ladders: Optional[LadderSource] = None, actions: Optional[DeviceActions] = None) -> None:
+                 ladders: Optional[LadderSource] = None, actions: Optional[DeviceActions] = None,
+                 store_url: Optional[str] = None) -> None:
         self.data_dir = Path(data_dir)
+        self.store_url = store_url  # None: the data dir's SQLite file
         self.dry_run = dry_run
         self.search = search
         self.ladders = ladders
@@ -629,9 +632,9 @@ class ServeLoopHook:
                 from builder.artifacts.registry import Registry
                 from builder.fleet.transport.store import open_store
 
-                store = open_store(self.data_dir)
+                store = open_store(self.data_dir, self.store_url)
                 ladders = self.ladders or RegistryLadders(Registry(self.data_dir))
-                actions = None if self.dry_run else (self.actions or PusherActions(self.data_dir))
+                actions = None if self.dry_run else (self.actions or PusherActions(self.data_dir, store_url=self.store_url))
                 search = self.search or OptimizeLauncher(self.data_dir)
                 self.loop = ReCompressionLoop(store, actions, ladders, search=search, dry_run=self.dry_run).start()
         self.loop._queue.put(device_id)
@@ -646,7 +649,7 @@ class ServeLoopHook:
                 self.loop = None
 
 
-def serve_hooks(data_dir: Path, dry_run: bool = False) -> list[Any]:
+def serve_hooks(data_dir: Path, dry_run: bool = False, store_url: Optional[str] = None) -> list[Any]:
     """What `builder serve` registers: the loop acts only for devices that have a policy
     (`builder fleet policy set`), on the ladders in the registry."""
-    return [ServeLoopHook(data_dir, dry_run=dry_run)]
+    return [ServeLoopHook(data_dir, dry_run=dry_run, store_url=store_url)]

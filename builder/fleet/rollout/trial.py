@@ -48,8 +48,9 @@ class DeviceTrials:
     """Trials on one device: ``open()`` checks it answers, ``measure(artifact_id)`` runs one trial."""
 
     def __init__(self, endpoint: BrokerEndpoint, data_dir: Path, device_id: str,
-                 settings: TrialSettings | None = None) -> None:
+                 settings: TrialSettings | None = None, store_url: str | None = None) -> None:
         proto.validate_device_id(device_id)
+        self.store_url = store_url  # None: the data dir's SQLite file
         self.endpoint = endpoint
         self.data_dir = Path(data_dir)
         self.device_id = device_id
@@ -72,7 +73,7 @@ class DeviceTrials:
             self.link.connect()
             if not self._serve_running():
                 self._serve_chunks()
-            with open_store(self.data_dir) as store:
+            with open_store(self.data_dir, self.store_url) as store:
                 known = store.find_device(self.device_id)
                 self.device_status = self._status(known is not None)
                 if known is None:  # as `builder serve` would on its retained status
@@ -222,5 +223,5 @@ class DeviceTrials:
         from builder.fleet.transport.serve import benchmark_row
         from builder.fleet.transport.store import open_store
 
-        with open_store(self.data_dir) as store:
+        with open_store(self.data_dir, self.store_url) as store:
             store.add_benchmark(benchmark_row(self.device_id, dict(measurement.result), time.time(), measurement.artifact_id))

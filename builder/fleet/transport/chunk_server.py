@@ -31,7 +31,7 @@ from typing import Callable
 from agent import protocol as proto
 from agent.errors import MqttError
 from agent.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
-from agent.mqtt import MqttClient
+from agent.mqtt import MqttClient, shared_filter
 from builder.artifacts.download import compress_payload  # the one download-form policy (level by size)
 from builder.atomic_files import atomic_write_bytes
 from builder.errors import FleetError
@@ -74,11 +74,12 @@ class ChunkServer:
 
     def __init__(self, client: MqttClient, lookup: ArtifactLookup, *, chunk_bytes: int = proto.MAX_CHUNK_BYTES,
                  zstd_level: int | None = None, cache_dir: Path | None = None, memory_cache_bytes: int = 512 << 20,
-                 qos: int = 1, delay_per_chunk_s: float = 0.0) -> None:
+                 qos: int = 1, delay_per_chunk_s: float = 0.0, share_group: str | None = None) -> None:
         if not 0 < chunk_bytes <= proto.MAX_CHUNK_BYTES:
             raise FleetError(f"chunk size {chunk_bytes} is outside 1..{proto.MAX_CHUNK_BYTES} bytes; pick a smaller one")
         self.client = client
         self.lookup = lookup
+        self.share_group = share_group  # several servers answer a fleet's requests, each request once
         self.chunk_bytes = chunk_bytes
         self.zstd_level = zstd_level
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -100,7 +101,10 @@ class ChunkServer:
         """Subscribe the request handler to every device's ``up/chunkreq`` (the client re-subscribes
         after reconnects); FleetError when the broker refuses the subscription."""
         try:
-            self.client.subscribe(proto.all_devices_topic(proto.Up.CHUNK_REQUEST), self.on_request, qos=1)
+            topic_filter = proto.all_devices_topic(proto.Up.CHUNK_REQUEST)
+            if self.share_group is not None:
+                topic_filter = shared_filter(self.share_group, topic_filter)
+            self.client.subscribe(topic_filter, self.on_request, qos=1)
         except MqttError as exc:
             raise FleetError(f"the chunk server cannot listen for chunk requests: {exc}") from exc
 

@@ -93,9 +93,9 @@ def device_dir(data_dir: Path, device_id: str) -> Path:
     return Path(data_dir) / "devices" / device_id
 
 
-def _refuse_existing(data_dir: Path, device_id: str, agent_toml: Path) -> None:
+def _refuse_existing(data_dir: Path, device_id: str, agent_toml: Path, store_url: str | None) -> None:
     """A registered id (or one whose agent.toml exists) is not silently overwritten."""
-    with open_store(data_dir) as store:
+    with open_store(data_dir, store_url) as store:
         known = store.find_device(device_id)
     if (known is not None and known.registered) or agent_toml.exists():
         raise UsageError(f"device '{device_id}' is already registered; pass --force to replace its password and "
@@ -103,7 +103,7 @@ def _refuse_existing(data_dir: Path, device_id: str, agent_toml: Path) -> None:
                          f"{device_id}` first")
 
 
-def add_device(data_dir: Path, device_id: str, profile: str, *, group: str | None = None,
+def add_device(data_dir: Path, device_id: str, profile: str, *, group: str | None = None, store_url: str | None = None,
                broker_url: str | None = None, broker_config_dir: Path | None = None, broker_port: int = 1883,
                tls: BrokerTls | None = None, agent_ca_file: Path | None = None, trusted_key: Path | None = None,
                agent_data_dir: str = DEFAULT_AGENT_DATA_DIR, agent_toml: Path | None = None,
@@ -126,7 +126,7 @@ def add_device(data_dir: Path, device_id: str, profile: str, *, group: str | Non
         raise UsageError("no broker to point the agent at: start `builder serve` first (embedded broker), "
                          "or pass --broker-url, or --broker-config-dir for Mosquitto")
     if not force:
-        _refuse_existing(data_dir, device_id, path)
+        _refuse_existing(data_dir, device_id, path, store_url)
     key_source = Path(trusted_key) if trusted_key else default_trusted_key(data_dir)
     if not key_source.is_file():
         raise UsageError(f"no public signing key at {key_source}: run `builder keys init` first (the device installs "
@@ -191,7 +191,7 @@ def add_device(data_dir: Path, device_id: str, profile: str, *, group: str | Non
         "device_id": device_id, "agent_toml": str(path),
         "broker_config_dir": str(broker_config_dir) if broker_config_dir is not None else None}, indent=1))
     _write_private(path, agent_toml_text(settings))
-    with open_store(data_dir) as store:
+    with open_store(data_dir, store_url) as store:
         store.register_device(device_id, profile, group)
     return AddedDevice(device_id, profile, group, path, public_url, credentials, config_file)
 
@@ -203,7 +203,8 @@ class RemovedDevice:
     broker_config_file: Path | None  # a running Mosquitto must reload (SIGHUP)
 
 
-def remove_device(data_dir: Path, device_id: str, broker_config_dir: Path | None = None) -> RemovedDevice:
+def remove_device(data_dir: Path, device_id: str, broker_config_dir: Path | None = None,
+                  store_url: str | None = None) -> RemovedDevice:
     """Undo `add-device`: the Mosquitto user (so the device can no longer connect), the device
     folder, and the store's row, telemetry and events. The pattern ACL has no per-device line."""
     data_dir = Path(data_dir)
@@ -213,7 +214,7 @@ def remove_device(data_dir: Path, device_id: str, broker_config_dir: Path | None
         record = json.loads((folder / DEVICE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         pass
-    with open_store(data_dir) as store:
+    with open_store(data_dir, store_url) as store:
         known = store.find_device(device_id)
     if known is None and not folder.exists():
         raise UsageError(f"unknown device '{device_id}'; `builder fleet status` lists the devices")
@@ -236,7 +237,7 @@ def remove_device(data_dir: Path, device_id: str, broker_config_dir: Path | None
         shutil.rmtree(folder)
         removed.append(f"device folder {folder}")
     if known is not None:
-        with open_store(data_dir) as store:
+        with open_store(data_dir, store_url) as store:
             store.remove_device(device_id)
         removed.append("store row, telemetry and events")
     return RemovedDevice(device_id, tuple(removed), config_file)

@@ -2,7 +2,8 @@
 `builder fleet rollback`.
 
 MQTT 3.1.1 on purpose: every broker speaks it (rumqttd, the embedded broker, serves MQTT 5 only on
-a separate listener), and the host needs nothing from v5. Where the broker is comes from
+a separate listener), and the host needs nothing from v5, except `builder serve` workers that share
+the fleet's load through shared subscriptions (``$share/…``, an MQTT 5 feature: docs/scale.md). Where the broker is comes from
 ``--broker`` or from the ``serve.json`` a running `builder serve` leaves in the data directory.
 """
 from __future__ import annotations
@@ -156,7 +157,7 @@ class FleetLink:
     that serve on the same connection (the chunk server)."""
 
     def __init__(self, endpoint: BrokerEndpoint, client_id: str | None = None, *,
-                 will: tuple[str, bytes] | None = None) -> None:
+                 will: tuple[str, bytes] | None = None, version: MqttVersion = MqttVersion.V311) -> None:
         self.endpoint = endpoint
         self.client_id = client_id or f"edgefleet-builder-{uuid.uuid4().hex[:8]}"
         self.reconnects = 0
@@ -164,7 +165,8 @@ class FleetLink:
         self._reply_callbacks: dict[str, Callable[[proto.CommandReply], None]] = {}
         self._lock = threading.Lock()
         self._watching_replies = False
-        self.mqtt = MqttClient(host_client_settings(endpoint, self.client_id, will), on_disconnect=self._on_disconnect)
+        self.mqtt = MqttClient(host_client_settings(endpoint, self.client_id, will, version),
+                               on_disconnect=self._on_disconnect)
 
     # -- connection -------------------------------------------------------------------------
     def connect(self, timeout_s: float = 10.0) -> "FleetLink":
@@ -288,11 +290,12 @@ class FleetLink:
                 self._replies.pop(request_id, None)
 
 
-def host_client_settings(endpoint: BrokerEndpoint, client_id: str, will: tuple[str, bytes] | None = None) -> ClientSettings:
-    """MQTT 3.1.1, clean session (see the module doc), 64 QoS 1 messages in flight (paho's default
+def host_client_settings(endpoint: BrokerEndpoint, client_id: str, will: tuple[str, bytes] | None = None,
+                         version: MqttVersion = MqttVersion.V311) -> ClientSettings:
+    """MQTT 3.1.1 (5 for shared subscriptions), clean session (see the module doc), 64 QoS 1 messages in flight (paho's default
     of 20 throttles a device's window of chunks), reconnect within 0.5..10 s."""
     tls = TlsSettings(endpoint.ca_file, endpoint.client_cert, endpoint.client_key) if endpoint.tls else None
     return ClientSettings(host=endpoint.host, port=endpoint.port, client_id=client_id, username=endpoint.username,
                           password=endpoint.password, tls=tls, will=Will(will[0], will[1]) if will else None,
-                          version=MqttVersion.V311, persistent_session=False, keepalive_s=30, max_inflight=64,
+                          version=version, persistent_session=False, keepalive_s=30, max_inflight=64,
                           reconnect_min_s=0.5, reconnect_max_s=10.0)

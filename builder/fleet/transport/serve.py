@@ -12,6 +12,14 @@ dispatch counts per (device, kind) (``message_errors``) and logs.
 
 Artifacts are served from a directory of symlinks per artifact (``serve-cache/<id>/``: manifest,
 signature, payloads pointing at the registry's content-addressed blobs), so nothing is copied.
+
+Several serve workers share one fleet with ``worker_group`` (`builder serve --worker-group NAME`,
+docs/scale.md): they connect with MQTT 5 and subscribe to the devices' hello, telemetry, progress and
+chunk requests as ``$share/NAME/…``, so the broker hands each message to one worker; every worker
+subscribes to the retained status normally (the registry's online state is an idempotent upsert).
+The duties one process must do alone (announce ``SERVE_TOPIC`` with its last will, publish the
+desired deployments again, run the re-compression loop) go to the worker holding the store's
+``serve-duties`` lock; the others poll for it every second and take over when its holder dies.
 """
 from __future__ import annotations
 
@@ -22,18 +30,20 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from agent import protocol as proto
 from agent.manifest import MANIFEST_FILE, SIGNATURE_FILE
+from agent.mqtt import MqttVersion, shared_filter
 from builder.errors import BuilderError, FleetError
 from builder.fleet.transport.embedded_broker import EmbeddedBroker, EmbeddedBrokerSettings
 from builder.fleet.transport.ingest import IncomingReport, IngestQueue, IngestWorker, acks_for
 from builder.fleet.transport.link import (SERVE_STATE_FILE, SERVE_TOPIC, BrokerEndpoint, FleetLink, write_serve_state)
-from builder.fleet.transport.store import (TELEMETRY_RESET, BenchmarkRow, DeploymentEvent, FleetStore, TelemetryRow,
-                                           open_store)
+from builder.fleet.transport.store import (TELEMETRY_RESET, BenchmarkRow, DeploymentEvent, FleetStore, SingletonLock,
+                                           TelemetryRow, open_store)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +59,8 @@ class ServeSettings:
     broker: BrokerEndpoint | None = None  # None: start the embedded broker
     embedded: EmbeddedBrokerSettings = field(default_factory=EmbeddedBrokerSettings)
     chunk_delay_s: float = 0.0  # simulate a slow link (tests, demo)
+    store_url: str | None = None  # postgresql://…; None: the data dir's SQLite file
+    worker_group: str | None = None  # share the fleet's messages with the other workers of this group
 
 
 def report_artifact_id(report: proto.TelemetryReport) -> str | None:
@@ -148,6 +160,10 @@ class FleetServer:
         self.ingest_queue = IngestQueue()
         self.ingest: IngestWorker | None = None
         self.acks_sent = 0
+        self.telemetry_received = 0
+        self._duties: SingletonLock | None = None  # worker groups only: who announces, republishes, loops
+        self._announcer: FleetLink | None = None  # the duty holder's connection with the SERVE_TOPIC will
+        self.leading = settings.worker_group is None  # a lone serve does every duty itself
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> "FleetServer":
@@ -155,7 +171,7 @@ class FleetServer:
         from builder.fleet.transport.chunk_server import ChunkServer
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = open_store(self.data_dir)
+        self.store = open_store(self.data_dir, self.settings.store_url)
         registry = Registry(self.data_dir)
         self.ingest = IngestWorker(self.ingest_queue, self._store_batch).start()
         try:
@@ -164,25 +180,73 @@ class FleetServer:
                 self.endpoint = BrokerEndpoint(self.embedded.url)
             else:
                 self.endpoint = self.settings.broker
-            offline = json.dumps({"state": "offline", "pid": os.getpid()}).encode()
-            self.link = FleetLink(self.endpoint, client_id=f"edgefleet-serve-{os.getpid()}", will=(SERVE_TOPIC, offline))
+            group = self.settings.worker_group
+            if group is None:
+                self.link = FleetLink(self.endpoint, client_id=f"edgefleet-serve-{os.getpid()}",
+                                      will=(SERVE_TOPIC, self._serve_state("offline")))
+            else:  # no will: one worker's death says nothing about the others; MQTT 5 for $share
+                shared_filter(group, "x")  # a bad group name fails before anything connects
+                self.link = FleetLink(self.endpoint, client_id=f"edgefleet-serve-{group}-{uuid.uuid4().hex[:8]}",
+                                      version=MqttVersion.V5)
             self.link.connect()
             self.chunk_server = ChunkServer(self.link.mqtt, ArtifactDirectories(registry, self.data_dir / "serve-cache"),
                                             cache_dir=self.data_dir / "chunk-cache",
-                                            delay_per_chunk_s=self.settings.chunk_delay_s)
+                                            delay_per_chunk_s=self.settings.chunk_delay_s, share_group=group)
             self.chunk_server.attach()
-            for suffix, handler in ((proto.Up.HELLO, self._on_hello), (proto.Up.STATUS, self._on_status),
-                                    (proto.Up.TELEMETRY, self._on_telemetry), (proto.Up.PROGRESS, self._on_progress)):
-                self.link.subscribe(proto.all_devices_topic(suffix), handler)
-            self._republish_desired()
-            online = json.dumps({"state": "online", "pid": os.getpid(), "since": time.time()}).encode()
-            self.link.publish(SERVE_TOPIC, online, retain=True)
+            for suffix, handler, shared in ((proto.Up.HELLO, self._on_hello, True), (proto.Up.STATUS, self._on_status, False),
+                                            (proto.Up.TELEMETRY, self._on_telemetry, True),
+                                            (proto.Up.PROGRESS, self._on_progress, True)):
+                topic_filter = proto.all_devices_topic(suffix)
+                self.link.subscribe(shared_filter(group, topic_filter) if group and shared else topic_filter, handler)
+            if group is None:
+                self._republish_desired()
+                self.link.publish(SERVE_TOPIC, self._serve_state("online"), retain=True)
+            else:
+                self._duties = self.store.singleton_lock(f"serve-duties-{group}")
+                self.poll_duties()
             write_serve_state(self.data_dir, self.endpoint, embedded=self.embedded is not None)
         except BaseException:
             self.stop()
             raise
         log.info("serving the fleet on %s (data dir %s)", self.endpoint.public_url(), self.data_dir)
         return self
+
+    @staticmethod
+    def _serve_state(state: str) -> bytes:
+        data: dict[str, Any] = {"state": state, "pid": os.getpid()}
+        if state == "online":
+            data["since"] = time.time()
+        return json.dumps(data).encode()
+
+    def poll_duties(self) -> bool:
+        """A worker of a group takes the singleton duties when nobody holds them (at start, then every
+        second from ``run_forever``), and gives them up when its lock was lost. True while it holds them."""
+        if self._duties is None or self.link is None or self.endpoint is None:
+            return self.leading
+        held = self._duties.held or self._duties.try_acquire()
+        if held and not self.leading:
+            announcer = FleetLink(self.endpoint, client_id=f"{self.link.client_id}-duties",
+                                  will=(SERVE_TOPIC, self._serve_state("offline")), version=MqttVersion.V5)
+            try:
+                announcer.connect()
+                announcer.publish(SERVE_TOPIC, self._serve_state("online"), retain=True)
+            except FleetError as exc:
+                announcer.close()
+                self._duties.release()
+                log.warning("could not take the serve duties of group %s: %s", self.settings.worker_group, exc)
+                return False
+            self._announcer = announcer
+            self.leading = True
+            self._republish_desired()
+            log.info("this worker does group %s's singleton duties (announce, republish desired, loop)",
+                     self.settings.worker_group)
+        elif not held and self.leading:
+            self.leading = False
+            if self._announcer is not None:
+                self._announcer.close()
+                self._announcer = None
+            log.warning("lost the serve duties lock of group %s; another worker takes them", self.settings.worker_group)
+        return self.leading
 
     def _republish_desired(self) -> None:
         """Retained desired deployments live in the broker's memory: the embedded broker (and a
@@ -235,13 +299,21 @@ class FleetServer:
         state = read_own_serve_state(self.data_dir)
         if state is not None and state.get("pid") == os.getpid():
             (self.data_dir / SERVE_STATE_FILE).unlink(missing_ok=True)
-        if self.link is not None:
+        announcer = self._announcer if self._duties is not None else self.link
+        if announcer is not None and self.leading:
             try:
-                if self.link.connected:
-                    self.link.publish(SERVE_TOPIC, json.dumps({"state": "offline", "pid": os.getpid()}).encode(),
-                                      retain=True, timeout_s=2)
+                if announcer.connected:
+                    announcer.publish(SERVE_TOPIC, self._serve_state("offline"), retain=True, timeout_s=2)
             except FleetError:
                 pass
+        if self._announcer is not None:
+            self._announcer.close()
+            self._announcer = None
+        if self._duties is not None:
+            self._duties.release()  # after the offline announcement: the next holder announces online
+            self._duties = None
+        self.leading = False
+        if self.link is not None:
             self.link.close()
             self.link = None
         if self.embedded is not None:
@@ -254,7 +326,8 @@ class FleetServer:
     def run_forever(self) -> None:
         try:
             while not self._stop_requested.wait(1.0):
-                pass
+                if self._duties is not None:
+                    self.poll_duties()
         finally:
             self.stop()
 
@@ -314,6 +387,7 @@ class FleetServer:
         """Decode and queue only: the ingest worker stores, acks and runs the hooks."""
         device_id = self._device(topic)
         report = proto.TelemetryReport.from_json(payload)
+        self.telemetry_received += 1  # delivered to this worker (a worker group shares them)
         if not self.ingest_queue.put(IncomingReport(device_id, report, time.time())):
             log.warning("ingest queue full (%d reports): %s's report %d dropped unacked (it will be resent)",
                         self.ingest_queue.max_items, device_id, report.seq)
@@ -346,7 +420,7 @@ class FleetServer:
             if report.event == "benchmark" and report.benchmark:
                 store.add_benchmark(benchmark_row(item.device_id, dict(report.benchmark), report.ts,
                                                   report_artifact_id(report)))
-            for hook in self.telemetry_hooks:
+            for hook in self.telemetry_hooks if self.leading else ():  # the loop: one worker of a group
                 try:
                     hook(item.device_id, report)
                 except Exception:  # noqa: BLE001 - a controller bug must not stop ingest
