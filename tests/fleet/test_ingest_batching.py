@@ -38,8 +38,9 @@ def _row(device: str, seq: int, incarnation: str) -> TelemetryRow:
                         received_at=100.0 + seq)
 
 
-def test_gaps_are_counted_and_filled_by_resends_and_a_new_incarnation_is_a_reset(tmp_path: Path) -> None:
-    with open_store(tmp_path) as store:
+def test_gaps_are_counted_and_filled_by_resends_and_a_new_incarnation_is_a_reset(tmp_path: Path,
+                                                                                   store_url: str | None) -> None:
+    with open_store(tmp_path, store_url) as store:  # on SQLite and on PostgreSQL
         result = store.add_telemetry_batch([_row("pi", s, "i1") for s in (0, 1, 4)])
         assert result.new == (True, True, True)
         assert [(e.kind, e.detail["first_missing"], e.detail["last_missing"]) for e in result.events] == [(TELEMETRY_GAP, 2, 3)]
@@ -78,9 +79,9 @@ def test_a_version_2_file_migrates_to_incarnation_keys_and_keeps_every_report(tm
         assert check.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
 
 
-def test_policies_are_resolved_from_memory_and_reread_when_changed(tmp_path: Path) -> None:
+def test_policies_are_resolved_from_memory_and_reread_when_changed(tmp_path: Path, store_url: str | None) -> None:
     clock = [0.0]
-    with open_store(tmp_path) as store, open_store(tmp_path) as other_process:
+    with open_store(tmp_path, store_url) as store, open_store(tmp_path, store_url) as other_process:
         policies = PolicyStore(store, refresh_s=1.0, clock=lambda: clock[0])
         assert policies.resolve("pi") == (None, None)
         for _ in range(100):

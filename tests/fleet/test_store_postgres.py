@@ -16,7 +16,7 @@ from builder.fleet.transport.store import (
 from tests.support.postgres import PostgresServer
 
 pytestmark = pytest.mark.postgres
-TABLES = {"meta", "devices", "telemetry", "benchmarks", "events", "pushes", "loop_policies", "loop_state"}
+TABLES = {"meta", "devices", "telemetry", "benchmarks", "events", "pushes", "loop_policies", "loop_state", "telemetry_streams"}
 
 
 def _tables(url: str) -> set[str]:
