@@ -87,9 +87,15 @@ class DeviceWatch:
             event.set()
 
     # -- callers ------------------------------------------------------------------------------
-    def require_serve(self, wait_s: float = 3.0) -> None:
-        """Refuse early when nobody serves chunks (the device would wait forever)."""
-        self._serve_seen.wait(wait_s)
+    def require_serve(self, wait_s: float = 3.0, settle_s: float = 10.0) -> None:
+        """Refuse early when nobody serves chunks (the device would wait forever). Serve's retained
+        announcement comes after every device's retained status (subscribed after them): with
+        1,000+ devices a fixed 3 s wait lost that race and refused a push while serve was up, so
+        wait for the barrier first (up to ``settle_s``; it returns as soon as the broker has sent
+        them all), then up to ``wait_s`` for an announcement that is still on its way."""
+        if not self._serve_seen.is_set():
+            settled = self.settle(settle_s)
+            self._serve_seen.wait(0.2 if settled else wait_s)
         if not self._serve_state or self._serve_state.get("state") != "online":
             raise FleetError("no `builder serve` is running on this broker, so nobody would send the model's chunks; "
                              "start `builder serve` (same --data-dir / --broker) and push again")
