@@ -45,7 +45,7 @@ class DeviceWatch:
         # every retained status at once on subscribe, and at QoS 1 all beyond its per-client
         # in-flight + queue limits (the fleet's Mosquitto: 64 + 1000) were dropped, with serve's
         # announcement and the barrier behind them (a push to 1,000 of 1,400 devices refused with
-        # "no builder serve is running"). QoS 0 ones are written straight to the socket.
+        # "no builder serve is running"; measured: 1,064 of 1,200). QoS 0 ones are written straight out.
         link.subscribe(SERVE_TOPIC, self._on_serve)
         link.subscribe(proto.all_devices_topic(proto.Up.PROGRESS), self._on_progress)
         link.subscribe(proto.all_devices_topic(proto.Up.STATUS), self._on_status, qos=0)
