@@ -3,13 +3,15 @@ config (every simulated device its own user, pattern ACL), one `builder serve` s
 `builder fleet simulate`'s devices (one process, one event loop) for N = 100, 300, 1000:
 
 1. steady telemetry (one report per device every 10 s) and a full-fleet outbox flush (20 records
-   per device at once): sent (PUBACKed) / stored (rows in the fleet store) / lost, p50/p95 ingest
-   latency (received_at - ts), serve RSS and CPU (psutil on the serve pid);
+   per device at once): sent (acked by the host: the devices speak the acked telemetry protocol,
+   ``--no-acks`` for the PUBACK rule before it) / re-sent / stored (rows in the fleet store) /
+   lost, p50/p95 ingest latency (received_at - ts of the first stored copy), serve RSS and CPU
+   (psutil on the serve pid);
 2. `builder push --group` of one small model to 100 and 1,000 devices: wall to all active, command
    wall time, false timeouts (devices that are active but reported "timeout"), chunk-frame bytes
    received / (compressed size × N).
 
-    .venv/bin/python bench/fleet.py [--sizes 100,300,1000] [--push-sizes 100,1000] [--steady-s 30] [--no-results]
+    .venv/bin/python bench/fleet.py [--sizes 100,300,1000] [--push-sizes 100,1000] [--steady-s 30] [--no-acks] [--no-results]
 
 Writes its table under "## Fleet (bench/fleet.py)" in bench/RESULTS.md. Every device set is
 disjoint (seq starts at 0 for a new device), so each row counts only its own reports.
@@ -35,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
-from builder.fleet.simulate.device import Behaviour, SimulatedDevice  # noqa: E402
+from builder.fleet.simulate.device import AckSender, Behaviour, PubackSender, SimulatedDevice  # noqa: E402
 from builder.fleet.simulate.fleet import Overhead, SimulatedFleet  # noqa: E402
 from builder.fleet.simulate.register import load_identities, register_devices  # noqa: E402
 from builder.fleet.transport.store import fleet_store_path  # noqa: E402
@@ -152,7 +154,7 @@ async def telemetry_phase(home: Path, fleet: SimulatedFleet, probe: ServeProbe, 
     start = seq_marks(fleet.devices)
     probe.mark()
     mark = fleet.overhead_mark()
-    acked0 = fleet.totals().records_acked
+    acked0, resent0 = fleet.totals().records_acked, fleet.totals().records_resent
     if kind == "steady":
         fleet.start_telemetry()
         end_at = time.monotonic() + steady_s
@@ -162,14 +164,16 @@ async def telemetry_phase(home: Path, fleet: SimulatedFleet, probe: ServeProbe, 
         fleet.stop_telemetry()
     else:
         await fleet.flush_outbox(20)
-    await fleet.wait_acked(timeout_s=60)
+    await fleet.wait_acked(timeout_s=180)
     overhead = fleet.overhead_since(mark)
     end = seq_marks(fleet.devices)
     ranges = {d: (start[d], end[d]) for d in start}
     sent = sum(end[d] - start[d] for d in start)
     rows = await settle(home, ranges, sent, probe)
     p50, p95 = latency_row(rows)
-    return {"sent": sent, "acked": fleet.totals().records_acked - acked0, "stored": len(rows), "lost": sent - len(rows),
+    totals = fleet.totals()
+    return {"sent": sent, "acked": totals.records_acked - acked0, "resent": totals.records_resent - resent0,
+            "unacked": totals.records_unacked, "stored": len(rows), "lost": sent - len(rows),
             "p50_ms": p50, "p95_ms": p95, "serve_rss_mb": probe.peak_rss / 1e6, "serve_cpu_percent": probe.cpu_percent(),
             "overhead": overhead}
 
@@ -212,8 +216,9 @@ async def push_phase(home: Path, fleet: SimulatedFleet, group: str, artifact: st
 
 
 async def run_size(home: Path, ids: list[str], group: str | None, artifact: str | None, probe: ServeProbe,
-                   steady_s: float, push_timeout: str) -> dict[str, Any]:
-    fleet = SimulatedFleet(load_identities(home, ids), Behaviour(telemetry_interval_s=10.0), seed=len(ids))
+                   steady_s: float, push_timeout: str, acks: bool = True) -> dict[str, Any]:
+    fleet = SimulatedFleet(load_identities(home, ids), Behaviour(telemetry_interval_s=10.0), seed=len(ids),
+                           sender_factory=AckSender if acks else PubackSender)
     t0 = time.monotonic()
     await fleet.start(connect_timeout_s=180, batch=100)
     out: dict[str, Any] = {"n": len(ids), "connect_s": time.monotonic() - t0}
@@ -238,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--push-sizes", default="100,1000")
     parser.add_argument("--steady-s", type=float, default=30.0)
     parser.add_argument("--push-timeout", default="5m", help="builder push --timeout (per device)")
+    parser.add_argument("--no-acks", action="store_true", help="devices forget a report at the broker's PUBACK (the rule before acks)")
     parser.add_argument("--no-results", action="store_true")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -279,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in sizes:
             print(f"N = {n} ...", flush=True)
             result = asyncio.run(run_size(home, groups[n], f"n{n}", artifact if n in push_sizes else None, probe,
-                                          args.steady_s, args.push_timeout))
+                                          args.steady_s, args.push_timeout, acks=not args.no_acks))
             results.append(result)
             print(json.dumps(result, default=lambda o: o.__dict__ if hasattr(o, "__dict__") else str(o))[:1500], flush=True)
     finally:
@@ -291,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         mosquitto.terminate()
         mosquitto.wait(10)
         serve_log.close()
-    text = report(results, cpu_line(), args.steady_s)
+    text = report(results, cpu_line(), args.steady_s, acks=not args.no_acks)
     print(text)
     if not args.no_results:
         write_results(ROOT / "bench" / "RESULTS.md", text)
@@ -299,19 +305,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(results: list[dict[str, Any]], cpu: str, steady_s: float) -> str:
+def report(results: list[dict[str, Any]], cpu: str, steady_s: float, acks: bool = True) -> str:
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [RESULTS_HEADING, "",
              f"{stamp}; {cpu}; one Mosquitto 2.0 (the fleet's broker config: one user per device, pattern ACL, "
              "max_queued_messages 1000), one `builder serve --no-loop` subprocess, the simulated devices in ONE process "
              f"on one asyncio loop (`builder fleet simulate`'s classes). Steady: one report per device every 10 s for "
              f"{steady_s:.0f} s. Flush: 20 buffered reports per device at once. Regenerate: `.venv/bin/python bench/fleet.py`.",
-             "", "| N | phase | sent (PUBACKed) | stored | lost | ingest p50 / p95 | serve RSS peak | serve CPU | simulator |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "", f"| N | phase | sent ({'acked by the host' if acks else 'PUBACKed'}) | re-sent | stored | lost | "
+                 "ingest p50 / p95 | serve RSS peak | serve CPU | simulator |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for phase in ("steady", "flush"):
             p = r[phase]
-            lines.append(f"| {r['n']} | {phase} | {p['sent']} ({p['acked']}) | {p['stored']} | **{p['lost']}** | "
+            lines.append(f"| {r['n']} | {phase} | {p['sent']} ({p['acked']}) | {p['resent']} | {p['stored']} | **{p['lost']}** | "
                          f"{p['p50_ms']:.0f} / {p['p95_ms']:.0f} ms | {p['serve_rss_mb']:.0f} MB | {p['serve_cpu_percent']:.0f}% | "
                          f"{overhead_text(p['overhead'])} |")
     pushes = [r["push"] for r in results if "push" in r]
@@ -324,8 +331,10 @@ def report(results: list[dict[str, Any]], cpu: str, steady_s: float) -> str:
                          f"{', '.join(f'{k} {v}' for k, v in sorted(p['outcome_states'].items())) or _last_line(p['stderr_tail'])} | "
                          f"{p['wire_ratio']:.2f} ({p['compressed_bytes']} B stream) | {p['serve_cpu_percent']:.0f}% | "
                          f"{overhead_text(p['overhead'])} |")
-    lines += ["", "Reading it: *sent* = reports the devices published, *(PUBACKed)* = acknowledged by the broker, which "
-              "is when today's agent deletes them; *stored* = rows in the fleet store with those (device, seq); "
+    rule = ("*(acked by the host)* = covered by a `down/ack` from serve (stored), which is when the agent deletes "
+            "them; *re-sent* = publishes of a report again after its ack window timed out (`agent.outbox.AckWindow`)"
+            if acks else "*(PUBACKed)* = acknowledged by the broker, which is when a device deleted them before acks")
+    lines += ["", f"Reading it: *sent* = reports the devices built and published, {rule}; *stored* = rows in the fleet store with those (device, seq); "
               "*lost* = sent − stored, permanent (the device forgot them). Ingest latency is `received_at − ts` of the "
               "stored rows (the flush stamps its records at the flush, so it measures the host's backlog, not an outage). "
               "*simulator* is the simulator process's own CPU (of one core) and how late its 50 ms timer fired (p99): a "

@@ -254,6 +254,7 @@ def register(app: typer.Typer) -> None:
         flush: int = typer.Option(0, "--flush", min=0, help="After connecting, each device flushes this many buffered reports at once."),
         requests_per_s: float = typer.Option(5.0, help="Synthetic inference requests per device per second."),
         seed: int = typer.Option(0, help="Seed of the synthetic latencies."),
+        acks: bool = typer.Option(True, "--acks/--no-acks", help="Keep each report until the host acks it stored (the agent's rule); --no-acks: forget it at the broker's PUBACK (the rule before acks, for comparison)."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
         data_dir: Optional[Path] = DataDirOption,
     ) -> None:
@@ -274,7 +275,7 @@ def register(app: typer.Typer) -> None:
                 time.sleep(0.5)
         behaviour = Behaviour(telemetry_interval_s=duration_or_seconds(telemetry_interval, None, "--telemetry-interval"),
                               requests_per_s=requests_per_s)
-        plan = SimulationPlan(duration_s=duration_or_seconds(duration, None, "--duration"), flush_records=flush, seed=seed)
+        plan = SimulationPlan(duration_s=duration_or_seconds(duration, None, "--duration"), flush_records=flush, seed=seed, acks=acks)
         from builder.fleet.simulate.register import save_states
 
         summary = run_simulation(identities, behaviour, plan,
@@ -285,8 +286,9 @@ def register(app: typer.Typer) -> None:
             print(json.dumps(summary.to_dict(), indent=2))
             return
         t, o = summary.totals, summary.overhead
+        rule = "acked by the host" if acks else "PUBACKed"
         print(f"devices {t.devices} (connected in {summary.connect_s:.1f} s); telemetry built {t.records_built}, "
-              f"PUBACKed {t.records_acked}; chunk frames {t.chunk_frames} ({t.chunk_bytes_received} bytes); "
+              f"{rule} {t.records_acked}, re-sent {t.records_resent}, unacked {t.records_unacked}; chunk frames {t.chunk_frames} ({t.chunk_bytes_received} bytes); "
               f"deployments active {t.active_deployments}; errors {t.errors}")
         print(f"simulator overhead: {o.cpu_percent:.1f}% of one core over {o.wall_s:.1f} s; "
               f"event-loop lag p50 {o.loop_lag_p50_ms:.1f} ms, p99 {o.loop_lag_p99_ms:.1f} ms, max {o.loop_lag_max_ms:.1f} ms")

@@ -12,7 +12,7 @@ import pytest
 
 from builder.fleet.simulate.device import Behaviour
 from builder.fleet.simulate.fleet import SimulatedFleet
-from builder.fleet.simulate.register import load_identities, register_devices, simulated_ids
+from builder.fleet.simulate.register import STATE_FILE, agent_toml_path, load_identities, register_devices, simulated_ids
 from builder.fleet.transport.store import fleet_store_path
 from tests.fleet.conftest import PY, REPO, CHILD_ENV, Mosquitto, builder_cli
 from tests.support.broker import free_port, mosquitto_available
@@ -59,8 +59,10 @@ def test_simulated_devices_telemetry_is_stored_and_a_group_push_gets_them_all_ac
         await asyncio.sleep(1.5)
         fleet.stop_telemetry()
         await fleet.flush_outbox(5)
-        assert await fleet.wait_acked(timeout_s=20)
-        built = fleet.totals().records_built
+        # acked = the host stored it (down/ack), not merely PUBACKed: so the store has them all now
+        assert await fleet.wait_acked(timeout_s=30), fleet.totals()
+        flushed = fleet.totals()
+        stored_at_ack = _stored(home)
         push = await asyncio.to_thread(
             subprocess.run, [PY, "-m", "builder.cli.main", "push", "--group", "sim", "--artifact", artifact,
                              "--benchmark-runs", "3", "--timeout", "10s", "--json", "--data-dir", str(home)],
@@ -68,10 +70,14 @@ def test_simulated_devices_telemetry_is_stored_and_a_group_push_gets_them_all_ac
         active_s = await fleet.wait_active(artifact, timeout_s=30)
         totals = fleet.totals()
         await fleet.stop()
-        return {"built": built, "push": push, "active_s": active_s, "totals": totals,
+        return {"built": flushed.records_built, "flushed": flushed, "stored_at_ack": stored_at_ack, "push": push, "active_s": active_s, "totals": totals,
                 "bytes": [d.counters.chunk_bytes_received for d in fleet.devices]}
 
     result = asyncio.run(scenario())
+    flushed = result["flushed"]
+    assert flushed.records_unacked == 0 and flushed.acks_received > 0
+    assert flushed.records_acked == flushed.records_built
+    assert set(result["stored_at_ack"]) == set(ids) and sum(result["stored_at_ack"].values()) == flushed.records_built
     push = result["push"]
     assert result["active_s"] is not None, push.stdout + push.stderr + processes.log("serve")
     assert result["active_s"] is not None
@@ -80,13 +86,8 @@ def test_simulated_devices_telemetry_is_stored_and_a_group_push_gets_them_all_ac
     wait_for(lambda: sum(_stored(home).values()) >= result["built"], 30, "all telemetry stored")
     stored = _stored(home)
     assert set(stored) == set(ids) and sum(stored.values()) >= result["built"]
-    report = json.loads(push.stdout) if push.stdout.strip().startswith("{") else {"outcomes": []}
-    outcomes = {o["device_id"]: o["state"] for o in report["outcomes"]}
-    if push.returncode != 0 and "timeout" in outcomes.values():
-        # Every device is active (asserted above) but the push's watchers time out: deployment ids
-        # `artifact[:12]-<ms>` collide between workers (issue 16 point 2). Remove once ids are unique.
-        pytest.xfail(f"push reported false timeouts: {outcomes}")
     assert push.returncode == 0, push.stdout + push.stderr
+    outcomes = {o["device_id"]: o["state"] for o in json.loads(push.stdout)["outcomes"]}
     assert outcomes == {device_id: "active" for device_id in ids}
 
 
@@ -100,7 +101,7 @@ def test_fleet_simulate_command_runs_and_reports(simulated_fleet_world) -> None:
     summary = json.loads(result.stdout)
     totals = summary["totals"]
     assert totals["connected"] == 3 and totals["records_built"] >= 12
-    assert totals["records_acked"] == totals["records_built"]
+    assert totals["records_acked"] == totals["records_built"] and totals["records_unacked"] == 0  # acked = stored
     assert summary["overhead"]["wall_s"] > 0
     wait_for(lambda: sum(_stored(home).values()) - before >= totals["records_built"], 30, "the simulated reports stored")
     # a second run continues each device's seq (persisted like the agent's): nothing is deduplicated away
@@ -108,3 +109,7 @@ def test_fleet_simulate_command_runs_and_reports(simulated_fleet_world) -> None:
     again = json.loads(builder_cli("fleet", "simulate", "--devices", "3", "--telemetry-interval", "10s", "--duration", "0.5s",
                                    "--flush", "2", "--json", home=home, timeout_s=60).stdout)["totals"]
     wait_for(lambda: sum(_stored(home).values()) - stored_once >= again["records_built"], 30, "the second run's reports stored")
+    assert again["records_acked"] == again["records_built"]
+    # each device's incarnation is persisted beside its seq, so the second run continued the same one
+    states = [json.loads(agent_toml_path(home, d).with_name(STATE_FILE).read_text()) for d in simulated_ids(3)]
+    assert len(states) == 3 and all(s["incarnation"] and s["seq"] >= 6 for s in states)

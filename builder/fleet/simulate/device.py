@@ -3,15 +3,19 @@ agent.toml, as a real agent has), the agent's messages built by ``agent.protocol
 answered by pulling, verifying and reporting progress like ``agent.daemon``, and synthetic
 telemetry. Everything runs in the fleet's event loop; nothing blocks.
 
-Records leave the device through one seam, ``RecordSender.send``: ``PubackSender`` is today's
-protocol (a record is gone once the broker PUBACKs it, as ``agent.telemetry.drain_outbox`` does);
-an outbox that keeps records until the host acknowledges it plugs in there.
+Records leave the device through one seam, ``RecordSender``: ``AckSender`` is the agent's
+protocol (``agent.telemetry.TelemetrySender``: a record stays in the device's outbox until the
+host's ``down/ack`` says it is stored, and ``agent.outbox.AckWindow`` decides what to send and
+resend); ``PubackSender`` is the rule before acks (a record is gone once the broker PUBACKs it, as
+``agent.telemetry.drain_outbox`` does), kept as ``--no-acks`` to measure what the acks buy.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
@@ -20,6 +24,7 @@ from agent import __version__ as AGENT_VERSION
 from agent import protocol as proto
 from agent.errors import AgentError, ProtocolError, SignatureError
 from agent.mqtt import ClientSettings, LoopMqttClient, Will
+from agent.outbox import DEFAULT_RESEND_AFTER_S, DEFAULT_WINDOW, AckWindow
 from agent.transfer import verify_desired
 from builder.fleet.simulate.pull import ArtifactPull
 from builder.fleet.simulate.synthetic import benchmark_result, model_for, telemetry_report
@@ -38,8 +43,10 @@ class DeviceIdentity:
     client: ClientSettings
     trusted_key: Any  # Ed25519PublicKey
     profile: str | None = None
-    # What a real agent persists across restarts (``seq`` above all: the host dedupes by it)
+    # What a real agent persists across restarts (``seq`` above all: the host dedupes by it within
+    # the incarnation; a new incarnation starts at seq 0, as a wiped agent's outbox does)
     first_seq: int = 0
+    incarnation: str | None = None
     active_artifact_id: str | None = None
     active_model: str | None = None
 
@@ -60,8 +67,11 @@ class DeviceCounters:
     """Per-device tallies the fleet sums up (mutable: only the loop's thread writes them)."""
 
     records_built: int = 0
-    records_published: int = 0  # handed to the client (QoS 1)
-    records_acked: int = 0  # PUBACKed by the broker: what today's agent counts as delivered
+    records_published: int = 0  # handed to the client (QoS 1), re-sends included
+    records_resent: int = 0  # publishes of a record that had been published before (acks: timeouts, reconnects)
+    records_acked: int = 0  # delivered by the device's rule: the host's ack (AckSender) or the broker's PUBACK
+    records_pubacked: int = 0  # telemetry publishes the broker PUBACKed (whatever the rule)
+    acks_received: int = 0  # down/ack messages of this device's incarnation
     chunk_requests: int = 0
     chunk_frames: int = 0
     chunk_bytes_received: int = 0  # whole frames off the wire (header + bytes)
@@ -70,7 +80,7 @@ class DeviceCounters:
 
 
 class RecordSender(Protocol):
-    """How telemetry records leave the device (the seam for an outbox with host acknowledgements)."""
+    """How telemetry records leave the device."""
 
     def send(self, reports: Sequence[proto.TelemetryReport]) -> None: ...
 
@@ -78,18 +88,29 @@ class RecordSender(Protocol):
 
     def on_published(self, mid: int) -> None: ...
 
+    def on_ack(self, payload: bytes) -> None: ...
+
+    def tick(self, now_monotonic: float) -> None: ...
+
+    @property
+    def unacked(self) -> int: ...
+
 
 class PubackSender:
-    """Today's delivery rule: publish QoS 1, forget the record at the broker's PUBACK. Records made
-    while disconnected wait in memory and go out, in ``seq`` order, on the next connect (paho
-    itself resends the in-flight ones)."""
+    """The rule before acks (``--no-acks``): publish QoS 1, forget the record at the broker's
+    PUBACK. Records made while disconnected wait in memory and go out, in ``seq`` order, on the
+    next connect (paho itself resends the in-flight ones). The host's acks are ignored."""
 
-    def __init__(self, client: LoopMqttClient, topic: str, counters: DeviceCounters) -> None:
+    def __init__(self, client: LoopMqttClient, topic: str, counters: DeviceCounters, incarnation: str | None = None) -> None:
         self.client = client
         self.topic = topic
         self.counters = counters
         self._in_flight: dict[int, int] = {}  # mid -> seq
         self._unsent: deque[tuple[int, bytes]] = deque()
+
+    @property
+    def unacked(self) -> int:
+        return len(self._in_flight) + len(self._unsent)
 
     def send(self, reports: Sequence[proto.TelemetryReport]) -> None:
         for report in reports:
@@ -112,16 +133,107 @@ class PubackSender:
     def on_published(self, mid: int) -> None:
         if self._in_flight.pop(mid, None) is not None:
             self.counters.records_acked += 1
+            self.counters.records_pubacked += 1
+
+    def on_ack(self, payload: bytes) -> None:
+        return None
+
+    def tick(self, now_monotonic: float) -> None:
+        return None
 
 
-SenderFactory = Callable[[LoopMqttClient, str, DeviceCounters], RecordSender]
+class AckSender:
+    """The agent's delivery rule (``agent.telemetry.TelemetrySender`` over ``AckWindow``), with the
+    outbox in memory: a record stays until a ``down/ack`` of this device's incarnation covers its
+    seq; at most the window's records are in flight, timed-out ones go again (the window halves),
+    and after a reconnect everything unacked is due at once. ``tick`` (about once a second) sends
+    what timed out; an ack sends what the freed window allows. The PUBACK only counts."""
+
+    def __init__(self, client: LoopMqttClient, topic: str, counters: DeviceCounters, incarnation: str | None = None, *,
+                 window: int = DEFAULT_WINDOW, resend_after_s: float = DEFAULT_RESEND_AFTER_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not incarnation:
+            raise ValueError("an acked sender needs the device's incarnation")
+        self.client = client
+        self.topic = topic
+        self.counters = counters
+        self.clock = clock
+        self.window = AckWindow(incarnation, window=window, resend_after_s=resend_after_s)
+        self._outbox: dict[int, bytes] = {}  # seq -> body, ascending (seqs are built in order)
+        self._telemetry_mids: set[int] = set()
+
+    @property
+    def incarnation(self) -> str:
+        return self.window.incarnation
+
+    @property
+    def unacked(self) -> int:
+        return len(self._outbox)
+
+    def send(self, reports: Sequence[proto.TelemetryReport]) -> None:
+        for report in reports:
+            self._outbox[report.seq] = report.to_json()
+        self._pump()
+
+    def _pump(self) -> None:
+        if not self._outbox or not self.client.connected:
+            return
+        now = self.clock()
+        pending = list(itertools.islice(self._outbox, self.window.window))
+        sent: list[int] = []
+        for seq in self.window.to_send(pending, now):
+            mid = self.client.publish(self.topic, self._outbox[seq], qos=1)
+            if mid is None:
+                break
+            self._telemetry_mids.add(mid)
+            sent.append(seq)
+        before = self.window.stats().resent
+        self.window.mark_sent(sent, now)
+        self.counters.records_published += len(sent)
+        self.counters.records_resent += self.window.stats().resent - before
+
+    def on_connect(self) -> None:
+        self.window.on_reconnect()
+        self._pump()
+
+    def on_published(self, mid: int) -> None:
+        if mid in self._telemetry_mids:
+            self._telemetry_mids.discard(mid)
+            self.counters.records_pubacked += 1
+
+    def on_ack(self, payload: bytes) -> None:
+        """A ``down/ack``; ProtocolError for a malformed one (the caller counts it)."""
+        ack = proto.TelemetryAck.from_json(payload)
+        ranges = self.window.on_ack(ack)
+        if ack.incarnation != self.incarnation:
+            return
+        self.counters.acks_received += 1
+        removed = 0
+        for first, last in ranges:
+            if last - first + 1 <= len(self._outbox):
+                for seq in range(first, last + 1):
+                    removed += self._outbox.pop(seq, None) is not None
+            else:
+                for seq in [s for s in self._outbox if first <= s <= last]:
+                    del self._outbox[seq]
+                    removed += 1
+        self.counters.records_acked += removed
+        self._pump()
+
+    def tick(self, now_monotonic: float) -> None:
+        due = self.window.next_due_in_s(self.clock())
+        if self._outbox and (due is None or due <= 0.0):
+            self._pump()
+
+
+SenderFactory = Callable[[LoopMqttClient, str, DeviceCounters, "str | None"], RecordSender]
 
 
 class SimulatedDevice:
     """Connect with ``start()``; the fleet calls ``emit_telemetry``, ``flush_outbox`` and ``tick``."""
 
     def __init__(self, identity: DeviceIdentity, behaviour: Behaviour, loop: Any, rng: random.Random,
-                 sender_factory: SenderFactory = PubackSender, clock: Callable[[], float] = time.time) -> None:
+                 sender_factory: SenderFactory = AckSender, clock: Callable[[], float] = time.time) -> None:
         self.identity = identity
         self.device_id = identity.device_id
         self.behaviour = behaviour
@@ -131,6 +243,7 @@ class SimulatedDevice:
         self.counters = DeviceCounters()
         self.telemetry_interval_s = behaviour.telemetry_interval_s
         self.seq = identity.first_seq
+        self.incarnation = identity.incarnation or uuid.uuid4().hex  # load_identities persists one per device
         self.active_artifact_id: str | None = identity.active_artifact_id
         self.active_model: str | None = identity.active_model
         self.previous_artifact_id: str | None = None
@@ -143,7 +256,8 @@ class SimulatedDevice:
                     proto.DeviceStatus(device_id=self.device_id, state="offline", agent_version=SIM_AGENT_VERSION).to_json())
         settings = _with_will(identity.client, will)
         self.client = LoopMqttClient(settings, loop, on_connect=self._on_connect, on_published=self._on_published)
-        self.records = sender_factory(self.client, self._topic(proto.Up.TELEMETRY), self.counters)
+        self.records = sender_factory(self.client, self._topic(proto.Up.TELEMETRY), self.counters, self.incarnation)
+        self.client.subscribe(self._topic(proto.Down.ACK), self._on_ack)
         self.client.subscribe(self._topic(proto.Down.DESIRED), self._on_desired)
         self.client.subscribe(self._topic(proto.Down.CHUNKS), self._on_chunk)
         self.client.subscribe(self._topic(proto.Down.COMMAND), self._on_command)
@@ -162,11 +276,12 @@ class SimulatedDevice:
 
     def state(self) -> dict[str, Any]:
         """What survives a restart of the simulator (``register.save_states``)."""
-        return {"seq": self.seq, "active_artifact_id": self.active_artifact_id, "active_model": self.active_model}
+        return {"seq": self.seq, "incarnation": self.incarnation, "active_artifact_id": self.active_artifact_id, "active_model": self.active_model}
 
     def tick(self, now_monotonic: float) -> None:
         """About once a second: keep-alive, and a silent pull asks again from its first missing chunk."""
         self.client.tick()
+        self.records.tick(now_monotonic)
         if self._pull is not None and now_monotonic - self._last_chunk_at > self.behaviour.chunk_timeout_s:
             self._pull.restart_window()
             self._last_chunk_at = now_monotonic
@@ -188,7 +303,7 @@ class SimulatedDevice:
         self._publish(proto.Up.HELLO, proto.Hello(
             device_id=self.device_id, agent_version=SIM_AGENT_VERSION, profile=self.identity.profile, machine="simulated",
             runtimes=("onnxruntime",), active_artifact_id=self.active_artifact_id, free_disk_bytes=8 << 30,
-            ts=proto.now_s()))
+            ts=proto.now_s(), incarnation=self.incarnation))
         self._publish(proto.Up.STATUS, self._status("online"), retain=True)
         self.records.on_connect()
         if self._pull is not None:  # in-flight chunks may be lost with the old connection
@@ -198,12 +313,19 @@ class SimulatedDevice:
     def _on_published(self, mid: int) -> None:
         self.records.on_published(mid)
 
+    def _on_ack(self, topic: str, payload: bytes) -> None:
+        try:
+            self.records.on_ack(payload)
+        except ProtocolError as exc:
+            self.counters.errors += 1
+            log.warning("%s: ignoring a malformed telemetry ack: %s", self.device_id, exc)
+
     def _next_report(self, ts: float, event: str = "periodic", window_s: float | None = None,
                      details: dict[str, Any] | None = None) -> proto.TelemetryReport:
         report = telemetry_report(self.device_id, self.seq, ts, model_for(self.active_artifact_id), self.rng,
                                   window_s=self.telemetry_interval_s if window_s is None else window_s,
                                   requests_per_s=self.behaviour.requests_per_s, event=event,
-                                  model_label=self.active_model, details=details)
+                                  model_label=self.active_model, details=details, incarnation=self.incarnation)
         self.seq += 1
         self.counters.records_built += 1
         return report

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from agent.bench import percentile
-from builder.fleet.simulate.device import Behaviour, DeviceIdentity, PubackSender, SenderFactory, SimulatedDevice
+from builder.fleet.simulate.device import AckSender, Behaviour, DeviceIdentity, SenderFactory, SimulatedDevice
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,11 @@ class FleetTotals:
     connected: int
     records_built: int
     records_published: int
-    records_acked: int
+    records_resent: int
+    records_acked: int  # delivered by the devices' rule: host-acked (stored), or PUBACKed with --no-acks
+    records_pubacked: int
+    records_unacked: int  # still in the devices' outboxes
+    acks_received: int
     chunk_requests: int
     chunk_frames: int
     chunk_bytes_received: int
@@ -58,7 +62,7 @@ class SimulatedFleet:
     ``await fleet.stop()``."""
 
     def __init__(self, identities: Sequence[DeviceIdentity], behaviour: Behaviour = Behaviour(), *, seed: int = 0,
-                 sender_factory: SenderFactory = PubackSender) -> None:
+                 sender_factory: SenderFactory = AckSender) -> None:
         self.identities = list(identities)
         self.behaviour = behaviour
         self.seed = seed
@@ -147,7 +151,8 @@ class SimulatedFleet:
         return records_per_device * len(self.devices)
 
     async def wait_acked(self, timeout_s: float) -> bool:
-        """Until every published record has its PUBACK (the device's view of "delivered")."""
+        """Until every record built is delivered by the devices' rule: acknowledged by the host as
+        stored (``AckSender``), or PUBACKed by the broker (``PubackSender``, ``--no-acks``)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             totals = self.totals()
@@ -171,7 +176,9 @@ class SimulatedFleet:
         return FleetTotals(
             devices=len(self.devices), connected=sum(1 for d in self.devices if d.connected),
             records_built=sum(x.records_built for x in c), records_published=sum(x.records_published for x in c),
-            records_acked=sum(x.records_acked for x in c), chunk_requests=sum(x.chunk_requests for x in c),
+            records_resent=sum(x.records_resent for x in c), records_acked=sum(x.records_acked for x in c),
+            records_pubacked=sum(x.records_pubacked for x in c), records_unacked=sum(d.records.unacked for d in self.devices),
+            acks_received=sum(x.acks_received for x in c), chunk_requests=sum(x.chunk_requests for x in c),
             chunk_frames=sum(x.chunk_frames for x in c), chunk_bytes_received=sum(x.chunk_bytes_received for x in c),
             active_deployments=sum(1 for x in c for dep in x.deployments.values() if dep.get("state") == "active"),
             errors=sum(x.errors for x in c))

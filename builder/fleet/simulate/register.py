@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -22,8 +23,9 @@ STATE_FILE = "sim-state.json"  # beside agent.toml: the simulated device's persi
 
 
 def save_states(data_dir: Path, states: Mapping[str, Mapping[str, Any]]) -> None:
-    """Persist each device's ``seq`` and active model, as the agent does: a rerun continues the
-    sequence instead of restarting at 0 (the host would drop the reports as duplicates)."""
+    """Persist each device's ``seq``, incarnation and active model, as the agent does: a rerun
+    continues the incarnation's sequence instead of restarting at 0 (the host would drop the
+    reports as duplicates)."""
     for device_id, state in states.items():
         path = agent_toml_path(data_dir, device_id).with_name(STATE_FILE)
         tmp = path.with_name(STATE_FILE + ".tmp")
@@ -106,10 +108,14 @@ def load_identities(data_dir: Path, device_ids: Sequence[str], broker_url: str |
         if cfg.trusted_key not in keys:
             keys[cfg.trusted_key] = load_public_key(cfg.trusted_key)
         state = _read_state(path.with_name(STATE_FILE))
-        seq = state.get("seq")
+        seq, incarnation = state.get("seq"), state.get("incarnation")
+        if not (isinstance(incarnation, str) and incarnation):
+            # a first run, or a state from before incarnations: a new incarnation starts at seq 0, as
+            # a new agent outbox does (the host tracks seq per incarnation)
+            incarnation, seq = uuid.uuid4().hex, 0
         identities.append(DeviceIdentity(device_id=cfg.device_id, client=agent_client_settings(cfg.device_id, broker),
                                          trusted_key=keys[cfg.trusted_key], profile=cfg.profile,
-                                         first_seq=seq if isinstance(seq, int) and seq >= 0 else 0,
+                                         first_seq=seq if isinstance(seq, int) and seq >= 0 else 0, incarnation=incarnation,
                                          active_artifact_id=state.get("active_artifact_id"),
                                          active_model=state.get("active_model")))
     return identities

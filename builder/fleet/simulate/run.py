@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from builder.fleet.simulate.device import Behaviour, DeviceIdentity
+from builder.fleet.simulate.device import AckSender, Behaviour, DeviceIdentity, PubackSender
 from builder.fleet.simulate.fleet import FleetTotals, Overhead, SimulatedFleet
 
 
@@ -19,6 +19,7 @@ class SimulationPlan:
     flush_records: int = 0  # each device flushes this many buffered reports right after connecting
     telemetry: bool = True
     seed: int = 0
+    acks: bool = True  # False: the devices forget a report at the broker's PUBACK (the rule before acks)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ async def _simulate(identities: Sequence[DeviceIdentity], behaviour: Behaviour, 
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    fleet = SimulatedFleet(identities, behaviour, seed=plan.seed)
+    fleet = SimulatedFleet(identities, behaviour, seed=plan.seed, sender_factory=AckSender if plan.acks else PubackSender)
     started = loop.time()
     await fleet.start()
     connect_s = loop.time() - started
@@ -77,7 +78,7 @@ async def _simulate(identities: Sequence[DeviceIdentity], behaviour: Behaviour, 
     except asyncio.TimeoutError:
         pass
     fleet.stop_telemetry()
-    await fleet.wait_acked(timeout_s=5.0)
+    await fleet.wait_acked(timeout_s=10.0 if plan.acks else 5.0)
     overhead = fleet.overhead_since(mark)
     totals = fleet.totals()
     active: dict[str, int] = {}

@@ -35,7 +35,7 @@ def model_for(artifact_id: str | None, slowdown: float = 1.0) -> SyntheticModel:
 
 def telemetry_report(device_id: str, seq: int, ts: float, model: SyntheticModel, rng: random.Random, *,
                      window_s: float, requests_per_s: float, event: str = "periodic", model_label: str | None = None,
-                     details: dict[str, Any] | None = None) -> proto.TelemetryReport:
+                     details: dict[str, Any] | None = None, incarnation: str | None = None) -> proto.TelemetryReport:
     """One window's report: ``requests`` drawn around ``requests_per_s × window_s``, a small error rate."""
     requests = max(0, int(rng.gauss(requests_per_s * window_s, math.sqrt(max(requests_per_s * window_s, 1.0)))))
     errors = sum(1 for _ in range(min(requests, 50)) if rng.random() < 0.002)
@@ -46,7 +46,8 @@ def telemetry_report(device_id: str, seq: int, ts: float, model: SyntheticModel,
         latency_ms=stats.as_dict() if stats is not None else {},
         cpu_percent=round(rng.uniform(5.0, 60.0), 1), memory_rss_bytes=int(rng.uniform(40e6, 80e6)),
         memory_available_bytes=int(rng.uniform(200e6, 900e6)), temperature_c=round(rng.uniform(40.0, 70.0), 1),
-        power_w=None, power_source="not measured", details={"simulated": True, **(details or {})})
+        power_w=None, power_source="not measured", details={"simulated": True, **(details or {})},
+        incarnation=incarnation)
 
 
 def benchmark_result(model: SyntheticModel, rng: random.Random, runs: int, warmup: int) -> dict[str, Any]:
