@@ -291,7 +291,6 @@ class _NullClient:
 def append_results(rows, window: int) -> None:
     """Replace (or add) this benchmark's section in bench/RESULTS.md, leaving other sections alone."""
     path = ROOT / "bench" / "RESULTS.md"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     cpu = f"{psutil.cpu_count()} CPUs"
     lines = [RESULTS_HEADING, "", f"{stamp}, {cpu}, loopback Mosquitto, agent window {window} chunks, "
@@ -299,16 +298,9 @@ def append_results(rows, window: int) -> None:
              "| measure | value | baseline (same run) | ratio |", "|---|---|---|---|"]
     lines += [f"| {' | '.join(r)} |" for r in rows]
     lines += ["", NOTE]
-    section = "\n".join(lines) + "\n"
-    if RESULTS_HEADING in text:
-        start = text.index(RESULTS_HEADING)
-        nxt = text.find("\n## ", start + len(RESULTS_HEADING))
-        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from bench.results_file import replace_section
+
+    replace_section(path, RESULTS_HEADING, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -349,16 +349,9 @@ def _last_line(text: str) -> str:
 
 
 def write_results(path: Path, section: str) -> None:
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    if RESULTS_HEADING in text:
-        start = text.index(RESULTS_HEADING)
-        nxt = text.find("\n## ", start + len(RESULTS_HEADING))
-        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from bench.results_file import replace_section
+
+    replace_section(path, RESULTS_HEADING, section)
 
 
 if __name__ == "__main__":

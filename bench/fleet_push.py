@@ -283,13 +283,9 @@ def main() -> int:
     table = "\n".join(lines + ["", NOTE])
     print(table)
     if not args.no_results:
-        path = ROOT / "bench" / "RESULTS.md"
-        text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-        if RESULTS_HEADING in text:
-            start = text.index(RESULTS_HEADING)
-            end = text.find("\n## ", start + len(RESULTS_HEADING))
-            text = text[:start] + text[end + 1:] if end != -1 else text[:start]
-        path.write_text(text.rstrip("\n") + f"\n\n{RESULTS_HEADING}\n\n{table}\n", encoding="utf-8")
+        from bench.results_file import replace_section
+
+        replace_section(ROOT / "bench" / "RESULTS.md", RESULTS_HEADING, f"{RESULTS_HEADING}\n\n{table}\n")
     return 0 if all(r["rc"] == 0 and r["false_timeouts"] == 0 for r in rows) else 1
 
 
