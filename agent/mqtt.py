@@ -165,26 +165,6 @@ class Delivery:
         return bool(self._info.is_published())
 
 
-def _new_paho(s: ClientSettings, version: Any) -> _paho.Client:
-    """A paho client from the settings (identity, session, TLS, will, in-flight window); the two
-    clients below differ only in who drives its socket (a thread of its own, or an asyncio loop)."""
-    v5 = version == _MQTTProtocolVersion.MQTTv5
-    client = _paho.Client(_CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=version,
-                          clean_session=None if v5 else not s.persistent_session, reconnect_on_failure=False)
-    if s.username:
-        client.username_pw_set(s.username, s.password)
-    if s.tls is not None:
-        t = s.tls
-        client.tls_set(ca_certs=str(t.ca_file) if t.ca_file else None,
-                       certfile=str(t.client_cert) if t.client_cert else None,
-                       keyfile=str(t.client_key) if t.client_key else None,
-                       cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-    if s.will is not None:
-        client.will_set(s.will.topic, s.will.payload, qos=s.will.qos, retain=s.will.retain)
-    client.max_inflight_messages_set(s.max_inflight)
-    return client
-
-
 class MqttClient:
     """One broker connection with per-filter handlers; see the module doc for the threading rules.
 
@@ -231,7 +211,21 @@ class MqttClient:
 
     # -- set-up -------------------------------------------------------------------------------
     def _make_paho(self) -> _paho.Client:
-        client = _new_paho(self.settings, self._version)
+        s = self.settings
+        v5 = self._version == _MQTTProtocolVersion.MQTTv5
+        client = _paho.Client(_CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=self._version,
+                              clean_session=None if v5 else not s.persistent_session, reconnect_on_failure=False)
+        if s.username:
+            client.username_pw_set(s.username, s.password)
+        if s.tls is not None:
+            t = s.tls
+            client.tls_set(ca_certs=str(t.ca_file) if t.ca_file else None,
+                           certfile=str(t.client_cert) if t.client_cert else None,
+                           keyfile=str(t.client_key) if t.client_key else None,
+                           cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if s.will is not None:
+            client.will_set(s.will.topic, s.will.payload, qos=s.will.qos, retain=s.will.retain)
+        client.max_inflight_messages_set(s.max_inflight)
         # Only queue writes from other threads; the network thread's loop() sends them (see module doc).
         client.on_socket_register_write = lambda client, userdata, sock: None
         client.on_connect = self._on_connect
@@ -498,7 +492,21 @@ class LoopMqttClient:
         return self._connected
 
     def _make_paho(self) -> _paho.Client:
-        client = _new_paho(self.settings, self._version)
+        s = self.settings
+        v5 = self._version == _MQTTProtocolVersion.MQTTv5
+        client = _paho.Client(_CallbackAPIVersion.VERSION2, client_id=s.client_id, protocol=self._version,
+                              clean_session=None if v5 else not s.persistent_session, reconnect_on_failure=False)
+        if s.username:
+            client.username_pw_set(s.username, s.password)
+        if s.tls is not None:
+            t = s.tls
+            client.tls_set(ca_certs=str(t.ca_file) if t.ca_file else None,
+                           certfile=str(t.client_cert) if t.client_cert else None,
+                           keyfile=str(t.client_key) if t.client_key else None,
+                           cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if s.will is not None:
+            client.will_set(s.will.topic, s.will.payload, qos=s.will.qos, retain=s.will.retain)
+        client.max_inflight_messages_set(s.max_inflight)
         client.on_socket_open = lambda c, u, sock: self.loop.add_reader(sock, self._read)
         client.on_socket_close = lambda c, u, sock: self.loop.remove_reader(sock)
         client.on_socket_register_write = lambda c, u, sock: self.loop.add_writer(sock, self._write)
