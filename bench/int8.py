@@ -110,7 +110,27 @@ def fidelity(reference: np.ndarray, candidate: np.ndarray, task: str) -> str:
 
     fid = output_fidelity(reference, candidate, task)
     metric = "top-1" if task == "classify" else "NN"
-    return f"{metric} {fid.agreement * 100:.1f}%, cos {fid.cosine_mean:.4f} (min {fid.cosine_min:.3f})"
+    text = f"{metric} {fid.agreement * 100:.1f}%, cos {fid.cosine_mean:.4f} (min {fid.cosine_min:.3f})"
+    if task == "classify":
+        confident, agreement = confident_agreement(reference, candidate)
+        text += f"; top-1 {agreement * 100:.1f}% where fp32 is confident ({confident})"
+    return text
+
+
+CONFIDENT = 0.5  # fp32's top softmax probability at or above this counts as "fp32 is confident"
+
+
+def confident_agreement(reference: np.ndarray, candidate: np.ndarray) -> tuple[int, float]:
+    """Top-1 agreement on the samples where fp32 puts >= CONFIDENT on its top class (issue 13's
+    ">= 98% where fp32 is confident": a near-tie between two classes flips on any perturbation)."""
+    ref = reference.reshape(len(reference), -1).astype(np.float64)
+    cand = candidate.reshape(len(candidate), -1)
+    prob = np.exp(ref - ref.max(axis=1, keepdims=True))
+    prob /= prob.sum(axis=1, keepdims=True)
+    mask = prob.max(axis=1) >= CONFIDENT
+    if not mask.any():
+        return 0, float("nan")
+    return int(mask.sum()), float(np.mean(ref[mask].argmax(axis=1) == cand[mask].argmax(axis=1)))
 
 
 def lever_models(source: Path, work: Path, calib_npz: Path) -> list[tuple[str, Path]]:

@@ -130,3 +130,18 @@ def test_mixed_precision_ranks_constant_node_weights(tmp_path: Path) -> None:
     assert record.facts["constants_to_initializers"] == 2
     assert {r["node"] for r in record.facts["sensitivity"]} == {"mm1", "mm2"}
     assert len(record.facts["kept_float"]) == 1 and state.precision == "mixed"
+
+
+@pytest.mark.parametrize("target", [0.0, 1.0])
+def test_a_cnn_under_the_target_gets_a_sensitive_layers_float_candidate(digits_loaded: LoadedModel,
+                                                                         digits_test_data: DataSource,
+                                                                         tmp_path: Path, target: float) -> None:
+    step = Int8Step(calibrations=("minmax",), check_latency=False, target_cosine=target, target_agreement=target,
+                    max_kept=2)
+    state = ModelState(digits_loaded.inputs, digits_loaded.output_names, onnx_path=digits_loaded.onnx_path)
+    _, record = step.apply(state, context(fresh(tmp_path, "w"), calibration=digits_test_data))
+    labels = [c["recipe"] for c in record.facts["candidates"]]
+    tried = [label for label in labels if "sensitive layers float" in label]
+    assert len(tried) == (1 if target == 1.0 else 0), labels
+    if tried and tried[0] == record.facts["recipe"]:
+        assert len(record.facts["kept_float"]) >= 1
