@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("compress")
     def compress(
-        model: str = typer.Argument(..., help="An .onnx file, a TorchScript file, or package.module:factory."),
+        model: str = typer.Argument(..., help="An .onnx file, a .tflite file (--quantize int8|fp16 only), a TorchScript file, or package.module:factory."),
         data: str = typer.Option(..., "--data", help="Evaluation/calibration data: .npz (inputs by name or x, "
                                  "optional labels y) or package.module:function returning batches."),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder for model.onnx and report.json."),
@@ -65,6 +65,12 @@ def register(app: typer.Typer) -> None:
         given = [f"--{k.replace('_', '-')}" for k, v in shortcuts.items() if v is not None]
         if recipe is not None and given:
             raise UsageError(f"give either --recipe or shortcut flags ({', '.join(given)}), not both")
+        from builder.compression.tflite_quantize import is_tflite
+
+        if is_tflite(model):
+            _run_tflite(model, quantize, [g for g in given if g != "--quantize"] + (["--recipe"] if recipe else []),
+                        data, out, task, timed_runs, force, as_json, min_cosine, min_agreement)
+            return
         from builder.loading.input_shapes import parse_batch_axes
         from builder.targets.task_metrics import normalise_task
 
@@ -79,6 +85,48 @@ def register(app: typer.Typer) -> None:
              threads, task, timed_runs, opset, parse_accuracy_drop(max_accuracy_drop), as_json,
              parse_batch_axes(batch_axis),
              {k: v for k, v in (("min_cosine", min_cosine), ("min_agreement", min_agreement)) if v is not None})
+
+
+def _run_tflite(model: str, quantize: Optional[str], other_flags: list[str], data: str, out: Path, task: str,
+                timed_runs: int, force: bool, as_json: bool, min_cosine: Optional[float],
+                min_agreement: Optional[float]) -> None:
+    """A ``.tflite`` input: quantized by ai-edge-quantizer (builder.compression.tflite_quantize)."""
+    from rich.console import Console
+
+    from builder.compression.tflite_quantize import compress_tflite, summary_rows, tflite_precision
+    from builder.errors import UsageError
+    from builder.targets.task_metrics import normalise_task
+
+    precision = tflite_precision(quantize, other_flags)
+    source = Path(model)
+    if not source.is_file():
+        raise UsageError(f"{model}: no such file")
+    refuse_existing(out / "model.tflite", force)
+    try:
+        task = normalise_task(task) or "auto"
+    except ValueError as exc:
+        raise UsageError(f"--task: {exc}") from exc
+    console = Console(stderr=True)
+    with stages(console, f"quantizing {source.name} to {precision} (ai-edge-quantizer)"), noise.quiet_stderr():
+        result = compress_tflite(source, data, out, precision, task, min_cosine if min_cosine is not None else 0.9,
+                                 min_agreement if min_agreement is not None else 0.9, timed_runs)
+    for warning in result.warnings:
+        console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+    if as_json:
+        import json
+        from dataclasses import asdict
+
+        print(json.dumps({"model": result.model_path, "report": str(out / "report.json"), "flags": result.flags,
+                          "tflite": asdict(result)}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{source.name} -> {result.model_path}")
+    table.add_column("what")
+    table.add_column("value")
+    for what, value in summary_rows(result):
+        table.add_row(what, value)
+    print_table(table)
 
 
 def _run(model: str, plan: "Recipe", shortcuts: Optional[dict[str, Any]], data: str, train_data: Optional[str], out: Path,
