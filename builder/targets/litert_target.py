@@ -219,18 +219,24 @@ def quantize_tflite(float_path: Path, out: Path, precision: str) -> None:
     qtyping = _require("ai_edge_quantizer.qtyping")
     algorithms = _require("ai_edge_quantizer.algorithm_manager")
     try:
-        if precision == "fp16":
-            q = quantizer.Quantizer(str(float_path))
-            q.add_weight_only_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED, num_bits=16,
-                                     algorithm_key=algorithms.AlgorithmName.FLOAT_CASTING)
-        else:
-            q = quantizer.Quantizer(str(float_path), recipe.dynamic_wi8_afp32())
-        result = q.quantize(enable_progress_report=False)
+        # its per-op tqdm bars (params generation, transformations) write to sys.stderr on bigger models
+        with contextlib.redirect_stderr(io.StringIO()):
+            result = _quantized(quantizer, recipe, qtyping, algorithms, float_path, precision)
     except Exception as exc:
         raise TargetError(f"ai-edge-quantizer failed ({precision}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     tmp = out.with_suffix(".tmp")
     tmp.write_bytes(bytes(result.quantized_model))
     tmp.replace(out)
+
+
+def _quantized(quantizer: Any, recipe: Any, qtyping: Any, algorithms: Any, float_path: Path, precision: str) -> Any:
+    if precision == "fp16":
+        q = quantizer.Quantizer(str(float_path))
+        q.add_weight_only_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED, num_bits=16,
+                                 algorithm_key=algorithms.AlgorithmName.FLOAT_CASTING)
+    else:
+        q = quantizer.Quantizer(str(float_path), recipe.dynamic_wi8_afp32())
+    return q.quantize(enable_progress_report=False)
 
 
 def time_tflite(path: Path, sample: Mapping[str, np.ndarray], runs: int = 20) -> float:
