@@ -12,6 +12,7 @@ docs/android.md) against the ONNX model's outputs.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
