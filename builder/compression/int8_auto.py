@@ -161,7 +161,9 @@ class Int8Step(CompressionStep):
     def search_entries(cls, values: Mapping[str, Any], options: SpaceOptions) -> tuple[SearchEntry, ...]:
         if values.get("quant_mode", "none") != cls.name:
             return ()
-        return (SearchEntry(dict(options.target_cpu or {})),)  # op formats for the profile's CPU
+        # op formats for the profile's CPU; no sensitivity pass inside a trial (minutes on a real CNN,
+        # and the search varies keep_float itself through quantize's own parameters)
+        return (SearchEntry({**dict(options.target_cpu or {}), "max_kept": 0}),)
 
     # -- main ---------------------------------------------------------------------------------------
     def apply(self, state: ModelState, ctx: StepContext) -> tuple[ModelState, StepRecord]:

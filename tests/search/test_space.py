@@ -131,5 +131,6 @@ def test_starting_points_are_valid_recipes_one_per_quantization_mode():
         steps = cnn.steps(cnn.sample(fixed(point)))
         if point["quant_mode"] == "int8":  # the class recipe brings its own fold
             assert [s["type"] for s in steps] == ["int8"]
+            assert steps[0]["max_kept"] == 0  # no minutes-long sensitivity pass inside one trial
             continue
         assert steps[0]["type"] == "fold" and "smooth" not in {s["type"] for s in steps}
