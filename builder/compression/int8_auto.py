@@ -269,13 +269,15 @@ class Int8Step(CompressionStep):
                      record.facts.get("latency_ratio", 1))
             return out_state, record
 
+        # one sample's worth of agreement is noise, not a difference (64 calibration photos: 1.6 points)
+        one_sample = 1.0 / max(1, _sample_count(ctx, self.eval_samples))
         best = Candidate(f"static QDQ per-channel u8/s8, {base['calibration']}, first+last float", False, base)
         run(best)
 
         def consider(candidate: Candidate) -> None:
             nonlocal best
             run(candidate)
-            if _wins(results[candidate.label], results[best.label], ctx.task, self._fastest(results)):
+            if _wins(results[candidate.label], results[best.label], ctx.task, self._fastest(results), one_sample):
                 best = candidate
 
         for calibration in self.calibrations[1:]:
@@ -318,11 +320,22 @@ def _candidate_row(label: str, record: StepRecord) -> dict[str, Any]:
             "floor_missed": facts.get("floor_missed")}
 
 
+def _sample_count(ctx: StepContext, cap: int) -> int:
+    """How many samples the candidates are judged on (the quantize step's ``eval_samples`` cap)."""
+    count = 0
+    if ctx.calibration_batches is not None:
+        for batch in ctx.calibration_batches():
+            count += len(next(iter(batch.values())))
+            if count >= cap:
+                return cap
+    return count
+
+
 def _wins(challenger: tuple[ModelState, StepRecord, Candidate], incumbent: tuple[ModelState, StepRecord, Candidate],
-          task: str, fastest_ratio: float) -> bool:
+          task: str, fastest_ratio: float, one_sample: float = 0.0) -> bool:
     """More faithful and within ``SPEED_BAND`` of the fastest candidate so far (or faster than the
-    incumbent when that one is out of the band); as faithful (``CLOSE_AGREEMENT``, ``CLOSE_COSINE``)
-    and smaller also wins."""
+    incumbent when that one is out of the band); as faithful (agreement within ``CLOSE_AGREEMENT``
+    or one sample, whichever is more; cosine within ``CLOSE_COSINE``) and >10% smaller also wins."""
     c, i = challenger[1].facts, incumbent[1].facts
     limit = fastest_ratio * SPEED_BAND
     c_ratio, i_ratio = float(c.get("latency_ratio", 1.0)), float(i.get("latency_ratio", 1.0))
@@ -330,7 +343,7 @@ def _wins(challenger: tuple[ModelState, StepRecord, Candidate], incumbent: tuple
         return False
     if i_ratio > limit:
         return True
-    close = (abs(c.get("agreement", 0) - i.get("agreement", 0)) <= CLOSE_AGREEMENT
+    close = (abs(c.get("agreement", 0) - i.get("agreement", 0)) <= max(CLOSE_AGREEMENT, one_sample) + 1e-9
              and abs(c.get("cosine_mean", 0) - i.get("cosine_mean", 0)) <= CLOSE_COSINE)
     if close and _size(challenger[0]) < 0.9 * _size(incumbent[0]):
         return True

@@ -145,3 +145,24 @@ def test_a_cnn_under_the_target_gets_a_sensitive_layers_float_candidate(digits_l
     assert len(tried) == (1 if target == 1.0 else 0), labels
     if tried and tried[0] == record.facts["recipe"]:
         assert len(record.facts["kept_float"]) >= 1
+
+
+def test_one_samples_worth_of_agreement_is_not_a_difference_but_size_is(tmp_path: Path) -> None:
+    """On 64 calibration samples 1/64 of agreement is one photo flipping: a >10% smaller candidate
+    within it (and within the cosine margin) wins; two samples lower still loses."""
+    from builder.compression.base import StepRecord
+    from builder.compression.int8_auto import Candidate, _wins
+
+    def entry(name: str, size: int, agreement: float, cosine: float) -> tuple:
+        path = tmp_path / f"{name}.onnx"
+        path.write_bytes(b"x" * size)
+        state = ModelState((), (), onnx_path=path)
+        facts = {"agreement": agreement, "cosine_mean": cosine, "latency_ratio": 0.5}
+        return state, StepRecord(step="quantize", params={}, facts=facts), Candidate(name, False, {})
+
+    big = entry("classifier-float", 9000, 61 / 64, 0.9985)
+    small = entry("classifier-int8", 5000, 60 / 64, 0.9984)
+    smaller_worse = entry("all-int8", 4000, 59 / 64, 0.9984)
+    assert _wins(small, big, "classify", 0.5, one_sample=1 / 64)
+    assert not _wins(small, big, "classify", 0.5)  # without the sample count: 1.6 points > 1 point
+    assert not _wins(smaller_worse, big, "classify", 0.5, one_sample=1 / 64)
