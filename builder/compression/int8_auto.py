@@ -252,6 +252,7 @@ class Int8Step(CompressionStep):
                 "calibration": self.calibrations[0] if self.calibrations else "minmax", "keep_float": tuple(ends)}
         tried: list[dict[str, Any]] = []
         results: dict[str, tuple[ModelState, StepRecord, Candidate]] = {}
+        speeds = SpeedBook()
 
         def run(candidate: Candidate) -> tuple[ModelState, StepRecord]:
             nonlocal equalized
@@ -263,6 +264,7 @@ class Int8Step(CompressionStep):
             out_state, record = self._quantize_step(ctx, **candidate.quantize).apply(
                 source, self._sub(ctx, f"q{len(tried):02d}"))
             results[candidate.label] = (out_state, record, candidate)
+            speeds.add(out_state, float(record.facts.get("latency_ratio", 1.0)))
             tried.append(_candidate_row(candidate.label, record))
             log.info("int8 candidate %s: agreement %.3f, cosine %.4f, latency x%.2f", candidate.label,
                      record.facts.get("agreement", 0), record.facts.get("cosine_mean", 0),
@@ -277,7 +279,9 @@ class Int8Step(CompressionStep):
         def consider(candidate: Candidate) -> None:
             nonlocal best
             run(candidate)
-            if _wins(results[candidate.label], results[best.label], ctx.task, self._fastest(results), one_sample):
+            challenger, incumbent = results[candidate.label], results[best.label]
+            if _wins(challenger, incumbent, ctx.task, speeds.fastest(), one_sample,
+                     (speeds.ratio(challenger[0]), speeds.ratio(incumbent[0]))):
                 best = candidate
 
         for calibration in self.calibrations[1:]:
@@ -309,9 +313,33 @@ class Int8Step(CompressionStep):
         pre = [fold_record] + ([equalized[1]] if chosen.equalize and equalized is not None else [])
         return out_state, chosen.label, pre + [record], tried
 
+
+class SpeedBook:
+    """Latency ratios by graph: candidates that differ only in weight values (bias correction, GPTQ,
+    calibration ranges) run the same kernels at the same speed, so their measurements are pooled and
+    their median compared. On a shared machine one lucky measurement of an identical graph read
+    x0.41 beside x0.50-0.57 for the others and pushed every later candidate out of the speed band."""
+
+    def __init__(self) -> None:
+        self._ratios: dict[tuple[Any, ...], list[float]] = {}
+
     @staticmethod
-    def _fastest(results: dict[str, tuple[ModelState, StepRecord, Candidate]]) -> float:
-        return min(float(r[1].facts.get("latency_ratio", 1.0)) for r in results.values())
+    def signature(state: ModelState) -> tuple[Any, ...]:
+        """Op types in order and the integer weights' element types: what decides the kernels."""
+        import onnx
+
+        model = onnx.load(str(state.onnx_path), load_external_data=False)
+        dtypes = collections.Counter(i.data_type for i in model.graph.initializer if i.name.endswith("_quantized"))
+        return tuple(n.op_type for n in model.graph.node), tuple(sorted(dtypes.items()))
+
+    def add(self, state: ModelState, ratio: float) -> None:
+        self._ratios.setdefault(self.signature(state), []).append(ratio)
+
+    def ratio(self, state: ModelState) -> float:
+        return float(np.median(self._ratios.get(self.signature(state), [1.0])))
+
+    def fastest(self) -> float:
+        return min(float(np.median(r)) for r in self._ratios.values())
 
 
 def _candidate_row(label: str, record: StepRecord) -> dict[str, Any]:
@@ -332,13 +360,14 @@ def _sample_count(ctx: StepContext, cap: int) -> int:
 
 
 def _wins(challenger: tuple[ModelState, StepRecord, Candidate], incumbent: tuple[ModelState, StepRecord, Candidate],
-          task: str, fastest_ratio: float, one_sample: float = 0.0) -> bool:
+          task: str, fastest_ratio: float, one_sample: float = 0.0,
+          ratios: Optional[tuple[float, float]] = None) -> bool:
     """More faithful and within ``SPEED_BAND`` of the fastest candidate so far (or faster than the
     incumbent when that one is out of the band); as faithful (agreement within ``CLOSE_AGREEMENT``
     or one sample, whichever is more; cosine within ``CLOSE_COSINE``) and >10% smaller also wins."""
     c, i = challenger[1].facts, incumbent[1].facts
     limit = fastest_ratio * SPEED_BAND
-    c_ratio, i_ratio = float(c.get("latency_ratio", 1.0)), float(i.get("latency_ratio", 1.0))
+    c_ratio, i_ratio = ratios or (float(c.get("latency_ratio", 1.0)), float(i.get("latency_ratio", 1.0)))
     if c_ratio > limit:
         return False
     if i_ratio > limit:

@@ -166,3 +166,26 @@ def test_one_samples_worth_of_agreement_is_not_a_difference_but_size_is(tmp_path
     assert _wins(small, big, "classify", 0.5, one_sample=1 / 64)
     assert not _wins(small, big, "classify", 0.5)  # without the sample count: 1.6 points > 1 point
     assert not _wins(smaller_worse, big, "classify", 0.5, one_sample=1 / 64)
+
+
+def test_speed_book_pools_graphs_that_differ_only_in_weight_values(tmp_path: Path) -> None:
+    from builder.compression.int8_auto import SpeedBook
+
+    def model(name: str, dtype: int, value: int, op: str = "Identity") -> ModelState:
+        w = helper.make_tensor("w_quantized", dtype, [2], [value, value])
+        graph = helper.make_graph([helper.make_node(op, ["x"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [w])
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(helper.make_model(graph), str(path))
+        return ModelState((), (), onnx_path=path)
+
+    book = SpeedBook()
+    nearest, corrected = model("nearest", TensorProto.INT8, 1), model("corrected", TensorProto.INT8, 2)
+    u8 = model("u8", TensorProto.UINT8, 1)
+    book.add(nearest, 0.50)
+    book.add(corrected, 0.41)  # a lucky reading of the same kernels
+    book.add(corrected, 0.52)
+    book.add(u8, 0.60)
+    assert book.ratio(nearest) == book.ratio(corrected) == 0.50  # pooled median
+    assert book.ratio(u8) == 0.60 and book.fastest() == 0.50
