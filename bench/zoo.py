@@ -216,6 +216,16 @@ def shape_args(model: ZooModel) -> list[str]:
     return ["--input-shape", ",".join(dims)] if dims else []
 
 
+def batch_args(model: ZooModel) -> list[str]:
+    """``--batch-axis`` for inputs not stacked on axis 0 (silero's state on 1) and 0-d ones (none)."""
+    axes = {name: axis for name, axis in model.batch_axes.items()}
+    for spec in ",".join(model.input_shape).split(","):
+        name, _, dims = spec.partition("=")
+        if dims.startswith(":"):
+            axes.setdefault(name, None)
+    return [a for name, axis in axes.items() for a in ("--batch-axis", f"{name}={'none' if axis is None else axis}")]
+
+
 def analyze_totals(stdout: str) -> dict[str, Any]:
     """The totals of ``builder analyze --json`` (tolerates the object being nested or flat)."""
     data = json.loads(stdout)
@@ -339,8 +349,8 @@ def run_int8(model: ZooModel, path: Path, calibration: dict[str, np.ndarray], he
                 row.note = (row.note + "; " if row.note else "") + f"{type(exc).__name__}: {exc}"[:300]
             rows.append(row)
     out = folder / "builder"
-    result = builder.run(["compress", str(path), "--quantize", "int8", *shape_args(model), "--data", str(calibration_npz),
-                          "--out", str(out)])
+    result = builder.run(["compress", str(path), "--quantize", "int8", *shape_args(model), *batch_args(model),
+                          "--data", str(calibration_npz), "--out", str(out)])
     row = Int8Row(model.name, "builder compress --quantize int8")
     written = out / ("model.tflite" if (out / "model.tflite").exists() else "model.onnx")
     if result.returncode != 0:
@@ -412,10 +422,13 @@ def _report_flags(report_path: Path) -> str:
         report = json.loads(report_path.read_text())
     except (OSError, json.JSONDecodeError):
         return "no report.json"
-    flags = set()
-    for step in report.get("steps", []) if isinstance(report, dict) else []:
-        flags.update(step.get("flags", []) if isinstance(step, dict) else [])
-    flags.update(report.get("flags", []) if isinstance(report, dict) else [])
+    flags: set[str] = set()
+    if not isinstance(report, dict):
+        return "flags: none"
+    # compress's report: the final model's evaluation; a .tflite report and older layouts: top level
+    final = report.get("final") if isinstance(report.get("final"), dict) else {}
+    flags.update((final.get("evaluation") or {}).get("flags", []))
+    flags.update(report.get("flags", []))
     return "flags: " + (", ".join(sorted(map(str, flags))) or "none")
 
 

@@ -60,6 +60,10 @@ def detect_task(sample_output: np.ndarray, has_labels: bool = False) -> str:
     if a.size <= 1:
         return "regression"
     if a.ndim == 1:
+        # a softmax row first: a confident 2-class [0.999, 0.001] also has norm ~1 (PP-OCR's direction
+        # classifier was judged as an embedding, by nearest-neighbour agreement, and "collapsed")
+        if _is_probability_rows(a):
+            return "classify"
         return "embed" if np.isclose(np.linalg.norm(a), 1.0, atol=1e-3) else "classify"
     if a.ndim == 2:
         return "sequence" if _is_probability_rows(a) else "embed"

@@ -29,6 +29,8 @@ def test_task_kind_is_detected_from_one_sample_output():
     assert detect_task(rng.standard_normal((12, 384))) == "embed"  # token embeddings
     assert detect_task(1 / (1 + np.exp(-rng.standard_normal((1, 32, 32))))) == "dense_map"  # detector map
     assert detect_task(np.array([0.3])) == "regression"
+    # a confident 2-class softmax has norm ~1 too; it is a classifier (PP-OCR's direction classifier)
+    assert detect_task(np.array([[0.9995, 0.0005]])) == "classify"
     assert detect_task(rng.standard_normal(10), has_labels=True) == "classify"
 
 
