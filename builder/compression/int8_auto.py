@@ -47,6 +47,8 @@ CNN_CALIBRATIONS = ("minmax", "percentile", "entropy")
 SPEED_BAND = 1.10  # a candidate within 10% of the fastest one counts as "at its speed"
 CLOSE_AGREEMENT = 0.01  # this close in fidelity, a >10% smaller candidate wins (size is a target too)
 CLOSE_COSINE = 0.002
+# the sensitive-layers candidate keeps only layers this small in float (size is a target too)
+MIXED_MAX_WEIGHT_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -308,7 +310,8 @@ class Int8Step(CompressionStep):
             # the sensitivity search: the few layers whose float copy brings the most fidelity back
             consider(Candidate(best.label + f", up to {self.max_kept} sensitive layers float", best.equalize,
                                {**best.quantize, "target_cosine": self.target_cosine,
-                                "target_agreement": self.target_agreement, "max_kept": self.max_kept}))
+                                "target_agreement": self.target_agreement, "max_kept": self.max_kept,
+                                "mixed_max_weight_share": MIXED_MAX_WEIGHT_SHARE}))
         out_state, record, chosen = results[best.label]
         pre = [fold_record] + ([equalized[1]] if chosen.equalize and equalized is not None else [])
         return out_state, chosen.label, pre + [record], tried

@@ -149,3 +149,11 @@ def test_an_input_dead_on_the_calibration_data_keeps_its_weights() -> None:
     scale = np.abs(weight).max(axis=0) / 127
     q = gptq_quantize(weight, x.T @ x / len(x), scale, np.zeros(4), -127, 127)
     np.testing.assert_array_equal(q[2], np.clip(np.round(weight[2] / scale), -127, 127))
+
+
+def test_mixed_precision_candidates_leave_out_layers_holding_a_large_share_of_the_weights(tmp_path: Path) -> None:
+    from builder.compression.quantization import weighted_nodes
+
+    path = small_cnn(tmp_path / "cnn.onnx")  # weights: stem 432, dw 144, pw 384, fc 240 of 1200
+    assert weighted_nodes(path) == ["stem", "dw", "pw", "fc"]
+    assert weighted_nodes(path, 0.3) == ["dw", "fc"]
