@@ -226,9 +226,10 @@ class Int8Step(CompressionStep):
                 log.warning("int8: transformer fusions skipped (%s)", exc)
         params: dict[str, Any] = {"mode": "dynamic", "per_channel": True}
         if kind.kind != "recurrent":
-            # uint8 weights keep the fused QAttention most faithful; int8 everywhere else runs U8S8,
-            # ORT's fast int8 GEMM with and without VNNI (17% faster than U8U8 on AVX2, bench/RESULTS.md)
-            params.update(weight_type="int8", weight_types={"Attention": "uint8"})
+            # int8 weights run U8S8, ORT's fast int8 GEMM (17% faster than U8U8 on AVX2, bench/RESULTS.md).
+            # Where U8S8 saturates (x86 without VNNI) uint8 weights keep the fused QAttention faithful;
+            # with VNNI / dot-product nothing saturates, and U8U8 Attention has no VNNI kernel.
+            params.update(weight_type="int8", weight_types={"Attention": "uint8"} if cpu.u8s8_saturates else {})
         if has_data and kind.kind != "recurrent":
             state, record = SmoothStep(alpha=0.85).apply(state, self._sub(ctx, "smooth"))
             records.append(record)
@@ -236,7 +237,7 @@ class Int8Step(CompressionStep):
             params["weight_rounding"] = "gptq"
         state, record = self._quantize_step(ctx, **params).apply(state, self._sub(ctx, "quantize"))
         records.append(record)
-        parts.append("per-channel dynamic int8" + (" (Attention uint8, MatMul int8)" if "weight_types" in params else "")
+        parts.append("per-channel dynamic int8" + (" (Attention uint8, MatMul int8)" if params.get("weight_types") else "")
                      + (" + GPTQ" if params.get("weight_rounding") == "gptq" else ""))
         label = " + ".join(parts)
         return state, label, records, [_candidate_row(label, record)]

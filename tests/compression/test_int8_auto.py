@@ -77,12 +77,16 @@ def tiny_encoder(tmp_path: Path) -> tuple[LoadedModel, DataSource]:
             DataSource.from_arrays({"x": x}, None, inputs, "random"))
 
 
-def test_int8_picks_the_encoder_recipe_for_an_attention_net(tmp_path: Path) -> None:
+@pytest.mark.parametrize("vnni", [False, True])
+def test_int8_picks_the_encoder_recipe_for_an_attention_net(tmp_path: Path, vnni: bool) -> None:
     loaded, data = tiny_encoder(tmp_path)
     assert detect_model_class(loaded.onnx_path).kind == "encoder"
     state = ModelState(loaded.inputs, loaded.output_names, onnx_path=loaded.onnx_path)
-    out, record = Int8Step(check_latency=False).apply(state, context(fresh(tmp_path, "w"), calibration=data))
+    step = Int8Step(check_latency=False, arch="x86_64", dot_product=vnni)
+    out, record = step.apply(state, context(fresh(tmp_path, "w"), calibration=data))
     facts = record.facts
+    # uint8 Attention weights only where U8S8 saturates; with VNNI int8 everywhere (the VNNI kernels)
+    assert ("Attention uint8" in facts["recipe"]) is (not vnni)
     assert facts["model_class"] == "encoder" and facts["mode"] == "dynamic"
     assert [s["step"] for s in facts["steps"]][-2:] == ["smooth", "quantize"]
     assert facts["steps"][-1]["facts"]["gptq_rounded"] > 0
