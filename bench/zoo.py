@@ -563,6 +563,8 @@ def int8_verdict(rows: Sequence[Int8Row], task: str) -> str:
     if ours.value is None:
         return "no builder int8 model" + (" although a plain baseline ran" if plain else "")
     misses = []
+    if "not_quantized" in ours.note:
+        misses.append("nothing quantized (flagged not_quantized)")
     if plain:
         best = max(r.value for r in plain)
         if ours.value < best - FIDELITY_SLACK:
