@@ -96,7 +96,7 @@ def _old_steps(values: Mapping[str, Any], options: SpaceOptions) -> tuple[dict[s
     graph = values.get("graph", "none")
     mode = values.get("quant_mode", "none")
     if mode == "int8":
-        steps.append({"type": "int8", **dict(options.target_cpu or {})})
+        steps.append({"type": "int8", **dict(options.target_cpu or {}), "max_kept": 0})  # no sensitivity pass per trial
         return tuple(steps)
     if graph == "fold":
         steps.append({"type": "fold"})

@@ -60,4 +60,5 @@ def test_conv_nets_start_from_the_int8_class_recipe_without_dynamic() -> None:
     points = starting_points(build_space(options))
     modes = [p["quant_mode"] for p in points]
     assert modes[0] == "int8" and "dynamic" not in modes
-    assert assemble_steps(points[0], options) == ({"type": "int8", "arch": "aarch64", "dot_product": False},)
+    assert assemble_steps(points[0], options) == ({"type": "int8", "arch": "aarch64", "dot_product": False,
+                                                   "max_kept": 0},)
