@@ -679,11 +679,15 @@ class FleetStore:
         thousands of reports). Re-sent ones are ignored. Per (device, incarnation) the stream's
         highest seq and count are kept; a seq past the highest + 1 records a ``telemetry_gap``
         event, and a device's first report of a new incarnation a ``telemetry_reset`` event."""
-        new: list[bool] = []
+        # One lock order for every batch: two serve workers storing interleaved batches of the same
+        # devices on PostgreSQL deadlocked (stream and device rows locked in arrival order).
+        order = sorted(range(len(rows)), key=lambda i: (rows[i].device_id, rows[i].incarnation, rows[i].seq))
+        inserted_at: dict[int, bool] = {}
         events: list[DeploymentEvent] = []
         streams: dict[tuple[str, str], list[Any]] = {}  # (device, incarnation) -> [max_seq, received, first, last]
         with self._tx() as db:
-            for row in rows:
+            for index in order:
+                row = rows[index]
                 received_at = row.received_at or time.time()
                 cur = db.execute(
                     "INSERT OR IGNORE INTO telemetry (device_id, incarnation, seq, ts, received_at, event, model_id, "
@@ -693,7 +697,7 @@ class FleetStore:
                      row.window_s, row.requests, row.errors, row.p50_ms, row.p95_ms, _json(dict(row.latency_ms)),
                      row.cpu_percent, row.memory_rss_bytes, row.temperature_c, row.power_w, row.power_source))
                 inserted = cur.rowcount > 0
-                new.append(inserted)
+                inserted_at[index] = inserted
                 if not inserted:
                     continue
                 key = (row.device_id, row.incarnation)
@@ -719,7 +723,7 @@ class FleetStore:
                 stream[0] = max(stream[0], row.seq)
                 stream[1] += 1
                 stream[3] = max(stream[3], received_at)
-            for (device_id, incarnation), (max_seq, received, first, last) in streams.items():
+            for (device_id, incarnation), (max_seq, received, first, last) in sorted(streams.items()):
                 db.execute("INSERT INTO telemetry_streams (device_id, incarnation, max_seq, received, first_received_at, "
                            "last_received_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, incarnation) DO UPDATE "
                            "SET max_seq = excluded.max_seq, received = excluded.received, "
@@ -732,10 +736,10 @@ class FleetStore:
             last_seen: dict[str, float] = {}
             for row in rows:
                 last_seen[row.device_id] = max(last_seen.get(row.device_id, 0.0), row.received_at or time.time())
-            for device_id, seen in last_seen.items():
+            for device_id, seen in sorted(last_seen.items()):
                 db.execute("UPDATE devices SET last_seen = ? WHERE device_id = ? AND (last_seen IS NULL OR last_seen < ?)",
                            (seen, device_id, seen))
-        return TelemetryBatchResult(new=tuple(new), events=tuple(events))
+        return TelemetryBatchResult(new=tuple(inserted_at[i] for i in range(len(rows))), events=tuple(events))
 
     def telemetry_missing(self, device_id: str | None = None) -> dict[str, int]:
         """Per device, how many reports are missing: seqs below each incarnation's highest stored
